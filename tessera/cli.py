@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from tessera.errors import TesseraError
+
 # Modules that contribute sub-commands, in the order they appear in ``tessera --help``.
 _COMMAND_MODULES = (
     "tessera.zoo",
@@ -17,10 +19,6 @@ _COMMAND_MODULES = (
     "tessera.sim.cli",
     "tessera.bench",
 )
-
-
-class CliError(Exception):
-    """An error meant for the user: printed without a traceback, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
+    except TesseraError as exc:
         print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
