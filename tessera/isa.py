@@ -274,7 +274,7 @@ def _check_table() -> None:
 _check_table()
 
 
-def encode(op: str, **args: int) -> int:
+def encode(op: str, /, **args: int) -> int:
     """Assemble one instruction word. Every field must be given and in range."""
     spec = BY_MNEMONIC.get(op)
     if spec is None:

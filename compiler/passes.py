@@ -1,0 +1,225 @@
+"""Graph passes: small, named rewrites of the IR, each testable alone.
+
+Every pass takes a :class:`~tessera.compiler.ir.Graph`, rewrites it in place and logs
+one line of what it did (``tessera compile --plan`` prints the log). :data:`PIPELINE`
+lists them in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node
+
+from tessera.errors import UnsupportedModelError
+
+Pass = Callable[[Graph], None]
+
+
+def _sole_consumer(g: Graph, tensor: str) -> Node | None:
+    users = g.consumers(tensor)
+    if len(users) == 1 and not g.is_graph_output(tensor):
+        return users[0]
+    return None
+
+
+def _is_affine(n: Node) -> bool:
+    return n.op == "eltwise" and len(n.inputs) == 1 and not n.attrs.get("relu") and bool(n.params)
+
+
+def fuse_pad(g: Graph) -> None:
+    """Fold explicit Pad nodes into the padding of the conv or pool that reads them."""
+    fused = 0
+    for pad in [n for n in g.nodes if n.op == "pad"]:
+        user = _sole_consumer(g, pad.outputs[0])
+        if user is None or user.op not in ("conv", "pool"):
+            raise UnsupportedModelError(
+                f"node {pad.name!r} (Pad): padding is supported only when a Conv or Pool "
+                "reads it alone"
+            )
+        p = user.attrs["pads"]
+        q = pad.attrs["pads"]
+        user.attrs["pads"] = tuple(a + b for a, b in zip(p, q, strict=True))
+        if user.op == "pool":
+            # Explicit zero padding (Keras ZeroPadding2D) makes padded positions count.
+            user.attrs["pad_semantics"] = "zero" if not any(p) else "mixed"
+            user.attrs["count_include_pad"] = True
+        user.inputs = [pad.inputs[0]]
+        g.nodes.remove(pad)
+        fused += 1
+    g.remove_unused()
+    g.log.append(f"fuse_pad: {fused} Pad nodes folded into conv/pool padding")
+
+
+def fold_affine_into_conv(g: Graph) -> None:
+    """BatchNormalization and Mul/Add by per-channel constants after a conv: fold them.
+
+    ``(W x + b) * s + t = (W s) x + (b s + t)``. Only when the conv's output feeds the
+    affine alone and no residual or relu sits in between.
+    """
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        for n in list(g.nodes):
+            if not _is_affine(n):
+                continue
+            prod = g.producer(n.inputs[0])
+            if prod is None or _sole_consumer(g, n.inputs[0]) is not n:
+                continue
+            if prod.op == "conv" and not prod.attrs["relu"] and "residual" not in prod.attrs:
+                s = n.params.get("scale", np.ones(prod.params["bias"].shape))
+                t = n.params.get("shift", np.zeros(prod.params["bias"].shape))
+                prod.params["weight"] = prod.params["weight"] * s[:, None, None, None]
+                prod.params["bias"] = prod.params["bias"] * s + t
+            elif _is_affine(prod):
+                s1 = prod.params.get("scale")
+                t1 = prod.params.get("shift")
+                s2 = n.params.get("scale")
+                t2 = n.params.get("shift")
+                c = g.shape(prod.outputs[0])[0]
+                s1 = np.ones(c) if s1 is None else s1
+                t1 = np.zeros(c) if t1 is None else t1
+                s2 = np.ones(c) if s2 is None else s2
+                t2 = np.zeros(c) if t2 is None else t2
+                prod.params = {"scale": s1 * s2, "shift": t1 * s2 + t2}
+            else:
+                continue
+            g.rename_tensor(n.outputs[0], prod.outputs[0])
+            _inherit_output(g, n.outputs[0], prod)
+            g.nodes.remove(n)
+            folded += 1
+            changed = True
+            break
+    g.remove_unused()
+    g.log.append(f"fold_affine_into_conv: {folded} BatchNorm/constant Mul/Add folded")
+
+
+def _inherit_output(g: Graph, old: str, node: Node) -> None:
+    """Keep ONNX names readable: when a node absorbs its successor, rename nothing but
+    note the absorbed tensor so plans can still show it."""
+    node.attrs.setdefault("absorbed", []).append(old)
+
+
+def fuse_residual_add(g: Graph) -> None:
+    """``Add(conv(x), y)``: add ``y`` in the conv's epilogue (read from DRAM on the fly)."""
+    fused = 0
+    for n in list(g.nodes):
+        if n.op != "eltwise" or len(n.inputs) != 2 or n.params or n.attrs.get("relu"):
+            continue
+        for i in (0, 1):
+            prod = g.producer(n.inputs[i])
+            other = n.inputs[1 - i]
+            if (
+                prod is not None
+                and prod.op == "conv"
+                and not prod.attrs["relu"]
+                and "residual" not in prod.attrs
+                and _sole_consumer(g, n.inputs[i]) is n
+                and other != n.inputs[i]
+            ):
+                prod.attrs["residual"] = True
+                prod.inputs.append(other)
+                g.rename_tensor(n.outputs[0], prod.outputs[0])
+                _inherit_output(g, n.outputs[0], prod)
+                g.nodes.remove(n)
+                fused += 1
+                break
+    g.remove_unused()
+    g.log.append(f"fuse_residual_add: {fused} residual adds fused into conv epilogues")
+
+
+def fuse_relu(g: Graph) -> None:
+    """A Relu after a conv or eltwise op becomes that op's last MFU step."""
+    fused = 0
+    for n in list(g.nodes):
+        if n.op != "eltwise" or n.params or len(n.inputs) != 1 or not n.attrs.get("relu"):
+            continue
+        prod = g.producer(n.inputs[0])
+        if prod is None or prod.op not in ("conv", "eltwise") or prod.attrs.get("relu"):
+            continue
+        if _sole_consumer(g, n.inputs[0]) is not n:
+            continue
+        prod.attrs["relu"] = True
+        g.rename_tensor(n.outputs[0], prod.outputs[0])
+        _inherit_output(g, n.outputs[0], prod)
+        g.nodes.remove(n)
+        fused += 1
+    g.remove_unused()
+    g.log.append(f"fuse_relu: {fused} Relu fused into the producing chain")
+
+
+def _non_negative(g: Graph, tensor: str) -> bool:
+    prod = g.producer(tensor)
+    if prod is None:
+        return False
+    if prod.op in ("conv", "eltwise"):
+        return bool(prod.attrs.get("relu"))
+    if prod.op == "pool":
+        return _non_negative(g, prod.inputs[0])
+    if prod.op == "concat":
+        return all(_non_negative(g, t) for t in prod.inputs)
+    return False
+
+
+def check_pooling(g: Graph) -> None:
+    """Padded pooling: the NPU reads padding as zeros; prove that is what ONNX means.
+
+    ONNX MaxPool pads behave like -inf; zeros give the same maximum when the input is
+    non-negative (after a ReLU), which the compiler checks. Average pooling with pads
+    must count the padding (``count_include_pad=1``), since the divisor is one constant.
+    """
+    for n in g.nodes:
+        if n.op != "pool" or not any(n.attrs["pads"]):
+            continue
+        sem = n.attrs["pad_semantics"]
+        if n.attrs["kind"] == "max" and sem != "zero" and not _non_negative(g, n.inputs[0]):
+            raise UnsupportedModelError(
+                f"node {n.name!r} (MaxPool): attribute 'pads'={n.attrs['pads']} on an input "
+                "that may be negative is not supported (the NPU pads with zeros; supported: "
+                "padded max pooling after a ReLU)"
+            )
+        if n.attrs["kind"] == "avg" and not n.attrs["count_include_pad"]:
+            raise UnsupportedModelError(
+                f"node {n.name!r} (AveragePool): attribute 'pads'={n.attrs['pads']} with "
+                "count_include_pad=0 is not supported (the divisor must be constant; "
+                "supported: no padding, or count_include_pad=1)"
+            )
+    g.log.append("check_pooling: padded pooling is zero-padding compatible")
+
+
+def partition_host(g: Graph) -> None:
+    """Softmax runs on the host, after the NPU; nothing may follow it on the NPU."""
+    host = [n for n in g.nodes if n.on_host]
+    for n in host:
+        for user in g.consumers(n.outputs[0]):
+            if not user.on_host:
+                raise UnsupportedModelError(
+                    f"node {user.name!r} ({user.source.split(':')[0]}) reads the host-side "
+                    f"softmax {n.name!r}; only host ops may follow a softmax"
+                )
+        if g.producer(n.inputs[0]) is None:
+            raise UnsupportedModelError(f"node {n.name!r}: softmax of a graph input")
+    for n in g.nodes:
+        if n.op not in NPU_OPS + HOST_OPS:
+            raise UnsupportedModelError(f"node {n.name!r}: internal op {n.op!r} left after passes")
+    g.log.append(
+        f"partition_host: {len(g.nodes) - len(host)} ops on the NPU, {len(host)} on the host"
+    )
+
+
+PIPELINE: tuple[Pass, ...] = (
+    fuse_pad,
+    fold_affine_into_conv,
+    fuse_residual_add,
+    fuse_relu,
+    check_pooling,
+    partition_host,
+)
+
+
+def run_pipeline(g: Graph, passes: tuple[Pass, ...] = PIPELINE) -> Graph:
+    for p in passes:
+        p(g)
+    return g

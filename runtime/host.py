@@ -1,0 +1,90 @@
+"""Host side of a program run: what the CPU does before and after the NPU.
+
+Before: build the DRAM image (the program's weight segments, the input quantized to
+storage BFP in its buffer, the input's exponent maximum in its header word). After:
+read the output buffers, dequantize, run the host stages (softmax) and present every
+output in its ONNX shape and layout. Every backend (simulator, reference, RTL, board)
+goes through these two functions, so they all see identical bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tessera import layout, numerics
+from tessera.errors import TesseraError
+from tessera.program import Program
+
+
+def quantize_input(x: np.ndarray, info: dict, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX-layout float input -> storage blocks [H, W, CB, N] and exponents [H, W, CB]."""
+    shape = tuple(info["shape"])
+    x = np.asarray(x)
+    if x.shape != shape:
+        raise TesseraError(
+            f"input {info['name']!r} must have shape {list(shape)}, got {list(x.shape)}"
+        )
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TesseraError(f"input {info['name']!r} must be float32, got {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise TesseraError(f"input {info['name']!r} contains NaN or Inf")
+    perm = info["perm"]
+    canon = np.transpose(x.astype(np.float64), np.argsort(perm))[0]  # [C, H, W]
+    c, h, w = canon.shape
+    n = cfg.native_dim
+    cb = info["cb"]
+    padded = np.zeros((h, w, cb * n))
+    padded[:, :, :c] = np.transpose(canon, (1, 2, 0))
+    return numerics.quantize_float(padded.reshape(h, w, cb, n), cfg.mantissa_bits)
+
+
+def build_dram(prog: Program, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The DRAM image a run starts from, sized to what the program needs."""
+    cfg = prog.config
+    mem = np.zeros(int(prog.manifest["dram_bytes_needed"]), dtype=np.uint8)
+    for addr, data in prog.dram_segments:
+        mem[addr : addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    names = [i["name"] for i in prog.manifest["inputs"]]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise TesseraError(f"missing inputs {missing}; the program takes {names}")
+    for info in prog.manifest["inputs"]:
+        q, e = quantize_input(inputs[info["name"]], info, cfg)
+        body = layout.pack_tensor(q, e, cfg.mantissa_bits)
+        mem[info["addr"] : info["addr"] + len(body)] = np.frombuffer(body, dtype=np.uint8)
+        mem[info["emax_addr"] : info["emax_addr"] + 4] = np.frombuffer(
+            np.array([int(e.max())], dtype="<i4").tobytes(), dtype=np.uint8
+        )
+    return mem
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    z = x - x.max(axis=axis, keepdims=True)
+    ez = np.exp(z)
+    return ez / ez.sum(axis=axis, keepdims=True)
+
+
+def read_output(mem: np.ndarray, info: dict, cfg) -> np.ndarray:
+    """One output buffer -> float32 array in the ONNX output's shape and layout."""
+    n = cfg.native_dim
+    q, e = layout.unpack_tensor(mem, info["addr"], info["h"], info["w"], info["cb"], n,
+                                cfg.mantissa_bits)  # fmt: skip
+    q = q[:, :, info["cb_off"] : info["cb_off"] + info["cb_cnt"]]
+    e = e[:, :, info["cb_off"] : info["cb_off"] + info["cb_cnt"]]
+    vals = numerics.dequantize(q, e).reshape(info["h"], info["w"], -1)[:, :, : info["channels"]]
+    canon = np.transpose(vals, (2, 0, 1))[None]  # [1, C, H, W]
+    for stage in info["host_stages"]:
+        if stage == "softmax":
+            canon = softmax(canon, axis=1)
+        else:
+            raise TesseraError(f"unknown host stage {stage!r}")
+    if info["kind"] == "flat":
+        order = info["order"]
+        out = np.transpose(canon[0], [a - 1 for a in order]).reshape(1, -1)
+    else:
+        out = np.transpose(canon, info["perm"])
+    return out.astype(np.float32).reshape(info["shape"])
+
+
+def read_outputs(prog: Program, mem: np.ndarray) -> dict[str, np.ndarray]:
+    return {o["name"]: read_output(mem, o, prog.config) for o in prog.manifest["outputs"]}

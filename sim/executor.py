@@ -1,0 +1,221 @@
+"""The golden instruction-set simulator.
+
+It sees only what the hardware sees: the instruction words and a DRAM image. Control
+registers, exponent registers, the tile buffer and the vector register file are modelled
+as state; a chain is executed as a whole (it sweeps a whole feature map) with the
+numerics of :mod:`tessera.numerics`, vectorised over pixels and blocks. The cycle model
+(:mod:`tessera.sim.cycles`) is fed the same instruction stream and register values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tessera import isa, layout, numerics
+from tessera.config import NPUConfig
+from tessera.isa import Instr, Operand, PoolOp, Reg
+from tessera.sim import kernels
+from tessera.sim.cycles import CycleModel
+
+
+class SimulationError(RuntimeError):
+    """The program did something the hardware would flag as an error."""
+
+
+@dataclass
+class ChainTrace:
+    """What one chain did (for reports and RTL comparison)."""
+
+    index: int
+    ops: list[str]
+    cycles: int
+
+
+@dataclass
+class NPUState:
+    cfg: NPUConfig
+    mem: np.ndarray
+    regs: np.ndarray = field(init=False)
+    tiles_q: np.ndarray = field(init=False)
+    tiles_e: np.ndarray = field(init=False)
+    vrf_q: np.ndarray = field(init=False)
+    vrf_e: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.cfg.native_dim
+        cap = 2 * self.cfg.tile_buffer_tiles
+        self.regs = np.zeros(128, dtype=np.int64)
+        self.regs[isa.EXP_REG_BASE : isa.EXP_REG_BASE + isa.EXP_REG_COUNT] = numerics.E_ZERO
+        self.tiles_q = np.zeros((cap, n, n), dtype=np.int64)
+        self.tiles_e = np.zeros((cap, n), dtype=np.int64)
+        self.vrf_q = np.zeros((self.cfg.vrf_depth, n), dtype=np.int64)
+        self.vrf_e = np.full(self.cfg.vrf_depth, numerics.E_ZERO, dtype=np.int64)
+
+    def reg(self, r: Reg) -> int:
+        return int(self.regs[int(r)])
+
+    def addr(self, r: Reg) -> int:
+        return int(self.regs[int(r)]) & 0xFFFFFFFF
+
+    def ereg(self, r: Reg) -> int:
+        """The exponent register a control register points at."""
+        idx = self.reg(r)
+        if not isa.EXP_REG_BASE <= idx < isa.EXP_REG_BASE + isa.EXP_REG_COUNT:
+            raise SimulationError(f"{r.name}={idx} is not an exponent register")
+        return idx
+
+
+class Simulator:
+    """Runs a program on a DRAM image; ``run`` returns the cycle count."""
+
+    def __init__(self, cfg: NPUConfig, mem: np.ndarray) -> None:
+        self.cfg = cfg
+        self.state = NPUState(cfg, mem)
+        self.cycles = CycleModel(cfg)
+        self.chains: list[ChainTrace] = []
+
+    def run(self, words: np.ndarray, progress=None) -> int:
+        decoded = [isa.decode(int(w)) for w in words]
+        pc = 0
+        while pc < len(decoded):
+            ins = decoded[pc]
+            if ins.op == "halt":
+                break
+            if ins.op == "v_rd":
+                end = pc
+                while decoded[end].op != "end_chain":
+                    end += 1
+                    if end >= len(decoded) or not isa.BY_MNEMONIC[decoded[end].op].in_chain:
+                        raise SimulationError(f"chain starting at {pc} has no end_chain")
+                self.chain(decoded[pc : end + 1])
+                if progress is not None:
+                    progress(1)
+                pc = end + 1
+                continue
+            self.scalar(ins)
+            pc += 1
+        else:
+            raise SimulationError("program ran off its end without halt")
+        return self.cycles.finish()
+
+    # ------------------------------------------------------------------ scalar / loads
+    def scalar(self, ins: Instr) -> None:
+        st, a = self.state, ins.args
+        n, m = self.cfg.native_dim, self.cfg.mantissa_bits
+        if ins.op == "s_wr":
+            st.regs[a["reg"]] = a["value"]
+        elif ins.op == "s_ld":
+            st.regs[a["reg"]] = int(st.mem[a["addr"] : a["addr"] + 4].view("<i4")[0])
+        elif ins.op == "m_rd":
+            if a["tile"] + a["count"] > st.tiles_q.shape[0]:
+                raise SimulationError("m_rd beyond the tile buffer")
+            q, e = layout.unpack_tiles(st.mem, a["addr"], a["count"], n, m)
+            st.tiles_q[a["tile"] : a["tile"] + a["count"]] = q
+            st.tiles_e[a["tile"] : a["tile"] + a["count"]] = e
+            self.cycles.load(a["count"] * layout.tile_bytes(n, m), a["tile"])
+        elif ins.op == "c_rd":
+            if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
+                raise SimulationError("c_rd beyond the vector register file")
+            q, e = layout.unpack_consts(st.mem, a["addr"], a["count"], n)
+            st.vrf_q[a["vrf"] : a["vrf"] + a["count"]] = q
+            st.vrf_e[a["vrf"] : a["vrf"] + a["count"]] = e
+            self.cycles.load(a["count"] * layout.const_bytes(n), None)
+        elif ins.op == "nop":
+            pass
+        else:
+            raise SimulationError(f"{ins.op} outside a chain")
+        self.cycles.issue()
+
+    # ------------------------------------------------------------------ chains
+    def chain(self, ops: list[Instr]) -> None:
+        cfg, st = self.cfg, self.state
+        n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
+        names = [o.op for o in ops]
+        if names[-2:] != ["v_wr", "end_chain"]:
+            raise SimulationError(f"chain {names} does not end with v_wr, end_chain")
+        reducer = names[1] if names[1] in ("mv_mul", "v_pool") else None
+        body = ops[2:-2] if reducer else ops[1:-2]
+        R = Reg
+        ih, iw, icb = st.reg(R.IN_H), st.reg(R.IN_W), st.reg(R.IN_CB)
+        ioff, icnt = st.reg(R.IN_CB_OFF), st.reg(R.IN_CB_CNT)
+        oh, ow = st.reg(R.OUT_H), st.reg(R.OUT_W)
+        ocb, ooff, ocnt = st.reg(R.OUT_CB), st.reg(R.OUT_CB_OFF), st.reg(R.OUT_CB_CNT)
+        kernel = (st.reg(R.K_H), st.reg(R.K_W))
+        stride = (st.reg(R.STRIDE_H), st.reg(R.STRIDE_W))
+        pads = (st.reg(R.PAD_T), st.reg(R.PAD_L))
+        dil = (st.reg(R.DIL_H), st.reg(R.DIL_W))
+        if ioff + icnt > icb or ooff + ocnt > ocb:
+            raise SimulationError("chain block range exceeds its tensor")
+        q, e = layout.unpack_tensor(st.mem, st.addr(R.IN_ADDR), ih, iw, icb, n, m)
+        q, e = q[:, :, ioff : ioff + icnt], e[:, :, ioff : ioff + icnt]
+        emax = int(st.regs[st.ereg(R.IN_EREG)])
+        p = oh * ow
+        if reducer == "mv_mul":
+            base = ops[1].args["tile"]
+            k = kernel[0] * kernel[1] * icnt
+            grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
+            wfloor = st.reg(R.W_EXP_FLOOR)
+            tq = st.tiles_q[base : base + ocnt * k]
+            te = st.tiles_e[base : base + ocnt * k]
+            try:
+                wg = kernels.weight_grid(tq, te, wfloor, ocnt)
+            except ValueError as exc:
+                raise SimulationError(str(exc)) from None
+            acc = kernels.mvu(grid, wg, kernel, stride, pads, dil, (oh, ow))
+            vq, ve = numerics.normalize(acc.reshape(p, ocnt, n), floor + wfloor, big)
+        elif reducer == "v_pool":
+            if icnt != ocnt:
+                raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
+            grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
+            is_max = ops[1].args["op"] == PoolOp.MAX
+            red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
+            vq, ve = numerics.normalize(red.reshape(p, ocnt, n), floor, big)
+        else:
+            if icnt != ocnt:
+                raise SimulationError("an elementwise chain needs IN_CB_CNT == OUT_CB_CNT")
+            wq = kernels.gather_windows(
+                q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
+            )
+            we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
+            vq = wq.reshape(p, ocnt, n)
+            ve = we.reshape(p, ocnt)
+        for ins in body:
+            vq, ve = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
+        sq, se = numerics.to_storage(vq, ve, m)
+        layout.write_tensor_blocks(
+            st.mem, st.addr(R.OUT_ADDR), (oh, ow, ocb), ooff,
+            sq.reshape(oh, ow, ocnt, n), se.reshape(oh, ow, ocnt), n, m,
+        )  # fmt: skip
+        er = st.ereg(R.OUT_EREG)
+        st.regs[er] = max(int(st.regs[er]), int(se.max()))
+        aux = any(o.args.get("src") == Operand.AUX for o in body)
+        cyc = self.cycles.chain(names, st, aux)
+        self.chains.append(ChainTrace(len(self.chains), names, cyc))
+
+    def mfu(self, ins: Instr, vq, ve, ocnt: int, out_hw: tuple[int, int], bits: int):
+        st, n = self.state, self.cfg.native_dim
+        a = ins.args
+        if ins.op == "v_relu":
+            return numerics.wide_relu(vq, ve, bits)
+        if ins.op == "vv_mul":
+            cq, ce = st.vrf_q[a["vrf"] : a["vrf"] + ocnt], st.vrf_e[a["vrf"] : a["vrf"] + ocnt]
+            return numerics.wide_mul(vq, ve, cq[None], ce[None], bits)
+        if ins.op in ("vv_add", "vv_max"):
+            if a["src"] == Operand.VRF:
+                yq = st.vrf_q[a["vrf"] : a["vrf"] + ocnt][None]
+                ye = st.vrf_e[a["vrf"] : a["vrf"] + ocnt][None]
+            else:
+                oh, ow = out_hw
+                acb, aoff = st.reg(Reg.AUX_CB), st.reg(Reg.AUX_CB_OFF)
+                if aoff + ocnt > acb:
+                    raise SimulationError("AUX block range exceeds its tensor")
+                q, e = layout.unpack_tensor(
+                    st.mem, st.addr(Reg.AUX_ADDR), oh, ow, acb, n, self.cfg.mantissa_bits
+                )
+                yq = q[:, :, aoff : aoff + ocnt].reshape(oh * ow, ocnt, n)
+                ye = e[:, :, aoff : aoff + ocnt].reshape(oh * ow, ocnt)
+            fn = numerics.wide_add if ins.op == "vv_add" else numerics.wide_max
+            return fn(vq, ve, yq, ye, bits)
+        raise SimulationError(f"{ins.op} cannot follow the chain head here")

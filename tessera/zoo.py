@@ -1,0 +1,437 @@
+"""Model zoo: reproducible ONNX exports of the Keras ImageNet classifiers we benchmark.
+
+The compiler and simulator need real network *topologies* (ResNet bottlenecks, DenseNet
+concatenations, VGG's 400 MB fully connected layer), but this machine has no network, so
+ImageNet weights cannot be downloaded. Each model is therefore the stock
+``keras.applications`` definition with seeded random weights, which makes an export a pure
+function of ``(name, seed, recipe)`` and lets every test and benchmark share one cached file
+under ``build/zoo/``. A real weights file can be given instead of a seed.
+
+Export runs in a child process (``python -m tessera.zoo``) for two reasons: TensorFlow's
+memory is returned to the OS when the child exits, and the child can select the pure-Python
+protobuf implementation before anything imports protobuf. With the default upb
+implementation, tf2onnx's optimizer re-serialises every constant into the node protos on
+each of its ~26 passes and upb arenas never free the old copies, so the peak memory grows
+by one copy of the weights per pass (ResNet-50: 6.7 GB, VGG-16: OOM-killed on 24 GB). With
+pure-Python protobuf the weight bytes are shared immutable ``bytes`` objects, the passes
+cost nothing, and VGG-16 peaks at about 11 GB, the rest being TensorFlow's own freezing and
+grappler copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from tessera.errors import TesseraError
+
+if TYPE_CHECKING:
+    import keras
+
+# Bump whenever a change here alters the exported bytes (model init, BN calibration,
+# converter options), so stale cache entries are never reused.
+RECIPE_VERSION = "1"
+
+INPUT_NAME = "input"
+INPUT_SHAPE = (1, 224, 224, 3)  # NHWC float32, exactly as Keras defines the models
+OPSET = 17
+
+# Images used to calibrate BatchNorm statistics: enough samples per channel even at the
+# 7x7 stages (4*49 = 196) while keeping the calibration forward pass cheap.
+_CALIBRATION_BATCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """One entry of the zoo.
+
+    ``params`` is recorded here (and checked by the tests) so that ``tessera zoo list``
+    does not need to import TensorFlow and build the network.
+    """
+
+    name: str
+    keras_class: str  # attribute of ``keras.applications``
+    params: int
+    # tf2onnx's ``from_keras`` names each graph output after the Keras output layer, which
+    # is the classifier ``Dense(1000, activation="softmax", name="predictions")`` for all
+    # four applications; the output is the softmax probabilities, shape [1, 1000].
+    output_names: tuple[str, ...] = ("predictions",)
+
+
+MODELS: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel("resnet50", "ResNet50", 25_636_712),
+        ZooModel("resnet152", "ResNet152", 60_419_944),
+        ZooModel("densenet121", "DenseNet121", 8_062_504),
+        ZooModel("vgg16", "VGG16", 138_357_544),
+    )
+}
+
+
+def model_names() -> list[str]:
+    """Names accepted by :func:`export_model` and ``tessera zoo export``."""
+    return list(MODELS)
+
+
+def get_model(name: str) -> ZooModel:
+    """Look a model up, failing with the list of valid names (the usual user typo)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise TesseraError(
+            f"unknown zoo model {name!r}; valid names: {', '.join(MODELS)}"
+        ) from None
+
+
+def output_names(name: str) -> tuple[str, ...]:
+    """ONNX graph output names of an exported zoo model (tf2onnx keeps the Keras names)."""
+    return get_model(name).output_names
+
+
+def build_dir() -> pathlib.Path:
+    """Root of generated artefacts: ``$TESSERA_BUILD_DIR``, else ``build/`` of the checkout.
+
+    Outside a source checkout (installed package) it falls back to ``./build``.
+    """
+    env = os.environ.get("TESSERA_BUILD_DIR")
+    if env:
+        return pathlib.Path(env)
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").is_file():
+        return repo / "build"
+    return pathlib.Path.cwd() / "build"
+
+
+def _checked_weights(weights: str | os.PathLike[str] | None) -> pathlib.Path | None:
+    if weights is None:
+        return None
+    path = pathlib.Path(weights)
+    if not path.is_file():
+        raise TesseraError(f"weights file not found: {path}")
+    return path
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _toolchain_versions() -> str:
+    """Versions of the packages that shape the exported graph, for the cache key."""
+    found = []
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{dist}={importlib.metadata.version(dist)}")
+    return ",".join(found)
+
+
+def cache_path(
+    name: str, seed: int = 0, weights: str | os.PathLike[str] | None = None
+) -> pathlib.Path:
+    """Where :func:`cached_export` keeps an export: ``build/zoo/<name>-seed<N>-<key>.onnx``.
+
+    The key hashes everything else the bytes depend on: the recipe version, the converter
+    toolchain versions and the content (not the path) of the weights file.
+    """
+    get_model(name)
+    weights_path = _checked_weights(weights)
+    weights_digest = _file_sha256(weights_path) if weights_path else "seeded"
+    key_text = "\0".join((RECIPE_VERSION, _toolchain_versions(), name, str(seed), weights_digest))
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
+    return build_dir() / "zoo" / f"{name}-seed{seed}-{key}.onnx"
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path) -> Iterator[None]:
+    """Serialise exports of the same file across processes (pytest-xdist workers).
+
+    Two concurrent VGG-16 exports would need ~22 GB, and the second one is wasted work.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_export(
+    name: str, seed: int = 0, weights: str | os.PathLike[str] | None = None
+) -> pathlib.Path:
+    """Path of the ONNX export of ``name``, exporting it first if it is not cached yet."""
+    path = cache_path(name, seed, weights)
+    with _file_lock(path.with_suffix(".lock")):
+        if not path.is_file():
+            export_model(name, path, seed=seed, weights=weights)
+    return path
+
+
+def export_model(
+    name: str,
+    out_path: str | os.PathLike[str],
+    seed: int = 0,
+    weights: str | os.PathLike[str] | None = None,
+) -> pathlib.Path:
+    """Export ``name`` to ``out_path`` in a child process (see the module docstring).
+
+    The file appears atomically: the child writes a temporary file next to it which is
+    renamed only once complete, so an interrupted export never leaves a truncated model.
+    """
+    get_model(name)
+    weights_path = _checked_weights(weights)
+    out = pathlib.Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+        # Let tf2onnx optimizer failures raise instead of silently keeping an unoptimised
+        # graph; it also skips a deep copy of the graph per optimizer pass.
+        TF2ONNX_CATCH_ERRORS="FALSE",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_onnx = pathlib.Path(tmp) / out.name
+        result_file = pathlib.Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "tessera.zoo",
+            name,
+            str(seed),
+            str(tmp_onnx),
+            str(result_file),
+        ]
+        if weights_path is not None:
+            cmd.append(str(weights_path.resolve()))
+        proc = subprocess.run(cmd, env=env, check=False)
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            if "error" in result:
+                raise TesseraError(result["error"])
+        if proc.returncode != 0 or not tmp_onnx.is_file():
+            how = (
+                f"was killed by signal {-proc.returncode} (out of memory?)"
+                if proc.returncode < 0
+                else f"exited with status {proc.returncode}"
+            )
+            raise TesseraError(f"exporting {name} failed: the export process {how}")
+        os.replace(tmp_onnx, out)
+    return out
+
+
+def build_keras_model(
+    name: str, seed: int = 0, weights: str | os.PathLike[str] | None = None
+) -> keras.Model:
+    """The Keras model behind a zoo export: seeded random init, or ``weights`` loaded.
+
+    Building in the same process with the same arguments gives the same weights, which is
+    how the tests compare the ONNX export against ``model.predict``.
+    """
+    spec = get_model(name)
+    weights_path = _checked_weights(weights)
+    _quiet_tensorflow_import()
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = getattr(keras.applications, spec.keras_class)(
+        weights=None, include_top=True, classes=1000, input_shape=INPUT_SHAPE[1:]
+    )
+    if weights_path is not None:
+        try:
+            model.load_weights(weights_path)
+        except Exception as exc:  # h5py, zipfile and Keras all raise their own types
+            raise TesseraError(
+                f"cannot load weights for {name} from {weights_path}: {exc}"
+            ) from exc
+    else:
+        calibrate_batchnorm(model, seed)
+    return model
+
+
+def calibrate_batchnorm(model: keras.Model, seed: int) -> None:
+    """Give a randomly initialised network BatchNorm layers that actually normalise.
+
+    Keras initialises BN as the identity (gamma=1, beta=0, mean=0, var=1), so in a random
+    ResNet-152 the activations grow or shrink by orders of magnitude over 150 layers and
+    become useless for testing quantisation and accumulator ranges. This is a data-dependent
+    init: gamma ~ U(0.5, 1.5) and beta ~ N(0, 0.1) make every channel a little different,
+    then each BN's moving mean/variance is set to the per-channel statistics of its own
+    input over a batch of seeded N(0, 1) images, so at inference each BN output has
+    mean ~beta and std ~gamma.
+
+    Later BN inputs depend on the calibrated earlier BNs, so the layers must be calibrated
+    in topological order. A single forward pass in training mode with ``momentum = 0`` does
+    exactly that: in training mode each BN normalises with the statistics of its current
+    input and, with zero momentum, stores them verbatim as its moving statistics, which the
+    next layers then see applied. It costs one batch-4 forward pass even for DenseNet-121's
+    120 BN layers.
+    """
+    import keras
+    import numpy as np
+
+    bn_layers = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not bn_layers:  # VGG-16: Glorot init alone is the intended model
+        return
+    rng = np.random.default_rng(seed)
+    saved_momentum = {}
+    for layer in bn_layers:
+        channels = layer.moving_mean.shape
+        layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+        layer.beta.assign(rng.normal(0.0, 0.1, channels).astype(np.float32))
+        saved_momentum[layer] = layer.momentum
+        layer.momentum = 0.0
+    images = rng.standard_normal((_CALIBRATION_BATCH, *INPUT_SHAPE[1:]), dtype=np.float32)
+    try:
+        model(images, training=True)
+    finally:
+        for layer, momentum in saved_momentum.items():
+            layer.momentum = momentum
+
+
+def _quiet_tensorflow_import() -> None:
+    """Import TensorFlow with its start-up chatter (oneDNN notices) kept off the terminal.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` silences TF's C++ logging, but the oneDNN notice is printed
+    before absl logging is initialised and ignores it, so stderr is muted at the file
+    descriptor level for the duration of the import. Errors still surface as exceptions.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _convert(model: keras.Model, name: str, out_path: pathlib.Path) -> None:
+    """Convert with tf2onnx and check the interface the rest of tessera relies on."""
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = (tf.TensorSpec(INPUT_SHAPE, tf.float32, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    inputs = [i.name for i in proto.graph.input]
+    outputs = tuple(o.name for o in proto.graph.output)
+    if inputs != [INPUT_NAME] or outputs != output_names(name):
+        raise RuntimeError(
+            f"tf2onnx produced inputs {inputs} and outputs {list(outputs)}; expected "
+            f"[{INPUT_NAME!r}] and {list(output_names(name))}: update ZooModel.output_names"
+        )
+    out_path.write_bytes(proto.SerializeToString())
+
+
+def _export_in_this_process(
+    name: str, seed: int, out_path: pathlib.Path, weights: pathlib.Path | None
+) -> None:
+    """Body of the export child process, with a step-by-step progress bar."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    steps: list[tuple[str, Callable[[], None]]] = []
+    model: keras.Model | None = None
+
+    def build() -> None:
+        nonlocal model
+        model = build_keras_model(name, seed, weights)
+
+    steps.append(("import TensorFlow", _quiet_tensorflow_import))
+    what = f"load {weights.name}" if weights else "BN calibration"
+    steps.append((f"build + {what}", build))
+    steps.append(("tf2onnx conversion", lambda: _convert(model, name, out_path)))
+    with tqdm(total=len(steps), desc=name, unit="step", file=sys.stderr) as bar:
+        for label, step in steps:
+            bar.set_postfix_str(label)
+            step()
+            bar.update()
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(
+        f"tessera zoo: exported {name} (seed {seed}) in {time.monotonic() - started:.0f} s, "
+        f"peak RSS {peak_gb:.1f} GB",
+        file=sys.stderr,
+    )
+
+
+def _child_main(argv: list[str]) -> int:
+    """Entry point of ``python -m tessera.zoo NAME SEED OUT RESULT [WEIGHTS]`` (internal)."""
+    name, seed, out_path, result_file = argv[:4]
+    weights = pathlib.Path(argv[4]) if len(argv) > 4 else None
+    try:
+        _export_in_this_process(name, int(seed), pathlib.Path(out_path), weights)
+    except TesseraError as exc:
+        pathlib.Path(result_file).write_text(json.dumps({"error": str(exc)}))
+        return 2
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    path = cached_export(args.name, seed=args.seed, weights=args.weights)
+    shutil.copyfile(path, args.output)
+    print(args.output)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    shape = "x".join(map(str, INPUT_SHAPE))
+    print(f"{'name':<12} {'keras class':<12} {'params':>12}  input")
+    for m in MODELS.values():
+        print(
+            f"{m.name:<12} {m.keras_class:<12} {m.params:>12,}  {INPUT_NAME}: {shape} float32 NHWC"
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tessera zoo {export,list}`` to the CLI."""
+    zoo = sub.add_parser("zoo", help="export the reference models to ONNX")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+
+    export = zoo_sub.add_parser(
+        "export",
+        help="export a model (seeded random weights unless --weights) to ONNX",
+        description=f"Export a Keras application to ONNX (opset {OPSET}, input "
+        f"{INPUT_NAME!r} {list(INPUT_SHAPE)} float32 NHWC). Exports are cached under "
+        "$TESSERA_BUILD_DIR/zoo (default build/zoo) by name, seed and weights content.",
+    )
+    export.add_argument("name", help=f"one of: {', '.join(MODELS)}")
+    export.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    export.add_argument(
+        "--weights", help="Keras weights file (.weights.h5, .h5 or .keras) instead of seeding"
+    )
+    export.add_argument("--seed", type=int, default=0, help="random init seed (default 0)")
+    export.set_defaults(func=_cmd_export)
+
+    listing = zoo_sub.add_parser("list", help="list the models with parameter counts")
+    listing.set_defaults(func=_cmd_list)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
