@@ -405,6 +405,13 @@ def _emit_layer(em: _Emitter, g: Graph, x: Node, views, buffers, info: dict, cfg
         per_ob = info["tiles_per_ob"]
         group = max(1, min(tile_half // per_ob, vrf_half, ob_total))
         macs = oc * oh * ow * ic * kh * kw
+    elif x.op == "pool":
+        # Pool chains read only their own blocks: size the group so the kernel rows fit
+        # the activation buffer and the input is streamed once.
+        block = n * layout.mantissa_dtype(cfg.mantissa_bits).itemsize + 1
+        fit = cfg.act_buffer_bytes // max(1, kh * src["w"] * block)
+        group = max(1, min(vrf_half, ob_total, fit))
+        macs = 0
     else:
         group = max(1, min(vrf_half // 2, ob_total))
         macs = 0

@@ -19,7 +19,9 @@ and lasts ``overhead + max(compute, its own DRAM time) + pipeline fill``:
 * otherwise (elementwise): one vector per cycle per block.
 
 Activation DRAM traffic: the input slice once per chain when ``K_H`` rows of it fit the
-line buffer (else once per kernel row), the AUX operand and the output once.
+activation buffer (else once per kernel row); not at all when the previous chain read the
+same slice and the whole slice fits the buffer (it is still resident); the AUX operand
+and the output once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ChainTiming:
     compute: int
     dram_bytes: int
     macs_padded: int
+    load_bytes: int
 
 
 @dataclass
@@ -52,6 +55,8 @@ class CycleModel:
     pending_halves: set = field(default_factory=set)
     chains: list[ChainTiming] = field(default_factory=list)
     dram_bytes_total: int = 0
+    pending_bytes: int = 0
+    resident_input: tuple | None = None
 
     def issue(self) -> None:
         self.t_issue += 1
@@ -63,6 +68,7 @@ class CycleModel:
         self.dram_free = start + nbytes / self.cfg.dram_bytes_per_cycle
         self.pending_ready = max(self.pending_ready, self.dram_free)
         self.pending_halves.add(half_key)
+        self.pending_bytes += nbytes
         self.dram_bytes_total += nbytes
 
     def chain_cost(self, ops: list[str], regs, aux: bool) -> tuple[int, int, int]:
@@ -78,8 +84,14 @@ class CycleModel:
         rows = (kh - 1) * r(Reg.DIL_H) + 1
         macs = 0
         if "mv_mul" in ops or "v_pool" in ops:
+            slice_bytes = ih * iw * icnt * block
             fits = rows * iw * icnt * block <= cfg.act_buffer_bytes
-            in_bytes = ih * iw * icnt * block * (1 if fits else kh)
+            key = (r(Reg.IN_ADDR), r(Reg.IN_CB_OFF), icnt, ih, iw)
+            if key == self.resident_input:
+                in_bytes = 0  # still in the activation buffer from the previous chain
+            else:
+                in_bytes = slice_bytes * (1 if fits else kh)
+            self.resident_input = key if slice_bytes <= cfg.act_buffer_bytes else None
             if "mv_mul" in ops:
                 passes = math.ceil(kh * kw * icnt * ocnt / cfg.tile_engines)
                 compute = p * passes * (n // cfg.lanes)
@@ -89,6 +101,7 @@ class CycleModel:
         else:
             in_bytes = p * ocnt * block
             compute = p * ocnt
+            self.resident_input = None
         aux_bytes = p * ocnt * block if aux else 0
         out_bytes = p * ocnt * block
         return compute, in_bytes + aux_bytes + out_bytes, macs
@@ -110,7 +123,8 @@ class CycleModel:
         self.pending_ready = 0.0
         self.t_issue = max(self.t_issue, start) + len(ops)
         self.dram_bytes_total += nbytes
-        self.chains.append(ChainTiming(start, end, compute, nbytes, macs))
+        self.chains.append(ChainTiming(start, end, compute, nbytes, macs, self.pending_bytes))
+        self.pending_bytes = 0
         return int(round(end - start))
 
     def finish(self) -> int:

@@ -75,6 +75,11 @@ class Simulator:
         self.state = NPUState(cfg, mem)
         self.cycles = CycleModel(cfg)
         self.chains: list[ChainTrace] = []
+        # Consecutive chains of one layer read the same input window (one per output
+        # group); the unrolled windows are kept until anything writes over the input.
+        self._cols_key: tuple | None = None
+        self._cols: np.ndarray | None = None
+        self._cols_span = (0, 0)
 
     def run(self, words: np.ndarray, progress=None) -> int:
         decoded = [isa.decode(int(w)) for w in words]
@@ -148,14 +153,21 @@ class Simulator:
         dil = (st.reg(R.DIL_H), st.reg(R.DIL_W))
         if ioff + icnt > icb or ooff + ocnt > ocb:
             raise SimulationError("chain block range exceeds its tensor")
-        q, e = layout.unpack_tensor(st.mem, st.addr(R.IN_ADDR), ih, iw, icb, n, m)
+        in_addr = st.addr(R.IN_ADDR)
+        q, e = layout.unpack_tensor(st.mem, in_addr, ih, iw, icb, n, m)
         q, e = q[:, :, ioff : ioff + icnt], e[:, :, ioff : ioff + icnt]
         emax = int(st.regs[st.ereg(R.IN_EREG)])
         p = oh * ow
         if reducer == "mv_mul":
             base = ops[1].args["tile"]
             k = kernel[0] * kernel[1] * icnt
-            grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
+            floor = emax - cfg.act_exp_window
+            key = (in_addr, ih, iw, icb, ioff, icnt, emax, kernel, stride, pads, dil, oh, ow)
+            if key != self._cols_key:
+                grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
+                self._cols = kernels.im2col(grid, kernel, stride, pads, dil, (oh, ow))
+                self._cols_key = key
+                self._cols_span = (in_addr, in_addr + layout.tensor_bytes(ih, iw, icb, n, m))
             wfloor = st.reg(R.W_EXP_FLOOR)
             tq = st.tiles_q[base : base + ocnt * k]
             te = st.tiles_e[base : base + ocnt * k]
@@ -163,7 +175,7 @@ class Simulator:
                 wg = kernels.weight_grid(tq, te, wfloor, ocnt)
             except ValueError as exc:
                 raise SimulationError(str(exc)) from None
-            acc = kernels.mvu(grid, wg, kernel, stride, pads, dil, (oh, ow))
+            acc = kernels.gemm_exact(self._cols, wg)
             vq, ve = numerics.normalize(acc.reshape(p, ocnt, n), floor + wfloor, big)
         elif reducer == "v_pool":
             if icnt != ocnt:
@@ -184,8 +196,12 @@ class Simulator:
         for ins in body:
             vq, ve = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
         sq, se = numerics.to_storage(vq, ve, m)
+        out_addr = st.addr(R.OUT_ADDR)
+        out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
+        if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
+            self._cols_key = None
         layout.write_tensor_blocks(
-            st.mem, st.addr(R.OUT_ADDR), (oh, ow, ocb), ooff,
+            st.mem, out_addr, (oh, ow, ocb), ooff,
             sq.reshape(oh, ow, ocnt, n), se.reshape(oh, ow, ocnt), n, m,
         )  # fmt: skip
         er = st.ereg(R.OUT_EREG)

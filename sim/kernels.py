@@ -45,6 +45,28 @@ def gather_windows(
     )
 
 
+def im2col(
+    grid: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pads_tl: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> np.ndarray:
+    """Grid ints [H, W, C] -> float64 rows [OH*OW, kh*kw*C], one per output pixel."""
+    win = gather_windows(grid.astype(np.float64), kernel, stride, pads_tl, dilation, out_hw)
+    return np.ascontiguousarray(win.reshape(out_hw[0] * out_hw[1], -1))
+
+
+def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray) -> np.ndarray:
+    """Exact integer accumulators [P, O] of ``cols @ weight_grid.T`` (see module doc)."""
+    wg = weight_grid.astype(np.float64)
+    used = np.any(wg != 0, axis=0)
+    if used.mean() < 0.75:  # skip all-zero columns (channel padding): same exact sums
+        return (cols[:, used] @ wg[:, used].T).astype(np.int64)
+    return (cols @ wg.T).astype(np.int64)
+
+
 def mvu(
     grid: np.ndarray,
     weight_grid: np.ndarray,
@@ -58,18 +80,7 @@ def mvu(
 
     Returns int64 accumulators [OH*OW, O].
     """
-    win = gather_windows(grid.astype(np.float64), kernel, stride, pads_tl, dilation, out_hw)
-    oh, ow = out_hw
-    cols = win.reshape(oh * ow, -1)
-    wg = weight_grid.astype(np.float64)
-    used = np.any(wg != 0, axis=0)
-    if used.mean() < 0.75:  # skip all-zero columns (channel padding): same exact sums
-        cols = cols[:, used]
-        wg = wg[:, used]
-    else:
-        cols = np.ascontiguousarray(cols)
-    acc = cols @ wg.T
-    return acc.astype(np.int64)
+    return gemm_exact(im2col(grid, kernel, stride, pads_tl, dilation, out_hw), weight_grid)
 
 
 def pool(

@@ -45,14 +45,16 @@ class NPUConfig:
     vrf_depth: int = 512
     #: Tile buffer capacity in N x N tiles, per half (it is double buffered).
     tile_buffer_tiles: int = 512
-    #: On-chip activation line buffer in bytes (holds the kernel rows a conv sweep needs).
+    #: On-chip activation buffer in bytes: holds the kernel rows a sweep needs, and a whole
+    #: input slice when it fits, so the chains of one layer read it from DRAM only once.
     act_buffer_bytes: int = 96 * 1024
     #: Scalar (exponent / control) registers.
     scalar_regs: int = 32
     #: Board DRAM size in bytes.
     dram_bytes: int = 32 * 1024 * 1024
-    #: Sustained DRAM bandwidth in bytes per second.
-    dram_bytes_per_s: float = 160e6
+    #: Sustained DRAM bandwidth in bytes per second (ULX3S: 16-bit SDR SDRAM at 125 MHz,
+    #: 250 MB/s peak, 80 % after refresh and row switches).
+    dram_bytes_per_s: float = 200e6
     #: Core clock in Hz.
     clock_hz: float = 100e6
     #: Cycles of MVU pipeline fill and drain charged once per chain.
@@ -120,9 +122,9 @@ PRESETS: dict[str, NPUConfig] = {
         native_dim=16,
         lanes=8,
         tile_buffer_tiles=384,
-        act_buffer_bytes=96 * 1024,
+        act_buffer_bytes=224 * 1024,
         dram_bytes=32 * 1024 * 1024,
-        dram_bytes_per_s=160e6,
+        dram_bytes_per_s=200e6,
         clock_hz=100e6,
         device="LFE5U-85F",
         dsp_blocks=156,
@@ -137,7 +139,7 @@ PRESETS: dict[str, NPUConfig] = {
         act_buffer_bytes=48 * 1024,
         vrf_depth=256,
         dram_bytes=32 * 1024 * 1024,
-        dram_bytes_per_s=160e6,
+        dram_bytes_per_s=200e6,
         clock_hz=100e6,
         device="LFE5U-45F",
         dsp_blocks=72,
@@ -152,7 +154,7 @@ PRESETS: dict[str, NPUConfig] = {
         act_buffer_bytes=24 * 1024,
         vrf_depth=256,
         dram_bytes=32 * 1024 * 1024,
-        dram_bytes_per_s=160e6,
+        dram_bytes_per_s=200e6,
         clock_hz=100e6,
         device="LFE5U-25F",
         dsp_blocks=28,

@@ -43,16 +43,20 @@ def rne_shift(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     """``x / 2**shift`` rounded half to even, for integer ``x`` and ``shift >= 0``.
 
     In hardware: an arithmetic right shift plus a round bit, a sticky bit and the LSB.
+    Computed as ``(x + 2**(s-1) - 1 + lsb) >> s`` with ``lsb`` the LSB of ``x >> s``,
+    which rounds up exactly when the remainder is above half, or half with an odd
+    quotient.
     """
     x = np.asarray(x, dtype=np.int64)
     s = np.minimum(np.asarray(shift, dtype=np.int64), _MAX_SHIFT)
     if np.any(s < 0):
         raise ValueError("rne_shift needs non-negative shifts")
-    q = x >> s
-    rem = x - (q << s)
-    half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0)
-    round_up = (s > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
-    return q + round_up.astype(np.int64)
+    if not np.any(s):
+        return x
+    active = s > 0
+    bias = (np.left_shift(np.int64(1), s) >> 1) - active
+    lsb = (x >> s) & active
+    return (x + bias + lsb) >> s
 
 
 def bit_length(a: np.ndarray) -> np.ndarray:

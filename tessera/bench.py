@@ -1,0 +1,97 @@
+"""``tessera bench sim``: speed figures measured side by side in one run.
+
+The machine is shared and noisy, so every figure is measured in the same process, with
+the runs interleaved (ORT, simulator, reference, ORT, ...) and the median kept; the
+ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (not tests): measured side by side")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    s = bsub.add_parser("sim", help="onnxruntime FP32 vs simulator vs reference, compile time")
+    s.add_argument("--model", default="resnet50", help="zoo model name or an .onnx path")
+    s.add_argument("--config", default="ulx3s-85f", help="NPU configuration")
+    s.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_bench_sim)
+
+
+def _median_time(fn, times: list[float]) -> None:
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+
+
+def _bench_sim(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+    from rich.console import Console
+    from rich.table import Table
+
+    from tessera.compiler.driver import compile_model
+    from tessera.config import get_config
+    from tessera.sim.report import build_report
+    from tessera.sim.run import run_program
+
+    console = Console()
+    path = Path(args.model)
+    if not path.suffix == ".onnx":
+        from tessera.zoo import cached_export
+
+        with console.status(f"exporting {args.model} (cached after the first run)"):
+            path = cached_export(args.model, seed=args.seed)
+    cfg = get_config(args.config)
+    with console.status("compiling"):
+        t0 = time.perf_counter()
+        prog, _, _ = compile_model(path, cfg)
+        compile_s = time.perf_counter() - t0
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
+    x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+    feeds = {name: x}
+    sess.run(None, feeds)  # warm-up
+    run_program(prog, feeds, "sim")
+    t_ort: list[float] = []
+    t_sim: list[float] = []
+    t_ref: list[float] = []
+    for _ in range(args.repeat):
+        _median_time(lambda: sess.run(None, feeds), t_ort)
+        _median_time(lambda: run_program(prog, feeds, "sim"), t_sim)
+        _median_time(lambda: run_program(prog, feeds, "reference"), t_ref)
+    ort_s, sim_s, ref_s = (statistics.median(t) for t in (t_ort, t_sim, t_ref))
+    rep = build_report(prog)
+
+    table = Table(
+        title=f"tessera bench sim: {path.name} on {cfg.name} ({args.repeat} interleaved runs, medians)"
+    )
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("ratio / note")
+    table.add_row("onnxruntime FP32", f"{ort_s * 1e3:.1f} ms", "1.00x")
+    table.add_row(
+        "ISA simulator (bit-exact)",
+        f"{sim_s * 1e3:.1f} ms",
+        f"{sim_s / ort_s:.2f}x ORT (target <= 3x)",
+    )
+    table.add_row("reference executor", f"{ref_s * 1e3:.1f} ms", f"{ref_s / ort_s:.2f}x ORT")
+    table.add_row("compile (excl. ONNX export)", f"{compile_s:.2f} s", "target <= 10 s")
+    table.add_row("cycle model latency", f"{rep['latency_ms']:.1f} ms",
+                  f"{rep['total_cycles']:,} cycles at {rep['clock_mhz']:.0f} MHz")  # fmt: skip
+    table.add_row("MVU utilisation", f"{rep['mvu_utilization']:.1%}", "goal >= 85 %")
+    table.add_row("DSP-bound floor", f"{rep['dsp_floor_ms']:.1f} ms",
+                  f"{rep['macs'] / 1e9:.2f} GMAC at {rep['macs_per_cycle']} MAC/cycle")  # fmt: skip
+    table.add_row("DRAM traffic", f"{rep['dram_bytes'] / 2**20:.1f} MiB",
+                  f"{rep['dram_bytes'] / (rep['latency_ms'] / 1e3) / 1e6:.0f} MB/s of "
+                  f"{cfg.dram_bytes_per_s / 1e6:.0f} MB/s")  # fmt: skip
+    console.print(table)
+    return 0
