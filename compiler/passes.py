@@ -123,7 +123,10 @@ def fuse_residual_add(g: Graph) -> None:
                 prod.inputs.append(other)
                 g.rename_tensor(n.outputs[0], prod.outputs[0])
                 _inherit_output(g, n.outputs[0], prod)
-                g.nodes.remove(n)
+                # The conv now reads ``other``, which may be computed after it (a shortcut
+                # branch listed second), so it takes the Add's place in the order.
+                g.nodes.remove(prod)
+                g.nodes[g.nodes.index(n)] = prod
                 fused += 1
                 break
     g.remove_unused()
