@@ -220,6 +220,18 @@ class _Importer:
         # Channels are the smallest of the non-batch axes when ambiguous is rare: images
         # have 1, 3 or 4 channels and spatial sizes >= 8; trust the last axis for NHWC.
         perm = (0, 2, 3, 1) if dims[3] <= 4 < dims[1] else CANONICAL
+        # Unless the graph says otherwise: tf2onnx's boundary Transpose means NHWC, a
+        # layout-sensitive op reading the input directly means NCHW (e.g. [1, 16, 4, 4]).
+        nchw_ops = ("Conv", "BatchNormalization", "MaxPool", "AveragePool",
+                    "GlobalAveragePool", "GlobalMaxPool")  # fmt: skip
+        for node in (n for n in self.model.graph.node if name in n.input):
+            if node.op_type == "Transpose":
+                if tuple(self.attrs(node).get("perm", ())) == (0, 3, 1, 2):
+                    perm = (0, 2, 3, 1)
+                    break
+            elif node.op_type in nchw_ops:
+                perm = CANONICAL
+                break
         canon = [0, 0, 0, 0]
         for i, p in enumerate(perm):
             canon[p] = dims[i]
