@@ -10,12 +10,13 @@ under ``build/zoo/``. A real weights file can be given instead of a seed.
 Export runs in a child process (``python -m tessera.zoo``) for two reasons: TensorFlow's
 memory is returned to the OS when the child exits, and the child can select the pure-Python
 protobuf implementation before anything imports protobuf. With the default upb
-implementation, tf2onnx's optimizer re-serialises every constant into the node protos on
-each of its ~26 passes and upb arenas never free the old copies, so the peak memory grows
-by one copy of the weights per pass (ResNet-50: 6.7 GB, VGG-16: OOM-killed on 24 GB). With
-pure-Python protobuf the weight bytes are shared immutable ``bytes`` objects, the passes
-cost nothing, and VGG-16 peaks at about 11 GB, the rest being TensorFlow's own freezing and
-grappler copies.
+implementation, tf2onnx's optimizer copies every constant into the node protos again on
+each of its ~26 passes and upb arenas never free the old copies, so memory grows by one
+copy of the weights per pass; its default error catching adds a deep copy of the graph per
+pass on top (ResNet-50 converted in 6.7 GB that way, VGG-16 was OOM-killed on 24 GB). With
+pure-Python protobuf the weight bytes are shared immutable ``bytes`` objects and the passes
+cost no memory (ResNet-50: 2.4 GB). VGG-16 then peaks at 11.4 GB, in TensorFlow's own
+variable freezing and grappler, which copy the 553 MB of weights several times.
 """
 
 from __future__ import annotations
@@ -34,25 +35,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from tessera.errors import TesseraError
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
 # Bump whenever a change here alters the exported bytes (model init, BN calibration,
 # converter options), so stale cache entries are never reused.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "3"
 
 INPUT_NAME = "input"
 INPUT_SHAPE = (1, 224, 224, 3)  # NHWC float32, exactly as Keras defines the models
 OPSET = 17
 
-# Images used to calibrate BatchNorm statistics: enough samples per channel even at the
-# 7x7 stages (4*49 = 196) while keeping the calibration forward pass cheap.
+# Seeded N(0, 1) images for the data-dependent init: enough samples per channel for the
+# BatchNorm statistics even at the 7x7 stages (4*49 = 196), and a cheap forward pass.
 _CALIBRATION_BATCH = 4
+# Keras ResNet names the BatchNorm ending each residual branch conv<S>_block<B>_3_bn.
+_RESIDUAL_BRANCH_BN_SUFFIX = "_3_bn"
+# Std of the classifier's logits on the calibration images: a peaked, not one-hot, softmax.
+_LOGIT_STD = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,20 +271,70 @@ def build_keras_model(
                 f"cannot load weights for {name} from {weights_path}: {exc}"
             ) from exc
     else:
-        calibrate_batchnorm(model, seed)
+        initialize_weights(model, seed)
     return model
 
 
-def calibrate_batchnorm(model: keras.Model, seed: int) -> None:
+def initialize_weights(model: keras.Model, seed: int) -> None:
+    """Replace Keras' default init by a seeded, data-dependent one with trained-like ranges.
+
+    With the stock init the activations drift by orders of magnitude with depth and the
+    softmax is uniform to a few parts in 1e3 (VGG-16: 1e-8), so its argmax is rounding noise
+    and comparing an implementation's output against the reference tests little. Using the
+    statistics of a batch of seeded N(0, 1) images, the BatchNorm layers are made to
+    normalise (:func:`_calibrate_batchnorm`), or, without BatchNorm, each layer is scaled to
+    unit output (:func:`_calibrate_plain_chain`); finally the classifier is scaled to logits
+    of std ``_LOGIT_STD``, which gives a peaked softmax (top-1 probability 0.04-0.4).
+
+    The logits are not centred over the images: the features of different noise images
+    share a large common component (5-17x the image-dependent part), so a bias cancelling it
+    would make the classifier ill-conditioned, float32 and quantised results disagreeing on
+    the top-1. The ResNets therefore give most noise images the same top-1 class.
+
+    Keras also zeroes every bias, and grappler deletes additions of zero, so the exported
+    graph would lack the bias inputs that real weights have; the classifier's and VGG's
+    biases are drawn from N(0, 0.1). The conv biases of the BN networks stay zero: the BN
+    absorbs them anyway, and a nonzero one stops grappler folding the BN into the Conv (it
+    then stays a Mul and an Add after a biased Conv, as happens with trained Keras weights).
+    """
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((_CALIBRATION_BATCH, *INPUT_SHAPE[1:]), dtype=np.float32)
+    classifier = model.layers[-1]
+    bn_layers = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if bn_layers:
+        _calibrate_batchnorm(model, bn_layers, rng, images)
+        features = keras.Model(model.input, classifier.input)(images)
+    else:
+        features = _calibrate_plain_chain(model, rng, images)
+    _rescale_output(classifier, features, _LOGIT_STD, rng)
+
+
+def _calibrate_batchnorm(
+    model: keras.Model,
+    bn_layers: list[keras.layers.BatchNormalization],
+    rng: np.random.Generator,
+    images: np.ndarray,
+) -> None:
     """Give a randomly initialised network BatchNorm layers that actually normalise.
 
     Keras initialises BN as the identity (gamma=1, beta=0, mean=0, var=1), so in a random
-    ResNet-152 the activations grow or shrink by orders of magnitude over 150 layers and
-    become useless for testing quantisation and accumulator ranges. This is a data-dependent
-    init: gamma ~ U(0.5, 1.5) and beta ~ N(0, 0.1) make every channel a little different,
-    then each BN's moving mean/variance is set to the per-channel statistics of its own
-    input over a batch of seeded N(0, 1) images, so at inference each BN output has
-    mean ~beta and std ~gamma.
+    ResNet-152 the activations grow or shrink by orders of magnitude over 150 layers. This
+    is a data-dependent init: gamma ~ U(0.5, 1.5) and beta ~ N(0, 0.1) make every channel a
+    little different, then each BN's moving mean/variance is set to the per-channel
+    statistics of its own input over the calibration images, so at inference each BN output
+    has mean ~beta and std ~gamma.
+
+    The BN closing each ResNet residual branch (Keras names it ``*_3_bn``) gets a small
+    gamma ~ U(0.1, 0.3) instead, as trained ResNets have (and "zero-init residual" training
+    starts from): with full-size branches, 50 blocks of BN+ReLU make the random ResNet-152
+    chaotic, a 1e-7 relative input change (float32 rounding) moving the softmax by 5e-4
+    of its maximum, so no two correct float implementations would agree. With damped
+    branches that sensitivity is ~3e-6.
 
     Later BN inputs depend on the calibrated earlier BNs, so the layers must be calibrated
     in topological order. A single forward pass in training mode with ``momentum = 0`` does
@@ -287,28 +343,62 @@ def calibrate_batchnorm(model: keras.Model, seed: int) -> None:
     next layers then see applied. It costs one batch-4 forward pass even for DenseNet-121's
     120 BN layers.
     """
-    import keras
     import numpy as np
 
-    bn_layers = [
-        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    if not bn_layers:  # VGG-16: Glorot init alone is the intended model
-        return
-    rng = np.random.default_rng(seed)
     saved_momentum = {}
     for layer in bn_layers:
         channels = layer.moving_mean.shape
-        layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+        low, high = (0.1, 0.3) if layer.name.endswith(_RESIDUAL_BRANCH_BN_SUFFIX) else (0.5, 1.5)
+        layer.gamma.assign(rng.uniform(low, high, channels).astype(np.float32))
         layer.beta.assign(rng.normal(0.0, 0.1, channels).astype(np.float32))
         saved_momentum[layer] = layer.momentum
         layer.momentum = 0.0
-    images = rng.standard_normal((_CALIBRATION_BATCH, *INPUT_SHAPE[1:]), dtype=np.float32)
     try:
         model(images, training=True)
     finally:
         for layer, momentum in saved_momentum.items():
             layer.momentum = momentum
+
+
+def _calibrate_plain_chain(
+    model: keras.Model, rng: np.random.Generator, images: np.ndarray
+) -> np.ndarray:
+    """Scale each hidden Conv/Dense of a network without BatchNorm (VGG-16) to unit output.
+
+    Glorot init assumes linear layers; after each ReLU the signal shrinks by ~1.4x, so in
+    the stock random VGG-16 the fc2 output std is ~0.003 and the logits' ~5e-6. As in
+    layer-sequential unit-variance init (Mishkin & Matas, 2016), each layer's kernel is
+    scaled, in order, so that its pre-activation output has std 1 on the calibration
+    images. VGG is a plain chain, so running the layers one after the other on the batch
+    visits them in topological order. Returns the classifier's input, which is left to the
+    caller.
+    """
+    activations = images
+    for index, layer in enumerate(model.layers[1:-1], start=1):
+        if layer.input is not model.layers[index - 1].output:
+            raise RuntimeError(f"{model.name} is not a chain of layers at {layer.name}")
+        if getattr(layer, "kernel", None) is not None:
+            _rescale_output(layer, activations, 1.0, rng)
+        activations = layer(activations)
+    return activations
+
+
+def _rescale_output(
+    layer: keras.layers.Layer, inputs: np.ndarray, target_std: float, rng: np.random.Generator
+) -> None:
+    """Scale a Conv/Dense kernel for a pre-activation output std of ``target_std`` on
+    ``inputs``, then give it a N(0, 0.1) bias."""
+    import keras
+    import numpy as np
+
+    # The bias is still Keras' zero, so this is the kernel's contribution alone.
+    activation, layer.activation = layer.activation, keras.activations.linear
+    try:
+        pre_activation = np.asarray(layer(inputs))
+    finally:
+        layer.activation = activation
+    layer.kernel.assign(layer.kernel.numpy() * (target_std / pre_activation.std()))
+    layer.bias.assign(rng.normal(0.0, 0.1, layer.bias.shape).astype(np.float32))
 
 
 def _quiet_tensorflow_import() -> None:
@@ -356,22 +446,17 @@ def _export_in_this_process(
     from tqdm import tqdm
 
     started = time.monotonic()
-    steps: list[tuple[str, Callable[[], None]]] = []
-    model: keras.Model | None = None
-
-    def build() -> None:
-        nonlocal model
+    init = f"load {weights.name}" if weights else "seeded init"
+    with tqdm(total=3, desc=name, unit="step", file=sys.stderr) as bar:
+        bar.set_postfix_str("import TensorFlow")
+        _quiet_tensorflow_import()
+        bar.update()
+        bar.set_postfix_str(f"build + {init}")
         model = build_keras_model(name, seed, weights)
-
-    steps.append(("import TensorFlow", _quiet_tensorflow_import))
-    what = f"load {weights.name}" if weights else "BN calibration"
-    steps.append((f"build + {what}", build))
-    steps.append(("tf2onnx conversion", lambda: _convert(model, name, out_path)))
-    with tqdm(total=len(steps), desc=name, unit="step", file=sys.stderr) as bar:
-        for label, step in steps:
-            bar.set_postfix_str(label)
-            step()
-            bar.update()
+        bar.update()
+        bar.set_postfix_str("tf2onnx conversion")
+        _convert(model, name, out_path)
+        bar.update()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"tessera zoo: exported {name} (seed {seed}) in {time.monotonic() - started:.0f} s, "
@@ -394,6 +479,7 @@ def _child_main(argv: list[str]) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     path = cached_export(args.name, seed=args.seed, weights=args.weights)
+    pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, args.output)
     print(args.output)
     return 0
@@ -401,11 +487,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, INPUT_SHAPE))
-    print(f"{'name':<12} {'keras class':<12} {'params':>12}  input")
+    print(f"{'name':<12} {'keras class':<12} {'params':>12}  {'input':<34} output")
     for m in MODELS.values():
-        print(
-            f"{m.name:<12} {m.keras_class:<12} {m.params:>12,}  {INPUT_NAME}: {shape} float32 NHWC"
-        )
+        inputs = f"{INPUT_NAME}: {shape} float32 NHWC"
+        outputs = ", ".join(f"{o}: 1x1000 softmax" for o in m.output_names)
+        print(f"{m.name:<12} {m.keras_class:<12} {m.params:>12,}  {inputs:<34} {outputs}")
     return 0
 
 
