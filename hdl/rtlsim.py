@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amaranth.back import verilog
-
 from tessera.hdl.toolchain import Simulator, find_simulator
 
 #: Amaranth's Verilog carries no `timescale; cocotb needs one for its clock periods.

@@ -1,13 +1,11 @@
 """The RTL tool chain works: Amaranth -> Verilog -> cocotb 2 on the chosen simulator."""
 
-
 from pathlib import Path
 
 import pytest
-from amaranth import Module, Signal
+from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
-
 from tessera.hdl import rtlsim
 from tessera.hdl.toolchain import find_simulator
 
