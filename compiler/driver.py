@@ -73,16 +73,31 @@ def compile_model(
     def tensor_info(t: str) -> dict:
         v = views[t]
         b = buffers[v.buffer]
-        c, h, w = g.shape(t)
-        return {"tensor": t, "addr": b.addr, "h": b.h, "w": b.w, "cb": b.cb,
-                "cb_off": v.cb_off, "cb_cnt": v.cb_cnt, "channels": c, "ereg": b.ereg,
-                "buffer": b.id}  # fmt: skip
+        c, _h, _w = g.shape(t)
+        return {
+            "tensor": t,
+            "addr": b.addr,
+            "h": b.h,
+            "w": b.w,
+            "cb": b.cb,
+            "cb_off": v.cb_off,
+            "cb_cnt": v.cb_cnt,
+            "channels": c,
+            "ereg": b.ereg,
+            "buffer": b.id,
+        }
 
     inputs = [
-        {"name": i.onnx_name, "shape": list(i.onnx_shape), "dtype": "float32",
-         "perm": list(i.perm), "emax_addr": INPUT_EMAX_ADDR, **tensor_info(i.tensor)}
+        {
+            "name": i.onnx_name,
+            "shape": list(i.onnx_shape),
+            "dtype": "float32",
+            "perm": list(i.perm),
+            "emax_addr": INPUT_EMAX_ADDR,
+            **tensor_info(i.tensor),
+        }
         for i in g.inputs
-    ]  # fmt: skip
+    ]
     host_stages = []
     outputs_info = []
     for o in g.outputs:
@@ -95,10 +110,17 @@ def compile_model(
             prod = g.producer(src)
         host_stages.extend(dict(s, output=o.onnx_name) for s in stages)
         outputs_info.append(
-            {"name": o.onnx_name, "shape": list(o.onnx_shape), "dtype": "float32",
-             "kind": o.kind, "perm": list(o.perm), "order": list(o.order),
-             "host_stages": [s["op"] for s in stages], **tensor_info(src)}
-        )  # fmt: skip
+            {
+                "name": o.onnx_name,
+                "shape": list(o.onnx_shape),
+                "dtype": "float32",
+                "kind": o.kind,
+                "perm": list(o.perm),
+                "order": list(o.order),
+                "host_stages": [s["op"] for s in stages],
+                **tensor_info(src),
+            }
+        )
     manifest = {
         "format_version": FORMAT_VERSION,
         "tessera_version": tessera.__version__,
@@ -106,16 +128,25 @@ def compile_model(
         "inputs": inputs,
         "outputs": outputs_info,
         "memory_map": [
-            {"buffer": b.id, "addr": b.addr, "bytes": b.nbytes, "h": b.h, "w": b.w,
-             "cb": b.cb, "ereg": b.ereg, "live": [b.first, b.last]}
+            {
+                "buffer": b.id,
+                "addr": b.addr,
+                "bytes": b.nbytes,
+                "h": b.h,
+                "w": b.w,
+                "cb": b.cb,
+                "ereg": b.ereg,
+                "live": [b.first, b.last],
+            }
             for b in buffers
-        ] + [{"region": "static", "addr": 0, "bytes": low.static_bytes}],
+        ]
+        + [{"region": "static", "addr": 0, "bytes": low.static_bytes}],
         "host_stages": host_stages,
         "dram_bytes_needed": low.dram_needed,
         "static_bytes": low.static_bytes,
         "layers": low.layers,
         "passes": list(g.log),
-    }  # fmt: skip
+    }
     prog = Program(
         manifest=manifest,
         instructions=np.array(low.instructions, dtype=np.uint64),

@@ -141,8 +141,12 @@ class _Planner:
                 continue
             out = node.outputs[0]
             if out not in self.views:
-                self.views[out] = View(self.new_buffer(g.tensors[out]), 0,
-                                       _blocks(g.tensors[out].channels, n), g.tensors[out].channels)  # fmt: skip
+                self.views[out] = View(
+                    self.new_buffer(g.tensors[out]),
+                    0,
+                    _blocks(g.tensors[out].channels, n),
+                    g.tensors[out].channels,
+                )
             base = self.views[out]
             off = base.cb_off
             for i, t in enumerate(list(node.inputs)):
@@ -172,8 +176,15 @@ class _Planner:
         g = self.g
         name = f"{t}__copy"
         g.tensors[name] = Tensor(name, g.tensors[t].shape)
-        copy = Node("eltwise", f"{concat.name}/copy{i}", [t], [name], {"relu": False}, {},
-                    source=concat.source)  # fmt: skip
+        copy = Node(
+            "eltwise",
+            f"{concat.name}/copy{i}",
+            [t],
+            [name],
+            {"relu": False},
+            {},
+            source=concat.source,
+        )
         g.nodes.insert(g.nodes.index(concat), copy)
         concat.inputs[i] = name
         g.log.append(f"plan_memory: inserted a copy of {t!r} into concat {concat.name!r}")
@@ -345,8 +356,9 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
     started: set[int] = {input_buf.id}
     for x in npu_nodes:
         if x.op == "concat":
-            layers.append({"op": "concat", "name": x.name, "source": x.source, "chains": 0,
-                           "macs": 0})  # fmt: skip
+            layers.append(
+                {"op": "concat", "name": x.name, "source": x.source, "chains": 0, "macs": 0}
+            )
             continue
         vout = views[x.outputs[0]]
         bout = buffers[vout.buffer]
@@ -374,12 +386,31 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
 def _tensor_desc(views: dict[str, View], buffers: list[Buffer], t: str) -> dict:
     v = views[t]
     b = buffers[v.buffer]
-    return {"tensor": t, "addr": b.addr, "h": b.h, "w": b.w, "cb": b.cb, "cb_off": v.cb_off,
-            "cb_cnt": v.cb_cnt, "channels": v.channels, "ereg": b.ereg, "buffer": b.id}  # fmt: skip
+    return {
+        "tensor": t,
+        "addr": b.addr,
+        "h": b.h,
+        "w": b.w,
+        "cb": b.cb,
+        "cb_off": v.cb_off,
+        "cb_cnt": v.cb_cnt,
+        "channels": v.channels,
+        "ereg": b.ereg,
+        "buffer": b.id,
+    }
 
 
-def _emit_layer(em: _Emitter, g: Graph, x: Node, views, buffers, info: dict, cfg: NPUConfig,
-                tile_half: int, vrf_half: int) -> dict:  # fmt: skip
+def _emit_layer(
+    em: _Emitter,
+    g: Graph,
+    x: Node,
+    views,
+    buffers,
+    info: dict,
+    cfg: NPUConfig,
+    tile_half: int,
+    vrf_half: int,
+) -> dict:
     n = cfg.native_dim
     src = _tensor_desc(views, buffers, x.inputs[0])
     dst = _tensor_desc(views, buffers, x.outputs[0])
@@ -416,12 +447,25 @@ def _emit_layer(em: _Emitter, g: Graph, x: Node, views, buffers, info: dict, cfg
         group = max(1, min(vrf_half // 2, ob_total))
         macs = 0
     em.set(
-        IN_ADDR=src["addr"], IN_H=src["h"], IN_W=src["w"], IN_CB=src["cb"],
-        IN_EREG=isa.EXP_REG_BASE + src["ereg"], K_H=kh, K_W=kw, STRIDE_H=stride[0],
-        STRIDE_W=stride[1], PAD_T=pads[0], PAD_L=pads[1], DIL_H=dil[0], DIL_W=dil[1],
-        OUT_ADDR=dst["addr"], OUT_H=oh, OUT_W=ow, OUT_CB=dst["cb"],
+        IN_ADDR=src["addr"],
+        IN_H=src["h"],
+        IN_W=src["w"],
+        IN_CB=src["cb"],
+        IN_EREG=isa.EXP_REG_BASE + src["ereg"],
+        K_H=kh,
+        K_W=kw,
+        STRIDE_H=stride[0],
+        STRIDE_W=stride[1],
+        PAD_T=pads[0],
+        PAD_L=pads[1],
+        DIL_H=dil[0],
+        DIL_W=dil[1],
+        OUT_ADDR=dst["addr"],
+        OUT_H=oh,
+        OUT_W=ow,
+        OUT_CB=dst["cb"],
         OUT_EREG=isa.EXP_REG_BASE + dst["ereg"],
-    )  # fmt: skip
+    )
     if aux is not None:
         em.set(AUX_ADDR=aux["addr"], AUX_CB=aux["cb"])
     if x.op == "conv":
@@ -473,11 +517,23 @@ def _emit_layer(em: _Emitter, g: Graph, x: Node, views, buffers, info: dict, cfg
         em.chain_count += 1
         chains += 1
     layer = {
-        "op": x.op, "name": x.name, "source": x.source, "src": src, "dst": dst, "aux": aux,
-        "kernel": [kh, kw], "stride": list(stride), "pads": list(pads), "dilation": list(dil),
-        "relu": bool(x.attrs.get("relu")), "kind": x.attrs.get("kind"), "macs": macs,
-        "chains": chains, "group": group, "out_shape": [oc, oh, ow],
-    }  # fmt: skip
+        "op": x.op,
+        "name": x.name,
+        "source": x.source,
+        "src": src,
+        "dst": dst,
+        "aux": aux,
+        "kernel": [kh, kw],
+        "stride": list(stride),
+        "pads": list(pads),
+        "dilation": list(dil),
+        "relu": bool(x.attrs.get("relu")),
+        "kind": x.attrs.get("kind"),
+        "macs": macs,
+        "chains": chains,
+        "group": group,
+        "out_shape": [oc, oh, ow],
+    }
     for key in ("tiles_addr", "consts_addr", "w_floor", "tiles_per_ob", "scale_addr", "shift_addr"):
         if key in info:
             layer[key] = info[key]

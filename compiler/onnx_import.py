@@ -17,18 +17,39 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tessera.compiler.ir import Graph, GraphInput, GraphOutput, Node, Tensor
 
+from tessera.compiler.ir import Graph, GraphInput, GraphOutput, Node, Tensor
 from tessera.errors import ModelLoadError, UnsupportedModelError
 
 CANONICAL = (0, 1, 2, 3)
 
 SUPPORTED_OPS = (
-    "Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div",
-    "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Pad",
-    "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout",
-    "Softmax", "Constant", "Cast",
-)  # fmt: skip
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "Relu",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Pad",
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Dropout",
+    "Softmax",
+    "Constant",
+    "Cast",
+)
 
 
 @dataclass(frozen=True)
@@ -139,10 +160,16 @@ class _Importer:
     def emit(self, op: str, node: onnx.NodeProto, inputs: list[str], shape, **kw) -> str:
         out = self.new_tensor(node.output[0] or f"{op}_{len(self.nodes)}", shape)
         self.nodes.append(
-            Node(op=op, name=node.name or out, inputs=inputs, outputs=[out],
-                 attrs=kw.pop("attrs", {}), params=kw.pop("params", {}),
-                 source=f"{node.op_type}:{node.name}")
-        )  # fmt: skip
+            Node(
+                op=op,
+                name=node.name or out,
+                inputs=inputs,
+                outputs=[out],
+                attrs=kw.pop("attrs", {}),
+                params=kw.pop("params", {}),
+                source=f"{node.op_type}:{node.name}",
+            )
+        )
         return out
 
     def channel_vector(self, node: onnx.NodeProto, c: np.ndarray, x: Act | Flat) -> np.ndarray:
@@ -180,8 +207,10 @@ class _Importer:
         for inp in g.input:
             if inp.name in init_names:
                 continue
-            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in
-                    inp.type.tensor_type.shape.dim]  # fmt: skip
+            dims = [
+                d.dim_value if d.HasField("dim_value") else 0
+                for d in inp.type.tensor_type.shape.dim
+            ]
             inputs.append(self.import_input(inp.name, dims))
         for node in g.node:
             handler = getattr(self, f"op_{node.op_type}", None)
@@ -222,8 +251,14 @@ class _Importer:
         perm = (0, 2, 3, 1) if dims[3] <= 4 < dims[1] else CANONICAL
         # Unless the graph says otherwise: tf2onnx's boundary Transpose means NHWC, a
         # layout-sensitive op reading the input directly means NCHW (e.g. [1, 16, 4, 4]).
-        nchw_ops = ("Conv", "BatchNormalization", "MaxPool", "AveragePool",
-                    "GlobalAveragePool", "GlobalMaxPool")  # fmt: skip
+        nchw_ops = (
+            "Conv",
+            "BatchNormalization",
+            "MaxPool",
+            "AveragePool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+        )
         for node in (n for n in self.model.graph.node if name in n.input):
             if node.op_type == "Transpose":
                 if tuple(self.attrs(node).get("perm", ())) == (0, 3, 1, 2):
@@ -367,9 +402,20 @@ class _Importer:
         oh = (h + pads[0] + pads[2] - dil[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (wd + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // stride[1] + 1
         params = {"weight": w, "bias": b if b is not None else np.zeros(cout)}
-        out = self.emit("conv", node, [x.tensor], (cout, oh, ow), params=params,
-                        attrs={"kernel": (kh, kw), "stride": stride, "pads": pads,
-                               "dilation": dil, "relu": False})  # fmt: skip
+        out = self.emit(
+            "conv",
+            node,
+            [x.tensor],
+            (cout, oh, ow),
+            params=params,
+            attrs={
+                "kernel": (kh, kw),
+                "stride": stride,
+                "pads": pads,
+                "dilation": dil,
+                "relu": False,
+            },
+        )
         self.values[node.output[0]] = Act(out, CANONICAL)
 
     def _pads(self, node, a, hw, k, stride, dil) -> tuple[int, int, int, int]:
@@ -405,10 +451,20 @@ class _Importer:
         wt = wmat.T.reshape((o, *[sizes[a] for a in x.order]))
         perm = [x.order.index(a) + 1 for a in (1, 2, 3)]
         conv_w = np.transpose(wt, [0, *perm])  # [O, C, H, W]
-        out = self.emit("conv", node, [x.tensor], (o, 1, 1),
-                        params={"weight": conv_w, "bias": bias if bias is not None else np.zeros(o)},
-                        attrs={"kernel": (h, w), "stride": (1, 1), "pads": (0, 0, 0, 0),
-                               "dilation": (1, 1), "relu": False})  # fmt: skip
+        out = self.emit(
+            "conv",
+            node,
+            [x.tensor],
+            (o, 1, 1),
+            params={"weight": conv_w, "bias": bias if bias is not None else np.zeros(o)},
+            attrs={
+                "kernel": (h, w),
+                "stride": (1, 1),
+                "pads": (0, 0, 0, 0),
+                "dilation": (1, 1),
+                "relu": False,
+            },
+        )
         self.values[node.output[0]] = Flat(out, (1, 2, 3))
 
     def op_MatMul(self, node):
@@ -437,8 +493,9 @@ class _Importer:
     def op_BatchNormalization(self, node):
         x = self.act(node)
         a = self.attrs(node)
-        scale, bias, mean, var = (self.const(node, i, n) for i, n in
-                                  enumerate(("scale", "B", "mean", "var"), start=1))  # fmt: skip
+        scale, bias, mean, var = (
+            self.const(node, i, n) for i, n in enumerate(("scale", "B", "mean", "var"), start=1)
+        )
         s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
         self._affine(node, x, s, bias - mean * s)
 
@@ -449,8 +506,9 @@ class _Importer:
             params["scale"] = np.asarray(scale, dtype=np.float64)
         if shift is not None:
             params["shift"] = np.asarray(shift, dtype=np.float64)
-        out = self.emit("eltwise", node, [x.tensor], (c, h, w), params=params,
-                        attrs={"relu": False})  # fmt: skip
+        out = self.emit(
+            "eltwise", node, [x.tensor], (c, h, w), params=params, attrs={"relu": False}
+        )
         self.values[node.output[0]] = dataclasses.replace(x, tensor=out)
 
     def _act_or_flat(self, node, i) -> Act | Flat:
@@ -461,8 +519,9 @@ class _Importer:
 
     def op_Relu(self, node):
         x = self._act_or_flat(node, 0)
-        out = self.emit("eltwise", node, [x.tensor], self.tensors[x.tensor].shape,
-                        attrs={"relu": True})  # fmt: skip
+        out = self.emit(
+            "eltwise", node, [x.tensor], self.tensors[x.tensor].shape, attrs={"relu": True}
+        )
         self.values[node.output[0]] = dataclasses.replace(x, tensor=out)
 
     def _binary(self, node, kind: str):
@@ -476,8 +535,13 @@ class _Importer:
                 isinstance(a, Act) and isinstance(b, Act) and a.perm != b.perm
             ):
                 raise self.fail(node, "adding tensors of different shapes/layouts is not supported")
-            out = self.emit("eltwise", node, [a.tensor, b.tensor], self.tensors[a.tensor].shape,
-                            attrs={"relu": False})  # fmt: skip
+            out = self.emit(
+                "eltwise",
+                node,
+                [a.tensor, b.tensor],
+                self.tensors[a.tensor].shape,
+                attrs={"relu": False},
+            )
             self.values[node.output[0]] = dataclasses.replace(a, tensor=out)
             return
         if isinstance(a, np.ndarray):
@@ -522,8 +586,11 @@ class _Importer:
         if axis < 0:
             axis += 4
         if perm[axis] != 1:
-            raise self.fail(node, f"attribute 'axis'={axis} is not the channel axis; "
-                            "only channel concatenation is supported")  # fmt: skip
+            raise self.fail(
+                node,
+                f"attribute 'axis'={axis} is not the channel axis; "
+                "only channel concatenation is supported",
+            )
         hw = self.tensors[vals[0].tensor].shape[1:]
         for v in vals:
             if v.perm != perm or self.tensors[v.tensor].shape[1:] != hw:
@@ -550,9 +617,14 @@ class _Importer:
             pads = self._pads(node, a, (h, w), k, stride, (1, 1))
         oh = (h + pads[0] + pads[2] - k[0]) // stride[0] + 1
         ow = (w + pads[1] + pads[3] - k[1]) // stride[1] + 1
-        attrs = {"kind": kind, "kernel": k, "stride": stride, "pads": pads,
-                 "count_include_pad": bool(a.get("count_include_pad", 0)),
-                 "pad_semantics": "onnx"}  # fmt: skip
+        attrs = {
+            "kind": kind,
+            "kernel": k,
+            "stride": stride,
+            "pads": pads,
+            "count_include_pad": bool(a.get("count_include_pad", 0)),
+            "pad_semantics": "onnx",
+        }
         out = self.emit("pool", node, [x.tensor], (c, oh, ow), attrs=attrs)
         self.values[node.output[0]] = Act(out, CANONICAL)
 
@@ -595,8 +667,13 @@ class _Importer:
             raise self.fail(node, f"pads={pads}: only non-negative spatial padding is supported")
         c, h, w = self.tensors[x.tensor].shape
         shape = (c, h + canon_b[2] + canon_e[2], w + canon_b[3] + canon_e[3])
-        out = self.emit("pad", node, [x.tensor], shape,
-                        attrs={"pads": (canon_b[2], canon_b[3], canon_e[2], canon_e[3])})  # fmt: skip
+        out = self.emit(
+            "pad",
+            node,
+            [x.tensor],
+            shape,
+            attrs={"pads": (canon_b[2], canon_b[3], canon_e[2], canon_e[3])},
+        )
         self.values[node.output[0]] = Act(out, x.perm)
 
     def op_Softmax(self, node):

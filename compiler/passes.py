@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node
 
+from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node
 from tessera.errors import UnsupportedModelError
 
 Pass = Callable[[Graph], None]

@@ -67,8 +67,9 @@ def softmax(x: np.ndarray, axis: int) -> np.ndarray:
 def read_output(mem: np.ndarray, info: dict, cfg) -> np.ndarray:
     """One output buffer -> float32 array in the ONNX output's shape and layout."""
     n = cfg.native_dim
-    q, e = layout.unpack_tensor(mem, info["addr"], info["h"], info["w"], info["cb"], n,
-                                cfg.mantissa_bits)  # fmt: skip
+    q, e = layout.unpack_tensor(
+        mem, info["addr"], info["h"], info["w"], info["cb"], n, cfg.mantissa_bits
+    )
     q = q[:, :, info["cb_off"] : info["cb_off"] + info["cb_cnt"]]
     e = e[:, :, info["cb_off"] : info["cb_off"] + info["cb_cnt"]]
     vals = numerics.dequantize(q, e).reshape(info["h"], info["w"], -1)[:, :, : info["channels"]]

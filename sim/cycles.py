@@ -125,10 +125,10 @@ class CycleModel:
         self.dram_bytes_total += nbytes
         self.chains.append(ChainTiming(start, end, compute, nbytes, macs, self.pending_bytes))
         self.pending_bytes = 0
-        return int(round(end - start))
+        return round(end - start)
 
     def finish(self) -> int:
-        return int(math.ceil(max(self.unit_free, self.t_issue, self.dram_free)))
+        return math.ceil(max(self.unit_free, self.t_issue, self.dram_free))
 
 
 class _Registers:

@@ -6,6 +6,10 @@ where the quantized weights are) and applies :mod:`tessera.numerics` to whole te
 kept in its own arrays. The instruction simulator must agree with it bit for bit; any
 disagreement is a bug in code generation, register handling, tiling or the simulator.
 
+Every layer also writes its output into the DRAM image at the buffer's address, as the
+hardware does, so a run leaves the same bytes in DRAM as the instruction simulator: the
+comparison covers every intermediate activation still resident, not just the outputs.
+
 Exponent maxima follow the hardware's rule, stated at the level of buffers: a buffer's
 maximum starts at ``E_ZERO`` when its first producer runs and grows with every write; a
 layer reads the maximum as it is when the layer starts.
@@ -28,6 +32,7 @@ class ReferenceExecutor:
         self.q: dict[int, np.ndarray] = {}
         self.e: dict[int, np.ndarray] = {}
         self.emax: dict[int, int] = {}
+        self.buffers = {b["buffer"]: b for b in prog.manifest["memory_map"] if "buffer" in b}
         n, m = self.cfg.native_dim, self.cfg.mantissa_bits
         for info in prog.manifest["inputs"]:
             b = info["buffer"]
@@ -46,19 +51,13 @@ class ReferenceExecutor:
                 self.layer(layer)
             if progress is not None:
                 progress(1)
-        n, m = self.cfg.native_dim, self.cfg.mantissa_bits
-        for o in self.prog.manifest["outputs"]:
-            b = o["buffer"]
-            layout.write_tensor_blocks(
-                self.mem, o["addr"], (o["h"], o["w"], o["cb"]), 0, self.q[b], self.e[b], n, m
-            )
         return self.mem
 
     def layer(self, L: dict) -> None:
         cfg = self.cfg
         n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
         src, dst = L["src"], L["dst"]
-        oc, oh, ow = L["out_shape"]
+        _oc, oh, ow = L["out_shape"]
         ob = dst["cb_cnt"]
         p = oh * ow
         kernel, stride = tuple(L["kernel"]), tuple(L["stride"])
@@ -101,4 +100,15 @@ class ReferenceExecutor:
         b, off = dst["buffer"], dst["cb_off"]
         self.q[b][:, :, off : off + ob] = sq.reshape(oh, ow, ob, n)
         self.e[b][:, :, off : off + ob] = se.reshape(oh, ow, ob)
+        buf = self.buffers[b]
+        layout.write_tensor_blocks(
+            self.mem,
+            buf["addr"],
+            (buf["h"], buf["w"], buf["cb"]),
+            off,
+            sq.reshape(oh, ow, ob, n),
+            se.reshape(oh, ow, ob),
+            n,
+            m,
+        )
         self.emax[b] = max(self.emax[b], int(se.max()))

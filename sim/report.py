@@ -36,7 +36,7 @@ def build_report(prog: Program) -> dict:
                 "op": layer["op"] if layer["op"] != "pool" else f"{layer['kind']}pool",
                 "out_shape": layer.get("out_shape"),
                 "macs": macs,
-                "cycles": int(round(cycles)),
+                "cycles": round(cycles),
                 "mvu_utilization": macs / (cycles * peak) if cycles else 0.0,
                 "dram_bytes": dram,
             }

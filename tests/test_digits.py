@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tessera.compiler.driver import compile_model
-from tessera.sim.run import run_program
 
+from tessera.compiler.driver import compile_model
 from tessera.config import get_config
+from tessera.sim.run import run_program
 from tessera.zoo import INPUT_NAME, OPSET, build_dir
 
 # ----------------------------------------------------------------------------- the recipe

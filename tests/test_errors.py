@@ -15,11 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tessera.compiler.driver import compile_model
-from tessera.compiler.onnx_import import SUPPORTED_OPS, load_model
-from tessera.sim.run import run_program
 
 from tessera import cli
+from tessera.compiler.driver import compile_model
+from tessera.compiler.onnx_import import SUPPORTED_OPS, load_model
 from tessera.config import get_config
 from tessera.errors import (
     CapacityError,
@@ -29,6 +28,7 @@ from tessera.errors import (
     UnsupportedModelError,
 )
 from tessera.program import FORMAT_VERSION, MAGIC, Program
+from tessera.sim.run import run_program
 
 CFG = get_config("ulx3s-85f")
 MIB = 2**20

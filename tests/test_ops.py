@@ -25,14 +25,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+from tessera import cli
 from tessera.compiler.driver import compile_model
 from tessera.compiler.ir import Graph
 from tessera.compiler.lower import Lowered
-from tessera.sim.run import run_program
-
-from tessera import cli
 from tessera.config import get_config
 from tessera.program import Program
+from tessera.sim.run import run_program
 
 # --------------------------------------------------------------------------- tolerances
 # Storage BFP keeps 8-bit mantissas (7 bits + sign) with one exponent per block of N
