@@ -1,0 +1,152 @@
+"""Block-floating-point arithmetic as Amaranth logic, one function per rule of numerics.py.
+
+Each function adds combinational logic to a module and returns the result signals; the
+units (MVU, MFU, pooling, write path) put pipeline registers between them. Every function
+mirrors the function of :mod:`tessera.numerics` with the same name, and the unit tests
+check them against it on random data.
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Value
+
+from tessera import numerics
+
+#: Internal exponent width (signed). numerics.py says 12 bits in hardware; 16 leaves room for
+#: the sums of exponents a chain of vv_mul can build without a wrap.
+EXP_BITS = 16
+
+
+def sat_limit(bits: int) -> int:
+    return numerics.sat_limit(bits)
+
+
+def absolute(m: Module, x: Value, name: str) -> Signal:
+    """|x| as an unsigned value of x's width (the most negative value fits unsigned)."""
+    w = len(x)
+    a = Signal(unsigned(w), name=name)
+    m.d.comb += a.eq(Mux(x[w - 1], -x, x))
+    return a
+
+
+def bit_length(m: Module, a: Value, name: str) -> Signal:
+    """Bits needed for the unsigned ``a`` (0 for 0): a priority encoder."""
+    w = len(a)
+    bl = Signal(range(w + 1), name=name)
+    for i in range(w):
+        with m.If(a[i]):
+            m.d.comb += bl.eq(i + 1)
+    return bl
+
+
+def maximum(m: Module, values: list[Value], name: str) -> Value:
+    """Largest of unsigned ``values`` as a balanced comparator tree."""
+    level = list(values)
+    k = 0
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level) - 1, 2):
+            s = Signal(len(level[i]), name=f"{name}_{k}")
+            k += 1
+            m.d.comb += s.eq(Mux(level[i] > level[i + 1], level[i], level[i + 1]))
+            nxt.append(s)
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def rne_shift(m: Module, x: Value, s: Value, name: str) -> Signal:
+    """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``.
+
+    A shift of ``len(x)`` or more gives the same result as ``len(x)`` (the value is below
+    half an LSB), so the shift is clamped there to keep the shifter small.
+    """
+    w = len(x)
+    xs = x.as_signed()
+    sc = Signal(range(w + 1), name=f"{name}_s")
+    m.d.comb += sc.eq(Mux(s > w, w, s))
+    q = Signal(signed(w), name=f"{name}_q")
+    m.d.comb += q.eq(xs >> sc)
+    sm1 = Signal(range(w + 1), name=f"{name}_sm1")
+    m.d.comb += sm1.eq(sc - 1)
+    rnd = Signal(name=f"{name}_r")
+    m.d.comb += rnd.eq((xs >> sm1)[0])
+    sticky = Signal(name=f"{name}_st")
+    m.d.comb += sticky.eq(Cat(*[x[i] & (i < sm1) for i in range(w)]).any())
+    out = Signal(signed(w + 1), name=name)
+    up = (sc != 0) & rnd & (sticky | q[0])
+    m.d.comb += out.eq(q + up)
+    return out
+
+
+def saturate(m: Module, x: Value, bits: int, name: str) -> Signal:
+    """Clip signed ``x`` to the symmetric ``bits``-wide range."""
+    lim = sat_limit(bits)
+    out = Signal(signed(bits), name=name)
+    xs = x.as_signed()
+    m.d.comb += out.eq(Mux(xs > lim, lim, Mux(xs < -lim, -lim, xs)))
+    return out
+
+
+def normalize(
+    m: Module, xs: list[Value], lsb: Value, bits: int, name: str
+) -> tuple[list[Signal], Signal]:
+    """Integer lanes at LSB exponent ``lsb`` -> (mantissas of ``bits``, exponent).
+
+    numerics.normalize: shift right just enough for the largest magnitude to fit
+    ``bits - 1`` magnitude bits, round half to even, saturate; all-zero -> E_ZERO.
+    """
+    mags = [absolute(m, x, f"{name}_abs{i}") for i, x in enumerate(xs)]
+    amax = maximum(m, mags, f"{name}_max")
+    bl = bit_length(m, amax, f"{name}_bl")
+    shift = Signal(range(len(amax) + 1), name=f"{name}_shift")
+    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
+    qs = [
+        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}"), bits, f"{name}_q{i}")
+        for i, x in enumerate(xs)
+    ]
+    e = Signal(signed(EXP_BITS), name=f"{name}_e")
+    m.d.comb += e.eq(Mux(amax == 0, numerics.E_ZERO, lsb + shift))
+    return qs, e
+
+
+def to_storage(
+    m: Module, xs: list[Value], e_in: Value, bits: int, name: str
+) -> tuple[list[Signal], Signal]:
+    """numerics.to_storage: normalize to ``bits``, then clamp the exponent to int8."""
+    lim = sat_limit(bits)
+    q1, e1 = normalize(m, xs, e_in, bits, f"{name}_n")
+    over = Signal(name=f"{name}_over")
+    under = Signal(name=f"{name}_under")
+    m.d.comb += [
+        over.eq(e1 > numerics.E_MAX),
+        under.eq((e1 < numerics.E_MIN) & (e1 != numerics.E_ZERO)),
+    ]
+    up = Signal(range(41), name=f"{name}_up")
+    m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > 40, 40, e1 - numerics.E_MAX))
+    down = Signal(unsigned(EXP_BITS), name=f"{name}_down")
+    m.d.comb += down.eq(numerics.E_MIN - e1)
+    qs = []
+    for i, q in enumerate(q1):
+        shifted_up = Signal(signed(bits + 41), name=f"{name}_up{i}")
+        m.d.comb += shifted_up.eq(q << up)
+        hi = saturate(m, shifted_up, bits, f"{name}_hi{i}")
+        lo = rne_shift(m, q, down, f"{name}_lo{i}")
+        out = Signal(signed(bits), name=f"{name}_q{i}")
+        m.d.comb += out.eq(Mux(over, hi, Mux(under, lo, q)))
+        qs.append(out)
+    e = Signal(signed(8), name=f"{name}_e")
+    allzero = ~Cat(*[q.any() for q in qs]).any()
+    m.d.comb += e.eq(
+        Mux(
+            allzero,
+            numerics.E_ZERO,
+            Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)),
+        )
+    )
+    del lim
+    return qs, e
+
+
+def const_signed(v: int, width: int) -> Const:
+    return Const(v, signed(width))
