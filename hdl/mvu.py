@@ -1,0 +1,128 @@
+"""The matrix-vector unit: ``lanes`` dot products of ``native_dim`` BFP mantissa pairs per cycle.
+
+One *pass* multiplies an N x N weight tile by one activation block in ``N / lanes`` cycles:
+in cycle ``g`` lane ``l`` computes row ``g * lanes + l``. A dot product is exact
+(``2m + log2 N`` bits); it is then shifted onto the accumulator grid by the activation
+block's shift (its exponent minus the tensor floor ``E[IN_EREG] - D``, after the clamp) plus
+the weight row's shift (row exponent minus ``W_EXP_FLOOR``) and added to the row's
+accumulator, exactly as ``numerics.to_grid`` / ``kernels.weight_grid`` define the sum: the
+integer sum is order-independent, so the hardware's order gives the simulator's bits.
+
+Pipeline: operand registers (the distribution stage, duplicated per lane so one register
+never fans out to every DSP) -> registered multipliers -> a registered adder tree -> shift
+and accumulate. ``first`` starts a row's sum, ``last`` publishes it on ``acc``.
+"""
+
+from amaranth import Module, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from tessera.config import NPUConfig
+from tessera.hdl.multiplier import LATENCY as MUL_LATENCY
+from tessera.hdl.multiplier import Multiplier
+
+SHIFT_BITS = 6
+
+
+def tree_levels(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def latency(cfg: NPUConfig) -> int:
+    """Cycles from an operand beat to its contribution landing in the accumulator."""
+    return 1 + MUL_LATENCY + tree_levels(cfg.native_dim) + 1
+
+
+class MVU(wiring.Component):
+    def __init__(self, cfg: NPUConfig, *, ecp5: bool = False):
+        self.cfg = cfg
+        self.ecp5 = ecp5
+        n, lanes, mb = cfg.native_dim, cfg.lanes, cfg.mantissa_bits
+        self.groups = n // lanes
+        super().__init__(
+            {
+                "valid": In(1),
+                "first": In(1),
+                "last": In(1),
+                "group": In(range(max(2, self.groups))),
+                "act": In(data.ArrayLayout(signed(mb), n)),
+                "act_shift": In(unsigned(SHIFT_BITS)),
+                "w": In(data.ArrayLayout(data.ArrayLayout(signed(mb), n), lanes)),
+                "w_shift": In(data.ArrayLayout(unsigned(SHIFT_BITS), lanes)),
+                "out_valid": Out(1),
+                "acc": Out(data.ArrayLayout(signed(cfg.accumulator_bits), n)),
+            }
+        )
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        n, lanes, mb, ab = cfg.native_dim, cfg.lanes, cfg.mantissa_bits, cfg.accumulator_bits
+        levels = tree_levels(n)
+
+        # Control travels beside the data, delayed to the accumulate stage.
+        depth = 1 + MUL_LATENCY + levels
+        ctrl = [Signal(4 + SHIFT_BITS + 8, name=f"ctrl{i}") for i in range(depth)]
+        m.d.sync += ctrl[0].eq(
+            (self.valid | (self.first << 1) | (self.last << 2)) | (self.group << 3)
+        )
+        for i in range(1, depth):
+            m.d.sync += ctrl[i].eq(ctrl[i - 1])
+        shifts = []
+        for lane in range(lanes):
+            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth)]
+            m.d.sync += sh[0].eq(self.act_shift + self.w_shift[lane])
+            for i in range(1, depth):
+                m.d.sync += sh[i].eq(sh[i - 1])
+            shifts.append(sh[-1])
+
+        dots = []
+        for lane in range(lanes):
+            # Distribution stage: a private copy of the activation block per lane.
+            a_reg = [Signal(signed(mb), name=f"a{lane}_{k}") for k in range(n)]
+            w_reg = [Signal(signed(mb), name=f"w{lane}_{k}") for k in range(n)]
+            for k in range(n):
+                m.d.sync += [a_reg[k].eq(self.act[k]), w_reg[k].eq(self.w[lane][k])]
+            prods = []
+            for k in range(n):
+                mul = Multiplier(mb, mb, ecp5=self.ecp5)
+                m.submodules[f"mul{lane}_{k}"] = mul
+                m.d.comb += [mul.a.eq(a_reg[k]), mul.b.eq(w_reg[k])]
+                prods.append(mul.p)
+            level = prods
+            for lv in range(levels):
+                nxt = []
+                for i in range(0, len(level), 2):
+                    s = Signal(signed(2 * mb + lv + 1), name=f"t{lane}_{lv}_{i // 2}")
+                    if i + 1 < len(level):
+                        m.d.sync += s.eq(level[i] + level[i + 1])
+                    else:
+                        m.d.sync += s.eq(level[i])
+                    nxt.append(s)
+                level = nxt
+            dots.append(level[0])
+
+        c = ctrl[-1]
+        valid, first, last, group = c[0], c[1], c[2], c[3:]
+        accs = [Signal(signed(ab), name=f"acc{r}") for r in range(n)]
+        done = Signal()
+        m.d.sync += done.eq(0)
+        with m.If(valid):
+            for g in range(self.groups):
+                with m.If(group == g):
+                    for lane in range(lanes):
+                        r = g * lanes + lane
+                        term = Signal(signed(ab), name=f"term{r}")
+                        m.d.comb += term.eq(dots[lane] << shifts[lane])
+                        nv = Signal(signed(ab), name=f"nv{r}")
+                        with m.If(first):
+                            m.d.comb += nv.eq(term)
+                        with m.Else():
+                            m.d.comb += nv.eq(accs[r] + term)
+                        m.d.sync += accs[r].eq(nv)
+                        with m.If(last):
+                            m.d.sync += self.acc[r].eq(nv)
+                    if g == self.groups - 1:
+                        m.d.sync += done.eq(last)
+        m.d.comb += self.out_valid.eq(done)
+        return m
