@@ -26,3 +26,7 @@ class CapacityError(TesseraError):
 
 class ProgramFormatError(TesseraError):
     """A ``.tsr`` program file is corrupted, truncated or of another format version."""
+
+
+class ImageDecodeError(TesseraError):
+    """Image bytes are empty, corrupt, truncated, or not a JPEG or PNG image."""
