@@ -298,6 +298,7 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
     tile_half = cfg.tile_buffer_tiles
     vrf_half = cfg.vrf_depth // 2
     qparams: dict[int, dict] = {}
+    tile_shortfalls: list[str] = []
 
     def put(data: bytes) -> int:
         nonlocal static
@@ -328,7 +329,7 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
             info["w_floor"] = qp["w_floor"]
             info["tiles_per_ob"] = kh * kw * vin.cb_cnt
             if info["tiles_per_ob"] > tile_half:
-                raise CapacityError(
+                tile_shortfalls.append(
                     f"node {x.name!r} (Conv): one output block needs {info['tiles_per_ob']} "
                     f"weight tiles; the {cfg.name} tile buffer holds {tile_half} per half "
                     f"(short by {info['tiles_per_ob'] - tile_half} tiles)"
@@ -347,6 +348,26 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
         qparams[id(x)] = info
     static_end = layout.align_up(static)
     high = planner.allocate(static_end)
+    dram_needed = high
+    # DRAM first: it is the limit a user can do something about (a bigger board), and the
+    # one the tile-buffer shortfalls of the same model are usually a symptom of.
+    if dram_needed > cfg.dram_bytes:
+        weights = static_end - HEADER_BYTES
+        acts = high - static_end
+        also = (
+            f"; also {len(tile_shortfalls)} layer(s) exceed the tile buffer, "
+            f"e.g. {tile_shortfalls[0]}"
+            if tile_shortfalls
+            else ""
+        )
+        raise CapacityError(
+            f"the model needs {dram_needed / 2**20:.1f} MiB of DRAM ({weights / 2**20:.1f} MiB "
+            f"of weights and constants at {m}-bit mantissas, {acts / 2**20:.1f} MiB of "
+            f"activations at peak); {cfg.name} has {cfg.dram_bytes / 2**20:.1f} MiB: over by "
+            f"{(dram_needed - cfg.dram_bytes) / 2**20:.1f} MiB{also}"
+        )
+    if tile_shortfalls:
+        raise CapacityError("; ".join(tile_shortfalls))
 
     # emit_chains
     em = _Emitter(cfg)
@@ -370,16 +391,6 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
         )
 
     em.op("halt")
-    dram_needed = high
-    if dram_needed > cfg.dram_bytes:
-        weights = static_end - HEADER_BYTES
-        acts = high - static_end
-        raise CapacityError(
-            f"the model needs {dram_needed / 2**20:.1f} MiB of DRAM ({weights / 2**20:.1f} MiB "
-            f"of weights and constants at {m}-bit mantissas, {acts / 2**20:.1f} MiB of "
-            f"activations at peak); {cfg.name} has {cfg.dram_bytes / 2**20:.1f} MiB: over by "
-            f"{(dram_needed - cfg.dram_bytes) / 2**20:.1f} MiB"
-        )
     return Lowered(em.words, segments, layers, buffers, views, dram_needed, static_end)
 
 

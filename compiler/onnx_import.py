@@ -313,20 +313,37 @@ class _Importer:
             if isinstance(v, Flat):
                 return v
             return Flat(v.tensor, tuple(p for p in v.perm if p != 0))
-        if len(shape) == 4 and h == w == 1 and shape[0] == 1 and sorted(shape[1:]) == [1, 1, c]:
-            perm = [0, 0, 0, 0]
-            perm[0] = 0
-            spatial = iter((2, 3))
-            for i in range(1, 4):
-                perm[i] = 1 if shape[i] == c and c != 1 else next(spatial)
-            return Act(v.tensor, tuple(perm))
-        if isinstance(v, Act) and shape == self.onnx_shape(v):
-            return v
+        moved = self._moved_unit_axes(v, shape)
+        if moved is not None:
+            return moved
         raise self.fail(
             node,
             f"reshape of {self.onnx_shape(v)} to {list(shape)} is not supported (only flatten "
-            "to [1, K] and vector <-> [1, C, 1, 1])",
+            "to [1, K] and reshapes that only move size-1 axes, e.g. [1, H, W, 1] -> "
+            "[1, 1, H, W] or [1, C] -> [1, C, 1, 1])",
         )
+
+    def _moved_unit_axes(self, v: Act | Flat, shape: tuple[int, ...]) -> Act | None:
+        """A rank-4 reshape that keeps the sizes > 1 in order only relabels axes.
+
+        Row-major element order is unchanged when nothing but size-1 axes move, so the
+        result is the same IR tensor seen through another permutation: tf2onnx emits such
+        reshapes instead of transposes for grayscale images and for pooled vectors.
+        """
+        c, h, w = self.tensors[v.tensor].shape
+        canon_size = {0: 1, 1: c, 2: h, 3: w}
+        if isinstance(v, Act):
+            src_axes = list(v.perm)
+        else:
+            src_axes = [0, *v.order]
+        src_sizes = [canon_size[a] for a in src_axes]
+        if len(shape) != 4 or [d for d in src_sizes if d != 1] != [d for d in shape if d != 1]:
+            return None
+        big = iter(a for a, d in zip(src_axes, src_sizes, strict=True) if d != 1)
+        used = [next(big) if d != 1 else None for d in shape]
+        spare = iter(sorted(a for a in range(4) if a not in used))
+        perm = tuple(a if a is not None else next(spare) for a in used)
+        return Act(v.tensor, perm)
 
     def op_Reshape(self, node):
         v = self.values[node.input[0]]

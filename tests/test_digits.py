@@ -88,9 +88,12 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     images = np.einsum("ij,njk,lk->nil", a, digits.images / 16.0, a).astype(np.float32)
     images = np.repeat(images[..., None], CHANNELS, axis=-1)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=TEST_FRACTION, stratify=digits.target,
+        images,
+        digits.target,
+        test_size=TEST_FRACTION,
+        stratify=digits.target,
         random_state=SEED,
-    )  # fmt: skip
+    )
     return x_train, y_train, x_test, y_test
 
 
@@ -160,10 +163,25 @@ def train_and_export(out_path: Path) -> None:
 # ----------------------------------------------------------------------------- the cache
 def _recipe_key() -> str:
     """Hash of everything the exported bytes depend on: recipe code, constants, toolchain."""
-    parts = [inspect.getsource(f) for f in (bilinear_matrix, load_split, build_model,
-                                             train_and_export)]  # fmt: skip
-    parts.append(repr((SEED, SIZE, CHANNELS, TEST_FRACTION, EPOCHS, BATCH, LEARNING_RATE,
-                       OUTPUT_NAME, INPUT_NAME, OPSET)))  # fmt: skip
+    parts = [
+        inspect.getsource(f) for f in (bilinear_matrix, load_split, build_model, train_and_export)
+    ]
+    parts.append(
+        repr(
+            (
+                SEED,
+                SIZE,
+                CHANNELS,
+                TEST_FRACTION,
+                EPOCHS,
+                BATCH,
+                LEARNING_RATE,
+                OUTPUT_NAME,
+                INPUT_NAME,
+                OPSET,
+            )
+        )
+    )
     for dist in ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "scikit-learn", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             parts.append(f"{dist}={importlib.metadata.version(dist)}")
@@ -202,8 +220,11 @@ def cached_model() -> Path:
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF2ONNX_CATCH_ERRORS="FALSE")
             proc = subprocess.run(
                 [sys.executable, __file__, str(tmp_onnx)],
-                env=env, capture_output=True, text=True, check=False,
-            )  # fmt: skip
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode != 0 or not tmp_onnx.is_file():
                 pytest.fail(
                     f"training/exporting the digits model failed (status {proc.returncode}):\n"

@@ -4,7 +4,6 @@ where, and what is accepted; through the CLI, exit status 2 and one line on stde
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import struct
 import subprocess
@@ -152,8 +151,11 @@ def test_unsupported_op_lstm() -> None:
     # Without it, the LSTM itself is named.
     del model.graph.node[1]
     model.graph.node[1].input[0] = "c"
-    with pytest.raises(UnsupportedModelError, match=r"'rnn' \(LSTM\): operator 'LSTM' is not "
-                       r"supported; supported operators: Conv, Gemm"):  # fmt: skip
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"'rnn' \(LSTM\): operator 'LSTM' is not "
+        r"supported; supported operators: Conv, Gemm",
+    ):
         compile_model(model, CFG)
 
 
@@ -169,15 +171,25 @@ def test_unsupported_conv_group() -> None:
 @pytest.mark.parametrize(
     ("node", "words"),
     [
-        (helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[3, 3],
-                          pads=[1, 1, 1, 1]), ["'mp'", "MaxPool", "after a ReLU"]),
-        (helper.make_node("AveragePool", ["x"], ["y"], name="ap", kernel_shape=[3, 3],
-                          pads=[1, 1, 1, 1]), ["'ap'", "count_include_pad=0", "supported"]),
-        (helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2], ceil_mode=1),
-         ["'mp'", "ceil_mode"]),
+        (
+            helper.make_node(
+                "MaxPool", ["x"], ["y"], name="mp", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            ),
+            ["'mp'", "MaxPool", "after a ReLU"],
+        ),
+        (
+            helper.make_node(
+                "AveragePool", ["x"], ["y"], name="ap", kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            ),
+            ["'ap'", "count_include_pad=0", "supported"],
+        ),
+        (
+            helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2], ceil_mode=1),
+            ["'mp'", "ceil_mode"],
+        ),
         (helper.make_node("Softmax", ["x"], ["y"], name="sm", axis=2), ["'sm'", "'axis'=2"]),
     ],
-)  # fmt: skip
+)
 def test_unsupported_attribute_values(node: onnx.NodeProto, words: list[str]) -> None:
     model = make_model([node], [1, 16, 8, 8], ["y"], {})
     with pytest.raises(UnsupportedModelError) as exc:
@@ -244,12 +256,9 @@ def test_weights_too_big_for_dram() -> None:
 
 
 @pytest.mark.slow
-def test_weights_too_big_for_the_real_board(request: pytest.FixtureRequest) -> None:
-    """A 6144 x 6000 fully connected layer: 36.9 M weights, 37 MiB of 8-bit tiles."""
-    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get(
-        "TESSERA_ALL"
-    ):
-        pytest.skip("quantizes 37 M weights (10 s, 2 GB); run with -m slow or TESSERA_ALL=1")
+def test_weights_too_big_for_the_real_board() -> None:
+    """A 6144 x 6000 fully connected layer: 36.9 M weights, 37 MiB of 8-bit tiles
+    (quantizing them takes 10 s and 2 GB)."""
     with pytest.raises(CapacityError) as exc:
         compile_model(_fc_model([1, 32, 12, 16], 6000), CFG)
     _over_by(str(exc.value), 32.0)
@@ -259,8 +268,11 @@ def test_tile_buffer_too_small() -> None:
     """One output block of a 3x3 conv over 1024 channels needs 576 tiles; a half holds 384."""
     nodes = [conv_node("wide", "x", "w", "y")]
     model = make_model(nodes, [1, 1024, 4, 4], ["y"], {"w": weight(16, 1024)})
-    with pytest.raises(CapacityError, match=r"'wide' \(Conv\): one output block needs 576 "
-                       r"weight tiles; .* holds 384 per half \(short by 192 tiles\)"):  # fmt: skip
+    expected = (
+        r"'wide' \(Conv\): one output block needs 576 weight tiles; .* holds 384 per half "
+        r"\(short by 192 tiles\)"
+    )
+    with pytest.raises(CapacityError, match=expected):
         compile_model(model, CFG)
 
 
@@ -350,7 +362,7 @@ def program() -> Program:
         ({"input": np.zeros((1, 16, 8, 8), np.float32)}, "missing inputs ['x']"),
     ],
     ids=["nhwc-shape", "no-batch", "nan", "inf", "int", "wrong-name"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("backend", ["sim", "reference"])
 def test_bad_run_inputs(program: Program, inputs: dict, words: str, backend: str) -> None:
     with pytest.raises(TesseraError, match=re.escape(words)):

@@ -111,8 +111,15 @@ class Net:
             pads = [ph, pw, ph, pw]
         if pads is not None:
             attrs["pads"] = pads
-        return self.op("Conv", inputs, out, kernel_shape=[kh, kw], strides=[stride, stride],
-                       dilations=[dilation, dilation], **attrs)  # fmt: skip
+        return self.op(
+            "Conv",
+            inputs,
+            out,
+            kernel_shape=[kh, kw],
+            strides=[stride, stride],
+            dilations=[dilation, dilation],
+            **attrs,
+        )
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
@@ -122,8 +129,9 @@ class Net:
             0.2 * r.standard_normal(c),  # mean
             r.uniform(0.5, 2.0, c),  # var
         ]
-        return self.op("BatchNormalization", [x, *(self.const(p, "bn") for p in params)],
-                       epsilon=1e-3)  # fmt: skip
+        return self.op(
+            "BatchNormalization", [x, *(self.const(p, "bn") for p in params)], epsilon=1e-3
+        )
 
     def gemm_weight(self, k: int, o: int, trans_b: bool) -> str:
         w = self.rng.standard_normal((k, o)) * np.sqrt(1.0 / k)
@@ -195,8 +203,11 @@ def check(
     """Compile ``model``, assert sim == reference bit for bit and closeness to onnxruntime."""
     prog, graph, lowered = compile_model(model, get_config(config))
     feeds = {model.graph.input[0].name: x}
-    sim = run_program(prog, feeds, "sim").outputs
-    ref = run_program(prog, feeds, "reference").outputs
+    sim_run = run_program(prog, feeds, "sim")
+    ref_run = run_program(prog, feeds, "reference")
+    # Every byte of DRAM, not just the outputs: intermediate activations, exponents, padding.
+    assert np.array_equal(sim_run.mem, ref_run.mem), "simulator DRAM != reference DRAM"
+    sim, ref = sim_run.outputs, ref_run.outputs
     expected = run_ort(model, feeds)
     assert sorted(sim) == sorted(ref) == sorted(expected)
     stats = {}
@@ -316,6 +327,18 @@ def test_conv_batchnorm_folded() -> None:
     assert ops_of(c) == ["conv"]
 
 
+def test_biased_conv_then_mul_add_folds() -> None:
+    """Trained Keras weights: a Conv with a bias keeps grappler from folding the following
+    BatchNorm, which arrives as per-channel Mul then Add; both fold into the conv."""
+    net = Net()
+    h = net.conv("x", 16, 24, bias=True)
+    h = net.op("Mul", [h, net.const(net.rng.uniform(0.5, 1.5, (1, 24, 1, 1)))])
+    h = net.op("Add", [h, net.const(net.rng.uniform(-0.5, 0.5, (1, 24, 1, 1)))])
+    y = net.op("Relu", [h], "y")
+    c = check(net.model({"x": [1, 16, 8, 8]}, [y]), random_input([1, 16, 8, 8]))
+    assert ops_of(c) == ["conv"]
+
+
 def test_preactivation_batchnorm_relu_conv() -> None:
     """DenseNet's BN -> Relu -> Conv: the BN has no conv before it to fold into."""
     net = Net()
@@ -396,6 +419,15 @@ def test_nhwc_preprocessing_then_transpose() -> None:
     check(net.model({"x": [1, 12, 10, 3]}, [y]), random_input([1, 12, 10, 3]), tol=TOL_NET)
 
 
+def test_grayscale_nhwc_reshaped_to_nchw() -> None:
+    """tf2onnx turns the NHWC->NCHW transpose of a one-channel image into a Reshape
+    [1, H, W, 1] -> [1, 1, H, W]: only a size-1 axis moves, so it is a relabelling."""
+    net = Net()
+    h = net.op("Reshape", ["x", net.const([1, 1, 12, 10], dtype=np.int64)])
+    y = net.op("Relu", [net.conv(h, 1, 16)], "y")
+    check(net.model({"x": [1, 12, 10, 1]}, [y]), random_input([1, 12, 10, 1]))
+
+
 # --------------------------------------------------------------------------- Concat
 def _concat_views(c: Checked) -> list[tuple[int, int, int]]:
     """(buffer, first block, blocks) of the first concat's output, then of its inputs."""
@@ -468,13 +500,21 @@ def _pool_model(x_shape: list[int], relu_conv: bool, op: str, **attrs) -> onnx.M
         ("MaxPool", True, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
         ("MaxPool", True, {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [0, 0, 1, 1]}),
         ("AveragePool", False, {"kernel_shape": [2, 2], "strides": [2, 2]}),
-        ("AveragePool", False, {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1],
-                                "count_include_pad": 1}),
+        (
+            "AveragePool",
+            False,
+            {
+                "kernel_shape": [3, 3],
+                "strides": [1, 1],
+                "pads": [1, 1, 1, 1],
+                "count_include_pad": 1,
+            },
+        ),
         ("AveragePool", True, {"kernel_shape": [3, 3], "strides": [2, 2]}),
         ("GlobalAveragePool", False, {}),
         ("GlobalMaxPool", False, {}),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("channels", [16, 20])
 def test_pooling(op: str, relu_conv: bool, attrs: dict, channels: int) -> None:
     shape = [1, channels, 9, 8]
@@ -578,8 +618,10 @@ def test_small_classifier_tf2onnx_style() -> None:
     h = net.op("Relu", [net.conv(h, 16, 32, stride=2, auto_pad="SAME_UPPER", pads=None)])
     h = net.op("Transpose", [h], perm=[0, 2, 3, 1])
     f = net.op("Reshape", [h, net.const([1, -1], dtype=np.int64)])
-    z = net.op("Add", [net.op("MatMul", [f, net.gemm_weight(3 * 3 * 32, 10, False)]),
-                       net.const(np.zeros(10))])  # fmt: skip
+    z = net.op(
+        "Add",
+        [net.op("MatMul", [f, net.gemm_weight(3 * 3 * 32, 10, False)]), net.const(np.zeros(10))],
+    )
     y = net.op("Softmax", [z], "y", axis=-1)
     model = net.model({"x": [1, 12, 12, 3]}, [y])
     check(model, random_input([1, 12, 12, 3]), tol=TOL_NET, min_cos=COS_NET)
@@ -621,9 +663,16 @@ def test_random_conv_shapes(s: dict) -> None:
     assume(s["cout"] * oh * ow >= 64)
     net = Net(s["seed"])
     y = net.conv(
-        "x", s["cin"], s["cout"], k=s["k"], stride=s["stride"], pads=s["pads"],
-        dilation=s["dilation"], bias=s["bias"], out=None if s["relu"] else "y",
-    )  # fmt: skip
+        "x",
+        s["cin"],
+        s["cout"],
+        k=s["k"],
+        stride=s["stride"],
+        pads=s["pads"],
+        dilation=s["dilation"],
+        bias=s["bias"],
+        out=None if s["relu"] else "y",
+    )
     if s["relu"]:
         y = net.op("Relu", [y], "y")
     shape = [1, s["cin"], *s["hw"]]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,6 @@ pytestmark = pytest.mark.skipif(
 # same float32 network (tf2onnx folds BatchNorm into the convolutions, so the rounding
 # differs); with the zoo's init the models are well conditioned and differ by ~5e-6.
 REL_TOL = 1e-4
-
-
-def _require_slow(request: pytest.FixtureRequest) -> None:
-    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get(
-        "TESSERA_ALL"
-    ):
-        pytest.skip("exports a large network (1-2 min, up to 12 GB); run with -m slow")
 
 
 def _initializers(path: Path) -> dict[str, np.ndarray]:
@@ -174,8 +166,7 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "resnet152", "densenet121"])
-def test_large_export_matches_keras(name: str, request: pytest.FixtureRequest) -> None:
+def test_large_export_matches_keras(name: str) -> None:
     """VGG-16's 138 M parameters (553 MB) export in ~80 s with an 11.4 GB peak in the child
     process; ResNet-152 takes ~55 s (5.8 GB), DenseNet-121 ~30 s (2.1 GB)."""
-    _require_slow(request)
     _check_against_keras(name, zoo.cached_export(name, seed=0))
