@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from tessera.errors import TesseraError
@@ -210,6 +210,24 @@ def export_model(
     """
     get_model(name)
     weights_path = _checked_weights(weights)
+    args = [name, str(seed)]
+    if weights_path is not None:
+        args.append(str(weights_path.resolve()))
+    return run_export_child("tessera.zoo", args, out_path, f"exporting {name}")
+
+
+def run_export_child(
+    module: str, args: Sequence[str], out_path: str | os.PathLike[str], what: str
+) -> pathlib.Path:
+    """Run ``python -m MODULE OUT RESULT ARGS...`` to write an ONNX file to ``out_path``.
+
+    Shared by the zoo and ``tessera convert``: the child gets the memory-saving environment
+    of the module docstring and writes ONNX to ``OUT``; a user error travels back through
+    the ``RESULT`` file (see :func:`child_main`) and is raised here as a
+    :class:`TesseraError`, ``what`` ("exporting resnet50") naming the job if the child dies.
+    The file appears atomically: ``OUT`` is a temporary file next to ``out_path``, renamed
+    only once complete, so an interrupted export never leaves a truncated model.
+    """
     out = pathlib.Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(
@@ -223,17 +241,7 @@ def export_model(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_onnx = pathlib.Path(tmp) / out.name
         result_file = pathlib.Path(tmp) / "result.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tessera.zoo",
-            name,
-            str(seed),
-            str(tmp_onnx),
-            str(result_file),
-        ]
-        if weights_path is not None:
-            cmd.append(str(weights_path.resolve()))
+        cmd = [sys.executable, "-m", module, str(tmp_onnx), str(result_file), *args]
         proc = subprocess.run(cmd, env=env, check=False)
         if result_file.is_file():
             result = json.loads(result_file.read_text())
@@ -245,9 +253,24 @@ def export_model(
                 if proc.returncode < 0
                 else f"exited with status {proc.returncode}"
             )
-            raise TesseraError(f"exporting {name} failed: the export process {how}")
+            raise TesseraError(f"{what} failed: the export process {how}")
         os.replace(tmp_onnx, out)
     return out
+
+
+def child_main(argv: Sequence[str], body: Callable[[pathlib.Path, list[str]], None]) -> int:
+    """Child side of :func:`run_export_child`: ``argv`` is ``OUT RESULT ARGS...``.
+
+    Runs ``body(OUT, ARGS)``; a :class:`TesseraError` is written to ``RESULT`` for the
+    parent to raise with its message intact (a traceback on stderr would be noise).
+    """
+    out_path, result_file, *args = argv
+    try:
+        body(pathlib.Path(out_path), args)
+    except TesseraError as exc:
+        pathlib.Path(result_file).write_text(json.dumps({"error": str(exc)}))
+        return 2
+    return 0
 
 
 def build_keras_model(
@@ -471,16 +494,12 @@ def _export_in_this_process(
     )
 
 
-def _child_main(argv: list[str]) -> int:
-    """Entry point of ``python -m tessera.zoo NAME SEED OUT RESULT [WEIGHTS]`` (internal)."""
-    name, seed, out_path, result_file = argv[:4]
-    weights = pathlib.Path(argv[4]) if len(argv) > 4 else None
-    try:
-        _export_in_this_process(name, int(seed), pathlib.Path(out_path), weights)
-    except TesseraError as exc:
-        pathlib.Path(result_file).write_text(json.dumps({"error": str(exc)}))
-        return 2
-    return 0
+def _export_child(out_path: pathlib.Path, args: list[str]) -> None:
+    """Body of ``python -m tessera.zoo OUT RESULT NAME SEED [WEIGHTS]`` (internal)."""
+    name, seed, *weights = args
+    _export_in_this_process(
+        name, int(seed), out_path, pathlib.Path(weights[0]) if weights else None
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -526,4 +545,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
+    sys.exit(child_main(sys.argv[1:], _export_child))
