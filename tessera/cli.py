@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from tessera import __version__
 from tessera.errors import TesseraError
 
 # Modules that contribute sub-commands, in the order they appear in ``tessera --help``.
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tessera",
         description="Compile ONNX models for the tessera soft NPU, simulate, report and benchmark.",
     )
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)

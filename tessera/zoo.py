@@ -520,8 +520,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_input(seed: int = 0) -> np.ndarray:
+    """A seeded stand-in for a preprocessed photo: N(0, INPUT_STD²) in the models' NHWC shape.
+
+    It has the scale the zoo's init was calibrated at, so the softmax is peaked but not
+    one-hot, which makes comparisons against FP32 meaningful without any image files.
+    """
+    import numpy as np
+
+    return INPUT_STD * np.random.default_rng(seed).standard_normal(INPUT_SHAPE, np.float32)
+
+
+def _cmd_sample_input(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    out = pathlib.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, sample_input(args.seed))
+    print(f"wrote {out}: {INPUT_NAME!r} {list(INPUT_SHAPE)} float32, N(0, {INPUT_STD:g}²)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tessera zoo {export,list}`` to the CLI."""
+    """Add ``tessera zoo {export,list,sample-input}`` to the CLI."""
     zoo = sub.add_parser("zoo", help="export the reference models to ONNX")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
 
@@ -542,6 +563,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     listing = zoo_sub.add_parser("list", help="list the models with parameter counts")
     listing.set_defaults(func=_cmd_list)
+
+    sample = zoo_sub.add_parser(
+        "sample-input",
+        help="write a seeded random model input (.npy) at the scale of preprocessed pixels",
+    )
+    sample.add_argument("-o", "--output", required=True, help=".npy file to write")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.set_defaults(func=_cmd_sample_input)
 
 
 if __name__ == "__main__":

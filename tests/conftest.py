@@ -1,8 +1,12 @@
 """Test-session policy shared by every test file.
 
-Cases marked ``slow`` (whole large networks: exports of up to 10 GB, minutes each) are
-skipped unless the run asks for them, by ``-m slow`` (or any marker expression naming
-``slow``) or by ``TESSERA_ALL=1``; the README says how to run everything.
+Two levels of expensive cases, each skipped unless the run asks for it:
+
+* ``slow``: whole large networks on the simulator (exports of up to 10 GB, minutes each);
+  run by ``-m slow`` (any marker expression naming ``slow``) or ``TESSERA_ALL=1``. CI sets
+  ``TESSERA_ALL=1``.
+* ``huge``: whole networks through the RTL simulation (up to hours); only by a marker
+  expression naming ``huge``, e.g. ``-m "huge or not huge"`` to run everything.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import os
 import pytest
 
 
-def _slow_requested(config: pytest.Config) -> bool:
-    return "slow" in (config.getoption("markexpr") or "") or bool(os.environ.get("TESSERA_ALL"))
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _slow_requested(config):
-        return
-    skip = pytest.mark.skip(reason="slow (whole large network); run with -m slow or TESSERA_ALL=1")
+    markexpr = config.getoption("markexpr") or ""
+    run_slow = "slow" in markexpr or bool(os.environ.get("TESSERA_ALL"))
+    run_huge = "huge" in markexpr
+    skip_slow = pytest.mark.skip(reason="slow (whole large network): -m slow or TESSERA_ALL=1")
+    skip_huge = pytest.mark.skip(reason="huge (whole network in RTL): -m huge")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "huge" in item.keywords and not run_huge:
+            item.add_marker(skip_huge)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)

@@ -81,7 +81,7 @@ def test_network_bit_exact_and_close_to_fp32(case: Case) -> None:
     (prediction,) = zoo.output_names(case.name)
     names = [feature, prediction]
     prog, _, _ = compile_model(model, get_config(case.config), outputs=names)
-    x = zoo.INPUT_STD * np.random.default_rng(7).standard_normal(zoo.INPUT_SHAPE, np.float32)
+    x = zoo.sample_input(seed=7)
 
     sim = run_program(prog, {zoo.INPUT_NAME: x}, "sim")
     ref = run_program(prog, {zoo.INPUT_NAME: x}, "reference")
