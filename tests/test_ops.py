@@ -713,3 +713,5 @@ def test_cli_compile_run_report(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert isinstance(rep["layers"], list) and rep["layers"]
     assert rep["macs"] == 16 * 8 * 8 * 3 * 9 + 10 * 16 * 4 * 4
     assert rep["total_cycles"] > 0 and 0 < rep["mvu_utilization"] <= 1
+    # The floors are lower bounds of the modelled latency, the DSP one the lowest.
+    assert rep["dsp_floor_ms"] <= rep["roofline_floor_ms"] <= rep["latency_ms"]
