@@ -54,6 +54,7 @@ def compile_model(
     if outputs:
         model = cut_outputs(model, outputs)
     g = build_graph(model)
+    passes.pack_input_columns(g, cfg.native_dim)
     low = lower(g, cfg)
     g.log.append(
         f"quantize_weights: {sum(1 for x in g.nodes if x.op == 'conv')} conv/FC layers to "
@@ -93,6 +94,7 @@ def compile_model(
             "shape": list(i.onnx_shape),
             "dtype": "float32",
             "perm": list(i.perm),
+            "columns": i.columns,
             "emax_addr": INPUT_EMAX_ADDR,
             **tensor_info(i.tensor),
         }

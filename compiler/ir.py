@@ -73,6 +73,9 @@ class GraphInput:
     onnx_shape: tuple[int, ...]
     tensor: str
     perm: tuple[int, ...]
+    #: Host-side column expansion (see ``passes.pack_input_columns``): ``kernel_w``,
+    #: ``stride_w``, ``dilation_w``, ``pad_left``, ``pad_right``, ``out_w``; or ``None``.
+    columns: dict | None = None
 
 
 @dataclass

@@ -212,6 +212,60 @@ def partition_host(g: Graph) -> None:
     )
 
 
+def pack_input_columns(g: Graph, native_dim: int) -> None:
+    """Fold the kernel width of a conv on a few-channel graph input into its channels.
+
+    An RGB stem conv (3 channels, 7x7, stride 2) fills 3 of the N lanes of each input
+    block, so the MVU runs at 3/N utilisation for the most expensive layer of a ResNet.
+    The host, which quantizes the input anyway, lays it out as ``C * kw`` channels where
+    channel ``c * kw + j`` at output column ``x`` holds input column ``x * sw + j * dw``
+    (after the left/right zero padding); the conv becomes ``kh x 1`` with stride ``(sh, 1)``
+    over those channels, with the weights rearranged to match. Same products, same sums;
+    only the block boundaries (and so the input's block exponents) change. Applied when it
+    reduces the tile passes per output pixel, ``ceil(C*kw/N) * kh`` vs ``ceil(C/N) * kh*kw``.
+    """
+    packed = 0
+    for gi in g.inputs:
+        users = g.consumers(gi.tensor)
+        if len(users) != 1 or users[0].op != "conv" or g.is_graph_output(gi.tensor):
+            continue
+        conv = users[0]
+        if conv.inputs[0] != gi.tensor or len(conv.inputs) != 1 or gi.columns is not None:
+            continue
+        c, h, _w = g.shape(gi.tensor)
+        kh, kw = conv.attrs["kernel"]
+        blocks = -(-c // native_dim)
+        if -(-(c * kw) // native_dim) * kh >= blocks * kh * kw:
+            continue
+        sh, sw = conv.attrs["stride"]
+        dh, dw = conv.attrs["dilation"]
+        top, left, bottom, right = conv.attrs["pads"]
+        out_w = g.shape(conv.outputs[0])[2]
+        gi.columns = {
+            "kernel_w": kw,
+            "stride_w": sw,
+            "dilation_w": dw,
+            "pad_left": left,
+            "pad_right": right,
+            "out_w": out_w,
+        }
+        g.tensors[gi.tensor].shape = (c * kw, h, out_w)
+        weight = conv.params["weight"]  # [O, C, kh, kw] -> [O, C*kw, kh, 1], channel c*kw+j
+        o = weight.shape[0]
+        conv.params["weight"] = np.transpose(weight, (0, 1, 3, 2)).reshape(o, c * kw, kh, 1)
+        conv.attrs.update(
+            kernel=(kh, 1), stride=(sh, 1), dilation=(dh, 1), pads=(top, 0, bottom, 0)
+        )
+        packed += 1
+        g.log.append(
+            f"pack_input_columns: {gi.onnx_name!r} -> {conv.name!r}: {c} channels x {kw} "
+            f"columns packed into {c * kw} channels, kernel {kh}x{kw} -> {kh}x1 "
+            f"({blocks * kh * kw} -> {-(-(c * kw) // native_dim) * kh} tile passes per pixel)"
+        )
+    if not packed:
+        g.log.append("pack_input_columns: no few-channel input conv to pack")
+
+
 PIPELINE: tuple[Pass, ...] = (
     fuse_pad,
     fold_affine_into_conv,

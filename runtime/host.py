@@ -16,6 +16,16 @@ from tessera.errors import TesseraError
 from tessera.program import Program
 
 
+def expand_columns(canon: np.ndarray, spec: dict) -> np.ndarray:
+    """[C, H, W] -> [C*kw, H, out_w]: channel ``c*kw + j``, column ``x`` holds the padded
+    input's column ``x*stride + j*dilation`` (the compiler's ``pack_input_columns``)."""
+    kw, sw, dw = spec["kernel_w"], spec["stride_w"], spec["dilation_w"]
+    c, h, _w = canon.shape
+    padded = np.pad(canon, ((0, 0), (0, 0), (spec["pad_left"], spec["pad_right"])))
+    cols = np.arange(spec["out_w"])[None, :] * sw + np.arange(kw)[:, None] * dw  # [kw, out_w]
+    return padded[:, :, cols].transpose(0, 2, 1, 3).reshape(c * kw, h, spec["out_w"])
+
+
 def quantize_input(x: np.ndarray, info: dict, cfg) -> tuple[np.ndarray, np.ndarray]:
     """ONNX-layout float input -> storage blocks [H, W, CB, N] and exponents [H, W, CB]."""
     shape = tuple(info["shape"])
@@ -30,6 +40,8 @@ def quantize_input(x: np.ndarray, info: dict, cfg) -> tuple[np.ndarray, np.ndarr
         raise TesseraError(f"input {info['name']!r} contains NaN or Inf")
     perm = info["perm"]
     canon = np.transpose(x.astype(np.float64), np.argsort(perm))[0]  # [C, H, W]
+    if info.get("columns"):
+        canon = expand_columns(canon, info["columns"])
     c, h, w = canon.shape
     n = cfg.native_dim
     cb = info["cb"]

@@ -419,6 +419,22 @@ def test_nhwc_preprocessing_then_transpose() -> None:
     check(net.model({"x": [1, 12, 10, 3]}, [y]), random_input([1, 12, 10, 3]), tol=TOL_NET)
 
 
+@pytest.mark.parametrize(
+    ("k", "stride", "pads", "dilation"),
+    [(7, 2, [3, 3, 3, 3], 1), (7, 2, [2, 3, 3, 2], 1), (3, 1, [1, 1, 1, 1], 2), (5, 3, [0] * 4, 1)],
+)
+def test_rgb_stem_conv_packs_columns(k: int, stride: int, pads: list[int], dilation: int) -> None:
+    """A conv on a 3-channel input has its kernel columns packed into channels by the host."""
+    net = Net()
+    h = net.op("Transpose", ["x"], perm=[0, 3, 1, 2])
+    h = net.conv(h, 3, 16, k=k, stride=stride, pads=pads, dilation=dilation)
+    y = net.op("Relu", [h], "y")
+    c = check(net.model({"x": [1, 23, 21, 3]}, [y]), random_input([1, 23, 21, 3]))
+    (conv,) = [n for n in c.graph.nodes if n.op == "conv"]
+    assert conv.attrs["kernel"] == (k, 1) and conv.params["weight"].shape[1] == 3 * k
+    assert c.graph.inputs[0].columns["kernel_w"] == k
+
+
 def test_grayscale_nhwc_reshaped_to_nchw() -> None:
     """tf2onnx turns the NHWC->NCHW transpose of a one-channel image into a Reshape
     [1, H, W, 1] -> [1, 1, H, W]: only a size-1 axis moves, so it is a relabelling."""
