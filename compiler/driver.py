@@ -15,7 +15,7 @@ import onnx
 import tessera
 from tessera.compiler import passes
 from tessera.compiler.ir import Graph
-from tessera.compiler.lower import INPUT_EMAX_ADDR, Lowered, lower
+from tessera.compiler.lower import INPUT_EMAX_ADDR, Lowered, lower, tensor_desc
 from tessera.compiler.onnx_import import import_onnx, load_model
 from tessera.config import NPUConfig
 from tessera.errors import UnsupportedModelError
@@ -71,23 +71,6 @@ def compile_model(
     views = low.views
     buffers = low.buffers
 
-    def tensor_info(t: str) -> dict:
-        v = views[t]
-        b = buffers[v.buffer]
-        c, _h, _w = g.shape(t)
-        return {
-            "tensor": t,
-            "addr": b.addr,
-            "h": b.h,
-            "w": b.w,
-            "cb": b.cb,
-            "cb_off": v.cb_off,
-            "cb_cnt": v.cb_cnt,
-            "channels": c,
-            "ereg": b.ereg,
-            "buffer": b.id,
-        }
-
     inputs = [
         {
             "name": i.onnx_name,
@@ -96,7 +79,7 @@ def compile_model(
             "perm": list(i.perm),
             "columns": i.columns,
             "emax_addr": INPUT_EMAX_ADDR,
-            **tensor_info(i.tensor),
+            **tensor_desc(views, buffers, i.tensor),
         }
         for i in g.inputs
     ]
@@ -120,7 +103,7 @@ def compile_model(
                 "perm": list(o.perm),
                 "order": list(o.order),
                 "host_stages": [s["op"] for s in stages],
-                **tensor_info(src),
+                **tensor_desc(views, buffers, src),
             }
         )
     manifest = {

@@ -394,7 +394,8 @@ def lower(g: Graph, cfg: NPUConfig) -> Lowered:
     return Lowered(em.words, segments, layers, buffers, views, dram_needed, static_end)
 
 
-def _tensor_desc(views: dict[str, View], buffers: list[Buffer], t: str) -> dict:
+def tensor_desc(views: dict[str, View], buffers: list[Buffer], t: str) -> dict:
+    """Where tensor ``t`` lives: its buffer's geometry and address and its block window."""
     v = views[t]
     b = buffers[v.buffer]
     return {
@@ -423,8 +424,8 @@ def _emit_layer(
     vrf_half: int,
 ) -> dict:
     n = cfg.native_dim
-    src = _tensor_desc(views, buffers, x.inputs[0])
-    dst = _tensor_desc(views, buffers, x.outputs[0])
+    src = tensor_desc(views, buffers, x.inputs[0])
+    dst = tensor_desc(views, buffers, x.outputs[0])
     oc, oh, ow = g.shape(x.outputs[0])
     ic = g.shape(x.inputs[0])[0]
     kh, kw = x.attrs.get("kernel", (1, 1))
@@ -433,9 +434,9 @@ def _emit_layer(
     dil = x.attrs.get("dilation", (1, 1))
     aux = None
     if x.op == "conv" and x.attrs.get("residual"):
-        aux = _tensor_desc(views, buffers, x.inputs[1])
+        aux = tensor_desc(views, buffers, x.inputs[1])
     elif x.op == "eltwise" and len(x.inputs) == 2:
-        aux = _tensor_desc(views, buffers, x.inputs[1])
+        aux = tensor_desc(views, buffers, x.inputs[1])
     for d in (src, aux):
         if d is not None and d["buffer"] == dst["buffer"]:
             raise UnsupportedModelError(f"node {x.name!r}: reads and writes the same buffer")
