@@ -48,8 +48,9 @@ class NPUState:
         cap = 2 * self.cfg.tile_buffer_tiles
         self.regs = np.zeros(128, dtype=np.int64)
         self.regs[isa.EXP_REG_BASE : isa.EXP_REG_BASE + isa.EXP_REG_COUNT] = numerics.E_ZERO
-        self.tiles_q = np.zeros((cap, n, n), dtype=np.int64)
-        self.tiles_e = np.zeros((cap, n), dtype=np.int64)
+        # Tiles are kept as the raw stored mantissas and exponents.
+        self.tiles_q = np.zeros((cap, n, n), dtype=layout.mantissa_dtype(self.cfg.mantissa_bits))
+        self.tiles_e = np.zeros((cap, n), dtype=np.int8)
         self.vrf_q = np.zeros((self.cfg.vrf_depth, n), dtype=np.int64)
         self.vrf_e = np.full(self.cfg.vrf_depth, numerics.E_ZERO, dtype=np.int64)
 
@@ -116,9 +117,16 @@ class Simulator:
         elif ins.op == "m_rd":
             if a["tile"] + a["count"] > st.tiles_q.shape[0]:
                 raise SimulationError("m_rd beyond the tile buffer")
-            q, e = layout.unpack_tiles(st.mem, a["addr"], a["count"], n, m)
-            st.tiles_q[a["tile"] : a["tile"] + a["count"]] = q
-            st.tiles_e[a["tile"] : a["tile"] + a["count"]] = e
+            tb, cnt = layout.tile_bytes(n, m), a["count"]
+            mb = n * n * st.tiles_q.itemsize
+            raw = st.mem[a["addr"] : a["addr"] + cnt * tb]
+            if raw.size != cnt * tb:
+                raise SimulationError("m_rd beyond DRAM")
+            raw = raw.reshape(cnt, tb)
+            st.tiles_q[a["tile"] : a["tile"] + cnt] = (
+                raw[:, :mb].view(st.tiles_q.dtype).reshape(cnt, n, n)
+            )
+            st.tiles_e[a["tile"] : a["tile"] + cnt] = raw[:, mb:].view(np.int8)
             self.cycles.load(a["count"] * layout.tile_bytes(n, m), a["tile"])
         elif ins.op == "c_rd":
             if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
@@ -134,7 +142,25 @@ class Simulator:
         self.cycles.issue()
 
     # ------------------------------------------------------------------ chains
+    def _tensor(self, addr: int, h: int, w: int, cb: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views (no copies) of a tensor's mantissas [H, W, CB, N] and exponents [H, W, CB]."""
+        n, m = self.cfg.native_dim, self.cfg.mantissa_bits
+        dt = layout.mantissa_dtype(m)
+        nm = h * w * cb * n
+        mem = self.state.mem
+        eo = addr + nm * dt.itemsize
+        if eo + h * w * cb > mem.size:
+            raise SimulationError(f"tensor at {addr:#x} ({h}x{w}x{cb} blocks) runs past DRAM")
+        q = mem[addr:eo].view(dt).reshape(h, w, cb, n)
+        e = mem[eo : eo + h * w * cb].view(np.int8).reshape(h, w, cb)
+        return q, e
+
     def chain(self, ops: list[Instr]) -> None:
+        """Execute one chain over the whole output map.
+
+        Vectors are lane-major (see :mod:`tessera.sim.kernels`): mantissas [blocks, N,
+        pixels] as exact float64 integers, exponents [blocks, pixels].
+        """
         cfg, st = self.cfg, self.state
         n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
         names = [o.op for o in ops]
@@ -154,8 +180,8 @@ class Simulator:
         if ioff + icnt > icb or ooff + ocnt > ocb:
             raise SimulationError("chain block range exceeds its tensor")
         in_addr = st.addr(R.IN_ADDR)
-        q, e = layout.unpack_tensor(st.mem, in_addr, ih, iw, icb, n, m)
-        q, e = q[:, :, ioff : ioff + icnt], e[:, :, ioff : ioff + icnt]
+        qv, ev = self._tensor(in_addr, ih, iw, icb)
+        q, e = qv[:, :, ioff : ioff + icnt], ev[:, :, ioff : ioff + icnt]
         emax = int(st.regs[st.ereg(R.IN_EREG)])
         p = oh * ow
         if reducer == "mv_mul":
@@ -164,26 +190,28 @@ class Simulator:
             floor = emax - cfg.act_exp_window
             key = (in_addr, ih, iw, icb, ioff, icnt, emax, kernel, stride, pads, dil, oh, ow)
             if key != self._cols_key:
-                grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
-                self._cols = kernels.im2col(grid, kernel, stride, pads, dil, (oh, ow))
+                grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
+                self._cols = kernels.im2col_f64(grid, kernel, stride, pads, dil, (oh, ow))
                 self._cols_key = key
                 self._cols_span = (in_addr, in_addr + layout.tensor_bytes(ih, iw, icb, n, m))
             wfloor = st.reg(R.W_EXP_FLOOR)
             tq = st.tiles_q[base : base + ocnt * k]
             te = st.tiles_e[base : base + ocnt * k]
             try:
-                wg = kernels.weight_grid(tq, te, wfloor, ocnt)
+                wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
             except ValueError as exc:
                 raise SimulationError(str(exc)) from None
-            acc = kernels.gemm_exact(self._cols, wg)
-            vq, ve = numerics.normalize(acc.reshape(p, ocnt, n), floor + wfloor, big)
+            acc = kernels.gemm_exact_t(self._cols, wg)
+            vq, ve = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
-            grid, floor = kernels.read_clamped_grid(q, e, emax, cfg.act_exp_window)
+            floor = emax - cfg.act_exp_window
+            grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
             is_max = ops[1].args["op"] == PoolOp.MAX
             red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
-            vq, ve = numerics.normalize(red.reshape(p, ocnt, n), floor, big)
+            red = np.ascontiguousarray(red.reshape(p, ocnt, n).transpose(1, 2, 0))
+            vq, ve = kernels.lm_normalize(red, floor, big)
         else:
             if icnt != ocnt:
                 raise SimulationError("an elementwise chain needs IN_CB_CNT == OUT_CB_CNT")
@@ -191,47 +219,51 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            vq = wq.reshape(p, ocnt, n)
-            ve = we.reshape(p, ocnt)
+            vq = wq.reshape(p, ocnt, n).transpose(1, 2, 0).astype(np.float64, order="C")
+            ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
         for ins in body:
             vq, ve = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
-        sq, se = numerics.to_storage(vq, ve, m)
+        sq, se = kernels.lm_to_storage(vq, ve, m)
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
             self._cols_key = None
-        layout.write_tensor_blocks(
-            st.mem, out_addr, (oh, ow, ocb), ooff,
-            sq.reshape(oh, ow, ocnt, n), se.reshape(oh, ow, ocnt), n, m,
-        )  # fmt: skip
+        oq, oe = self._tensor(out_addr, oh, ow, ocb)
+        oq[:, :, ooff : ooff + ocnt, :] = sq.transpose(2, 0, 1).reshape(oh, ow, ocnt, n)
+        oe[:, :, ooff : ooff + ocnt] = se.T.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
         st.regs[er] = max(int(st.regs[er]), int(se.max()))
         aux = any(o.args.get("src") == Operand.AUX for o in body)
         cyc = self.cycles.chain(names, st, aux)
         self.chains.append(ChainTrace(len(self.chains), names, cyc))
 
+    def _vrf(self, base: int, cnt: int) -> tuple[np.ndarray, np.ndarray]:
+        """VRF entries ``base..base+cnt`` lane-major: mantissas [cnt, N, 1], exponents [cnt, 1]."""
+        st = self.state
+        cq = st.vrf_q[base : base + cnt].astype(np.float64)[:, :, None]
+        return cq, st.vrf_e[base : base + cnt][:, None]
+
     def mfu(self, ins: Instr, vq, ve, ocnt: int, out_hw: tuple[int, int], bits: int):
         st, n = self.state, self.cfg.native_dim
         a = ins.args
         if ins.op == "v_relu":
-            return numerics.wide_relu(vq, ve, bits)
+            return kernels.lm_wide_relu(vq, ve, bits)
         if ins.op == "vv_mul":
-            cq, ce = st.vrf_q[a["vrf"] : a["vrf"] + ocnt], st.vrf_e[a["vrf"] : a["vrf"] + ocnt]
-            return numerics.wide_mul(vq, ve, cq[None], ce[None], bits)
+            cq, ce = self._vrf(a["vrf"], ocnt)
+            return kernels.lm_wide_mul(vq, ve, cq, ce, bits)
         if ins.op in ("vv_add", "vv_max"):
             if a["src"] == Operand.VRF:
-                yq = st.vrf_q[a["vrf"] : a["vrf"] + ocnt][None]
-                ye = st.vrf_e[a["vrf"] : a["vrf"] + ocnt][None]
+                yq, ye = self._vrf(a["vrf"], ocnt)
             else:
                 oh, ow = out_hw
                 acb, aoff = st.reg(Reg.AUX_CB), st.reg(Reg.AUX_CB_OFF)
                 if aoff + ocnt > acb:
                     raise SimulationError("AUX block range exceeds its tensor")
-                q, e = layout.unpack_tensor(
-                    st.mem, st.addr(Reg.AUX_ADDR), oh, ow, acb, n, self.cfg.mantissa_bits
-                )
-                yq = q[:, :, aoff : aoff + ocnt].reshape(oh * ow, ocnt, n)
-                ye = e[:, :, aoff : aoff + ocnt].reshape(oh * ow, ocnt)
-            fn = numerics.wide_add if ins.op == "vv_add" else numerics.wide_max
+                q, e = self._tensor(st.addr(Reg.AUX_ADDR), oh, ow, acb)
+                p = oh * ow
+                yq = q[:, :, aoff : aoff + ocnt].reshape(p, ocnt, n).transpose(1, 2, 0)
+                yq = yq.astype(np.float64, order="C")
+                ye = e[:, :, aoff : aoff + ocnt].reshape(p, ocnt).T.astype(np.int64, order="C")
+            fn = kernels.lm_wide_add if ins.op == "vv_add" else kernels.lm_wide_max
             return fn(vq, ve, yq, ye, bits)
         raise SimulationError(f"{ins.op} cannot follow the chain head here")

@@ -38,8 +38,8 @@ def run_program(
             if backend == "reference"
             else sum(layer["chains"] for layer in prog.manifest["layers"])
         )
-        bar = tqdm(total=total, desc=f"{backend}", unit="layer" if backend == "reference" else "chain",
-                   leave=False)  # fmt: skip
+        unit = "layer" if backend == "reference" else "chain"
+        bar = tqdm(total=total, desc=f"{backend}", unit=unit, leave=False)
     cb = bar.update if bar is not None else None
     try:
         if backend == "sim":

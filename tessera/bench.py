@@ -71,9 +71,8 @@ def _bench_sim(args: argparse.Namespace) -> int:
     ort_s, sim_s, ref_s = (statistics.median(t) for t in (t_ort, t_sim, t_ref))
     rep = build_report(prog)
 
-    table = Table(
-        title=f"tessera bench sim: {path.name} on {cfg.name} ({args.repeat} interleaved runs, medians)"
-    )
+    runs = f"{args.repeat} interleaved runs, medians"
+    table = Table(title=f"tessera bench sim: {path.name} on {cfg.name} ({runs})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("ratio / note")
