@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "tessera.compiler.cli",
     "tessera.sim.cli",
     "tessera.bench",
+    "tessera.convert",
 )
 
 
