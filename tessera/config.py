@@ -78,8 +78,10 @@ class NPUConfig:
             problems.append("tile_engines must be >= 1")
         if not 3 <= self.mantissa_bits <= 16:
             problems.append(f"mantissa_bits must be 3..16, got {self.mantissa_bits}")
-        if not self.mantissa_bits <= self.mfu_mantissa_bits <= 24:
-            problems.append("mfu_mantissa_bits must be in mantissa_bits..24")
+        # Wide constants are stored as int16 (layout.pack_consts) and the MFU multiplier
+        # takes 18-bit operands, so 16 bits is the ceiling.
+        if not self.mantissa_bits <= self.mfu_mantissa_bits <= 16:
+            problems.append("mfu_mantissa_bits must be in mantissa_bits..16")
         if problems:
             raise TesseraError(f"invalid NPU config {self.name!r}: " + "; ".join(problems))
 

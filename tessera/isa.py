@@ -44,7 +44,7 @@ class Reg(enum.IntEnum):
     K_W = 8  #: kernel window width
     STRIDE_H = 9
     STRIDE_W = 10
-    PAD_T = 11  #: rows of padding above the input (zero for MVU/sum, skipped for max)
+    PAD_T = 11  #: rows of padding above the input (read as zero by MVU, sum and max)
     PAD_L = 12  #: columns of padding left of the input
     DIL_H = 13  #: kernel dilation
     DIL_W = 14
@@ -84,7 +84,7 @@ EXP_REG_COUNT = 16
 class PoolOp(enum.IntEnum):
     """Window reduction of ``v_pool``."""
 
-    MAX = 0  #: lane-wise maximum; padded positions are skipped
+    MAX = 0  #: lane-wise maximum; padded positions read as zero (inputs are >= 0 or zero-padded)
     SUM = 1  #: exact lane-wise sum on the tensor grid; padded positions count as zero
 
 

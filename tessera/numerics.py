@@ -13,7 +13,8 @@ Formats
   whose mantissas are all zero carries ``E_ZERO = -128`` so it never raises a tensor's
   maximum exponent.
 * **Wide BFP** (vectors inside the multifunction units): N signed mantissas with
-  ``|q| <= 2**(M-1) - 1`` and one internal exponent (12-bit signed in hardware).
+  ``|q| <= 2**(M-1) - 1`` and one internal exponent (the reachable exponents fit 12 bits
+  signed; see docs/numerics.md).
 * **Accumulator**: an exact signed integer with a known LSB exponent.
 
 All arithmetic below is on int64 numpy arrays. The one rounding rule is
