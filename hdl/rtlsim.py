@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amaranth.back import verilog
+
 from tessera.hdl.toolchain import Simulator, find_simulator
 
 #: Amaranth's Verilog carries no `timescale; cocotb needs one for its clock periods.
@@ -99,7 +100,7 @@ def build(
         if sim.name == "verilator":
             # Amaranth's output is lint-noisy (widths, unused bits); -O3 speeds long runs.
             args = ["-Wno-fatal", "-Wno-lint", "-Wno-style", "-O3", "--x-assign", "fast"]
-            args += ["-j", "2", "--output-split", "20000"]
+            args += ["-j", "2"]
         runner.build(
             sources=[vpath],
             hdl_toplevel=name,

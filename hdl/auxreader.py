@@ -1,0 +1,104 @@
+"""The AUX reader: the second operand tensor (a residual), block by block, ahead of the MFU.
+
+Blocks are read in the chain's sweep order (pixel, output block) into a small FIFO; the
+chain engine issues block ``j`` into the pipeline only once the reader has queued it, so the
+MFU slot that consumes it never waits.
+"""
+
+from amaranth import Cat, Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from tessera.config import NPUConfig
+from tessera.hdl.bus import BurstPort
+
+DEPTH = 8
+
+
+class AuxReader(wiring.Component):
+    def __init__(self, cfg: NPUConfig):
+        self.cfg = cfg
+        n = cfg.native_dim
+        super().__init__(
+            {
+                "start": In(1),
+                "mant_addr": In(32),  # AUX_ADDR + AUX_CB_OFF * N
+                "exp_addr": In(32),  # exponent plane + AUX_CB_OFF
+                "pixel_mstep": In(32),  # AUX_CB * N
+                "pixel_estep": In(32),
+                "ocnt": In(16),
+                "total": In(32),
+                "queued": Out(32),  # blocks pushed so far in this chain
+                "out_q": Out(n * 8),
+                "out_e": Out(8),
+                "out_valid": Out(1),
+                "pop": In(1),
+                "bus": Out(BurstPort),
+            }
+        )
+
+    def elaborate(self, platform):
+        m = Module()
+        n = self.cfg.native_dim
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=n * 8 + 8, depth=DEPTH)
+        m.d.comb += [
+            self.out_q.eq(fifo.r_data[: n * 8]),
+            self.out_e.eq(fifo.r_data[n * 8 :]),
+            self.out_valid.eq(fifo.r_rdy),
+            fifo.r_en.eq(self.pop),
+        ]
+        pix_m = Signal(32)
+        pix_e = Signal(32)
+        ob = Signal(16)
+        k = Signal(range(n // 2 + 1))
+        buf = Signal(n * 8)
+        ea = Signal(32)
+        m.d.comb += ea.eq(pix_e + ob)
+        bus = self.bus
+        m.d.comb += [bus.write.eq(0), fifo.w_data.eq(Cat(buf, Signal(8)))]
+        ebyte = Signal(8)
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [
+                        pix_m.eq(self.mant_addr),
+                        pix_e.eq(self.exp_addr),
+                        ob.eq(0),
+                        self.queued.eq(0),
+                    ]
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                with m.If(self.queued == self.total):
+                    m.next = "IDLE"
+                with m.Elif(fifo.level < DEPTH - 1):
+                    m.d.sync += k.eq(0)
+                    m.next = "MANT"
+            with m.State("MANT"):
+                m.d.comb += [bus.req.eq(1), bus.addr.eq(pix_m + ob * n), bus.len.eq(n // 2)]
+                with m.If(bus.grant):
+                    m.next = "MANT_DATA"
+            with m.State("MANT_DATA"):
+                with m.If(bus.rvalid):
+                    m.d.sync += [buf.word_select(k, 16).eq(bus.rdata), k.eq(k + 1)]
+                with m.If(bus.done):
+                    m.next = "EXP"
+            with m.State("EXP"):
+                m.d.comb += [bus.req.eq(1), bus.addr.eq(ea & ~1), bus.len.eq(1)]
+                with m.If(bus.grant):
+                    m.next = "EXP_DATA"
+            with m.State("EXP_DATA"):
+                m.d.comb += ebyte.eq(bus.rdata.word_select(ea[0], 8))
+                with m.If(bus.rvalid):
+                    m.d.comb += [fifo.w_en.eq(1), fifo.w_data.eq(Cat(buf, ebyte))]
+                    m.d.sync += [self.queued.eq(self.queued + 1), ob.eq(ob + 1)]
+                    with m.If(ob + 1 == self.ocnt):
+                        m.d.sync += [
+                            ob.eq(0),
+                            pix_m.eq(pix_m + self.pixel_mstep),
+                            pix_e.eq(pix_e + self.pixel_estep),
+                        ]
+                with m.If(bus.done):
+                    m.next = "NEXT"
+        return m

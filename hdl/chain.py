@@ -1,0 +1,493 @@
+"""The chain engine: one chain sweeps a whole output feature map without further instructions.
+
+It owns the datapath of a chain: the activation loader filling the ring buffer, the loop
+nest over output rows, pixels, output blocks, kernel rows and columns, input blocks and
+lane groups (one MVU beat per cycle), the MVU or the pooling reducer, the vector pipeline
+(normalize, MFU slots, re-block), the AUX reader and the output writer.
+
+Loop order, innermost first: lane group ``g`` (MVU only), input block ``cb`` (MVU only),
+kernel column, kernel row, output block, output column, output row: the order of the
+tiles in the tile buffer ([output block][kernel row][kernel col][input block]), so the tile
+address is a counter. Every address is kept incrementally (no multiply per beat); the few
+products a chain needs are computed once at its start by a shared multiplier.
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import ReadPort
+from amaranth.lib.wiring import In, Out
+
+from tessera import numerics
+from tessera.config import NPUConfig
+from tessera.hdl import bfp
+from tessera.hdl.actloader import ActLoader, act_entries, entry_bits
+from tessera.hdl.auxreader import AuxReader
+from tessera.hdl.bus import BurstPort
+from tessera.hdl.loader import lg, tile_word_bits
+from tessera.hdl.mvu import MVU, SHIFT_BITS
+from tessera.hdl.params import ChainOps, ChainRegs, Reducer
+from tessera.hdl.vector import POOL_BITS, VectorPipe
+from tessera.hdl.writer import DEPTH as WRITER_DEPTH
+from tessera.hdl.writer import Writer
+
+#: Extra cycles a chain spends before its first beat (set-up multiplies, the ring division).
+GRID_BITS = 40
+
+
+class ChainError:
+    """Error codes a chain can raise (the NPU's error register)."""
+
+    WINDOW_TOO_TALL = 0x10  # the kernel rows of one output row do not fit the buffer
+
+
+class ChainEngine(wiring.Component):
+    def __init__(self, cfg: NPUConfig, *, ecp5: bool = False):
+        self.cfg = cfg
+        self.ecp5 = ecp5
+        n, lanes = cfg.native_dim, cfg.lanes
+        self.groups = n // lanes
+        eb = entry_bits(cfg)
+        half = (act_entries(cfg) + 1) // 2
+        tdepth = 2 * cfg.tile_buffer_tiles * self.groups
+        super().__init__(
+            {
+                "start": In(1),
+                "regs": In(ChainRegs),
+                "ops": In(ChainOps),
+                "busy": Out(1),
+                "error": Out(8),
+                "emax_out": Out(signed(16)),
+                "act_bus": Out(BurstPort),
+                "aux_bus": Out(BurstPort),
+                "out_bus": Out(BurstPort),
+                "act_mant_wr": In(ActLoader.port_signature(cfg, "mant_wr")),
+                "act_exp_wr0": In(ActLoader.port_signature(cfg, "exp_wr0")),
+                "act_exp_wr1": In(ActLoader.port_signature(cfg, "exp_wr1")),
+                "act_mant_rd": In(ReadPort.Signature(addr_width=eb, shape=n * 8)),
+                "act_exp_rd0": In(ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
+                ),
+                "act_exp_rd1": In(ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
+                ),
+                "tile_rd": In(ReadPort.Signature(
+                        addr_width=max(1, (tdepth - 1).bit_length()), shape=tile_word_bits(cfg)
+                    )
+                ),
+                "vrf0": In(VectorPipe.port_signature(cfg, "vrf0")),
+                "vrf1": In(VectorPipe.port_signature(cfg, "vrf1")),
+            }
+        )
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        n, lanes, groups = cfg.native_dim, cfg.lanes, self.groups
+        eb = entry_bits(cfg)
+        cap = act_entries(cfg)
+
+        m.submodules.act = act = ActLoader(cfg)
+        m.submodules.aux = aux = AuxReader(cfg)
+        m.submodules.writer = writer = Writer(cfg)
+        m.submodules.mvu = mvu = MVU(cfg, ecp5=self.ecp5)
+        m.submodules.vec = vec = VectorPipe(cfg)
+        wiring.connect(m, wiring.flipped(self.act_bus), act.bus)
+        wiring.connect(m, wiring.flipped(self.aux_bus), aux.bus)
+        wiring.connect(m, wiring.flipped(self.out_bus), writer.bus)
+        wiring.connect(m, wiring.flipped(self.act_mant_wr), act.mant_wr)
+        wiring.connect(m, wiring.flipped(self.act_exp_wr0), act.exp_wr0)
+        wiring.connect(m, wiring.flipped(self.act_exp_wr1), act.exp_wr1)
+        wiring.connect(m, wiring.flipped(self.vrf0), vec.vrf0)
+        wiring.connect(m, wiring.flipped(self.vrf1), vec.vrf1)
+
+        r = Signal(ChainRegs)  # latched registers
+        ops = Signal(ChainOps)
+        m.d.comb += [vec.ops.eq(ops), vec.ocnt.eq(r.ocnt), vec.wfloor.eq(r.wfloor)]
+        floor = Signal(signed(16))
+        m.d.comb += [vec.floor.eq(floor), writer.in_valid.eq(vec.out_valid)]
+        m.d.comb += [writer.in_q.eq(vec.out_q), writer.in_e.eq(vec.out_e)]
+        m.d.comb += [vec.aux_q.eq(aux.out_q), vec.aux_e.eq(aux.out_e), aux.pop.eq(vec.aux_pop)]
+        m.d.comb += self.emax_out.eq(writer.emax)
+
+        # ---------------------------------------------------------------- set-up products
+        mul_a = Signal(32)
+        mul_b = Signal(32)
+        prod = Signal(64)
+        m.d.comb += prod.eq(mul_a * mul_b)
+        pix_in = Signal(32)  # ih * iw
+        in_plane = Signal(32)  # ih * iw * icb blocks
+        pix_out = Signal(32)
+        out_plane = Signal(32)
+        aux_plane = Signal(32)
+        total = Signal(32)
+        rowblocks = Signal(32)
+        dh_rb = Signal(32)
+        sh_rb = Signal(32)
+        pt_rb = Signal(32)
+        dw_c = Signal(32)
+        sw_c = Signal(32)
+        pl_c = Signal(32)
+        span = Signal(16)  # (kh - 1) * dh
+        ring_rows = Signal(32)
+        ring = Signal(32)
+        rem = Signal(33)
+        div_i = Signal(range(34))
+        kh = Signal(8)
+        kw = Signal(8)
+        dh = Signal(8)
+        dw = Signal(8)
+        cbn = Signal(16)  # input blocks per kernel position in the loop (icnt or 1)
+        gn = Signal(range(groups + 1))
+        is_mvu = Signal()
+        is_pool = Signal()
+        # residency of the input slice (mv_mul / v_pool chains only, as the cycle model)
+        last_key = Signal(32 + 16 * 4)
+        last_valid = Signal()
+        key = Cat(r.in_addr, r.ioff, r.icnt, r.ih, r.iw)
+
+        # ---------------------------------------------------------------- sweep state
+        oy = Signal(16)
+        ox = Signal(16)
+        row_first = Signal(signed(18))
+        col_first = Signal(signed(18))
+        row_addr_first = Signal(signed(34))
+        col_addr_first = Signal(signed(34))
+        ky = Signal(8)
+        kx = Signal(8)
+        cb = Signal(16)
+        g = Signal(range(max(2, groups)))
+        ob = Signal(16)
+        iy = Signal(signed(18))
+        ix = Signal(signed(18))
+        row_addr = Signal(signed(34))
+        col_addr = Signal(signed(34))
+        tile = Signal(16)
+        issued = Signal(32)  # blocks started
+        hi = Signal(signed(18))
+
+        m.d.comb += [
+            act.mant_addr.eq(r.in_addr + (r.ioff << lg(n))),
+            act.exp_addr.eq(r.in_addr + (in_plane << lg(n)) + r.ioff),
+            act.ih.eq(r.ih),
+            act.rowblocks.eq(rowblocks),
+            act.ring.eq(ring),
+            act.ring_rows.eq(ring_rows),
+        ]
+        contiguous = r.icnt == r.icb
+        m.d.comb += [
+            act.seg_blocks.eq(Mux(contiguous, rowblocks, r.icnt)),
+            act.segs_per_row.eq(Mux(contiguous, 1, r.iw)),
+            act.seg_mstep.eq(Mux(contiguous, r.iw * 0 + (rowblocks << lg(n)), r.icb << lg(n))),
+            act.seg_estep.eq(Mux(contiguous, rowblocks, r.icb)),
+        ]
+        m.d.comb += [
+            writer.mant_addr.eq(r.out_addr + (r.ooff << lg(n))),
+            writer.exp_addr.eq(r.out_addr + (out_plane << lg(n)) + r.ooff),
+            writer.pixel_mstep.eq(r.ocb << lg(n)),
+            writer.pixel_estep.eq(r.ocb),
+            writer.ocnt.eq(r.ocnt),
+            writer.total.eq(total),
+            aux.mant_addr.eq(r.aux_addr + (r.aoff << lg(n))),
+            aux.exp_addr.eq(r.aux_addr + (aux_plane << lg(n)) + r.aoff),
+            aux.pixel_mstep.eq(r.acb << lg(n)),
+            aux.pixel_estep.eq(r.acb),
+            aux.ocnt.eq(r.ocnt),
+            aux.total.eq(total),
+        ]
+
+        # ---------------------------------------------------------------- beat issue
+        issue = Signal()
+        first = Signal()
+        last = Signal()
+        entry = Signal(signed(35))
+        inwin = Signal()
+        m.d.comb += [
+            first.eq((ky == 0) & (kx == 0) & (cb == 0)),
+            last.eq((ky == kh - 1) & (kx == kw - 1) & (cb == cbn - 1)),
+            entry.eq(row_addr + col_addr + Mux(is_mvu, cb, ob)),
+            inwin.eq((iy >= 0) & (iy < r.ih) & (ix >= 0) & (ix < r.iw)),
+        ]
+        ent = entry.as_unsigned()[:eb]
+        m.d.comb += [
+            self.act_mant_rd.addr.eq(ent),
+            self.act_exp_rd0.addr.eq(ent[1:]),
+            self.act_exp_rd1.addr.eq(ent[1:]),
+            self.act_mant_rd.en.eq(1),
+            self.act_exp_rd0.en.eq(1),
+            self.act_exp_rd1.en.eq(1),
+            self.tile_rd.addr.eq((tile << lg(groups)) | g if groups > 1 else tile),
+            self.tile_rd.en.eq(1),
+        ]
+        # One cycle later the memories answer; the beat's control follows in registers.
+        d_issue = Signal()
+        d_first = Signal()
+        d_last = Signal()
+        d_g = Signal.like(g)
+        d_inwin = Signal()
+        d_odd = Signal()
+        m.d.sync += [
+            d_issue.eq(issue),
+            d_first.eq(first),
+            d_last.eq(last),
+            d_g.eq(g),
+            d_inwin.eq(inwin),
+            d_odd.eq(ent[0]),
+        ]
+        raw_q = Signal(n * 8)
+        raw_e = Signal(signed(8))
+        m.d.comb += [
+            raw_q.eq(Mux(d_inwin, self.act_mant_rd.data, 0)),
+            raw_e.eq(
+                Mux(
+                    d_inwin,
+                    Mux(d_odd, self.act_exp_rd1.data, self.act_exp_rd0.data),
+                    numerics.E_ZERO,
+                )
+            ),
+        ]
+        # Clamp to the tensor grid: blocks below floor are shifted (rounded) onto it.
+        below = Signal()
+        down = Signal(unsigned(16))
+        upsh = Signal(unsigned(16))
+        m.d.comb += [below.eq(raw_e < floor), down.eq(floor - raw_e), upsh.eq(raw_e - floor)]
+        shift = Signal(SHIFT_BITS)
+        m.d.comb += shift.eq(Mux(below, 0, Mux(upsh > 63, 63, upsh)))
+        cq = []
+        for i in range(n):
+            qi = raw_q.word_select(i, 8).as_signed()
+            rq = bfp.rne_shift(m, qi, down, f"clamp{i}")
+            c = Signal(signed(8), name=f"cq{i}")
+            m.d.comb += c.eq(Mux(below, rq, qi))
+            cq.append(c)
+        tw = self.tile_rd.data
+        m.d.comb += [
+            mvu.valid.eq(d_issue & is_mvu),
+            mvu.first.eq(d_first),
+            mvu.last.eq(d_last),
+            mvu.group.eq(d_g),
+            mvu.act_shift.eq(shift),
+        ]
+        for i in range(n):
+            m.d.comb += mvu.act[i].eq(cq[i])
+        for lane in range(lanes):
+            for c in range(n):
+                m.d.comb += mvu.w[lane][c].eq(tw.word_select(lane * n + c, 8).as_signed())
+            te = tw.word_select(lanes * n + lane, 8).as_signed()
+            m.d.comb += mvu.w_shift[lane].eq(te - r.wfloor)
+        m.d.comb += [vec.mvu_valid.eq(mvu.out_valid), vec.mvu_acc.eq(mvu.acc)]
+
+        # Pooling reducer: lane-wise max or sum of the grid values over the window.
+        pacc = Signal(data.ArrayLayout(signed(POOL_BITS), n))
+        pvalid = Signal()
+        m.d.sync += pvalid.eq(0)
+        with m.If(d_issue & is_pool):
+            for i in range(n):
+                gv = Signal(signed(GRID_BITS), name=f"grid{i}")
+                m.d.comb += gv.eq(cq[i] << shift)
+                nv = Signal(signed(POOL_BITS), name=f"pnv{i}")
+                with m.If(d_first):
+                    m.d.comb += nv.eq(gv)
+                with m.Elif(ops.pool_sum):
+                    m.d.comb += nv.eq(pacc[i] + gv)
+                with m.Else():
+                    m.d.comb += nv.eq(Mux(gv > pacc[i], gv, pacc[i]))
+                m.d.sync += pacc[i].eq(nv)
+            m.d.sync += pvalid.eq(d_last)
+        m.d.comb += [vec.pool_valid.eq(pvalid), vec.pool_acc.eq(pacc)]
+        m.d.comb += [
+            vec.raw_valid.eq(d_issue & ~is_mvu & ~is_pool),
+            vec.raw_q.eq(raw_q),
+            vec.raw_e.eq(raw_e),
+        ]
+
+        # ---------------------------------------------------------------- control
+        credit = Signal()
+        m.d.comb += credit.eq(
+            (issued - writer.written < WRITER_DEPTH - 2)
+            & (~ops.uses_aux | (aux.queued > issued))
+        )
+        step = [
+            (mul_a, mul_b, None),
+        ]
+        del step
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [r.eq(self.regs), ops.eq(self.ops), self.error.eq(0)]
+                    m.next = "S0"
+            # Set-up: one product per state through the shared multiplier.
+            setup = [
+                (r.ih, r.iw, pix_in),
+                (pix_in, r.icb, in_plane),
+                (r.oh, r.ow, pix_out),
+                (pix_out, r.ocb, out_plane),
+                (pix_out, r.acb, aux_plane),
+                (pix_out, r.ocnt, total),
+                (r.iw, r.icnt, rowblocks),
+                (dh, rowblocks, dh_rb),
+                (r.sh, rowblocks, sh_rb),
+                (r.pt, rowblocks, pt_rb),
+                (dw, r.icnt, dw_c),
+                (r.sw, r.icnt, sw_c),
+                (r.pl, r.icnt, pl_c),
+                (kh - 1, dh, span),
+            ]
+            with m.State("S0"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [
+                    is_mvu.eq(ops.reducer == Reducer.MVU),
+                    is_pool.eq(ops.reducer == Reducer.POOL),
+                    floor.eq(r.emax - cfg.act_exp_window),
+                ]
+                with m.If(ops.reducer == Reducer.MVU):
+                    m.d.sync += [kh.eq(r.kh), kw.eq(r.kw), dh.eq(r.dh), dw.eq(r.dw)]
+                    m.d.sync += [cbn.eq(r.icnt), gn.eq(groups)]
+                with m.Elif(ops.reducer == Reducer.POOL):
+                    m.d.sync += [kh.eq(r.kh), kw.eq(r.kw), dh.eq(1), dw.eq(1)]
+                    m.d.sync += [cbn.eq(1), gn.eq(1)]
+                with m.Else():
+                    m.d.sync += [kh.eq(1), kw.eq(1), dh.eq(1), dw.eq(1), cbn.eq(1), gn.eq(1)]
+                m.next = "P0"
+            for i, (a, b, dst) in enumerate(setup):
+                with m.State(f"P{i}"):
+                    m.d.comb += [self.busy.eq(1), mul_a.eq(a), mul_b.eq(b)]
+                    m.d.sync += dst.eq(prod)
+                    m.next = f"P{i + 1}" if i + 1 < len(setup) else "DIV"
+                    if i + 1 == len(setup):
+                        m.d.sync += [rem.eq(0), ring_rows.eq(0), div_i.eq(32)]
+            # ring_rows = cap // rowblocks by restoring division, one bit per cycle.
+            with m.State("DIV"):
+                m.d.comb += self.busy.eq(1)
+                bit = Const(cap, 32).bit_select((div_i - 1)[:5], 1)
+                trial = Signal(34)
+                m.d.comb += trial.eq((rem << 1) | bit)
+                with m.If(trial >= rowblocks):
+                    m.d.sync += [rem.eq(trial - rowblocks), ring_rows.eq((ring_rows << 1) | 1)]
+                with m.Else():
+                    m.d.sync += [rem.eq(trial), ring_rows.eq(ring_rows << 1)]
+                m.d.sync += div_i.eq(div_i - 1)
+                with m.If(div_i == 1):
+                    m.next = "RING"
+            with m.State("RING"):
+                m.d.comb += [self.busy.eq(1), mul_a.eq(ring_rows), mul_b.eq(rowblocks)]
+                m.d.sync += ring.eq(prod)
+                m.next = "LAUNCH"
+            with m.State("LAUNCH"):
+                m.d.comb += self.busy.eq(1)
+                resident = Signal()
+                m.d.comb += resident.eq(
+                    last_valid & (last_key == key) & (is_mvu | is_pool)
+                )
+                with m.If((ring_rows == 0) | (ring_rows < span + 1)):
+                    m.d.sync += self.error.eq(ChainError.WINDOW_TOO_TALL)
+                    m.next = "IDLE"
+                with m.Else():
+                    m.d.comb += [
+                        act.start.eq(1),
+                        act.resident.eq(resident),
+                        writer.start.eq(1),
+                        aux.start.eq(ops.uses_aux),
+                        vec.start.eq(1),
+                    ]
+                    m.d.sync += [
+                        last_key.eq(key),
+                        last_valid.eq((is_mvu | is_pool) & (ring_rows >= r.ih)),
+                        oy.eq(0),
+                        ox.eq(0),
+                        row_first.eq(-r.pt),
+                        col_first.eq(-r.pl),
+                        row_addr_first.eq(ring - pt_rb),
+                        col_addr_first.eq(-pl_c),
+                        issued.eq(0),
+                        act.need_lo.eq(0),
+                    ]
+                    m.next = "ROW_WRAP"
+            # Bring the ring address of the row's first kernel row into [0, ring).
+            with m.State("ROW_WRAP"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(row_addr_first < 0):
+                    m.d.sync += row_addr_first.eq(row_addr_first + ring)
+                with m.Elif(row_addr_first >= ring):
+                    m.d.sync += row_addr_first.eq(row_addr_first - ring)
+                with m.Else():
+                    m.d.sync += [
+                        hi.eq(row_first + span),
+                        act.need_lo.eq(Mux(row_first < 0, 0, row_first)),
+                    ]
+                    m.next = "ROW_WAIT"
+            with m.State("ROW_WAIT"):
+                m.d.comb += self.busy.eq(1)
+                need = Mux(hi >= r.ih, r.ih - 1, hi)
+                with m.If((act.rows_loaded.as_signed() > need) | (act.rows_loaded == r.ih)):
+                    m.d.sync += [
+                        ox.eq(0),
+                        col_first.eq(-r.pl),
+                        col_addr_first.eq(-pl_c),
+                        ix.eq(-r.pl),
+                        col_addr.eq(-pl_c),
+                        iy.eq(row_first),
+                        row_addr.eq(row_addr_first),
+                        ky.eq(0),
+                        kx.eq(0),
+                        cb.eq(0),
+                        g.eq(0),
+                        ob.eq(0),
+                        tile.eq(ops.tile),
+                    ]
+                    m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += self.busy.eq(1)
+                block_start = first & (g == 0)
+                with m.If(~block_start | credit):
+                    m.d.comb += issue.eq(1)
+                    with m.If(block_start):
+                        m.d.sync += issued.eq(issued + 1)
+                    with m.If(is_mvu):
+                        m.d.sync += tile.eq(Mux(g == gn - 1, tile + 1, tile))
+                    m.d.sync += g.eq(g + 1)
+                    with m.If(g == gn - 1):
+                        m.d.sync += [g.eq(0), cb.eq(cb + 1)]
+                        with m.If(cb == cbn - 1):
+                            m.d.sync += [cb.eq(0), kx.eq(kx + 1), ix.eq(ix + dw)]
+                            m.d.sync += col_addr.eq(col_addr + dw_c)
+                            with m.If(kx == kw - 1):
+                                m.d.sync += [kx.eq(0), ix.eq(col_first)]
+                                m.d.sync += col_addr.eq(col_addr_first)
+                                m.d.sync += [ky.eq(ky + 1), iy.eq(iy + dh)]
+                                nra = row_addr + dh_rb
+                                m.d.sync += row_addr.eq(Mux(nra >= ring, nra - ring, nra))
+                                with m.If(ky == kh - 1):
+                                    m.d.sync += [
+                                        ky.eq(0),
+                                        iy.eq(row_first),
+                                        row_addr.eq(row_addr_first),
+                                        ob.eq(ob + 1),
+                                    ]
+                                    with m.If(ob == r.ocnt - 1):
+                                        m.d.sync += [ob.eq(0), tile.eq(ops.tile)]
+                                        nxt_c = col_first + r.sw
+                                        nxt_ca = col_addr_first + sw_c
+                                        m.d.sync += [
+                                            ox.eq(ox + 1),
+                                            col_first.eq(nxt_c),
+                                            col_addr_first.eq(nxt_ca),
+                                            ix.eq(nxt_c),
+                                            col_addr.eq(nxt_ca),
+                                        ]
+                                        with m.If(ox == r.ow - 1):
+                                            m.next = "ROW_NEXT"
+            with m.State("ROW_NEXT"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [
+                    oy.eq(oy + 1),
+                    row_first.eq(row_first + r.sh),
+                    row_addr_first.eq(row_addr_first + sh_rb),
+                ]
+                with m.If(oy == r.oh - 1):
+                    m.next = "DRAIN"
+                with m.Else():
+                    m.next = "ROW_WRAP"
+            with m.State("DRAIN"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(~writer.busy & (writer.written == total) & ~act.busy):
+                    m.next = "IDLE"
+        return m

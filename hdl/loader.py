@@ -1,0 +1,155 @@
+"""The load unit: ``m_rd`` (weight tiles), ``c_rd`` (wide constants) and ``s_ld`` (a scalar).
+
+It runs beside the chain engine: the sequencer hands it a load and moves on, so the tiles of
+chain i+1 stream into the other half of the tile buffer while chain i computes (the
+sequencer holds a load whose half the running chain still reads). DRAM bytes land in the
+buffers in the byte order of ``tessera.layout``: a tile is N x N mantissas row-major then N
+row exponents, and tile-buffer word ``tile * N/lanes + g`` holds rows ``g*lanes ..`` with
+their exponents, so a beat's two bytes always fall into one word.
+"""
+
+from amaranth import Module, Signal, signed
+from amaranth.lib import enum, wiring
+from amaranth.lib.memory import WritePort
+from amaranth.lib.wiring import In, Out
+
+from tessera import layout
+from tessera.config import NPUConfig
+from tessera.hdl.bus import BEAT_BYTES, BurstPort
+
+#: Beats per burst the loader asks for: short enough that the chain's own traffic, which
+#: has priority, never waits long behind it.
+CHUNK = 32
+
+
+def lg(x: int) -> int:
+    """log2 of a power of two (the config guarantees N and lanes are)."""
+    assert x & (x - 1) == 0, x
+    return x.bit_length() - 1
+
+
+class LoadKind(enum.Enum, shape=2):
+    TILES = 0
+    CONSTS = 1
+    SCALAR = 2
+
+
+def tile_word_bits(cfg: NPUConfig) -> int:
+    return cfg.lanes * (cfg.native_dim + 1) * 8
+
+
+def vrf_word_bits(cfg: NPUConfig) -> int:
+    return (cfg.native_dim + 1) * 16
+
+
+class Loader(wiring.Component):
+    def __init__(self, cfg: NPUConfig):
+        self.cfg = cfg
+        n, lanes = cfg.native_dim, cfg.lanes
+        self.groups = n // lanes
+        if lanes < 2 or cfg.mantissa_bits > 8:
+            raise ValueError("the RTL needs lanes >= 2 and mantissa_bits <= 8 (int8 storage)")
+        tiles = 2 * cfg.tile_buffer_tiles
+        self.tile_depth = tiles * self.groups
+        super().__init__(
+            {
+                "start": In(1),
+                "kind": In(LoadKind),
+                "index": In(16),  # first tile / vector
+                "count": In(16),
+                "addr": In(32),
+                "busy": Out(1),
+                "scalar": Out(signed(32)),
+                "scalar_valid": Out(1),
+                "bus": Out(BurstPort),
+                "tile_wr": In(WritePort.Signature(
+                        addr_width=max(1, (self.tile_depth - 1).bit_length()),
+                        shape=tile_word_bits(cfg),
+                        granularity=8,
+                    )
+                ),
+                "vrf_wr": In(WritePort.Signature(
+                        addr_width=max(1, (cfg.vrf_depth - 1).bit_length()),
+                        shape=vrf_word_bits(cfg),
+                        granularity=16,
+                    )
+                ),
+            }
+        )
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        n, lanes, groups = cfg.native_dim, cfg.lanes, self.groups
+        tbytes = layout.tile_bytes(n, cfg.mantissa_bits)
+        kind = Signal(LoadKind)
+        left = Signal(32)  # beats still to request
+        addr = Signal(32)
+        item = Signal(16)  # tile or vector being written
+        off = Signal(range(max(tbytes, 2 * n + 2) + 1))  # byte offset inside the item
+        inflight = Signal()
+
+        bus = self.bus
+        m.d.comb += [bus.write.eq(0), bus.addr.eq(addr), self.busy.eq((left != 0) | inflight)]
+        m.d.comb += bus.len.eq(left)
+        with m.If(left > CHUNK):
+            m.d.comb += bus.len.eq(CHUNK)
+        m.d.comb += bus.req.eq((left != 0) & ~inflight)
+        with m.If(bus.grant):
+            m.d.sync += [inflight.eq(1), addr.eq(addr + BEAT_BYTES * bus.len)]
+            m.d.sync += left.eq(left - bus.len)
+        with m.If(bus.done):
+            m.d.sync += inflight.eq(0)
+
+        m.d.sync += self.scalar_valid.eq(0)
+        with m.If(self.start):
+            m.d.sync += [kind.eq(self.kind), item.eq(self.index), off.eq(0), addr.eq(self.addr)]
+            with m.Switch(self.kind):
+                with m.Case(LoadKind.TILES):
+                    m.d.sync += left.eq(self.count * (tbytes // BEAT_BYTES))
+                with m.Case(LoadKind.CONSTS):
+                    m.d.sync += left.eq(self.count * (n + 1))
+                with m.Case(LoadKind.SCALAR):
+                    m.d.sync += left.eq(2)
+
+        # Tile bytes: mantissa byte o -> word o // (lanes*N), lane o % (lanes*N);
+        # exponent byte N*N + r -> word r // lanes, lane lanes*N + r % lanes.
+        beat = bus.rdata
+        tw = self.tile_wr
+        mant_bytes = n * n
+        row_bytes = lanes * n
+        word_in_tile = Signal(range(groups + 1))
+        lane = Signal(range(row_bytes + lanes + 1))
+        with m.If(off < mant_bytes):
+            m.d.comb += [word_in_tile.eq(off >> lg(row_bytes)), lane.eq(off & (row_bytes - 1))]
+        with m.Else():
+            r = Signal.like(off)
+            m.d.comb += r.eq(off - mant_bytes)
+            m.d.comb += [word_in_tile.eq(r >> lg(lanes)), lane.eq(row_bytes + (r & (lanes - 1)))]
+        m.d.comb += [
+            tw.addr.eq(item * groups + word_in_tile),
+            tw.data.eq(beat << (lane * 8)),
+        ]
+        vw = self.vrf_wr
+        m.d.comb += [vw.addr.eq(item), vw.data.eq(beat << (off[1:] * 16))]
+
+        with m.If(bus.rvalid):
+            with m.Switch(kind):
+                with m.Case(LoadKind.TILES):
+                    m.d.comb += tw.en.eq(0b11 << lane)
+                    with m.If(off + 2 == tbytes):
+                        m.d.sync += [off.eq(0), item.eq(item + 1)]
+                    with m.Else():
+                        m.d.sync += off.eq(off + 2)
+                with m.Case(LoadKind.CONSTS):
+                    m.d.comb += vw.en.eq(1 << off[1:])
+                    with m.If(off + 2 == 2 * n + 2):
+                        m.d.sync += [off.eq(0), item.eq(item + 1)]
+                    with m.Else():
+                        m.d.sync += off.eq(off + 2)
+                with m.Case(LoadKind.SCALAR):
+                    with m.If(off == 0):
+                        m.d.sync += [self.scalar[:16].eq(beat), off.eq(2)]
+                    with m.Else():
+                        m.d.sync += [self.scalar[16:].eq(beat), self.scalar_valid.eq(1)]
+        return m

@@ -1,0 +1,361 @@
+"""The NPU top: control/status port, instruction memory, sequencer, buffers and units.
+
+Host protocol (``docs/hardware.md``): write the program words through ``prog_we`` /
+``prog_addr`` / ``prog_data`` while idle, put the DRAM image in DRAM, pulse ``start``;
+``busy`` stays high until ``halt`` has retired and every unit is idle, then ``done`` rises
+(or ``error`` holds a nonzero code and the NPU stops); ``cycles`` counts from ``start``.
+
+The sequencer issues one instruction per cycle. ``s_wr`` writes the register file. Loads
+(``m_rd``, ``c_rd``, ``s_ld``) go to the load unit, which runs beside the chain engine; a
+load waits while the running chain reads the buffer half it targets. A chain
+(``v_rd`` .. ``end_chain``) is collected into its op configuration; at ``end_chain`` the
+sequencer waits for the datapath and the pending loads, latches the control registers into
+the chain engine and moves on. When a chain completes, ``E[OUT_EREG]`` is max-updated with
+the largest exponent it wrote.
+"""
+
+from amaranth import Module, Mux, Signal, signed
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from tessera import isa
+from tessera.config import NPUConfig
+from tessera.hdl.actloader import act_entries
+from tessera.hdl.arbiter import Arbiter
+from tessera.hdl.bus import MemBus
+from tessera.hdl.chain import ChainEngine
+from tessera.hdl.decoder import Decoder, Opcode
+from tessera.hdl.loader import Loader, LoadKind, tile_word_bits, vrf_word_bits
+from tessera.hdl.params import MFU_SLOTS, ChainOps, ChainRegs, MfuOp, Reducer
+from tessera.isa import Reg
+
+#: Instruction memory words (the host loads the program here before ``start``).
+IMEM_DEPTH = 4096
+CTRL_REGS = 32
+
+
+class Error:
+    """Codes of the ``error`` status register."""
+
+    NONE = 0
+    BAD_INSTRUCTION = 0x01
+    OUTSIDE_CHAIN = 0x02  # a chain op outside v_rd .. end_chain, or a malformed chain
+    TOO_MANY_MFU_OPS = 0x03
+    MUL_NOT_FIRST = 0x04
+    TOO_MANY_VRF_OPS = 0x05
+    BAD_EXP_REG = 0x06
+    PC_OVERFLOW = 0x07
+
+
+class NPU(wiring.Component):
+    def __init__(self, cfg: NPUConfig, *, imem_depth: int = IMEM_DEPTH, ecp5: bool = False):
+        self.cfg = cfg
+        self.imem_depth = imem_depth
+        self.ecp5 = ecp5
+        super().__init__(
+            {
+                "prog_we": In(1),
+                "prog_addr": In(range(imem_depth)),
+                "prog_data": In(isa.WORD_BITS),
+                "start": In(1),
+                "busy": Out(1),
+                "done": Out(1),
+                "error": Out(8),
+                "cycles": Out(48),
+                "pc": Out(range(imem_depth + 1)),
+                "mem": Out(MemBus),
+            }
+        )
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        n = cfg.native_dim
+        groups = n // cfg.lanes
+
+        # ------------------------------------------------------------ memories
+        m.submodules.imem = imem = Memory(shape=isa.WORD_BITS, depth=self.imem_depth, init=[])
+        iw = imem.write_port()
+        ir = imem.read_port()
+        m.d.comb += [iw.en.eq(self.prog_we), iw.addr.eq(self.prog_addr), iw.data.eq(self.prog_data)]
+        tdepth = 2 * cfg.tile_buffer_tiles * groups
+        m.submodules.tiles = tiles = Memory(shape=tile_word_bits(cfg), depth=tdepth, init=[])
+        m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
+        cap = act_entries(cfg)
+        m.submodules.act_mant = act_mant = Memory(shape=n * 8, depth=cap, init=[])
+        half = (cap + 1) // 2
+        m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
+        m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
+
+        m.submodules.dec = dec = Decoder()
+        m.submodules.loader = loader = Loader(cfg)
+        m.submodules.chain = chain = ChainEngine(cfg, ecp5=self.ecp5)
+        m.submodules.arb = arb = Arbiter(4)
+        wiring.connect(m, wiring.flipped(self.mem), arb.mem)
+        wiring.connect(m, chain.out_bus, arb.p0)
+        wiring.connect(m, chain.aux_bus, arb.p1)
+        wiring.connect(m, chain.act_bus, arb.p2)
+        wiring.connect(m, loader.bus, arb.p3)
+        wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
+        wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
+        wiring.connect(m, chain.tile_rd, tiles.read_port())
+        wiring.connect(m, chain.vrf0, vrf.read_port())
+        wiring.connect(m, chain.vrf1, vrf.read_port())
+        wiring.connect(m, chain.act_mant_wr, act_mant.write_port(granularity=16))
+        wiring.connect(m, chain.act_exp_wr0, act_exp0.write_port())
+        wiring.connect(m, chain.act_exp_wr1, act_exp1.write_port())
+        wiring.connect(m, chain.act_mant_rd, act_mant.read_port())
+        wiring.connect(m, chain.act_exp_rd0, act_exp0.read_port())
+        wiring.connect(m, chain.act_exp_rd1, act_exp1.read_port())
+
+        # ------------------------------------------------------------ registers
+        ctrl = Signal(data.ArrayLayout(signed(32), CTRL_REGS))
+        eregs = Signal(data.ArrayLayout(signed(16), isa.EXP_REG_COUNT))
+
+        def creg(reg: Reg):
+            return ctrl[int(reg)]
+
+        # ------------------------------------------------------------ sequencer
+        pc = Signal(range(self.imem_depth + 1))
+        advance = Signal()
+        m.d.comb += [
+            ir.addr.eq(Mux(advance, pc + 1, pc)),
+            ir.en.eq(1),
+            dec.word.eq(ir.data),
+            self.pc.eq(pc),
+        ]
+        m.d.sync += pc.eq(Mux(advance, pc + 1, pc))
+        d = dec.out
+        ops = Signal(ChainOps)
+        slot = Signal(range(MFU_SLOTS + 1))
+        vrf_ops = Signal(2)
+        running = Signal()
+        armed = Signal()
+        out_ereg = Signal(4)
+        # buffer halves the running chain reads (tile buffer, VRF)
+        run_tile_half = Signal(2)
+        run_vrf_half = Signal(2)
+
+        # chain completion: max-update E[OUT_EREG]
+        with m.If(running):
+            with m.If(chain.busy):
+                m.d.sync += armed.eq(1)
+            with m.Elif(armed):
+                m.d.sync += [running.eq(0), armed.eq(0)]
+                with m.If(chain.error != 0):
+                    m.d.sync += self.error.eq(chain.error)
+                cur = eregs[out_ereg]
+                with m.If(chain.emax_out > cur):
+                    m.d.sync += cur.eq(chain.emax_out)
+
+        with m.If(self.busy):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+
+        def fail(code):
+            return [self.error.eq(code)]
+
+        # register the chain's parameters for the engine
+        regs = Signal(ChainRegs)
+        R = Reg
+        m.d.comb += [
+            regs.in_addr.eq(creg(R.IN_ADDR)),
+            regs.ih.eq(creg(R.IN_H)),
+            regs.iw.eq(creg(R.IN_W)),
+            regs.icb.eq(creg(R.IN_CB)),
+            regs.ioff.eq(creg(R.IN_CB_OFF)),
+            regs.icnt.eq(creg(R.IN_CB_CNT)),
+            regs.emax.eq(eregs[creg(R.IN_EREG)[:4]]),
+            regs.kh.eq(creg(R.K_H)),
+            regs.kw.eq(creg(R.K_W)),
+            regs.sh.eq(creg(R.STRIDE_H)),
+            regs.sw.eq(creg(R.STRIDE_W)),
+            regs.pt.eq(creg(R.PAD_T)),
+            regs.pl.eq(creg(R.PAD_L)),
+            regs.dh.eq(creg(R.DIL_H)),
+            regs.dw.eq(creg(R.DIL_W)),
+            regs.out_addr.eq(creg(R.OUT_ADDR)),
+            regs.oh.eq(creg(R.OUT_H)),
+            regs.ow.eq(creg(R.OUT_W)),
+            regs.ocb.eq(creg(R.OUT_CB)),
+            regs.ooff.eq(creg(R.OUT_CB_OFF)),
+            regs.ocnt.eq(creg(R.OUT_CB_CNT)),
+            regs.aux_addr.eq(creg(R.AUX_ADDR)),
+            regs.acb.eq(creg(R.AUX_CB)),
+            regs.aoff.eq(creg(R.AUX_CB_OFF)),
+            regs.wfloor.eq(creg(R.W_EXP_FLOOR)),
+            chain.regs.eq(regs),
+            chain.ops.eq(ops),
+        ]
+
+        def ereg_ok(v):
+            return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
+
+        tiles_half = cfg.tile_buffer_tiles
+        vrf_half = cfg.vrf_depth // 2
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [
+                        pc.eq(0),
+                        self.busy.eq(1),
+                        self.done.eq(0),
+                        self.error.eq(0),
+                        self.cycles.eq(0),
+                        running.eq(0),
+                        armed.eq(0),
+                    ]
+                    m.d.sync += [eregs[i].eq(-128) for i in range(isa.EXP_REG_COUNT)]
+                    m.d.sync += [ctrl[i].eq(0) for i in range(CTRL_REGS)]
+                    m.next = "FETCH"
+            with m.State("FETCH"):
+                m.next = "EXEC"
+            with m.State("EXEC"):
+                with m.If(self.error != 0):
+                    m.next = "STOP"
+                with m.Elif(~d.valid):
+                    m.d.sync += fail(Error.BAD_INSTRUCTION)
+                    m.next = "STOP"
+                with m.Elif(pc >= self.imem_depth - 1):
+                    m.d.sync += fail(Error.PC_OVERFLOW)
+                    m.next = "STOP"
+                with m.Else():
+                    with m.Switch(d.opcode):
+                        with m.Case(Opcode.NOP):
+                            m.d.comb += advance.eq(1)
+                        with m.Case(Opcode.HALT):
+                            m.next = "DRAIN"
+                        with m.Case(Opcode.S_WR):
+                            m.d.comb += advance.eq(1)
+                            with m.If(d.reg < CTRL_REGS):
+                                m.d.sync += ctrl[d.reg[:5]].eq(d.value)
+                            with m.Elif(ereg_ok(d.reg)):
+                                m.d.sync += eregs[d.reg[:4]].eq(d.value)
+                        with m.Case(Opcode.S_LD):
+                            with m.If(~loader.busy):
+                                m.d.comb += [
+                                    loader.start.eq(1),
+                                    loader.kind.eq(LoadKind.SCALAR),
+                                    loader.addr.eq(d.addr),
+                                ]
+                                m.next = "SCALAR"
+                        with m.Case(Opcode.M_RD, Opcode.C_RD):
+                            is_m = d.opcode == Opcode.M_RD
+                            target = Mux(
+                                is_m,
+                                Mux(d.tile >= tiles_half, 2, 1),
+                                Mux(d.vrf >= vrf_half, 2, 1),
+                            )
+                            clash = running & Mux(
+                                is_m,
+                                (run_tile_half & target) != 0,
+                                (run_vrf_half & target) != 0,
+                            )
+                            with m.If(~loader.busy & ~clash):
+                                m.d.comb += [
+                                    advance.eq(1),
+                                    loader.start.eq(1),
+                                    loader.kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
+                                    loader.index.eq(Mux(is_m, d.tile, d.vrf)),
+                                    loader.count.eq(d.count),
+                                    loader.addr.eq(d.addr),
+                                ]
+                        with m.Case(Opcode.V_RD):
+                            m.d.comb += advance.eq(1)
+                            m.d.sync += [ops.eq(0), slot.eq(0), vrf_ops.eq(0)]
+                            m.next = "CHAIN"
+                        with m.Default():
+                            m.d.sync += fail(Error.OUTSIDE_CHAIN)
+                            m.next = "STOP"
+            with m.State("SCALAR"):
+                with m.If(loader.scalar_valid):
+                    with m.If(d.reg < CTRL_REGS):
+                        m.d.sync += ctrl[d.reg[:5]].eq(loader.scalar)
+                    with m.Elif(ereg_ok(d.reg)):
+                        m.d.sync += eregs[d.reg[:4]].eq(loader.scalar)
+                    m.d.comb += advance.eq(1)
+                    m.next = "EXEC"
+            with m.State("CHAIN"):
+                s = ops.slots[slot[:2]]
+                with m.If(~d.valid):
+                    m.d.sync += fail(Error.BAD_INSTRUCTION)
+                    m.next = "STOP"
+                with m.Else():
+                    with m.Switch(d.opcode):
+                        with m.Case(Opcode.MV_MUL):
+                            m.d.comb += advance.eq(1)
+                            m.d.sync += [ops.reducer.eq(Reducer.MVU), ops.tile.eq(d.tile)]
+                        with m.Case(Opcode.V_POOL):
+                            m.d.comb += advance.eq(1)
+                            m.d.sync += [ops.reducer.eq(Reducer.POOL), ops.pool_sum.eq(d.op)]
+                        with m.Case(Opcode.VV_ADD, Opcode.VV_MUL, Opcode.VV_MAX, Opcode.V_RELU):
+                            m.d.comb += advance.eq(1)
+                            op = Signal(MfuOp)
+                            with m.Switch(d.opcode):
+                                with m.Case(Opcode.VV_ADD):
+                                    m.d.comb += op.eq(MfuOp.ADD)
+                                with m.Case(Opcode.VV_MUL):
+                                    m.d.comb += op.eq(MfuOp.MUL)
+                                with m.Case(Opcode.VV_MAX):
+                                    m.d.comb += op.eq(MfuOp.MAX)
+                                with m.Case(Opcode.V_RELU):
+                                    m.d.comb += op.eq(MfuOp.RELU)
+                            aux = (d.src == isa.Operand.AUX) & (op != MfuOp.MUL) & (
+                                op != MfuOp.RELU
+                            )
+                            uses_vrf = (op != MfuOp.RELU) & ~aux
+                            with m.If(slot == MFU_SLOTS):
+                                m.d.sync += fail(Error.TOO_MANY_MFU_OPS)
+                                m.next = "STOP"
+                            with m.Elif((op == MfuOp.MUL) & (slot != 0)):
+                                m.d.sync += fail(Error.MUL_NOT_FIRST)
+                                m.next = "STOP"
+                            with m.Elif(uses_vrf & (vrf_ops == 2)):
+                                m.d.sync += fail(Error.TOO_MANY_VRF_OPS)
+                                m.next = "STOP"
+                            m.d.sync += [
+                                s.op.eq(op),
+                                s.aux.eq(aux),
+                                s.vrf.eq(d.vrf),
+                                s.port.eq(vrf_ops[0]),
+                                slot.eq(slot + 1),
+                            ]
+                            with m.If(aux):
+                                m.d.sync += ops.uses_aux.eq(1)
+                            with m.If(uses_vrf):
+                                m.d.sync += vrf_ops.eq(vrf_ops + 1)
+                        with m.Case(Opcode.V_WR):
+                            m.d.comb += advance.eq(1)
+                        with m.Case(Opcode.END_CHAIN):
+                            ok_regs = ereg_ok(creg(R.IN_EREG)) & ereg_ok(creg(R.OUT_EREG))
+                            with m.If(~ok_regs):
+                                m.d.sync += fail(Error.BAD_EXP_REG)
+                                m.next = "STOP"
+                            with m.Elif(~running & ~loader.busy):
+                                m.d.comb += [advance.eq(1), chain.start.eq(1)]
+                                th = Mux(ops.tile >= tiles_half, 2, 1)
+                                vh = 0
+                                for i in range(MFU_SLOTS):
+                                    sl = ops.slots[i]
+                                    use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
+                                    vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
+                                m.d.sync += [
+                                    running.eq(1),
+                                    armed.eq(0),
+                                    out_ereg.eq(creg(R.OUT_EREG)[:4]),
+                                    run_tile_half.eq(Mux(ops.reducer == Reducer.MVU, th, 0)),
+                                    run_vrf_half.eq(vh),
+                                ]
+                                m.next = "EXEC"
+                        with m.Default():
+                            m.d.sync += fail(Error.OUTSIDE_CHAIN)
+                            m.next = "STOP"
+            with m.State("DRAIN"):
+                with m.If(~running & ~loader.busy):
+                    m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                    m.next = "IDLE"
+            with m.State("STOP"):
+                with m.If(~running & ~loader.busy):
+                    m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                    m.next = "IDLE"
+        return m

@@ -1,0 +1,74 @@
+"""Host driver: load a program and a DRAM image into the NPU, run it, read the results back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from cocotb.triggers import FallingEdge
+
+from tessera.hdl.testbench.dram import DramModel
+
+
+@dataclass
+class RunOutcome:
+    mem: np.ndarray
+    cycles: int  # the NPU's own cycle counter
+    monitored: int  # cycles between start and done, counted by the testbench
+    error: int
+    beats_read: int
+    beats_written: int
+
+
+class CycleMonitor:
+    """Counts clock cycles from ``start`` to ``done`` independently of the NPU's counter."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+
+
+class HostDriver:
+    """Drives the control/status port of the NPU top as a CPU would over its bus."""
+
+    def __init__(self, dut, dram: DramModel) -> None:
+        self.dut = dut
+        self.dram = dram
+
+    async def load_program(self, words: np.ndarray) -> None:
+        dut = self.dut
+        for i, w in enumerate(words.tolist()):
+            await FallingEdge(dut.clk)
+            dut.prog_we.value = 1
+            dut.prog_addr.value = i
+            dut.prog_data.value = int(w)
+        await FallingEdge(dut.clk)
+        dut.prog_we.value = 0
+
+    async def run(self, words: np.ndarray, image: np.ndarray, max_cycles: int) -> RunOutcome:
+        dut = self.dut
+        self.dram.load(image)
+        r0, w0 = self.dram.beats_read, self.dram.beats_written
+        await self.load_program(words)
+        await FallingEdge(dut.clk)
+        dut.start.value = 1
+        await FallingEdge(dut.clk)
+        dut.start.value = 0
+        mon = CycleMonitor()
+        while not int(dut.done.value):
+            await FallingEdge(dut.clk)
+            mon.tick()
+            if mon.count > max_cycles:
+                raise AssertionError(
+                    f"NPU not done after {max_cycles} cycles (pc={int(dut.pc.value)})"
+                )
+        return RunOutcome(
+            mem=self.dram.mem.copy(),
+            cycles=int(dut.cycles.value),
+            monitored=mon.count,
+            error=int(dut.error.value),
+            beats_read=self.dram.beats_read - r0,
+            beats_written=self.dram.beats_written - w0,
+        )
