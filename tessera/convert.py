@@ -342,6 +342,13 @@ class _SavedModelSource:
         outputs = outputs or self.output_names
         in_tensors = [self._tensor("input", name) for name in inputs]
         out_tensors = [self._tensor("output", name) for name in outputs]
+        resolved = [t.name for t in [*in_tensors, *out_tensors]]
+        repeated = sorted({n for n in resolved if resolved.count(n) > 1})
+        if repeated:  # e.g. a signature key and the tensor it stands for
+            raise TesseraError(
+                f"{self.path}: tensors {repeated} are named more than once among the inputs "
+                "and outputs"
+            )
         cut, placeholders = self._cut(inputs, in_tensors, outputs, out_tensors)
         renames = dict(zip(placeholders, inputs, strict=True))
         renames.update({t.name: name for t, name in zip(out_tensors, outputs, strict=True)})
@@ -362,56 +369,65 @@ class _SavedModelSource:
         out_tensors: list[tf.Tensor],
     ) -> tuple[Any, list[str]]:
         """The frozen GraphDef with each input tensor replaced by a placeholder, pruned to
-        what the outputs need; fails if an output needs anything else fed."""
+        what the outputs need; fails if an output needs anything else fed.
+
+        The needed nodes are found first and only they are copied: a SavedModel's frozen
+        graph holds all its weights (553 MB for VGG-16), and every copy counts.
+        """
         import tensorflow as tf
 
-        graph_def = tf.compat.v1.GraphDef()
-        graph_def.versions.CopyFrom(self.graph_def.versions)
-        graph_def.library.CopyFrom(self.graph_def.library)
-        existing = {node.name for node in self.graph_def.node}
-        replaced: dict[str, str] = {}
+        nodes = {node.name: node for node in self.graph_def.node}
+        placeholders: dict[str, str] = {}  # cut tensor -> name of the placeholder feeding it
         for index, tensor in enumerate(in_tensors):
             name = f"{_PLACEHOLDER_PREFIX}_{index}"
-            while name in existing:
+            while name in nodes:
                 name += "_"
-            placeholder = graph_def.node.add(name=name, op="Placeholder")
-            placeholder.attr["dtype"].type = tensor.dtype.as_datatype_enum
-            if tensor.shape.rank is not None:
-                shape = tf.TensorShape(_batch_one(tensor.shape.as_list()))
-                placeholder.attr["shape"].shape.CopyFrom(shape.as_proto())
-            replaced[tensor.name] = name
-        for node in self.graph_def.node:
-            copy = graph_def.node.add()
-            copy.CopyFrom(node)
-            for index, source in enumerate(copy.input):
-                if not source.startswith("^"):
-                    tensor_name = source if ":" in source else f"{source}:0"
-                    copy.input[index] = replaced.get(tensor_name, source)
-        nodes = {node.name: node for node in graph_def.node}
-        needed, stack = set(), [t.op.name for t in out_tensors]
+            placeholders[tensor.name] = name
+
+        def cut_inputs(node: Any) -> list[str]:
+            """The node's input list with the cut tensors read from their placeholders."""
+            return [
+                s if s.startswith("^") else placeholders.get(s if ":" in s else f"{s}:0", s)
+                for s in node.input
+            ]
+
+        fed_by = set(placeholders.values())
+        needed, fed, stack = set(), set(), [t.op.name for t in out_tensors]
         while stack:
             name = stack.pop()
-            if name not in needed:
+            if name in fed_by:
+                fed.add(name)
+            elif name not in needed:
                 needed.add(name)
-                stack.extend(s.lstrip("^").split(":")[0] for s in nodes[name].input)
-        fed = set(replaced.values())
-        unfed = [n for n in needed if nodes[n].op == "Placeholder" and n not in fed]
+                stack.extend(s.lstrip("^").split(":")[0] for s in cut_inputs(nodes[name]))
+        unfed = sorted(n for n in needed if nodes[n].op == "Placeholder")
         if unfed:
             raise TesseraError(
-                f"{self.path}: outputs {outputs} also depend on {sorted(unfed)}, which the "
+                f"{self.path}: outputs {outputs} also depend on {unfed}, which the "
                 f"inputs {inputs} do not cut off; add them to the inputs or cut later"
             )
         unused = [
-            i for i, t in zip(inputs, in_tensors, strict=True) if replaced[t.name] not in needed
+            i for i, t in zip(inputs, in_tensors, strict=True) if placeholders[t.name] not in fed
         ]
         if unused:
             raise TesseraError(
                 f"{self.path}: inputs {unused} do not feed any of the outputs {outputs}"
             )
-        kept = [node for node in graph_def.node if node.name in needed]
-        del graph_def.node[:]
-        graph_def.node.extend(kept)
-        return graph_def, [f"{replaced[t.name]}:0" for t in in_tensors]
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.versions.CopyFrom(self.graph_def.versions)
+        graph_def.library.CopyFrom(self.graph_def.library)
+        for tensor in in_tensors:
+            placeholder = graph_def.node.add(name=placeholders[tensor.name], op="Placeholder")
+            placeholder.attr["dtype"].type = tensor.dtype.as_datatype_enum
+            if tensor.shape.rank is not None:
+                shape = tf.TensorShape(_batch_one(tensor.shape.as_list()))
+                placeholder.attr["shape"].shape.CopyFrom(shape.as_proto())
+        for node in self.graph_def.node:
+            if node.name in needed:
+                copy = graph_def.node.add()
+                copy.CopyFrom(node)
+                copy.input[:] = cut_inputs(node)
+        return graph_def, [f"{placeholders[t.name]}:0" for t in in_tensors]
 
 
 def _open(kind: str, path: pathlib.Path, signature: str | None) -> _KerasSource | _SavedModelSource:

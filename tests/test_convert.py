@@ -181,6 +181,11 @@ def test_wrong_saved_model_name_lists_tensors_closest_first(saved, tmp_path) -> 
     assert "output_0" in message and SM_POOL in message
 
 
+def test_same_tensor_under_two_names(saved, tmp_path) -> None:
+    with pytest.raises(TesseraError, match=r"tensors \['image:0'\] are named more than once"):
+        _convert_in_process(saved["sm"], tmp_path / "x.onnx", ["image", "image:0"], [SM_POOL])
+
+
 def test_unknown_output_index(saved, tmp_path) -> None:
     with pytest.raises(TesseraError, match="no output tensor named 'add_x:3'"):
         _convert_in_process(saved["sm"], tmp_path / "x.onnx", [SM_CONV1], ["add_x:3"])
