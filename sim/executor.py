@@ -159,7 +159,8 @@ class Simulator:
         """Execute one chain over the whole output map.
 
         Vectors are lane-major (see :mod:`tessera.sim.kernels`): mantissas [blocks, N,
-        pixels] as exact float64 integers, exponents [blocks, pixels].
+        pixels] as exact integers in float32 (float64 for accumulators), exponents
+        [blocks, pixels].
         """
         cfg, st = self.cfg, self.state
         n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
@@ -219,7 +220,7 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            vq = wq.reshape(p, ocnt, n).transpose(1, 2, 0).astype(np.float64, order="C")
+            vq = wq.reshape(p, ocnt, n).transpose(1, 2, 0).astype(kernels.W32, order="C")
             ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
         for ins in body:
             vq, ve = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
@@ -240,7 +241,7 @@ class Simulator:
     def _vrf(self, base: int, cnt: int) -> tuple[np.ndarray, np.ndarray]:
         """VRF entries ``base..base+cnt`` lane-major: mantissas [cnt, N, 1], exponents [cnt, 1]."""
         st = self.state
-        cq = st.vrf_q[base : base + cnt].astype(np.float64)[:, :, None]
+        cq = st.vrf_q[base : base + cnt].astype(kernels.W32)[:, :, None]
         return cq, st.vrf_e[base : base + cnt][:, None]
 
     def mfu(self, ins: Instr, vq, ve, ocnt: int, out_hw: tuple[int, int], bits: int):
@@ -262,7 +263,7 @@ class Simulator:
                 q, e = self._tensor(st.addr(Reg.AUX_ADDR), oh, ow, acb)
                 p = oh * ow
                 yq = q[:, :, aoff : aoff + ocnt].reshape(p, ocnt, n).transpose(1, 2, 0)
-                yq = yq.astype(np.float64, order="C")
+                yq = yq.astype(kernels.W32, order="C")
                 ye = e[:, :, aoff : aoff + ocnt].reshape(p, ocnt).T.astype(np.int64, order="C")
             fn = kernels.lm_wide_add if ins.op == "vv_add" else kernels.lm_wide_max
             return fn(vq, ve, yq, ye, bits)

@@ -119,27 +119,32 @@ def read_clamped_grid(
 # --------------------------------------------------------------------------- lane-major
 #
 # The instruction simulator's fast path. Wide vectors are held *lane-major*: mantissas
-# ``[B, N, P]`` (output block, lane, pixel) as float64 and exponents ``[B, P]`` as int64,
-# so that every per-vector reduction runs over the middle axis with a contiguous inner
-# axis (an order of magnitude faster in numpy than reducing a short last axis).
+# ``[B, N, P]`` (output block, lane, pixel) and exponents ``[B, P]`` (int64), so that every
+# per-vector reduction runs over the middle axis with a contiguous inner axis (an order
+# of magnitude faster in numpy than reducing a short last axis). Wide mantissas are
+# float32; accumulators, grids and ``vv_mul`` products are float64.
 #
-# Why float64 is exact here: every mantissa, accumulator and intermediate below is an
-# integer of magnitude < 2**53 (the compiler bounds the accumulator, see the module doc;
-# wide mantissas have at most 24 bits, so an aligned sum has at most 25 and a
-# ``vv_mul`` product at most 48). Such integers are exact float64 values; adding two of
-# them whose sum stays < 2**53 is exact; multiplying by ``2**-s`` only changes the
-# exponent (no float64 underflow is reachable: ``|x| >= 1`` and ``s < 1000``, and a
-# product below 2**-1074 would round to 0, which is also the exact RNE result); and
-# ``np.rint`` rounds half to even, so ``rint(x * 2**-s)`` is exactly
-# :func:`tessera.numerics.rne_shift` ``(x, s)`` (which caps ``s`` at 62; any ``s >= 54``
-# gives 0 both ways since ``|x| < 2**53``). ``np.frexp`` of an exact integer gives its bit
-# length. Each function below is the same formula as its :mod:`tessera.numerics`
-# counterpart step for step, with work skipped only where it is provably a no-op.
+# Why this is exact. (1) Every value is an integer that its float type represents
+# exactly: accumulators and grids are < 2**53 (the compiler bounds the accumulator, see
+# the module doc), wide mantissas have at most 24 bits (``mfu_mantissa_bits <= 24``,
+# stored constants 16), an aligned sum of two of them is < 2**24 in magnitude, and a
+# ``vv_mul`` product (< 2**47) is formed in float64. Sums and maxima of such values are
+# therefore exact. (2) Multiplying by ``2**-s`` only moves the binary point: the product
+# is exact unless it falls below the smallest normal number, and then it is < 0.5, whose
+# RNE result 0 is what any rounding of it gives too. (3) ``np.rint`` rounds half to even,
+# so ``rint(x * 2**-s)`` is exactly :func:`tessera.numerics.rne_shift` ``(x, s)`` (which
+# caps ``s`` at 62; every ``s >= 54`` gives 0 both ways). Roundings are always done in
+# the input's float type before a narrowing store, never by the float32 cast itself.
+# (4) ``np.frexp`` of an exact integer gives its bit length. Each function below is the
+# same formula as its :mod:`tessera.numerics` counterpart step for step, with work
+# skipped only where it is provably a no-op.
+
+W32 = np.float32  #: dtype of wide mantissas
 
 
-def pow2(e: np.ndarray | int) -> np.ndarray:
-    """Exact float64 ``2**e`` for integer ``e`` (0.0 below float64's range)."""
-    return np.ldexp(1.0, np.asarray(e, dtype=np.int32))
+def pow2(e: np.ndarray | int, dtype=np.float64) -> np.ndarray:
+    """Exact ``2**e`` for integer ``e`` (0 below the float type's range)."""
+    return np.ldexp(dtype(1), np.asarray(e, dtype=np.int32))
 
 
 def lm_normalize(
@@ -147,8 +152,9 @@ def lm_normalize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`numerics.normalize` on lane-major ``x`` [B, N, P] -> (q [B, N, P], e [B, P]).
 
-    ``amax`` (the lane-wise maximum magnitude [B, P]) may be passed when the caller already
-    has it. May return ``x`` itself (or overwrite nothing else) when no vector needs a shift.
+    ``x`` is float64 or float32 (exact integers); ``q`` is float32 (``bits <= 24``).
+    ``amax`` (the lane-wise maximum magnitude [B, P]) may be passed when the caller has
+    it. ``q`` may be ``x`` itself when ``x`` is float32 and no vector needs a shift.
     """
     if amax is None:
         amax = np.abs(x).max(axis=1)
@@ -158,10 +164,11 @@ def lm_normalize(
     e = np.where(amax == 0, numerics.E_ZERO, lsb + shift)
     if not shift.any():
         # amax < 2**(bits-1): nothing to round, nothing to saturate.
-        return x, e
-    f = pow2(-shift)
-    q = x * f[:, None, :]
-    np.rint(q, out=q)
+        return (x if x.dtype == W32 else x.astype(W32)), e
+    f = pow2(-shift, x.dtype.type)
+    t = x * f[:, None, :]
+    q = t if x.dtype == W32 else np.empty(x.shape, W32)
+    np.rint(t, out=q)  # rounded in x's type, then stored (exactly) as float32
     lim = numerics.sat_limit(bits)
     # RNE is monotone and odd, so a vector's largest |q| is rint(amax * f).
     if np.any(np.rint(amax * f) > lim):
@@ -170,29 +177,24 @@ def lm_normalize(
 
 
 def lm_shift(x: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``numerics.rne_shift(x, s)`` for lane-major ``x`` and per-vector shifts ``s >= 0``."""
+    """``numerics.rne_shift(x, s)`` for lane-major float32 ``x``, per-vector ``s >= 0``."""
     if not s.any():
         return x
-    q = x * pow2(-s)[:, None, :]
+    q = x * pow2(-s, W32)[:, None, :]
     return np.rint(q, out=q)
 
 
 def lm_align(xq, xe, yq, ye):
     """:func:`numerics.align`; ``yq`` may be [B, N, 1] (a constant broadcast over pixels)."""
     e = np.maximum(xe, ye)
-    xa = lm_shift(xq, e - xe)
-    dy = e - ye
-    if dy.any():
-        ya = yq * pow2(-dy)[:, None, :]
-        np.rint(ya, out=ya)
-    else:
-        ya = yq
-    return xa, ya, e
+    return lm_shift(xq, e - xe), lm_shift(yq, e - ye), e
 
 
 def lm_wide_add(xq, xe, yq, ye, bits: int):
     xa, ya, e = lm_align(xq, xe, yq, ye)
-    return lm_normalize(xa + ya, e, bits)
+    # xa has the full shape (ya may be broadcast); add in place when xa is a temporary.
+    s = np.add(xa, ya, out=xa) if xa is not xq else xa + ya
+    return lm_normalize(s, e, bits)
 
 
 def lm_wide_max(xq, xe, yq, ye, bits: int):
@@ -201,7 +203,7 @@ def lm_wide_max(xq, xe, yq, ye, bits: int):
 
 
 def lm_wide_mul(xq, xe, cq, ce, bits: int):
-    return lm_normalize(xq * cq, xe + ce, bits)
+    return lm_normalize(np.multiply(xq, cq, dtype=np.float64), xe + ce, bits)
 
 
 def lm_wide_relu(xq, xe, bits: int):
@@ -216,7 +218,7 @@ def lm_to_storage(q: np.ndarray, e: np.ndarray, bits: int) -> tuple[np.ndarray, 
     over = e > numerics.E_MAX
     if np.any(over):
         up = np.where(over, np.clip(e - numerics.E_MAX, 0, 40), 0)
-        q = np.clip(q * pow2(up)[:, None, :], -lim, lim)
+        q = np.clip(q * pow2(up, W32)[:, None, :], -lim, lim)
         e = np.where(over, numerics.E_MAX, e)
     under = (e < numerics.E_MIN) & (e != numerics.E_ZERO)
     if np.any(under):
