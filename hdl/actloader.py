@@ -14,7 +14,7 @@ train, then one exponent burst train (the exponent plane is byte-addressed, so a
 carry the exponents of two blocks; even and odd entries live in two memories).
 """
 
-from amaranth import Module, Signal
+from amaranth import Module, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import WritePort
 from amaranth.lib.wiring import In, Out
@@ -116,15 +116,15 @@ class ActLoader(wiring.Component):
             mw.data.eq(bus.rdata << (k * 16) if gran > 1 else bus.rdata),
         ]
         # Exponent beat at byte b: bytes b, b+1 -> entries ebase + (b - e_ptr) + 0/1.
-        rel = Signal(33)
-        m.d.comb += rel.eq(b - e_ptr)
+        rel = Signal(signed(34))
+        m.d.comb += rel.eq(b.as_signed() - e_ptr.as_signed())
         e0 = Signal(eb + 2)
         m.d.comb += e0.eq(ebase + rel)
         ok0 = Signal()
         ok1 = Signal()
         m.d.comb += [
-            ok0.eq((b >= e_ptr) & (rel < self.seg_blocks)),
-            ok1.eq((b + 1 >= e_ptr) & (rel + 1 < self.seg_blocks)),
+            ok0.eq((rel >= 0) & (rel < self.seg_blocks)),
+            ok1.eq((rel + 1 >= 0) & (rel + 1 < self.seg_blocks)),
         ]
         wr = [self.exp_wr0, self.exp_wr1]
         for byte in range(2):

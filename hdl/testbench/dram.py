@@ -21,6 +21,8 @@ class DramModel:
         self.beats_read = 0
         self.beats_written = 0
         self.commands = 0
+        #: (address, data, strobes) of every write beat when set to a list (debugging).
+        self.log: list | None = None
 
     def load(self, image: np.ndarray) -> None:
         self.mem[:] = 0
@@ -42,28 +44,30 @@ class DramModel:
         """
         dut = self.dut
         mem = self.mem
-        dut.mem_cmd_ready.value = 1
-        dut.mem_rvalid.value = 0
-        dut.mem_wready.value = 0
+        dut.mem__cmd_ready.value = 1
+        dut.mem__rvalid.value = 0
+        dut.mem__wready.value = 0
         read_left = write_left = 0
         addr = 0
         while True:
             await FallingEdge(dut.clk)
             if read_left:
                 self._check(addr, 2)
-                dut.mem_rdata.value = int(mem[addr]) | int(mem[addr + 1]) << 8
-                dut.mem_rvalid.value = 1
+                dut.mem__rdata.value = int(mem[addr]) | int(mem[addr + 1]) << 8
+                dut.mem__rvalid.value = 1
                 addr += 2
                 read_left -= 1
                 self.beats_read += 1
             else:
-                dut.mem_rvalid.value = 0
+                dut.mem__rvalid.value = 0
             if write_left:
-                dut.mem_wready.value = 1
-                if int(dut.mem_wvalid.value):
-                    data = int(dut.mem_wdata.value)
-                    strb = int(dut.mem_wstrb.value)
+                dut.mem__wready.value = 1
+                if int(dut.mem__wvalid.value):
+                    data = int(dut.mem__wdata.value)
+                    strb = int(dut.mem__wstrb.value)
                     self._check(addr, 2)
+                    if self.log is not None:
+                        self.log.append((addr, data, strb))
                     if strb & 1:
                         mem[addr] = data & 0xFF
                     if strb & 2:
@@ -72,16 +76,16 @@ class DramModel:
                     write_left -= 1
                     self.beats_written += 1
             else:
-                dut.mem_wready.value = 0
+                dut.mem__wready.value = 0
             free = read_left == 0 and write_left == 0
-            dut.mem_cmd_ready.value = int(free)
-            if free and int(dut.mem_cmd_valid.value):
+            dut.mem__cmd_ready.value = int(free)
+            if free and int(dut.mem__cmd_valid.value):
                 self.commands += 1
-                addr = int(dut.mem_cmd_addr.value)
-                length = int(dut.mem_cmd_len.value)
+                addr = int(dut.mem__cmd_addr.value)
+                length = int(dut.mem__cmd_len.value)
                 if addr & 1 or length == 0:
                     raise AssertionError(f"bad DRAM command addr={addr:#x} len={length}")
-                if int(dut.mem_cmd_write.value):
+                if int(dut.mem__cmd_write.value):
                     write_left = length
                 else:
                     read_left = length

@@ -23,6 +23,8 @@ async def run_jobs(dut):
     size = max(int(np.load(j)["image"].size) for j in jobs)
     cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
     dram = DramModel(dut, size + 64)
+    if os.environ.get("TESSERA_RTL_LOG"):
+        dram.log = []
     cocotb.start_soon(dram.run())
     dut.start.value = 0
     dut.prog_we.value = 0
@@ -37,6 +39,9 @@ async def run_jobs(dut):
         image[: data["image"].size] = data["image"]
         out = await host.run(data["words"], image, int(data["max_cycles"]))
         idx = job.stem.split("_")[1]
+        if dram.log is not None:
+            print("WRITES", [(hex(a), hex(d), s) for a, d, s in dram.log if a >= 880])
+            dram.log.clear()
         np.savez(
             folder / f"result_{idx}.npz",
             mem=out.mem[: data["image"].size],
