@@ -256,10 +256,23 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
     return out.reshape(ob * n, k * n)
 
 
-def gemm_exact_t(cols: np.ndarray, wg: np.ndarray) -> np.ndarray:
-    """Exact accumulators transposed, ``wg @ cols.T`` [O, P], as float64 (see module doc)."""
+def used_columns(wg: np.ndarray) -> np.ndarray | None:
+    """Indices of the weight-grid columns that are not all zero, if worth skipping the rest."""
     used = np.flatnonzero(np.any(wg != 0, axis=0))
-    if used.size < 0.75 * wg.shape[1]:  # skip all-zero columns (channel padding)
+    return used if used.size < 0.75 * wg.shape[1] else None
+
+
+def gemm_exact_t(
+    cols: np.ndarray, wg: np.ndarray, used: np.ndarray | bool | None = True
+) -> np.ndarray:
+    """Exact accumulators transposed, ``wg @ cols.T`` [O, P], as float64 (see module doc).
+
+    ``used``: columns to keep (all-zero weight columns, i.e. channel padding, add nothing);
+    ``True`` finds them, ``None`` keeps all.
+    """
+    if used is True:
+        used = used_columns(wg)
+    if used is not None:
         return wg[:, used] @ cols[:, used].T
     return wg @ cols.T
 
