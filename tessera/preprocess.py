@@ -16,15 +16,19 @@ decode and a resize is not acceptable, so this module uses Pillow and numpy only
 
 * **JPEG decoding.** Pillow's libjpeg-turbo uses the accurate integer IDCT; its pixels are
   identical to ``tf.io.decode_jpeg(..., dct_method="INTEGER_ACCURATE")``. TensorFlow's
-  *default* ``dct_method`` is libjpeg's fast integer IDCT, which Pillow cannot select; it
-  is off by up to 18 levels on single pixels of the sample photos (about 1 on average), a
-  loss of decoding accuracy, not a different specification, so we keep the accurate one.
+  *default* ``dct_method`` is libjpeg's fast integer IDCT, which Pillow cannot select; on
+  the sample photos it is off by up to 18 levels on single pixels (1.04 on average, up to
+  16.0 after preprocessing), a loss of decoding accuracy, not a different specification,
+  so we keep the accurate one.
 * **PNG decoding** gives the same bytes as ``tf.io.decode_png(..., channels=3)``, including
   the conversions below.
 * **Resizing** has the semantics of ``tf.image.resize(method="bilinear",
   antialias=False)``: half-pixel centres, no low-pass filter when shrinking (Pillow's own
   bilinear resampling widens its kernel when downscaling, so it is not used), computed in
-  float32 in TensorFlow's operation order.
+  float32 in TensorFlow's operation order. On the sample photos (PNG, or JPEG with the
+  accurate IDCT) the output tensors are bit-identical to TensorFlow's.
+* **EXIF orientation** is ignored, as TensorFlow's decoders ignore it, unless a spec asks
+  for it (``apply_exif_orientation``).
 * **Odd images** are converted to 8-bit RGB the way TensorFlow's decoders do with
   ``channels=3`` (see :func:`decode_image`); broken input raises
   :class:`~tessera.errors.ImageDecodeError`.
@@ -161,10 +165,12 @@ PRESETS: dict[str, PreprocessSpec] = {
     # ImageNet weights for these networks expect ("caffe" mode: BGR, these means, no scale).
     "resnet": PreprocessSpec("resnet", channel_order="BGR"),
     "vgg": PreprocessSpec("vgg", channel_order="BGR"),
-    # DenseNet-121 was trained in Caffe with BGR input scaled by 0.017 after the means.
+    # DenseNet-121: the seeds scale by 0.017 after the means (~1/58.8, in place of a
+    # division by the standard deviation), with BGR input as in its Caffe release.
     "densenet": PreprocessSpec("densenet", scale=0.017, channel_order="BGR"),
-    # SSD-VGG (the seeds' "ssd_300_vgg" graph) subtracts the means in RGB order and resizes
-    # the whole image to 300x300 without keeping the aspect ratio.
+    # SSD-VGG: the seeds' "ssd_300_vgg/..." tensor names are those of the TensorFlow SSD
+    # port, whose preprocessing subtracts the means in RGB order and resizes the whole
+    # image to 300x300 without keeping the aspect ratio.
     "ssd": PreprocessSpec("ssd", size=300, resize_shorter=None, channel_order="RGB"),
 }
 
@@ -283,7 +289,9 @@ def decode_image(data: bytes, *, apply_exif_orientation: bool = False) -> np.nda
       ``value * 255 / 65535``;
     * CMYK (and YCCK) JPEGs become ``R = (255 - C) * (255 - K) // 255`` and likewise for G
       and B, TensorFlow's integer formula; Pillow has already undone the inversion that
-      Adobe-marked files store.
+      Adobe-marked files store;
+    * of a multi-picture JPEG (MPO, as phone cameras write) or an animated PNG, the first
+      picture is decoded.
 
     EXIF orientation is ignored unless ``apply_exif_orientation`` is set, as TensorFlow
     ignores it. Empty, truncated or corrupt bytes, images of zero width or height, and

@@ -190,6 +190,9 @@ def _odd_pngs(tf) -> dict[str, bytes]:
         "palette-transparency": _encode(palette, "PNG", transparency=7),
         "rgba": _encode(Image.fromarray(photo).convert("RGBA"), "PNG"),
         "interlaced": _encode(photo, "PNG", optimize=False, interlace=1),
+        "animated": _encode(
+            Image.fromarray(photo), "PNG", save_all=True, append_images=[palette.convert("RGB")]
+        ),
         # Pillow cannot write 16-bit colour PNGs; TensorFlow can.
         "16-bit-gray": tf.io.encode_png(noise16[..., :1]).numpy(),
         "16-bit-gray-alpha": tf.io.encode_png(noise16[..., :2]).numpy(),
@@ -206,6 +209,7 @@ ODD_PNGS = [
     "palette-transparency",
     "rgba",
     "interlaced",
+    "animated",
     "16-bit-gray",
     "16-bit-gray-alpha",
     "16-bit-rgb",
@@ -231,11 +235,14 @@ def test_16_bit_png_keeps_high_byte(tf) -> None:
     np.testing.assert_array_equal(got[..., 0], got[..., 2])
 
 
-@pytest.mark.parametrize("kind", ["gray", "cmyk"])
+@pytest.mark.parametrize("kind", ["gray", "cmyk", "mpo"])
 def test_odd_jpeg_converted_like_tf(tf, kind: str) -> None:
     photo = Image.fromarray(PHOTOS["chelsea"])
-    image = photo.convert("L") if kind == "gray" else photo.convert("CMYK")
-    data = _encode(image, "JPEG", quality=90)  # Pillow marks CMYK JPEGs as Adobe (inverted)
+    if kind == "mpo":  # multi-picture JPEG, as phone cameras write: the first picture
+        second = Image.fromarray(PHOTOS["coffee"])
+        data = _encode(photo, "MPO", save_all=True, append_images=[second], quality=90)
+    else:  # Pillow marks CMYK JPEGs as Adobe (stored inverted)
+        data = _encode(photo.convert("L" if kind == "gray" else "CMYK"), "JPEG", quality=90)
     want = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE").numpy()
     got = decode_image(data)
     np.testing.assert_array_equal(got, want)
