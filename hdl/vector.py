@@ -80,6 +80,21 @@ class VectorPipe(wiring.Component):
         v = Signal()
         q = [Signal(signed(big), name=f"s0q{i}") for i in range(n)]
         e = Signal(signed(bfp.EXP_BITS), name="s0e")
+        # The AUX block of this (pixel, block) joins the vector here and travels with it, so
+        # every AUX op of the chain sees the same block.
+        xq = Signal(n * 8, name="s0xq")
+        xe = Signal(signed(8), name="s0xe")
+        entering = Signal()
+        m.d.comb += entering.eq(
+            Mux(
+                ops.reducer == Reducer.MVU,
+                self.mvu_valid,
+                Mux(ops.reducer == Reducer.POOL, self.pool_valid, self.raw_valid),
+            )
+        )
+        with m.If(entering & ops.uses_aux):
+            m.d.comb += self.aux_pop.eq(1)
+            m.d.sync += [xq.eq(self.aux_q), xe.eq(self.aux_e)]
         m.d.sync += v.eq(0)
         with m.Switch(ops.reducer):
             with m.Case(Reducer.MVU):
@@ -98,7 +113,6 @@ class VectorPipe(wiring.Component):
         ports = [getattr(self, f"vrf{p}") for p in range(VRF_PORTS)]
         for p in ports:
             m.d.comb += p.en.eq(1)
-        aux_q = [self.aux_q.word_select(i, 8).as_signed() for i in range(n)]
         for s in range(MFU_SLOTS):
             cfg_s = ops.slots[s]
             # Stage A: hold the vector while the operand is read.
@@ -107,6 +121,9 @@ class VectorPipe(wiring.Component):
             ea = Signal(signed(bfp.EXP_BITS), name=f"ea{s}")
             ob = Signal(16, name=f"ob{s}")
             m.d.sync += [va.eq(v), ea.eq(e)] + [qa[i].eq(q[i]) for i in range(n)]
+            xqa = Signal(n * 8, name=f"xqa{s}")
+            xea = Signal(signed(8), name=f"xea{s}")
+            m.d.sync += [xqa.eq(xq), xea.eq(xe)]
             with m.If(self.start):
                 m.d.sync += ob.eq(0)
             with m.Elif(v):
@@ -119,14 +136,13 @@ class VectorPipe(wiring.Component):
             yq = [Signal(signed(big), name=f"yq{s}_{i}") for i in range(n)]
             ye = Signal(signed(bfp.EXP_BITS), name=f"ye{s}")
             with m.If(cfg_s.aux):
-                m.d.comb += [ye.eq(self.aux_e)] + [yq[i].eq(aux_q[i]) for i in range(n)]
+                m.d.comb += [ye.eq(xea)]
+                m.d.comb += [yq[i].eq(xqa.word_select(i, 8).as_signed()) for i in range(n)]
             with m.Else():
                 word = Signal(vrf_word_bits(cfg), name=f"vw{s}")
                 m.d.comb += word.eq(Mux(cfg_s.port, ports[1].data, ports[0].data))
                 m.d.comb += [ye.eq(word.word_select(n, 16).as_signed())]
                 m.d.comb += [yq[i].eq(word.word_select(i, 16).as_signed()) for i in range(n)]
-            with m.If(va & cfg_s.aux & (cfg_s.op != MfuOp.NONE)):
-                m.d.comb += self.aux_pop.eq(1)
 
             emax = Signal(signed(bfp.EXP_BITS), name=f"em{s}")
             m.d.comb += emax.eq(Mux(ea > ye, ea, ye))
@@ -165,7 +181,10 @@ class VectorPipe(wiring.Component):
                 m.d.sync += [eb.eq(ea)] + [qb[i].eq(qa[i]) for i in range(n)]
             with m.Else():
                 m.d.sync += [eb.eq(ne)] + [qb[i].eq(nq[i]) for i in range(n)]
-            v, q, e = vb, qb, eb
+            xqb = Signal(n * 8, name=f"xqb{s}")
+            xeb = Signal(signed(8), name=f"xeb{s}")
+            m.d.sync += [xqb.eq(xqa), xeb.eq(xea)]
+            v, q, e, xq, xe = vb, qb, eb, xqb, xeb
 
         # Re-block to storage BFP for the writer.
         sq, se = bfp.to_storage(m, q, e, cfg.mantissa_bits, "st")
