@@ -238,7 +238,7 @@ class Simulator:
                 self._cols_gen += 1
             wfloor = st.reg(R.W_EXP_FLOOR)
             acc = self._mv_mul(pc, ops[1].args["tile"], ocnt, kernel[0] * kernel[1] * icnt)
-            vq, ve = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
+            vq, ve, va = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -247,7 +247,7 @@ class Simulator:
             is_max = ops[1].args["op"] == PoolOp.MAX
             red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
             red = np.ascontiguousarray(red.reshape(p, ocnt, n).transpose(1, 2, 0))
-            vq, ve = kernels.lm_normalize(red, floor, big)
+            vq, ve, va = kernels.lm_normalize(red, floor, big)
         else:
             if icnt != ocnt:
                 raise SimulationError("an elementwise chain needs IN_CB_CNT == OUT_CB_CNT")
@@ -255,16 +255,18 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            vq = wq.reshape(p, ocnt, n).transpose(1, 2, 0).astype(kernels.W32, order="C")
+            vq = kernels.to_lane_major(wq.reshape(p, ocnt * n)).reshape(ocnt, n, p)
             ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
+            va = None
         for ins in body:
-            vq, ve = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
-        sq, se = kernels.lm_to_storage(vq, ve, m)
+            vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
+        sq, se = kernels.lm_to_storage(vq, ve, m, va)
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
             self._cols_key = None
         oq, oe = self._tensor(out_addr, oh, ow, ocb)
+        sq = sq.astype(oq.dtype)  # exact integers within the storage range
         oq[:, :, ooff : ooff + ocnt, :] = sq.transpose(2, 0, 1).reshape(oh, ow, ocnt, n)
         oe[:, :, ooff : ooff + ocnt] = se.T.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
@@ -452,8 +454,8 @@ class Simulator:
                     raise SimulationError("AUX block range exceeds its tensor")
                 q, e = self._tensor(st.addr(Reg.AUX_ADDR), oh, ow, acb)
                 p = oh * ow
-                yq = q[:, :, aoff : aoff + ocnt].reshape(p, ocnt, n).transpose(1, 2, 0)
-                yq = yq.astype(kernels.W32, order="C")
+                yq = q.reshape(p, acb * n)[:, aoff * n : (aoff + ocnt) * n]
+                yq = kernels.to_lane_major(yq).reshape(ocnt, n, p)
                 ye = e[:, :, aoff : aoff + ocnt].reshape(p, ocnt).T.astype(np.int64, order="C")
             fn = kernels.lm_wide_add if ins.op == "vv_add" else kernels.lm_wide_max
             return fn(vq, ve, yq, ye, bits)

@@ -147,59 +147,82 @@ def pow2(e: np.ndarray | int, dtype=np.float64) -> np.ndarray:
     return np.ldexp(dtype(1), np.asarray(e, dtype=np.int32))
 
 
+def _neg_pow2(s: np.ndarray, dtype) -> np.ndarray:
+    """``2**-s`` for integer ``s >= 0``, built from its exponent bits.
+
+    ``s`` is capped (at 1000 for float64, 100 for float32) where that keeps the factor a
+    normal number: every value scaled here is below ``2**53`` (float64) or ``2**25``
+    (float32), so any shift from 54 (26) up rounds it to 0 whether capped or not.
+    """
+    if dtype == np.float64:
+        return ((1023 - np.minimum(s, 1000)) << 52).view(np.float64)
+    return ((127 - np.minimum(s, 100)).astype(np.int32) << 23).view(np.float32)
+
+
+def _bit_length(amax: np.ndarray) -> np.ndarray:
+    """Bit length of non-negative exact float integers (garbage <= 0 for 0), from the
+    float's exponent field: ``x = 1.f * 2**(E - bias)`` has ``E - bias + 1`` bits."""
+    if amax.dtype == np.float64:
+        return (amax.view(np.int64) >> 52) - 1022
+    return (amax.view(np.int32) >> 23).astype(np.int64) - 126
+
+
 def lm_normalize(
     x: np.ndarray, lsb: np.ndarray | int, bits: int, amax: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`numerics.normalize` on lane-major ``x`` [B, N, P] -> (q [B, N, P], e [B, P]).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`numerics.normalize` on lane-major ``x`` [B, N, P] -> (q, e [B, P], max |q|).
 
-    ``x`` is float64 or float32 (exact integers); ``q`` is float32 (``bits <= 24``).
-    ``amax`` (the lane-wise maximum magnitude [B, P]) may be passed when the caller has
-    it. ``q`` may be ``x`` itself when ``x`` is float32 and no vector needs a shift.
+    ``x`` is float64 or float32 (exact integers) and is consumed (it may be overwritten or
+    returned); ``q`` is float32 (``bits <= 24``). ``amax``, the lane-wise maximum
+    magnitude [B, P] of ``x``, may be passed when the caller has it; the one of ``q`` is
+    returned for the next step.
     """
     if amax is None:
         amax = np.abs(x).max(axis=1)
-    _, bl = np.frexp(amax)
-    shift = np.maximum(bl - (bits - 1), 0)
-    lsb = np.asarray(lsb, dtype=np.int64)
-    e = np.where(amax == 0, numerics.E_ZERO, lsb + shift)
+    shift = np.maximum(_bit_length(amax) - (bits - 1), 0)
+    e = np.where(amax == 0, numerics.E_ZERO, np.asarray(lsb, dtype=np.int64) + shift)
     if not shift.any():
         # amax < 2**(bits-1): nothing to round, nothing to saturate.
-        return (x if x.dtype == W32 else x.astype(W32)), e
-    f = pow2(-shift, x.dtype.type)
-    t = x * f[:, None, :]
-    q = t if x.dtype == W32 else np.empty(x.shape, W32)
-    np.rint(t, out=q)  # rounded in x's type, then stored (exactly) as float32
+        return (x if x.dtype == W32 else x.astype(W32)), e, amax.astype(W32)
+    f = _neg_pow2(shift, x.dtype)
+    np.multiply(x, f[:, None, :], out=x)
+    q = x if x.dtype == W32 else np.empty(x.shape, W32)
+    np.rint(x, out=q)  # rounded in x's type, then stored (exactly) as float32
     lim = numerics.sat_limit(bits)
-    # RNE is monotone and odd, so a vector's largest |q| is rint(amax * f).
-    if np.any(np.rint(amax * f) > lim):
+    # RNE is monotone and odd, so a vector's largest |q| is rint(amax * f); it exceeds
+    # lim = 2**(bits-1) - 1 exactly when amax * f >= lim + 1/2 (a tie rounds to even).
+    qmax = np.rint(amax * f)
+    if np.any(qmax > lim):
         np.clip(q, -lim, lim, out=q)
-    return q, e
+        np.minimum(qmax, lim, out=qmax)
+    return q, e, qmax.astype(W32)
 
 
-def lm_shift(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+def lm_shift(x: np.ndarray, s: np.ndarray, inplace: bool = False) -> np.ndarray:
     """``numerics.rne_shift(x, s)`` for lane-major float32 ``x``, per-vector ``s >= 0``."""
     if not s.any():
         return x
-    q = x * pow2(-s, W32)[:, None, :]
+    f = _neg_pow2(s, W32)[:, None, :]
+    q = np.multiply(x, f, out=x) if inplace else x * f
     return np.rint(q, out=q)
 
 
 def lm_align(xq, xe, yq, ye):
-    """:func:`numerics.align`; ``yq`` may be [B, N, 1] (a constant broadcast over pixels)."""
+    """:func:`numerics.align`; consumes ``xq``; ``yq`` may be [B, N, 1] (a constant
+    broadcast over pixels) and is left alone."""
     e = np.maximum(xe, ye)
-    return lm_shift(xq, e - xe), lm_shift(yq, e - ye), e
+    return lm_shift(xq, e - xe, inplace=True), lm_shift(yq, e - ye), e
 
 
 def lm_wide_add(xq, xe, yq, ye, bits: int):
+    """:func:`numerics.wide_add`; consumes ``xq`` (full shape), ``yq`` may broadcast."""
     xa, ya, e = lm_align(xq, xe, yq, ye)
-    # xa has the full shape (ya may be broadcast); add in place when xa is a temporary.
-    s = np.add(xa, ya, out=xa) if xa is not xq else xa + ya
-    return lm_normalize(s, e, bits)
+    return lm_normalize(np.add(xa, ya, out=xa), e, bits)
 
 
 def lm_wide_max(xq, xe, yq, ye, bits: int):
     xa, ya, e = lm_align(xq, xe, yq, ye)
-    return lm_normalize(np.maximum(xa, ya), e, bits)
+    return lm_normalize(np.maximum(xa, ya, out=xa), e, bits)
 
 
 def lm_wide_mul(xq, xe, cq, ce, bits: int):
@@ -207,13 +230,16 @@ def lm_wide_mul(xq, xe, cq, ce, bits: int):
 
 
 def lm_wide_relu(xq, xe, bits: int):
-    r = np.maximum(xq, 0)
+    """:func:`numerics.wide_relu`; consumes ``xq``."""
+    r = np.maximum(xq, np.zeros((1, 1, xq.shape[2]), xq.dtype), out=xq)
     return lm_normalize(r, xe, bits, amax=r.max(axis=1))
 
 
-def lm_to_storage(q: np.ndarray, e: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`numerics.to_storage`, lane-major."""
-    q, e = lm_normalize(q, e, bits)
+def lm_to_storage(
+    q: np.ndarray, e: np.ndarray, bits: int, amax: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`numerics.to_storage`, lane-major; consumes ``q`` (``amax``: its max |q|)."""
+    q, e, _ = lm_normalize(q, e, bits, amax)
     lim = numerics.sat_limit(bits)
     over = e > numerics.E_MAX
     if np.any(over):
@@ -227,6 +253,15 @@ def lm_to_storage(q: np.ndarray, e: np.ndarray, bits: int) -> tuple[np.ndarray, 
         # Only a shift can zero a normalized non-zero vector.
         e = np.where(~np.any(q != 0, axis=1), numerics.E_ZERO, e)
     return q, e
+
+
+def to_lane_major(x: np.ndarray, dtype=W32, rows: int = 128) -> np.ndarray:
+    """[P, C] -> contiguous [C, P] in ``dtype``, transposed in row blocks (cache-friendly)."""
+    p, c = x.shape
+    out = np.empty((c, p), dtype)
+    for i in range(0, p, rows):
+        out[:, i : i + rows] = x[i : i + rows].T
+    return out
 
 
 def grid_f64(q: np.ndarray, e: np.ndarray, floor: int) -> np.ndarray:
