@@ -68,11 +68,13 @@ class ActLoader(wiring.Component):
                 "busy": Out(1),
                 "bus": Out(BurstPort),
                 "mant_wr": In(WritePort.Signature(addr_width=eb, shape=n * 8, granularity=16)),
-                "exp_wr0": In(WritePort.Signature(
+                "exp_wr0": In(
+                    WritePort.Signature(
                         addr_width=max(1, (self.half_depth - 1).bit_length()), shape=8
                     )
                 ),
-                "exp_wr1": In(WritePort.Signature(
+                "exp_wr1": In(
+                    WritePort.Signature(
                         addr_width=max(1, (self.half_depth - 1).bit_length()), shape=8
                     )
                 ),

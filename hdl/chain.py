@@ -64,11 +64,14 @@ class ChainEngine(wiring.Component):
                 "act_exp_wr0": In(ActLoader.port_signature(cfg, "exp_wr0")),
                 "act_exp_wr1": In(ActLoader.port_signature(cfg, "exp_wr1")),
                 "act_mant_rd": In(ReadPort.Signature(addr_width=eb, shape=n * 8)),
-                "act_exp_rd0": In(ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
+                "act_exp_rd0": In(
+                    ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
                 ),
-                "act_exp_rd1": In(ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
+                "act_exp_rd1": In(
+                    ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
                 ),
-                "tile_rd": In(ReadPort.Signature(
+                "tile_rd": In(
+                    ReadPort.Signature(
                         addr_width=max(1, (tdepth - 1).bit_length()), shape=tile_word_bits(cfg)
                     )
                 ),
@@ -301,8 +304,7 @@ class ChainEngine(wiring.Component):
         # ---------------------------------------------------------------- control
         credit = Signal()
         m.d.comb += credit.eq(
-            (issued - writer.written < WRITER_DEPTH - 2)
-            & (~ops.uses_aux | (aux.queued > issued))
+            (issued - writer.written < WRITER_DEPTH - 2) & (~ops.uses_aux | (aux.queued > issued))
         )
         step = [
             (mul_a, mul_b, None),
@@ -374,9 +376,7 @@ class ChainEngine(wiring.Component):
             with m.State("LAUNCH"):
                 m.d.comb += self.busy.eq(1)
                 resident = Signal()
-                m.d.comb += resident.eq(
-                    last_valid & (last_key == key) & (is_mvu | is_pool)
-                )
+                m.d.comb += resident.eq(last_valid & (last_key == key) & (is_mvu | is_pool))
                 with m.If((ring_rows == 0) | (ring_rows < span + 1)):
                     m.d.sync += self.error.eq(ChainError.WINDOW_TOO_TALL)
                     m.next = "IDLE"

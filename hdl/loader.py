@@ -62,13 +62,15 @@ class Loader(wiring.Component):
                 "scalar": Out(signed(32)),
                 "scalar_valid": Out(1),
                 "bus": Out(BurstPort),
-                "tile_wr": In(WritePort.Signature(
+                "tile_wr": In(
+                    WritePort.Signature(
                         addr_width=max(1, (self.tile_depth - 1).bit_length()),
                         shape=tile_word_bits(cfg),
                         granularity=8,
                     )
                 ),
-                "vrf_wr": In(WritePort.Signature(
+                "vrf_wr": In(
+                    WritePort.Signature(
                         addr_width=max(1, (cfg.vrf_depth - 1).bit_length()),
                         shape=vrf_word_bits(cfg),
                         granularity=16,

@@ -300,8 +300,8 @@ class NPU(wiring.Component):
                                     m.d.comb += op.eq(MfuOp.MAX)
                                 with m.Case(Opcode.V_RELU):
                                     m.d.comb += op.eq(MfuOp.RELU)
-                            aux = (d.src == isa.Operand.AUX) & (op != MfuOp.MUL) & (
-                                op != MfuOp.RELU
+                            aux = (
+                                (d.src == isa.Operand.AUX) & (op != MfuOp.MUL) & (op != MfuOp.RELU)
                             )
                             uses_vrf = (op != MfuOp.RELU) & ~aux
                             with m.If(slot == MFU_SLOTS):

@@ -65,8 +65,19 @@ class Builder:
         self.words.append(isa.encode(name, **args))
 
 
-def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
-    """(words, image) of a program with ``chains`` chains, each reading the previous output."""
+def random_program(
+    seed: int,
+    cfg: NPUConfig = RTL_TEST_CFG,
+    chains: int = 2,
+    kind: str | None = None,
+    mfu_ops: list[tuple[str, int]] | None = None,
+    pool_op: PoolOp | None = None,
+):
+    """(words, image) of a program with ``chains`` chains, each reading the previous output.
+
+    ``kind`` ("elt", "pool", "conv"), ``mfu_ops`` ([(mnemonic, Operand)]) and ``pool_op``
+    pin the first chain's shape of work; everything else stays random.
+    """
     rng = np.random.default_rng(seed)
     b = Builder(cfg, rng)
     n, m = cfg.native_dim, cfg.mantissa_bits
@@ -78,11 +89,12 @@ def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
     b.op("s_ld", reg=isa.EXP_REG_BASE, addr=emax_addr)
     ereg = 0
     for c in range(chains):
-        kind = rng.choice(["elt", "pool", "conv"], p=[0.3, 0.25, 0.45])
-        if kind == "conv":
-            icnt = int(rng.integers(1, icb + 1))
-            ioff = int(rng.integers(0, icb - icnt + 1))
+        forced = c == 0 and kind is not None
+        ckind = kind if forced else str(rng.choice(["elt", "pool", "conv"], p=[0.3, 0.25, 0.45]))
+        if ckind == "conv":
             kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+            icnt = int(rng.integers(1, min(icb, cfg.tile_buffer_tiles // (kh * kw)) + 1))
+            ioff = int(rng.integers(0, icb - icnt + 1))
             sh, sw = (int(v) for v in rng.integers(1, 3, 2))
             dh, dw = (int(v) for v in rng.integers(1, 3, 2)) if rng.random() < 0.3 else (1, 1)
             pt = int(rng.integers(0, kh))
@@ -94,7 +106,7 @@ def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
             ioff = int(rng.integers(0, icb - icnt + 1))
             ocnt = icnt
             dh = dw = 1
-            if kind == "pool":
+            if ckind == "pool":
                 kh, kw = (int(v) for v in rng.integers(1, 4, 2))
                 sh, sw = (int(v) for v in rng.integers(1, 3, 2))
                 pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
@@ -120,7 +132,7 @@ def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
             b.s(reg, v)
         b.s(isa.EXP_REG_BASE + ereg + 1, numerics.E_ZERO)
         vrf_base = half * (cfg.vrf_depth // 2)
-        if kind == "conv":
+        if ckind == "conv":
             tiles = ocnt * k
             wfloor = int(rng.integers(-12, -4))
             tq = rng.integers(-127, 128, (tiles, n, n))
@@ -132,15 +144,24 @@ def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
         # MFU ops
         mfu: list[tuple[str, dict]] = []
         vrf_used = 0
-        if rng.random() < 0.3:
-            mfu.append(("vv_mul", {"vrf": vrf_base}))
-            vrf_used += 1
-        for _ in range(int(rng.integers(0, 4 - len(mfu)))):
-            name = str(rng.choice(["vv_add", "vv_max", "v_relu"]))
+        if c == 0 and mfu_ops is not None:
+            plan = list(mfu_ops)
+        else:
+            plan = [("vv_mul", Operand.VRF)] if rng.random() < 0.3 else []
+            for _ in range(int(rng.integers(0, 4 - len(plan)))):
+                name = str(rng.choice(["vv_add", "vv_max", "v_relu"]))
+                aux = vrf_used + len(plan) >= 2 or rng.random() < 0.4
+                plan.append((name, Operand.AUX if aux else Operand.VRF))
+        for name, src in plan:
+            if name == "vv_mul":
+                mfu.append(("vv_mul", {"vrf": vrf_base + vrf_used * ocnt}))
+                vrf_used += 1
+                continue
             if name == "v_relu":
                 mfu.append((name, {}))
                 continue
-            src = Operand.AUX if (vrf_used >= 2 or rng.random() < 0.4) else Operand.VRF
+            if vrf_used >= 2:
+                src = Operand.AUX
             if src == Operand.VRF:
                 mfu.append((name, {"src": int(src), "vrf": vrf_base + vrf_used * ocnt}))
                 vrf_used += 1
@@ -163,10 +184,11 @@ def random_program(seed: int, cfg: NPUConfig = RTL_TEST_CFG, chains: int = 2):
         if rng.random() < 0.2:
             b.op("nop")
         b.op("v_rd")
-        if kind == "conv":
+        if ckind == "conv":
             b.op("mv_mul", tile=tbase)
-        elif kind == "pool":
-            b.op("v_pool", op=int(rng.choice([PoolOp.MAX, PoolOp.SUM])))
+        elif ckind == "pool":
+            op = pool_op if forced and pool_op is not None else rng.choice(list(PoolOp))
+            b.op("v_pool", op=int(op))
         for name, args in mfu:
             b.op(name, **args)
         b.op("v_wr")

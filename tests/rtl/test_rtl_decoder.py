@@ -4,9 +4,9 @@ import random
 
 import pytest
 from amaranth.sim import Simulator
-from tessera.hdl.decoder import FIELD_SHAPES, Decoder, Opcode
 
 from tessera import isa
+from tessera.hdl.decoder import FIELD_SHAPES, Decoder, Opcode
 
 pytestmark = pytest.mark.rtl
 

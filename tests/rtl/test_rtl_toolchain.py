@@ -6,6 +6,7 @@ import pytest
 from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+
 from tessera.hdl import rtlsim
 from tessera.hdl.toolchain import find_simulator
 
