@@ -111,9 +111,11 @@ class Simulator:
         # Consecutive chains of one layer read the same input window (one per output
         # group); the unrolled windows are kept until anything writes over the input.
         self._cols_key: tuple | None = None
-        self._cols: np.ndarray | None = None
+        self._grid: np.ndarray | None = None
+        self._cols: dict[tuple | None, np.ndarray] = {}
         self._cols_span = (0, 0)
         self._cols_gen = 0
+        self._window: tuple = ()
         # DRAM address each tile-buffer slot was last loaded from (-1: never loaded).
         self._tile_src = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
         # Chains of one layer (same input window, one per output group) have their
@@ -231,8 +233,9 @@ class Simulator:
             floor = emax - cfg.act_exp_window
             key = self._cols_key_of(st.regs)
             if key != self._cols_key:
-                grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
-                self._cols = kernels.im2col_f64(grid, kernel, stride, pads, dil, (oh, ow))
+                self._grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
+                self._window = (kernel, stride, pads, dil, (oh, ow))
+                self._cols = {}
                 self._cols_key = key
                 self._cols_span = (in_addr, in_addr + layout.tensor_bytes(ih, iw, icb, n, m))
                 self._cols_gen += 1
@@ -312,7 +315,16 @@ class Simulator:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
-        return kernels.gemm_exact_t(self._cols, wg)
+        return kernels.gemm_exact_t(self._unrolled(None), wg)
+
+    def _unrolled(self, chans: np.ndarray | None) -> np.ndarray:
+        """The current input's windows as rows [P, K] (only channels ``chans`` if given)."""
+        ck = None if chans is None else chans.tobytes()
+        cols = self._cols.get(ck)
+        if cols is None:
+            grid = self._grid if chans is None else self._grid[:, :, chans]
+            cols = self._cols[ck] = kernels.im2col_f64(grid, *self._window)
+        return cols
 
     def _plan_group(self, pc: int) -> dict[int, _Prefetched]:
         """Compute the mv_mul of the chain at ``pc`` and of the sibling chains after it.
@@ -369,10 +381,10 @@ class Simulator:
                 i += 1
             else:
                 break
-        wg, used, snaps = self._group_weights(group)
+        wg, chans, snaps = self._group_weights(group)
         if wg is None:
             return {}
-        acc = kernels.gemm_exact_t(self._cols, wg, used)
+        acc = kernels.gemm_exact_t(self._unrolled(chans), wg, None)
         out: dict[int, _Prefetched] = {}
         row = 0
         mb = n * n * st.tiles_q.itemsize
@@ -391,16 +403,17 @@ class Simulator:
         n, m = cfg.native_dim, cfg.mantissa_bits
         tb = layout.tile_bytes(n, m)
         mem = st.mem
-        key = (n, m, tuple((addr, t, ocnt, wf) for _, addr, t, ocnt, wf in group))
+        kpos = self._window[0][0] * self._window[0][1]
+        key = (n, m, kpos, tuple((addr, t, ocnt, wf) for _, addr, t, ocnt, wf in group))
         hit = _WEIGHTS.get(key)
         if hit is not None:
-            snaps, wg, used = hit
+            snaps, wg, chans = hit
             if all(
                 np.array_equal(mem[addr : addr + t * tb], snap)
                 for (_, addr, t, _, _), snap in zip(group, snaps, strict=True)
             ):
                 _WEIGHTS.move_to_end(key)
-                return wg, used, snaps
+                return wg, chans, snaps
         snaps, grids = [], []
         mb = n * n * st.tiles_q.itemsize
         for _, addr, t, ocnt, wfloor in group:
@@ -421,14 +434,22 @@ class Simulator:
         if len(ks) != 1:
             grids, snaps = grids[:1], snaps[:1]
         wg = np.concatenate(grids) if len(grids) > 1 else grids[0]
-        used = kernels.used_columns(wg)
-        key = (n, m, tuple((addr, t, ocnt, wf) for _, addr, t, ocnt, wf in group[: len(snaps)]))
-        _WEIGHTS[key] = (snaps, wg, used)
+        # Input channels whose weights are all zero (channel padding) add nothing: drop
+        # them from both operands.
+        kpos = self._window[0][0] * self._window[0][1]
+        wg3 = wg.reshape(wg.shape[0], kpos, -1)
+        nz = np.any(wg3 != 0, axis=(0, 1))
+        chans = None
+        if nz.mean() < 0.75:
+            chans = np.flatnonzero(nz)
+            wg = np.ascontiguousarray(wg3[:, :, chans]).reshape(wg.shape[0], -1)
+        key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
+        _WEIGHTS[key] = (snaps, wg, chans)
         total = sum(v[1].nbytes for v in _WEIGHTS.values())
         while total > _WEIGHTS_MAX_BYTES and len(_WEIGHTS) > 1:
             _, old = _WEIGHTS.popitem(last=False)
             total -= old[1].nbytes
-        return wg, used, snaps
+        return wg, chans, snaps
 
     def _vrf(self, base: int, cnt: int) -> tuple[np.ndarray, np.ndarray]:
         """VRF entries ``base..base+cnt`` lane-major: mantissas [cnt, N, 1], exponents [cnt, 1]."""
