@@ -46,14 +46,25 @@ def _decode_all(words: np.ndarray) -> list[Instr]:
 
 @dataclass
 class _Prefetched:
-    """The accumulators of one mv_mul chain, computed ahead with its layer's siblings."""
+    """One mv_mul chain's results, computed ahead together with its layer's siblings.
+
+    ``acc`` are its accumulators. When the whole chain body could be computed too, ``sq``
+    and ``se`` are the storage blocks it writes, valid only if the chain's body, VRF
+    entries and AUX operand are still what they were computed from (``body``, ``vrf``,
+    ``aux``).
+    """
 
     cols_gen: int
     cols_key: tuple
     w_floor: int
     tiles_q: np.ndarray
     tiles_e: np.ndarray
-    acc: np.ndarray
+    acc: np.ndarray | None
+    body: tuple = ()
+    vrf: list = field(default_factory=list)  # (first slot, mantissas, exponents)
+    aux: tuple | None = None  # (regs, mantissa snapshot, exponent snapshot)
+    sq: np.ndarray | None = None
+    se: np.ndarray | None = None
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Simulator:
         self._window: tuple = ()
         # DRAM address each tile-buffer slot was last loaded from (-1: never loaded).
         self._tile_src = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
+        self._vrf_src = np.full(self.state.vrf_q.shape[0], -1, dtype=np.int64)
         # Chains of one layer (same input window, one per output group) have their
         # products computed in one matrix product when the first of them runs; each
         # chain uses its share only if its tile buffer holds exactly the tiles that
@@ -178,6 +190,8 @@ class Simulator:
             q, e = layout.unpack_consts(st.mem, a["addr"], a["count"], n)
             st.vrf_q[a["vrf"] : a["vrf"] + a["count"]] = q
             st.vrf_e[a["vrf"] : a["vrf"] + a["count"]] = e
+            cb = layout.const_bytes(n)
+            self._vrf_src[a["vrf"] : a["vrf"] + a["count"]] = a["addr"] + cb * np.arange(a["count"])
             self.cycles.load(a["count"] * layout.const_bytes(n), None)
         elif ins.op == "nop":
             pass
@@ -229,6 +243,7 @@ class Simulator:
         q, e = qv[:, :, ioff : ioff + icnt], ev[:, :, ioff : ioff + icnt]
         emax = int(st.regs[st.ereg(R.IN_EREG)])
         p = oh * ow
+        stored = None  # the storage blocks, when computed ahead with sibling chains
         if reducer == "mv_mul":
             floor = emax - cfg.act_exp_window
             key = self._cols_key_of(st.regs)
@@ -240,8 +255,11 @@ class Simulator:
                 self._cols_span = (in_addr, in_addr + layout.tensor_bytes(ih, iw, icb, n, m))
                 self._cols_gen += 1
             wfloor = st.reg(R.W_EXP_FLOOR)
-            acc = self._mv_mul(pc, ops[1].args["tile"], ocnt, kernel[0] * kernel[1] * icnt)
-            vq, ve, va = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
+            acc = self._mv_mul(pc, ops, ocnt, kernel[0] * kernel[1] * icnt)
+            if isinstance(acc, tuple):
+                stored = acc
+            else:
+                vq, ve, va = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -261,9 +279,12 @@ class Simulator:
             vq = kernels.to_lane_major(wq.reshape(p, ocnt * n)).reshape(ocnt, n, p)
             ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
             va = None
-        for ins in body:
-            vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
-        sq, se = kernels.lm_to_storage(vq, ve, m, va)
+        if stored is None:
+            for ins in body:
+                vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
+            sq, se = kernels.lm_to_storage(vq, ve, m, va)
+        else:
+            sq, se = stored
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
@@ -291,10 +312,12 @@ class Simulator:
         g += [int(regs[r]) for r in (R.PAD_T, R.PAD_L, R.DIL_H, R.DIL_W, R.OUT_H, R.OUT_W)]
         return (int(regs[R.IN_ADDR]) & 0xFFFFFFFF, int(regs[ereg]), *g)
 
-    def _mv_mul(self, pc: int | None, base: int, ocnt: int, k: int) -> np.ndarray:
-        """Exact accumulators [ocnt*N, P] (float64) of the current chain's mv_mul."""
+    def _mv_mul(self, pc: int | None, ops: list[Instr], ocnt: int, k: int):
+        """The current chain's exact accumulators [ocnt*N, P] (float64), or its storage
+        blocks ``(sq, se)`` when they were computed ahead and are still valid."""
         st = self.state
         t = ocnt * k
+        base = ops[1].args["tile"]
         tq, te = st.tiles_q[base : base + t], st.tiles_e[base : base + t]
         wfloor = st.reg(Reg.W_EXP_FLOOR)
         pf = self._prefetched.pop(pc, None) if pc is not None else None
@@ -310,12 +333,51 @@ class Simulator:
             and np.array_equal(pf.tiles_q, tq)
             and np.array_equal(pf.tiles_e, te)
         ):
-            return pf.acc
+            if pf.sq is not None and self._body_unchanged(pf, ops[2:-2]):
+                return pf.sq, pf.se
+            if pf.acc is not None:
+                return pf.acc
         try:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
         return kernels.gemm_exact_t(self._unrolled(None), wg)
+
+    @staticmethod
+    def _body_sig(body: list[Instr], regs: np.ndarray) -> tuple:
+        """What a chain body's results depend on besides its operands' contents."""
+        aux = any(o.args.get("src") == Operand.AUX for o in body)
+        rs = (Reg.AUX_ADDR, Reg.AUX_CB, Reg.AUX_CB_OFF) if aux else ()
+        return (
+            tuple((o.op, tuple(sorted(o.args.items()))) for o in body),
+            tuple(int(regs[r]) for r in rs),
+        )
+
+    def _aux_view(self, regs: np.ndarray, ocnt: int):
+        """The AUX blocks a chain reads (views into DRAM): [H, W, ocnt, N], [H, W, ocnt]."""
+        acb, aoff = int(regs[Reg.AUX_CB]), int(regs[Reg.AUX_CB_OFF])
+        if aoff + ocnt > acb:
+            raise SimulationError("AUX block range exceeds its tensor")
+        oh, ow = int(regs[Reg.OUT_H]), int(regs[Reg.OUT_W])
+        q, e = self._tensor(int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF, oh, ow, acb)
+        return q[:, :, aoff : aoff + ocnt], e[:, :, aoff : aoff + ocnt]
+
+    def _body_unchanged(self, pf: _Prefetched, body: list[Instr]) -> bool:
+        st = self.state
+        if self._body_sig(body, st.regs) != pf.body:
+            return False
+        for slot, cq, ce in pf.vrf:
+            c = len(ce)
+            if not (
+                np.array_equal(st.vrf_q[slot : slot + c], cq)
+                and np.array_equal(st.vrf_e[slot : slot + c], ce)
+            ):
+                return False
+        if pf.aux is not None:
+            q, e = self._aux_view(st.regs, len(pf.se))
+            if not (np.array_equal(q, pf.aux[0]) and np.array_equal(e, pf.aux[1])):
+                return False
+        return True
 
     def _unrolled(self, chans: np.ndarray | None) -> np.ndarray:
         """The current input's windows as rows [P, K] (only channels ``chans`` if given)."""
@@ -327,22 +389,26 @@ class Simulator:
         return cols
 
     def _plan_group(self, pc: int) -> dict[int, _Prefetched]:
-        """Compute the mv_mul of the chain at ``pc`` and of the sibling chains after it.
+        """Compute the chain at ``pc`` and the sibling chains after it, together.
 
         Walks the instruction stream ahead on a copy of the registers and of the tile
-        buffer's load addresses, collecting the following mv_mul chains that read the same
-        input windows, up to anything it does not model (then it stops). It is only a
-        guess: each chain checks its share before using it.
+        buffer's and VRF's load addresses, collecting the following mv_mul chains that
+        read the same input windows, up to anything it does not model (then it stops).
+        Their products are one matrix product; when their bodies are alike, the bodies
+        run once on the stacked vectors too, with VRF and AUX operands read from DRAM
+        now. It is only a guess: each chain checks its share before using it.
         """
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
-        tb = layout.tile_bytes(n, m)
+        tb, cb = layout.tile_bytes(n, m), layout.const_bytes(n)
         decoded = self._decoded
         regs = st.regs.copy()
         src = self._tile_src.copy()
+        vsrc = self._vrf_src.copy()
         key0 = self._cols_key
         in_lo, in_hi = self._cols_span
         group: list[tuple[int, int, int, int, int]] = []  # pc, addr, tiles, ocnt, w_floor
+        plans: list[tuple] = []  # per chain: body, signature, VRF sources, registers
         i = pc
         while i < len(decoded):
             ins = decoded[i]
@@ -362,6 +428,14 @@ class Simulator:
                 if t == 0 or s.size != t or s[0] < 0 or np.any(np.diff(s) != tb):
                     break
                 group.append((i, int(s[0]), t, ocnt, int(regs[Reg.W_EXP_FLOOR])))
+                body = decoded[i + 2 : end - 1]
+                vsrcs = []
+                for o in body:
+                    if "vrf" in o.args and o.args.get("src", Operand.VRF) == Operand.VRF:
+                        v = vsrc[o.args["vrf"] : o.args["vrf"] + ocnt]
+                        ok = v.size == ocnt and v[0] >= 0 and not np.any(np.diff(v) != cb)
+                        vsrcs.append((o.args["vrf"], int(v[0]) if ok else -1))
+                plans.append((body, self._body_sig(body, regs), vsrcs, regs.copy()))
                 # Stop where this chain's write changes what later chains would read.
                 out = int(regs[Reg.OUT_ADDR]) & 0xFFFFFFFF
                 oh, ow, ocb = (int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.OUT_CB))
@@ -377,25 +451,130 @@ class Simulator:
             elif ins.op == "m_rd":
                 src[a["tile"] : a["tile"] + a["count"]] = a["addr"] + tb * np.arange(a["count"])
                 i += 1
-            elif ins.op in ("c_rd", "nop"):
+            elif ins.op == "c_rd":
+                vsrc[a["vrf"] : a["vrf"] + a["count"]] = a["addr"] + cb * np.arange(a["count"])
+                i += 1
+            elif ins.op == "nop":
                 i += 1
             else:
                 break
         wg, chans, snaps = self._group_weights(group)
         if wg is None:
             return {}
-        acc = kernels.gemm_exact_t(self._unrolled(chans), wg, None)
+        group, plans = group[: len(snaps)], plans[: len(snaps)]
+        cols = self._unrolled(chans)
         out: dict[int, _Prefetched] = {}
-        row = 0
         mb = n * n * st.tiles_q.itemsize
-        for (cpc, _addr, t, ocnt, wfloor), snap in zip(group, snaps, strict=False):
+        for (cpc, _addr, t, _ocnt, wfloor), snap in zip(group, snaps, strict=True):
             raw = snap.reshape(t, tb)
             tq = raw[:, :mb].view(st.tiles_q.dtype).reshape(t, n, n)
             te = raw[:, mb:].view(np.int8)
-            rows = acc[row : row + ocnt * n]
-            out[cpc] = _Prefetched(self._cols_gen, key0, wfloor, tq, te, rows)
+            out[cpc] = _Prefetched(self._cols_gen, key0, wfloor, tq, te, None)
+        try:
+            prep = self._prepare_bodies(group, plans)
+        except (SimulationError, ValueError, IndexError):
+            prep = None  # left to the chains themselves, which report what is wrong
+        if prep is not None:
+            self._run_bodies(group, plans, cols, wg, prep, out)
+            return out
+        acc = kernels.gemm_exact_t(cols, wg, None)
+        row = 0
+        for cpc, _addr, _t, ocnt, _wf in group:
+            out[cpc].acc = acc[row : row + ocnt * n]
             row += ocnt * n
         return out
+
+    def _prepare_bodies(self, group, plans):
+        """Operands of the (alike) bodies of a group of chains, read from DRAM now.
+
+        Returns ``None`` when the bodies differ in shape or use an operand whose source
+        the walk ahead could not tell; else the per-op operands (VRF constants stacked
+        over the group's blocks, AUX blocks per chain) and each chain's snapshots.
+        """
+        st, cfg = self.state, self.cfg
+        n = cfg.native_dim
+        shape = [tuple((o.op, o.args.get("src")) for o in body) for body, *_ in plans]
+        if len(set(shape)) != 1 or any(v < 0 for *_, vs, _ in plans for _, v in vs):
+            return None
+        if any(o.op not in ("v_relu", "vv_add", "vv_max", "vv_mul") for o in plans[0][0]):
+            return None
+        cnts = [ocnt for _, _, _, ocnt, _ in group]
+        vrf_snaps: list[list] = [[] for _ in group]
+        aux_snaps: list = [None] * len(group)
+        operands: dict[int, list] = {}  # body op index -> per chain operand
+        for j, (body, _sig, vsrcs, regs) in enumerate(plans):
+            vs = iter(vsrcs)
+            for k, o in enumerate(body):
+                if o.op == "v_relu":
+                    continue
+                if o.args.get("src", Operand.VRF) == Operand.VRF:
+                    slot, addr = next(vs)
+                    cq, ce = layout.unpack_consts(st.mem, addr, cnts[j], n)
+                    vrf_snaps[j].append((slot, cq, ce))
+                    operands.setdefault(k, []).append((cq, ce))
+                else:
+                    q, e = self._aux_view(regs, cnts[j])
+                    aux_snaps[j] = (q.copy(), e.copy())
+                    p = q.shape[0] * q.shape[1]
+                    operands.setdefault(k, []).append(
+                        (aux_snaps[j][0].reshape(p, -1), aux_snaps[j][1].reshape(p, -1))
+                    )
+        ops = []
+        for k, o in enumerate(plans[0][0]):
+            if o.op == "v_relu":
+                ops.append((o.op, None))
+            elif o.args.get("src", Operand.VRF) == Operand.VRF:
+                cq = np.concatenate([c for c, _ in operands[k]]).astype(kernels.W32)
+                ce = np.concatenate([e for _, e in operands[k]])
+                ops.append((o.op, (cq[:, :, None], ce[:, None])))
+            else:
+                ops.append((o.op, operands[k]))  # AUX: per chain [P, cnt*N], [P, cnt]
+        return cnts, ops, vrf_snaps, aux_snaps
+
+    def _run_bodies(self, group, plans, cols, wg, prep, out: dict[int, _Prefetched]):
+        """Products and bodies of a group of chains on their stacked vectors, a band of
+        output pixels at a time (every step is per pixel, so the bands are independent)
+        to keep each band's working set in cache."""
+        cfg = self.cfg
+        n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
+        cnts, ops, vrf_snaps, aux_snaps = prep
+        blocks, p = sum(cnts), cols.shape[0]
+        floor = int(self._cols_key[1]) - cfg.act_exp_window
+        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
+        sq_all = np.empty((blocks, n, p), layout.mantissa_dtype(m))
+        se_all = np.empty((blocks, p), np.int64)
+        fns = {"vv_add": kernels.lm_wide_add, "vv_max": kernels.lm_wide_max}
+        fns["vv_mul"] = kernels.lm_wide_mul
+        step = max(64, (1 << 17) // (blocks * n))
+        for p0 in range(0, p, step):
+            p1 = min(p, p0 + step)
+            acc = wg @ cols[p0:p1].T
+            vq, ve, va = kernels.lm_normalize(acc.reshape(blocks, n, p1 - p0), lsb, big)
+            for op, opnd in ops:
+                if op == "v_relu":
+                    vq, ve, va = kernels.lm_wide_relu(vq, ve, big)
+                    continue
+                if isinstance(opnd, tuple):  # VRF constants, broadcast over pixels
+                    yq, ye = opnd
+                else:  # AUX blocks of each chain, to lane-major
+                    yq = np.empty((blocks, n, p1 - p0), kernels.W32)
+                    ye = np.empty((blocks, p1 - p0), np.int64)
+                    b0 = 0
+                    for (aq, ae), c in zip(opnd, cnts, strict=True):
+                        yq[b0 : b0 + c].reshape(c * n, p1 - p0)[...] = aq[p0:p1].T
+                        ye[b0 : b0 + c] = ae[p0:p1].T
+                        b0 += c
+                vq, ve, va = fns[op](vq, ve, yq, ye, big)
+            sq, se = kernels.lm_to_storage(vq, ve, m, va)
+            sq_all[:, :, p0:p1] = sq
+            se_all[:, p0:p1] = se
+        b0 = 0
+        for j, (cpc, *_rest) in enumerate(group):
+            b1 = b0 + cnts[j]
+            pf = out[cpc]
+            pf.body, pf.vrf, pf.aux = plans[j][1], vrf_snaps[j], aux_snaps[j]
+            pf.sq, pf.se = sq_all[b0:b1], se_all[b0:b1]
+            b0 = b1
 
     def _group_weights(self, group):
         """Float64 weight grid of a group of chains (stacked rows), reused across runs."""
