@@ -54,7 +54,17 @@ class ChainEngine(wiring.Component):
                 "start": In(1),
                 "regs": In(ChainRegs),
                 "ops": In(ChainOps),
+                "in_ereg": In(4),
+                "out_ereg": In(4),
+                "halves": In(4),  # tile-buffer and VRF halves the chain reads (2 + 2 bits)
+                "ready": Out(1),  # the set-up stage takes a chain (start)
                 "busy": Out(1),
+                "done": Out(1),  # a chain completed: update E[done_ereg] with emax_out
+                "done_ereg": Out(4),
+                "emax_idx": Out(4),  # E register of the staged chain's input...
+                "emax_val": In(signed(16)),  # ...and its value, read when the chain launches
+                "halves_in_use": Out(4),
+                "eregs_in_use": Out(16),  # E registers in-flight chains will read or update
                 "error": Out(8),
                 "emax_out": Out(signed(16)),
                 "act_bus": Out(BurstPort),
@@ -101,8 +111,36 @@ class ChainEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.vrf0), vec.vrf0)
         wiring.connect(m, wiring.flipped(self.vrf1), vec.vrf1)
 
-        r = Signal(ChainRegs)  # latched registers
-        ops = Signal(ChainOps)
+        # Two register sets: the set-up stage prepares chain i+1 (latches its registers,
+        # computes the products and the ring division) while chain i runs; launching copies
+        # the staged set into the active one. So set-up costs nothing after the first chain.
+        def pair(name, shape):
+            return Signal(shape, name=name), Signal(shape, name=f"n_{name}")
+
+        r, nr = pair("r", ChainRegs)
+        ops, nops = pair("ops", ChainOps)
+        shapes = {
+            "pix_in": 32, "in_plane": 32, "pix_out": 32, "out_plane": 32, "aux_plane": 32,
+            "total": 32, "rowblocks": 32, "dh_rb": 32, "sh_rb": 32, "pt_rb": 32, "dw_c": 32,
+            "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32, "kh": 8, "kw": 8,
+            "dh": 8, "dw": 8, "cbn": 16, "gn": range(groups + 1), "is_mvu": 1, "is_pool": 1,
+            "in_ereg": 4, "out_ereg": 4, "halves": 4,
+        }  # fmt: skip
+        act_s, stg = {}, {}
+        for k, shape in shapes.items():
+            act_s[k], stg[k] = pair(k, shape)
+        pix_in, in_plane, pix_out = act_s["pix_in"], act_s["in_plane"], act_s["pix_out"]
+        out_plane, aux_plane, total = act_s["out_plane"], act_s["aux_plane"], act_s["total"]
+        rowblocks, dh_rb, sh_rb = act_s["rowblocks"], act_s["dh_rb"], act_s["sh_rb"]
+        pt_rb, dw_c, sw_c, pl_c = act_s["pt_rb"], act_s["dw_c"], act_s["sw_c"], act_s["pl_c"]
+        span, ring_rows, ring = act_s["span"], act_s["ring_rows"], act_s["ring"]
+        kh, kw, dh, dw = act_s["kh"], act_s["kw"], act_s["dh"], act_s["dw"]
+        cbn, gn, is_mvu, is_pool = act_s["cbn"], act_s["gn"], act_s["is_mvu"], act_s["is_pool"]
+        m.d.comb += [
+            self.done_ereg.eq(act_s["out_ereg"]),
+            self.emax_idx.eq(stg["in_ereg"]),
+        ]
+
         m.d.comb += [vec.ops.eq(ops), vec.ocnt.eq(r.ocnt), vec.wfloor.eq(r.wfloor)]
         floor = Signal(signed(16))
         m.d.comb += [vec.floor.eq(floor), writer.in_valid.eq(vec.out_valid)]
@@ -115,32 +153,8 @@ class ChainEngine(wiring.Component):
         mul_b = Signal(32)
         prod = Signal(64)
         m.d.comb += prod.eq(mul_a * mul_b)
-        pix_in = Signal(32)  # ih * iw
-        in_plane = Signal(32)  # ih * iw * icb blocks
-        pix_out = Signal(32)
-        out_plane = Signal(32)
-        aux_plane = Signal(32)
-        total = Signal(32)
-        rowblocks = Signal(32)
-        dh_rb = Signal(32)
-        sh_rb = Signal(32)
-        pt_rb = Signal(32)
-        dw_c = Signal(32)
-        sw_c = Signal(32)
-        pl_c = Signal(32)
-        span = Signal(16)  # (kh - 1) * dh
-        ring_rows = Signal(32)
-        ring = Signal(32)
-        rem = Signal(33)
-        div_i = Signal(range(34))
-        kh = Signal(8)
-        kw = Signal(8)
-        dh = Signal(8)
-        dw = Signal(8)
-        cbn = Signal(16)  # input blocks per kernel position in the loop (icnt or 1)
-        gn = Signal(range(groups + 1))
-        is_mvu = Signal()
-        is_pool = Signal()
+        rem = Signal(eb + 3)
+        div_i = Signal(range(eb + 3))
         # residency of the input slice (mv_mul / v_pool chains only, as the cycle model)
         last_key = Signal(32 + 16 * 4)
         last_valid = Signal()
@@ -306,80 +320,112 @@ class ChainEngine(wiring.Component):
         m.d.comb += credit.eq(
             (issued - writer.written < WRITER_DEPTH - 2) & (~ops.uses_aux | (aux.queued > issued))
         )
-        step = [
-            (mul_a, mul_b, None),
+        launch = Signal()
+        setup = [
+            (nr.ih, nr.iw, "pix_in"),
+            ("pix_in", nr.icb, "in_plane"),
+            (nr.oh, nr.ow, "pix_out"),
+            ("pix_out", nr.ocb, "out_plane"),
+            ("pix_out", nr.acb, "aux_plane"),
+            ("pix_out", nr.ocnt, "total"),
+            (nr.iw, nr.icnt, "rowblocks"),
+            ("dh", "rowblocks", "dh_rb"),
+            (nr.sh, "rowblocks", "sh_rb"),
+            (nr.pt, "rowblocks", "pt_rb"),
+            ("dw", nr.icnt, "dw_c"),
+            (nr.sw, nr.icnt, "sw_c"),
+            (nr.pl, nr.icnt, "pl_c"),
         ]
-        del step
-
-        with m.FSM():
+        m.d.comb += self.ready.eq(0)
+        with m.FSM(name="setup") as setup_fsm:
             with m.State("IDLE"):
+                m.d.comb += self.ready.eq(1)
                 with m.If(self.start):
-                    m.d.sync += [r.eq(self.regs), ops.eq(self.ops), self.error.eq(0)]
+                    m.d.sync += [
+                        nr.eq(self.regs),
+                        nops.eq(self.ops),
+                        stg["in_ereg"].eq(self.in_ereg),
+                        stg["out_ereg"].eq(self.out_ereg),
+                        stg["halves"].eq(self.halves),
+                    ]
                     m.next = "S0"
-            # Set-up: one product per state through the shared multiplier.
-            setup = [
-                (r.ih, r.iw, pix_in),
-                (pix_in, r.icb, in_plane),
-                (r.oh, r.ow, pix_out),
-                (pix_out, r.ocb, out_plane),
-                (pix_out, r.acb, aux_plane),
-                (pix_out, r.ocnt, total),
-                (r.iw, r.icnt, rowblocks),
-                (dh, rowblocks, dh_rb),
-                (r.sh, rowblocks, sh_rb),
-                (r.pt, rowblocks, pt_rb),
-                (dw, r.icnt, dw_c),
-                (r.sw, r.icnt, sw_c),
-                (r.pl, r.icnt, pl_c),
-                (kh - 1, dh, span),
-            ]
             with m.State("S0"):
-                m.d.comb += self.busy.eq(1)
+                red = nops.reducer
                 m.d.sync += [
-                    is_mvu.eq(ops.reducer == Reducer.MVU),
-                    is_pool.eq(ops.reducer == Reducer.POOL),
-                    floor.eq(r.emax - cfg.act_exp_window),
+                    stg["is_mvu"].eq(red == Reducer.MVU),
+                    stg["is_pool"].eq(red == Reducer.POOL),
                 ]
-                with m.If(ops.reducer == Reducer.MVU):
-                    m.d.sync += [kh.eq(r.kh), kw.eq(r.kw), dh.eq(r.dh), dw.eq(r.dw)]
-                    m.d.sync += [cbn.eq(r.icnt), gn.eq(groups)]
-                with m.Elif(ops.reducer == Reducer.POOL):
-                    m.d.sync += [kh.eq(r.kh), kw.eq(r.kw), dh.eq(1), dw.eq(1)]
-                    m.d.sync += [cbn.eq(1), gn.eq(1)]
+                with m.If(red == Reducer.MVU):
+                    m.d.sync += [
+                        stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(nr.dh),
+                        stg["dw"].eq(nr.dw), stg["cbn"].eq(nr.icnt), stg["gn"].eq(groups),
+                        stg["span"].eq((nr.kh - 1) * nr.dh),
+                    ]  # fmt: skip
+                with m.Elif(red == Reducer.POOL):
+                    m.d.sync += [
+                        stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(1),
+                        stg["dw"].eq(1), stg["cbn"].eq(1), stg["gn"].eq(1),
+                        stg["span"].eq(nr.kh - 1),
+                    ]  # fmt: skip
                 with m.Else():
-                    m.d.sync += [kh.eq(1), kw.eq(1), dh.eq(1), dw.eq(1), cbn.eq(1), gn.eq(1)]
+                    m.d.sync += [
+                        stg["kh"].eq(1), stg["kw"].eq(1), stg["dh"].eq(1), stg["dw"].eq(1),
+                        stg["cbn"].eq(1), stg["gn"].eq(1), stg["span"].eq(0),
+                    ]  # fmt: skip
                 m.next = "P0"
             for i, (a, b, dst) in enumerate(setup):
                 with m.State(f"P{i}"):
-                    m.d.comb += [self.busy.eq(1), mul_a.eq(a), mul_b.eq(b)]
-                    m.d.sync += dst.eq(prod)
-                    m.next = f"P{i + 1}" if i + 1 < len(setup) else "DIV"
-                    if i + 1 == len(setup):
-                        m.d.sync += [rem.eq(0), ring_rows.eq(0), div_i.eq(32)]
+                    m.d.comb += [
+                        mul_a.eq(stg[a] if isinstance(a, str) else a),
+                        mul_b.eq(stg[b] if isinstance(b, str) else b),
+                    ]
+                    m.d.sync += stg[dst].eq(prod)
+                    if i + 1 < len(setup):
+                        m.next = f"P{i + 1}"
+                    else:
+                        m.d.sync += [rem.eq(0), stg["ring_rows"].eq(0), div_i.eq(eb + 2)]
+                        m.next = "DIV"
             # ring_rows = cap // rowblocks by restoring division, one bit per cycle.
             with m.State("DIV"):
-                m.d.comb += self.busy.eq(1)
-                bit = Const(cap, 32).bit_select((div_i - 1)[:5], 1)
-                trial = Signal(34)
+                rr = stg["ring_rows"]
+                bit = Const(cap, eb + 2).bit_select((div_i - 1)[: (eb + 2).bit_length()], 1)
+                trial = Signal(eb + 4)
                 m.d.comb += trial.eq((rem << 1) | bit)
-                with m.If(trial >= rowblocks):
-                    m.d.sync += [rem.eq(trial - rowblocks), ring_rows.eq((ring_rows << 1) | 1)]
+                with m.If(trial >= stg["rowblocks"]):
+                    m.d.sync += [rem.eq(trial - stg["rowblocks"]), rr.eq((rr << 1) | 1)]
                 with m.Else():
-                    m.d.sync += [rem.eq(trial), ring_rows.eq(ring_rows << 1)]
+                    m.d.sync += [rem.eq(trial), rr.eq(rr << 1)]
                 m.d.sync += div_i.eq(div_i - 1)
                 with m.If(div_i == 1):
                     m.next = "RING"
             with m.State("RING"):
-                m.d.comb += [self.busy.eq(1), mul_a.eq(ring_rows), mul_b.eq(rowblocks)]
-                m.d.sync += ring.eq(prod)
-                m.next = "LAUNCH"
+                m.d.comb += [mul_a.eq(stg["ring_rows"]), mul_b.eq(stg["rowblocks"])]
+                m.d.sync += stg["ring"].eq(prod)
+                m.next = "READY"
+            with m.State("READY"):
+                with m.If(launch):
+                    m.next = "IDLE"
+
+        setup_ready = setup_fsm.ongoing("READY")
+        m.d.comb += self.done.eq(0)
+        with m.FSM(name="run") as run_fsm:
+            with m.State("IDLE"):
+                m.d.comb += launch.eq(setup_ready)
+                with m.If(setup_ready):
+                    m.d.sync += [r.eq(nr), ops.eq(nops)]
+                    m.d.sync += [act_s[k].eq(stg[k]) for k in shapes]
+                    m.d.sync += [
+                        floor.eq(self.emax_val - cfg.act_exp_window),
+                        self.error.eq(0),
+                    ]
+                    m.next = "LAUNCH"
             with m.State("LAUNCH"):
                 m.d.comb += self.busy.eq(1)
                 resident = Signal()
                 m.d.comb += resident.eq(last_valid & (last_key == key) & (is_mvu | is_pool))
                 with m.If((ring_rows == 0) | (ring_rows < span + 1)):
                     m.d.sync += self.error.eq(ChainError.WINDOW_TOO_TALL)
-                    m.next = "IDLE"
+                    m.next = "DRAIN"
                 with m.Else():
                     m.d.comb += [
                         act.start.eq(1),
@@ -487,7 +533,22 @@ class ChainEngine(wiring.Component):
                 with m.Else():
                     m.next = "ROW_WRAP"
             with m.State("DRAIN"):
-                m.d.comb += self.busy.eq(1)
-                with m.If(~writer.busy & (writer.written == total) & ~act.busy):
+                with m.If(self.error != 0):
+                    m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
+                with m.Elif(~writer.busy & (writer.written == total) & ~act.busy):
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        run_busy = ~run_fsm.ongoing("IDLE")
+        staged = ~setup_fsm.ongoing("IDLE")
+        m.d.comb += self.eregs_in_use.eq(
+            Mux(run_busy, 1 << act_s["out_ereg"], 0)
+            | Mux(staged, (1 << stg["out_ereg"]) | (1 << stg["in_ereg"]), 0)
+        )
+        m.d.comb += [
+            self.busy.eq(run_busy | ~setup_fsm.ongoing("IDLE")),
+            self.halves_in_use.eq(
+                Mux(run_busy, act_s["halves"], 0) | Mux(setup_fsm.ongoing("IDLE"), 0, stg["halves"])
+            ),
+        ]
         return m

@@ -14,7 +14,7 @@ the chain engine and moves on. When a chain completes, ``E[OUT_EREG]`` is max-up
 the largest exponent it wrote.
 """
 
-from amaranth import Module, Mux, Signal, signed
+from amaranth import Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -131,23 +131,23 @@ class NPU(wiring.Component):
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
         running = Signal()
-        armed = Signal()
-        out_ereg = Signal(4)
-        # buffer halves the running chain reads (tile buffer, VRF)
+        # buffer halves the chains in the engine read (tile buffer, VRF)
         run_tile_half = Signal(2)
         run_vrf_half = Signal(2)
+        m.d.comb += [
+            run_tile_half.eq(chain.halves_in_use[:2]),
+            run_vrf_half.eq(chain.halves_in_use[2:]),
+        ]
 
         # chain completion: max-update E[OUT_EREG]
-        with m.If(running):
-            with m.If(chain.busy):
-                m.d.sync += armed.eq(1)
-            with m.Elif(armed):
-                m.d.sync += [running.eq(0), armed.eq(0)]
-                with m.If(chain.error != 0):
-                    m.d.sync += self.error.eq(chain.error)
-                cur = eregs[out_ereg]
-                with m.If(chain.emax_out > cur):
-                    m.d.sync += cur.eq(chain.emax_out)
+        m.d.comb += chain.emax_val.eq(eregs[chain.emax_idx])
+        with m.If(chain.done):
+            with m.If(chain.error != 0):
+                m.d.sync += self.error.eq(chain.error)
+            cur = eregs[chain.done_ereg]
+            with m.If(chain.emax_out > cur):
+                m.d.sync += cur.eq(chain.emax_out)
+        m.d.comb += running.eq(chain.busy)
 
         with m.If(self.busy):
             m.d.sync += self.cycles.eq(self.cycles + 1)
@@ -165,7 +165,6 @@ class NPU(wiring.Component):
             regs.icb.eq(creg(R.IN_CB)),
             regs.ioff.eq(creg(R.IN_CB_OFF)),
             regs.icnt.eq(creg(R.IN_CB_CNT)),
-            regs.emax.eq(eregs[creg(R.IN_EREG)[:4]]),
             regs.kh.eq(creg(R.K_H)),
             regs.kw.eq(creg(R.K_W)),
             regs.sh.eq(creg(R.STRIDE_H)),
@@ -202,8 +201,6 @@ class NPU(wiring.Component):
                         self.done.eq(0),
                         self.error.eq(0),
                         self.cycles.eq(0),
-                        running.eq(0),
-                        armed.eq(0),
                     ]
                     m.d.sync += [eregs[i].eq(-128) for i in range(isa.EXP_REG_COUNT)]
                     m.d.sync += [ctrl[i].eq(0) for i in range(CTRL_REGS)]
@@ -226,13 +223,18 @@ class NPU(wiring.Component):
                         with m.Case(Opcode.HALT):
                             m.next = "DRAIN"
                         with m.Case(Opcode.S_WR):
-                            m.d.comb += advance.eq(1)
+                            # An E register an in-flight chain still reads or updates is
+                            # written only after that chain (program order).
+                            e_busy = ereg_ok(d.reg) & chain.eregs_in_use.bit_select(d.reg[:4], 1)
+                            with m.If(~e_busy):
+                                m.d.comb += advance.eq(1)
                             with m.If(d.reg < CTRL_REGS):
                                 m.d.sync += ctrl[d.reg[:5]].eq(d.value)
-                            with m.Elif(ereg_ok(d.reg)):
+                            with m.Elif(ereg_ok(d.reg) & ~e_busy):
                                 m.d.sync += eregs[d.reg[:4]].eq(d.value)
                         with m.Case(Opcode.S_LD):
-                            with m.If(~loader.busy):
+                            e_busy = ereg_ok(d.reg) & chain.eregs_in_use.bit_select(d.reg[:4], 1)
+                            with m.If(~loader.busy & ~e_busy):
                                 m.d.comb += [
                                     loader.start.eq(1),
                                     loader.kind.eq(LoadKind.SCALAR),
@@ -331,7 +333,7 @@ class NPU(wiring.Component):
                             with m.If(~ok_regs):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
-                            with m.Elif(~running & ~loader.busy):
+                            with m.Elif(chain.ready & ~loader.busy):
                                 m.d.comb += [advance.eq(1), chain.start.eq(1)]
                                 th = Mux(ops.tile >= tiles_half, 2, 1)
                                 vh = 0
@@ -339,12 +341,12 @@ class NPU(wiring.Component):
                                     sl = ops.slots[i]
                                     use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
                                     vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
-                                m.d.sync += [
-                                    running.eq(1),
-                                    armed.eq(0),
-                                    out_ereg.eq(creg(R.OUT_EREG)[:4]),
-                                    run_tile_half.eq(Mux(ops.reducer == Reducer.MVU, th, 0)),
-                                    run_vrf_half.eq(vh),
+                                m.d.comb += [
+                                    chain.in_ereg.eq(creg(R.IN_EREG)[:4]),
+                                    chain.out_ereg.eq(creg(R.OUT_EREG)[:4]),
+                                    chain.halves.eq(
+                                        Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])
+                                    ),
                                 ]
                                 m.next = "EXEC"
                         with m.Default():

@@ -46,7 +46,6 @@ ChainRegs = data.StructLayout(
         "icb": unsigned(16),
         "ioff": unsigned(16),
         "icnt": unsigned(16),
-        "emax": signed(16),
         "kh": unsigned(8),
         "kw": unsigned(8),
         "sh": unsigned(8),

@@ -27,6 +27,8 @@ class RtlResult:
     error: int
     beats_read: int
     beats_written: int
+    #: (launch, done) cycle of every chain, counted from start
+    chains: np.ndarray
 
 
 def imem_depth_for(n_words: int) -> int:
@@ -77,6 +79,7 @@ def run_jobs(
                     error=int(r["error"]),
                     beats_read=int(r["beats_read"]),
                     beats_written=int(r["beats_written"]),
+                    chains=r["chains"].copy(),
                 )
             )
     return out

@@ -18,6 +18,8 @@ class RunOutcome:
     error: int
     beats_read: int
     beats_written: int
+    #: (launch cycle, done cycle) of every chain, when the chain engine is visible
+    chains: list[tuple[int, int]]
 
 
 class CycleMonitor:
@@ -57,9 +59,20 @@ class HostDriver:
         await FallingEdge(dut.clk)
         dut.start.value = 0
         mon = CycleMonitor()
+        chains: list[tuple[int, int]] = []
+        try:
+            engine_done, launched = dut.chain.done, dut.chain.launch
+        except AttributeError:
+            engine_done = launched = None
+        starts: list[int] = []
         while not int(dut.done.value):
             await FallingEdge(dut.clk)
             mon.tick()
+            if engine_done is not None:
+                if int(launched.value):
+                    starts.append(mon.count)
+                if int(engine_done.value) and starts:
+                    chains.append((starts.pop(0), mon.count))
             if mon.count > max_cycles:
                 raise AssertionError(
                     f"NPU not done after {max_cycles} cycles (pc={int(dut.pc.value)})"
@@ -71,4 +84,5 @@ class HostDriver:
             error=int(dut.error.value),
             beats_read=self.dram.beats_read - r0,
             beats_written=self.dram.beats_written - w0,
+            chains=chains,
         )

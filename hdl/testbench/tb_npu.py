@@ -50,4 +50,5 @@ async def run_jobs(dut):
             error=out.error,
             beats_read=out.beats_read,
             beats_written=out.beats_written,
+            chains=np.array(out.chains, dtype=np.int64).reshape(-1, 2),
         )

@@ -7,9 +7,9 @@ RTL test configuration; the whole DRAM after the run must equal the simulator's.
 
 import numpy as np
 import pytest
-
 from nets import NETWORKS
 from progs import RTL_TEST_CFG
+
 from tessera.compiler.driver import compile_model
 from tessera.runtime.host import build_dram, read_outputs
 from tessera.sim.executor import Simulator
