@@ -545,8 +545,10 @@ class Simulator:
         se_all = np.empty((blocks, p), np.int64)
         fns = {"vv_add": kernels.lm_wide_add, "vv_max": kernels.lm_wide_max}
         fns["vv_mul"] = kernels.lm_wide_mul
-        step = max(64, (1 << 17) // (blocks * n))
-        for p0 in range(0, p, step):
+        workers = kernels.parallel_workers()
+        step = max(64, min((1 << 17) // (blocks * n), -(-p // workers)))
+
+        def band(p0: int) -> None:
             p1 = min(p, p0 + step)
             acc = wg @ cols[p0:p1].T
             vq, ve, va = kernels.lm_normalize(acc.reshape(blocks, n, p1 - p0), lsb, big)
@@ -568,6 +570,8 @@ class Simulator:
             sq, se = kernels.lm_to_storage(vq, ve, m, va)
             sq_all[:, :, p0:p1] = sq
             se_all[:, p0:p1] = se
+
+        kernels.run_parallel(band, range(0, p, step))
         b0 = 0
         for j, (cpc, *_rest) in enumerate(group):
             b1 = b0 + cnts[j]

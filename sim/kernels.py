@@ -9,6 +9,12 @@ the same integers.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from tessera import numerics
@@ -326,3 +332,83 @@ def im2col_f64(
         return grid.reshape(h * w, c)
     win = gather_windows(grid, kernel, stride, pads_tl, dilation, out_hw)
     return win.reshape(out_hw[0] * out_hw[1], -1)
+
+
+# --------------------------------------------------------------------------- threads
+#
+# Work that splits into independent pieces (pixel bands of a layer) runs on a small
+# thread pool; numpy releases the GIL in its loops and in BLAS. OpenBLAS is held to one
+# thread meanwhile: two levels of threads would oversubscribe the cores, and OpenBLAS's
+# spinning threads degrade badly when the machine is shared. Results do not depend on
+# any of this (every piece is exact and written to its own slice).
+
+_POOL: ThreadPoolExecutor | None = None
+_BLAS: tuple | None = None
+
+
+def parallel_workers() -> int:
+    """Threads used for band-parallel work (the CPUs this process may run on, at most 4)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+def _openblas() -> tuple:
+    """(get, set) thread-count functions of numpy's bundled OpenBLAS, or ``()``."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ()
+        libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+        for path in glob.glob(os.path.join(libs, "*openblas*.so*")):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            names = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", ""))
+            for pre, suf in names:
+                get = getattr(lib, f"{pre}get_num_threads{suf}", None)
+                put = getattr(lib, f"{pre}set_num_threads{suf}", None)
+                if get is not None and put is not None:
+                    put.argtypes = [ctypes.c_int]
+                    _BLAS = (get, put)
+                    break
+            if _BLAS:
+                break
+    return _BLAS
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    blas = _openblas()
+    if not blas:
+        yield False
+        return
+    get, put = blas
+    before = get()
+    put(1)
+    try:
+        yield True
+    finally:
+        put(before)
+
+
+def run_parallel(fn, items) -> None:
+    """``fn(item)`` for every item, on the thread pool when that can help."""
+    global _POOL
+    items = list(items)
+    workers = parallel_workers()
+    if len(items) < 2 or workers < 2:
+        for it in items:
+            fn(it)
+        return
+    with blas_single_thread() as single:
+        if not single:  # BLAS threads cannot be held back: do not add ours on top
+            for it in items:
+                fn(it)
+            return
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-sim")
+        for f in [_POOL.submit(fn, it) for it in items]:
+            f.result()
