@@ -83,3 +83,21 @@ def run_jobs(
                 )
             )
     return out
+
+
+def run_program_rtl(prog, mem: np.ndarray, max_cycles: int = 2_000_000_000) -> int:
+    """Run a compiled program on its config's RTL; ``mem`` (the DRAM image) is updated in place.
+
+    Returns the NPU's cycle count; an NPU error status raises :class:`TesseraError`.
+    """
+    import sys
+
+    from tessera.errors import TesseraError
+    from tessera.hdl.toolchain import find_simulator
+
+    print(f"rtl: {find_simulator().describe()}", file=sys.stderr)
+    (res,) = run_jobs(prog.config, [(prog.instructions, mem)], max_cycles=max_cycles)
+    if res.error:
+        raise TesseraError(f"the NPU stopped with error code {res.error:#04x} (see tessera.hdl.npu)")
+    mem[:] = res.mem
+    return res.cycles

