@@ -57,12 +57,13 @@ class _Prefetched:
     cols_gen: int
     cols_key: tuple
     w_floor: int
-    tiles_q: np.ndarray
-    tiles_e: np.ndarray
+    tile_addr: int  # DRAM address of the first tile the product was computed from
+    tiles: int  # how many (consecutive) tiles
+    epoch: int  # DRAM writes done before the tiles (and AUX blocks) were read
     acc: np.ndarray | None
     body: tuple = ()
     vrf: list = field(default_factory=list)  # (first slot, mantissas, exponents)
-    aux: tuple | None = None  # (regs, mantissa snapshot, exponent snapshot)
+    aux_span: tuple[int, int] | None = None  # DRAM bytes of the AUX tensor read
     sq: np.ndarray | None = None
     se: np.ndarray | None = None
 
@@ -129,6 +130,9 @@ class Simulator:
         self._window: tuple = ()
         # DRAM address each tile-buffer slot was last loaded from (-1: never loaded).
         self._tile_src = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
+        # DRAM writes so far (byte ranges, in order); a slot's load time in that count.
+        self._writes: list[tuple[int, int]] = []
+        self._tile_epoch = np.zeros(self.state.tiles_q.shape[0], dtype=np.int64)
         self._vrf_src = np.full(self.state.vrf_q.shape[0], -1, dtype=np.int64)
         # Chains of one layer (same input window, one per output group) have their
         # products computed in one matrix product when the first of them runs; each
@@ -183,6 +187,7 @@ class Simulator:
             )
             st.tiles_e[a["tile"] : a["tile"] + cnt] = raw[:, mb:].view(np.int8)
             self._tile_src[a["tile"] : a["tile"] + cnt] = a["addr"] + tb * np.arange(cnt)
+            self._tile_epoch[a["tile"] : a["tile"] + cnt] = len(self._writes)
             self.cycles.load(a["count"] * layout.tile_bytes(n, m), a["tile"])
         elif ins.op == "c_rd":
             if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
@@ -290,6 +295,7 @@ class Simulator:
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
             self._cols_key = None
         oq, oe = self._tensor(out_addr, oh, ow, ocb)
+        self._writes.append((out_addr, out_end))
         sq = sq.astype(oq.dtype)  # exact integers within the storage range
         oq[:, :, ooff : ooff + ocnt, :] = sq.transpose(2, 0, 1).reshape(oh, ow, ocnt, n)
         oe[:, :, ooff : ooff + ocnt] = se.T.reshape(oh, ow, ocnt)
@@ -329,9 +335,7 @@ class Simulator:
             and pf.cols_gen == self._cols_gen
             and pf.cols_key == self._cols_key
             and pf.w_floor == wfloor
-            and pf.tiles_q.shape == tq.shape
-            and np.array_equal(pf.tiles_q, tq)
-            and np.array_equal(pf.tiles_e, te)
+            and self._tiles_unchanged(pf, base, t)
         ):
             if pf.sq is not None and self._body_unchanged(pf, ops[2:-2]):
                 return pf.sq, pf.se
@@ -373,11 +377,28 @@ class Simulator:
                 and np.array_equal(st.vrf_e[slot : slot + c], ce)
             ):
                 return False
-        if pf.aux is not None:
-            q, e = self._aux_view(st.regs, len(pf.se))
-            if not (np.array_equal(q, pf.aux[0]) and np.array_equal(e, pf.aux[1])):
-                return False
-        return True
+        return pf.aux_span is None or not self._written_since(pf.epoch, *pf.aux_span)
+
+    def _written_since(self, epoch: int, lo: int, hi: int) -> bool:
+        """Whether a DRAM write since the ``epoch``-th touched bytes ``lo..hi``."""
+        return any(a < hi and lo < b for a, b in self._writes[epoch:])
+
+    def _tiles_unchanged(self, pf: _Prefetched, base: int, t: int) -> bool:
+        """Whether tile slots ``base..base+t`` hold the bytes ``pf`` was computed from.
+
+        Slots change only by m_rd, which copies DRAM as it is then; DRAM changes only by
+        chain writes, which are logged. So the slots hold those bytes when they were
+        loaded from the same addresses and no write touched them between that load and
+        the moment ``pf`` read them (both are after the earlier of the two epochs).
+        """
+        if t != pf.tiles:
+            return False
+        tb = layout.tile_bytes(self.cfg.native_dim, self.cfg.mantissa_bits)
+        src = self._tile_src[base : base + t]
+        if src.size != t or src[0] != pf.tile_addr or np.any(np.diff(src) != tb):
+            return False
+        since = min(pf.epoch, int(self._tile_epoch[base : base + t].min()))
+        return not self._written_since(since, pf.tile_addr, pf.tile_addr + t * tb)
 
     def _unrolled(self, chans: np.ndarray | None) -> np.ndarray:
         """The current input's windows as rows [P, K] (only channels ``chans`` if given)."""
@@ -464,12 +485,9 @@ class Simulator:
         group, plans = group[: len(snaps)], plans[: len(snaps)]
         cols = self._unrolled(chans)
         out: dict[int, _Prefetched] = {}
-        mb = n * n * st.tiles_q.itemsize
-        for (cpc, _addr, t, _ocnt, wfloor), snap in zip(group, snaps, strict=True):
-            raw = snap.reshape(t, tb)
-            tq = raw[:, :mb].view(st.tiles_q.dtype).reshape(t, n, n)
-            te = raw[:, mb:].view(np.int8)
-            out[cpc] = _Prefetched(self._cols_gen, key0, wfloor, tq, te, None)
+        epoch = len(self._writes)
+        for cpc, addr, t, _ocnt, wfloor in group:
+            out[cpc] = _Prefetched(self._cols_gen, key0, wfloor, addr, t, epoch, None)
         try:
             prep = self._prepare_bodies(group, plans)
         except (SimulationError, ValueError, IndexError):
@@ -500,7 +518,7 @@ class Simulator:
             return None
         cnts = [ocnt for _, _, _, ocnt, _ in group]
         vrf_snaps: list[list] = [[] for _ in group]
-        aux_snaps: list = [None] * len(group)
+        aux_spans: list = [None] * len(group)
         operands: dict[int, list] = {}  # body op index -> per chain operand
         for j, (body, _sig, vsrcs, regs) in enumerate(plans):
             vs = iter(vsrcs)
@@ -514,11 +532,11 @@ class Simulator:
                     operands.setdefault(k, []).append((cq, ce))
                 else:
                     q, e = self._aux_view(regs, cnts[j])
-                    aux_snaps[j] = (q.copy(), e.copy())
+                    lo = int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF
+                    oh, ow, acb = (int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.AUX_CB))
+                    aux_spans[j] = (lo, lo + layout.tensor_bytes(oh, ow, acb, n, cfg.mantissa_bits))
                     p = q.shape[0] * q.shape[1]
-                    operands.setdefault(k, []).append(
-                        (aux_snaps[j][0].reshape(p, -1), aux_snaps[j][1].reshape(p, -1))
-                    )
+                    operands.setdefault(k, []).append((q.reshape(p, -1), e.reshape(p, -1)))
         ops = []
         for k, o in enumerate(plans[0][0]):
             if o.op == "v_relu":
@@ -529,7 +547,7 @@ class Simulator:
                 ops.append((o.op, (cq[:, :, None], ce[:, None])))
             else:
                 ops.append((o.op, operands[k]))  # AUX: per chain [P, cnt*N], [P, cnt]
-        return cnts, ops, vrf_snaps, aux_snaps
+        return cnts, ops, vrf_snaps, aux_spans
 
     def _run_bodies(self, group, plans, cols, wg, prep, out: dict[int, _Prefetched]):
         """Products and bodies of a group of chains on their stacked vectors, a band of
@@ -537,7 +555,7 @@ class Simulator:
         to keep each band's working set in cache."""
         cfg = self.cfg
         n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
-        cnts, ops, vrf_snaps, aux_snaps = prep
+        cnts, ops, vrf_snaps, aux_spans = prep
         blocks, p = sum(cnts), cols.shape[0]
         floor = int(self._cols_key[1]) - cfg.act_exp_window
         lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
@@ -576,7 +594,7 @@ class Simulator:
         for j, (cpc, *_rest) in enumerate(group):
             b1 = b0 + cnts[j]
             pf = out[cpc]
-            pf.body, pf.vrf, pf.aux = plans[j][1], vrf_snaps[j], aux_snaps[j]
+            pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
             pf.sq, pf.se = sq_all[b0:b1], se_all[b0:b1]
             b0 = b1
 
