@@ -1,0 +1,211 @@
+"""The stock TensorFlow Serving protos, and numpy <-> ``TensorProto`` conversion without TF.
+
+The service speaks ``tensorflow.serving.PredictionService`` with the generated modules that
+the ``tensorflow-serving-api`` wheel ships (not a look-alike), so any TF-Serving client
+works against it. Those modules import the TensorFlow framework protos
+(``tensorflow.core.framework.tensor_pb2`` and friends), which only the TensorFlow wheel
+provides; importing them the ordinary way first runs ``tensorflow/__init__.py``: 9 s and
+~3,600 modules on this machine, for a client that sends one picture.
+
+:func:`protos` therefore imports the stock generated files without executing TensorFlow's
+package initialiser: for the duration of the import it puts a bare package module named
+``tensorflow`` (whose ``__path__`` is the installed TensorFlow folder) into
+``sys.modules``, imports the ``*_pb2`` files (plain generated code; ``tensorflow.core`` and
+its sub-packages have empty ``__init__.py`` files) and then removes the bare module again.
+The loaded proto modules stay registered, so a later ``import tensorflow`` in the same
+process finds them, reuses them (no double registration in the descriptor pool) and
+initialises normally (tested in ``tests/test_service.py``). If TensorFlow is already
+imported, the ordinary import is used. Loading takes ~0.15 s.
+
+The tensor helpers here replace ``tf.make_tensor_proto`` / ``tf.make_ndarray`` for the two
+kinds of tensors the service exchanges (float arrays and encoded image strings) and a few
+numeric types clients commonly send.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import threading
+import types
+from typing import Any
+
+import numpy as np
+
+from tessera.errors import TesseraError
+
+_LOCK = threading.Lock()
+_NS: types.SimpleNamespace | None = None
+
+_MODULES = {
+    "predict_pb2": "tensorflow_serving.apis.predict_pb2",
+    "get_model_metadata_pb2": "tensorflow_serving.apis.get_model_metadata_pb2",
+    "model_pb2": "tensorflow_serving.apis.model_pb2",
+    "prediction_service_pb2_grpc": "tensorflow_serving.apis.prediction_service_pb2_grpc",
+    "tensor_pb2": "tensorflow.core.framework.tensor_pb2",
+    "tensor_shape_pb2": "tensorflow.core.framework.tensor_shape_pb2",
+    "types_pb2": "tensorflow.core.framework.types_pb2",
+    "meta_graph_pb2": "tensorflow.core.protobuf.meta_graph_pb2",
+}
+
+INSTALL_HINT = (
+    "the gRPC service needs grpcio, the TensorFlow framework protos (tensorflow-cpu) and "
+    "tensorflow-serving-api; install with: pip install 'tessera[serve]' && pip install "
+    "--no-deps 'tensorflow-serving-api>=2.16,<2.22' (its wheel requires the `tensorflow` "
+    "package, which would install a second copy of TensorFlow next to tensorflow-cpu)"
+)
+
+
+def protos() -> types.SimpleNamespace:
+    """The stock generated modules, as attributes named like the modules (``predict_pb2``...)."""
+    global _NS
+    with _LOCK:
+        if _NS is None:
+            _NS = _load()
+        return _NS
+
+
+def _load() -> types.SimpleNamespace:
+    stub: types.ModuleType | None = None
+    if "tensorflow" not in sys.modules:
+        spec = importlib.util.find_spec("tensorflow")
+        if spec is None or not spec.submodule_search_locations:
+            raise TesseraError(f"TensorFlow framework protos not found; {INSTALL_HINT}")
+        stub = types.ModuleType("tensorflow")
+        stub.__path__ = list(spec.submodule_search_locations)
+        stub.__spec__ = importlib.machinery.ModuleSpec("tensorflow", None, is_package=True)
+        stub.__spec__.submodule_search_locations = stub.__path__
+        sys.modules["tensorflow"] = stub
+    try:
+        loaded = {short: importlib.import_module(full) for short, full in _MODULES.items()}
+    except ImportError as exc:
+        raise TesseraError(f"cannot import the TF-Serving protos ({exc}); {INSTALL_HINT}") from None
+    finally:
+        if stub is not None and sys.modules.get("tensorflow") is stub:
+            del sys.modules["tensorflow"]
+    return types.SimpleNamespace(**loaded)
+
+
+# --------------------------------------------------------------------------- tensors
+def _float_types() -> dict[int, np.dtype]:
+    t = protos().types_pb2
+    return {
+        t.DT_FLOAT: np.dtype("<f4"),
+        t.DT_DOUBLE: np.dtype("<f8"),
+        t.DT_HALF: np.dtype("<f2"),
+        t.DT_INT32: np.dtype("<i4"),
+        t.DT_INT64: np.dtype("<i8"),
+        t.DT_UINT8: np.dtype("u1"),
+    }
+
+
+_VAL_FIELDS = {
+    "float_val": "<f4",
+    "double_val": "<f8",
+    "int_val": "<i4",
+    "int64_val": "<i8",
+}
+
+
+def dtype_name(dtype: int) -> str:
+    """``DT_FLOAT`` for 1, for error messages that say what was sent."""
+    try:
+        return protos().types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"dtype {dtype}"
+
+
+def tensor_shape(tp: Any) -> list[int]:
+    """The shape of a ``TensorProto`` (unknown_rank reads as a scalar)."""
+    return [int(d.size) for d in tp.tensor_shape.dim]
+
+
+def to_ndarray(tp: Any) -> np.ndarray | list[bytes]:
+    """``TensorProto`` -> float/int ndarray, or a flat list of bytes for ``DT_STRING``.
+
+    Raises :class:`ValueError` with a message naming the problem (wrong element count,
+    unsupported dtype); the service turns it into INVALID_ARGUMENT.
+    """
+    t = protos().types_pb2
+    shape = tensor_shape(tp)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"tensor shape {shape} has an unknown (negative) dimension")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if tp.dtype == t.DT_STRING:
+        vals = list(tp.string_val)
+        if len(vals) != count:
+            raise ValueError(f"DT_STRING tensor of shape {shape} holds {len(vals)} strings")
+        return vals
+    dtypes = _float_types()
+    if tp.dtype not in dtypes:
+        raise ValueError(
+            f"unsupported tensor dtype {dtype_name(tp.dtype)}; send DT_STRING (encoded image) "
+            "or DT_FLOAT"
+        )
+    dt = dtypes[tp.dtype]
+    if tp.tensor_content:
+        if len(tp.tensor_content) != count * dt.itemsize:
+            raise ValueError(
+                f"tensor_content holds {len(tp.tensor_content)} bytes, shape {shape} of "
+                f"{dtype_name(tp.dtype)} needs {count * dt.itemsize}"
+            )
+        arr = np.frombuffer(tp.tensor_content, dtype=dt)
+    else:
+        arr = _from_val_fields(tp, dt, count)
+    return arr.reshape(shape)
+
+
+def _from_val_fields(tp: Any, dt: np.dtype, count: int) -> np.ndarray:
+    t = protos().types_pb2
+    if tp.dtype == t.DT_HALF:
+        # half_val carries the float16 bit patterns in int32 slots.
+        vals = np.array(tp.half_val, dtype=np.uint16).view(np.float16)
+    else:
+        field = {
+            t.DT_FLOAT: "float_val",
+            t.DT_DOUBLE: "double_val",
+            t.DT_INT32: "int_val",
+            t.DT_UINT8: "int_val",
+            t.DT_INT64: "int64_val",
+        }[tp.dtype]
+        vals = np.array(getattr(tp, field), dtype=_VAL_FIELDS[field]).astype(dt)
+    if len(vals) == count:
+        return vals
+    # TF semantics: a shorter list is padded with its last value (one value fills all).
+    if 0 < len(vals) < count:
+        return np.concatenate([vals, np.full(count - len(vals), vals[-1], dtype=vals.dtype)])
+    if count == 0 and len(vals) == 0:
+        return vals
+    raise ValueError(f"tensor of {count} elements carries {len(vals)} values")
+
+
+def from_ndarray(value: np.ndarray | list[bytes] | bytes) -> Any:
+    """ndarray (float32 or other numbers) or encoded bytes -> ``TensorProto``.
+
+    Floats travel as little-endian ``tensor_content`` (what ``tf.make_tensor_proto`` does
+    for arrays), the compact form; bytes become a ``DT_STRING`` tensor of shape [n].
+    """
+    p = protos()
+    t = p.types_pb2
+    tp = p.tensor_pb2.TensorProto()
+    if isinstance(value, (bytes, bytearray)):
+        value = [bytes(value)]
+    if isinstance(value, list):
+        tp.dtype = t.DT_STRING
+        tp.tensor_shape.dim.add(size=len(value))
+        tp.string_val.extend(bytes(v) for v in value)
+        return tp
+    arr = np.asarray(value)
+    kinds = {"f4": t.DT_FLOAT, "f8": t.DT_DOUBLE, "f2": t.DT_HALF, "i4": t.DT_INT32}
+    kinds.update({"i8": t.DT_INT64, "u1": t.DT_UINT8})
+    key = f"{arr.dtype.kind}{arr.dtype.itemsize}"
+    if key not in kinds:
+        arr = arr.astype(np.float32)
+        key = "f4"
+    tp.dtype = kinds[key]
+    for d in arr.shape:
+        tp.tensor_shape.dim.add(size=int(d))
+    tp.tensor_content = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    return tp

@@ -1,0 +1,155 @@
+"""Shared pieces of the serving tests: a tiny real classifier, certificates, free ports.
+
+The classifier is a real compiled program (conv, relu, global pool, FC, softmax on a
+16x16 RGB input) so the service tests exercise the true simulator path, but small enough
+that one inference takes milliseconds. :class:`TinyPackage` follows the agreed
+``tessera.package.Package`` API (name, kind, preprocess, program, labels, input_name,
+output_names, preprocess_image, run) for tests of the layers below the package format.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from tessera.config import get_config
+from tessera.preprocess import PreprocessSpec, preprocess
+from tessera.program import Program
+
+SIZE = 16
+CLASSES = 10
+OPSET = 17
+IR_VERSION = 8
+
+
+def tiny_classifier_onnx(seed: int = 0) -> onnx.ModelProto:
+    """NHWC [1,16,16,3] -> conv 3x3 (8) -> relu -> global average pool -> FC 10 -> softmax."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.05).astype(np.float32)
+    b = (rng.standard_normal(8) * 0.5).astype(np.float32)
+    fw = (rng.standard_normal((8, CLASSES)) * 0.5).astype(np.float32)
+    fb = (rng.standard_normal(CLASSES) * 0.1).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(b, "b"),
+        numpy_helper.from_array(fw, "fw"),
+        numpy_helper.from_array(fb, "fb"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_program(seed: int = 0) -> Program:
+    from tessera.compiler.driver import compile_model
+
+    prog, _, _ = compile_model(tiny_classifier_onnx(seed), get_config("ulx3s-85f"))
+    return prog
+
+
+TINY_SPEC = PreprocessSpec(name="tiny", size=SIZE, resize_shorter=SIZE + 2)
+
+
+@dataclass
+class TinyPackage:
+    """A package in memory, following the ``tessera.package.Package`` API."""
+
+    program: Program
+    name: str = "tiny"
+    kind: str = "classifier"
+    preprocess: PreprocessSpec = TINY_SPEC
+    labels: list[str] = field(default_factory=lambda: [f"class_{i}" for i in range(CLASSES)])
+    input_name: str = "images"
+    output_names: list[str] = field(default_factory=lambda: ["output_alias"])
+
+    def preprocess_image(self, data: bytes) -> np.ndarray:
+        return preprocess(data, self.preprocess)
+
+    def run(
+        self,
+        inputs: dict[str, np.ndarray],
+        npu: Callable[[Program, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        if npu is None:
+            from tessera.sim.run import run_program
+
+            def npu(p: Program, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return run_program(p, x, "sim").outputs
+
+        prog_input = self.program.manifest["inputs"][0]["name"]
+        out = npu(self.program, {prog_input: inputs[self.input_name]})
+        values = list(out.values())
+        return dict(zip(self.output_names, values, strict=True))
+
+
+def tiny_package(seed: int = 0, **kw: object) -> TinyPackage:
+    return TinyPackage(tiny_program(seed), **kw)  # type: ignore[arg-type]
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
+    """A small random RGB PNG."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def float_input(seed: int = 0) -> np.ndarray:
+    """A preprocessed-scale float input [1,16,16,3]."""
+    return (np.random.default_rng(seed).standard_normal((1, SIZE, SIZE, 3)) * 60).astype(np.float32)
+
+
+@dataclass
+class CertSet:
+    """A self-signed CA, and a server chain and key signed by it, as PEM files."""
+
+    ca: Path
+    chain: Path
+    key: Path
+
+
+def make_certs(folder: Path, hostname: str = "localhost") -> CertSet:
+    """Generate a CA and a server certificate for ``hostname`` and 127.0.0.1 (dev only)."""
+    from tessera.runtime.tls import generate_self_signed
+
+    return CertSet(*generate_self_signed(folder, hostname=hostname, days=1))
+
+
+__all__ = [
+    "CLASSES",
+    "SIZE",
+    "CertSet",
+    "TinyPackage",
+    "float_input",
+    "make_certs",
+    "png_bytes",
+    "tiny_classifier_onnx",
+    "tiny_package",
+    "tiny_program",
+]
