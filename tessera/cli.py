@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "tessera.bench",
     "tessera.convert",
     "tessera.hdl.cli",
+    "tessera.serve_cli",
 )
 
 
