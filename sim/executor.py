@@ -123,8 +123,8 @@ class Simulator:
         # Consecutive chains of one layer read the same input window (one per output
         # group); the unrolled windows are kept until anything writes over the input.
         self._cols_key: tuple | None = None
-        self._grid: np.ndarray | None = None
-        self._cols: dict[tuple | None, np.ndarray] = {}
+        self._grid_src: tuple = ()
+        self._cols: dict[bytes | None, kernels.Windows] = {}
         self._cols_span = (0, 0)
         self._cols_gen = 0
         self._window: tuple = ()
@@ -253,7 +253,7 @@ class Simulator:
             floor = emax - cfg.act_exp_window
             key = self._cols_key_of(st.regs)
             if key != self._cols_key:
-                self._grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
+                self._grid_src = (q, e, floor)
                 self._window = (kernel, stride, pads, dil, (oh, ow))
                 self._cols = {}
                 self._cols_key = key
@@ -345,7 +345,8 @@ class Simulator:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
-        return kernels.gemm_exact_t(self._unrolled(None), wg)
+        cols = self._unrolled(None).rows(0, self._window[4][0])
+        return kernels.gemm_exact_t(cols, wg)
 
     @staticmethod
     def _body_sig(body: list[Instr], regs: np.ndarray) -> tuple:
@@ -400,13 +401,12 @@ class Simulator:
         since = min(pf.epoch, int(self._tile_epoch[base : base + t].min()))
         return not self._written_since(since, pf.tile_addr, pf.tile_addr + t * tb)
 
-    def _unrolled(self, chans: np.ndarray | None) -> np.ndarray:
-        """The current input's windows as rows [P, K] (only channels ``chans`` if given)."""
+    def _unrolled(self, chans: np.ndarray | None) -> kernels.Windows:
+        """The current input's windows (only channels ``chans`` if given)."""
         ck = None if chans is None else chans.tobytes()
         cols = self._cols.get(ck)
         if cols is None:
-            grid = self._grid if chans is None else self._grid[:, :, chans]
-            cols = self._cols[ck] = kernels.im2col_f64(grid, *self._window)
+            cols = self._cols[ck] = kernels.Windows(*self._grid_src, chans, *self._window)
         return cols
 
     def _plan_group(self, pc: int) -> dict[int, _Prefetched]:
@@ -495,7 +495,7 @@ class Simulator:
         if prep is not None:
             self._run_bodies(group, plans, cols, wg, prep, out)
             return out
-        acc = kernels.gemm_exact_t(cols, wg, None)
+        acc = kernels.gemm_exact_t(cols.rows(0, cols.out_hw[0]), wg, None)
         row = 0
         for cpc, _addr, _t, ocnt, _wf in group:
             out[cpc].acc = acc[row : row + ocnt * n]
@@ -556,7 +556,9 @@ class Simulator:
         cfg = self.cfg
         n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
         cnts, ops, vrf_snaps, aux_spans = prep
-        blocks, p = sum(cnts), cols.shape[0]
+        blocks = sum(cnts)
+        oh, ow = cols.out_hw
+        p = oh * ow
         floor = int(self._cols_key[1]) - cfg.act_exp_window
         lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
         sq_all = np.empty((blocks, n, p), layout.mantissa_dtype(m))
@@ -565,10 +567,12 @@ class Simulator:
         fns["vv_mul"] = kernels.lm_wide_mul
         workers = kernels.parallel_workers()
         step = max(64, min((1 << 17) // (blocks * n), -(-p // workers)))
+        step = max(1, -(-step // ow))  # whole output rows
 
-        def band(p0: int) -> None:
-            p1 = min(p, p0 + step)
-            acc = wg @ cols[p0:p1].T
+        def band(y0: int) -> None:
+            y1 = min(oh, y0 + step)
+            p0, p1 = y0 * ow, y1 * ow
+            acc = wg @ cols.rows(y0, y1).T
             vq, ve, va = kernels.lm_normalize(acc.reshape(blocks, n, p1 - p0), lsb, big)
             for op, opnd in ops:
                 if op == "v_relu":
@@ -589,7 +593,7 @@ class Simulator:
             sq_all[:, :, p0:p1] = sq
             se_all[:, p0:p1] = se
 
-        kernels.run_parallel(band, range(0, p, step))
+        kernels.run_parallel(band, range(0, oh, step))
         b0 = 0
         for j, (cpc, *_rest) in enumerate(group):
             b1 = b0 + cnts[j]

@@ -334,6 +334,65 @@ def im2col_f64(
     return win.reshape(out_hw[0] * out_hw[1], -1)
 
 
+class Windows:
+    """The kernel windows of every output pixel over an input tensor's grid, unrolled
+    on demand: ``rows(y0, y1)`` is the ``[(y1-y0)*OW, kh*kw*C]`` block of :func:`im2col`
+    for output rows ``y0..y1``, so callers can work band by band in cache.
+
+    The grid (:func:`grid_f64` of the blocks, channels ``chans`` only if given) is built
+    once, zero-padded, in parallel row bands.
+    """
+
+    def __init__(self, q, e, floor, chans, kernel, stride, pads_tl, dilation, out_hw):
+        h, w, cb, n = q.shape
+        kh, kw = kernel
+        (sh, sw), (pt, pl), (dh, dw) = stride, pads_tl, dilation
+        oh, ow = self.out_hw = out_hw
+        q2 = q.reshape(h, w, cb * n)
+        scale = pow2(e.astype(np.int64) - floor)  # [H, W, CB]
+        if chans is None:
+            c = cb * n
+            chan_block = None
+        else:
+            c = len(chans)
+            chan_block = chans // n
+        need_h = (oh - 1) * sh + (kh - 1) * dh + 1
+        need_w = (ow - 1) * sw + (kw - 1) * dw + 1
+        pb, pr = max(0, need_h - pt - h), max(0, need_w - pl - w)
+        self.identity = kernel == (1, 1) and stride == (1, 1) and pads_tl == (0, 0)
+        self.identity &= out_hw == (h, w)
+        xp = np.empty((h + pt + pb, w + pl + pr, c))
+        if pt or pb or pl or pr:
+            xp[:pt], xp[pt + h :], xp[:, :pl], xp[:, pl + w :] = 0, 0, 0, 0
+
+        def fill(y0: int) -> None:
+            y1 = min(h, y0 + rows_per)
+            dst = xp[pt + y0 : pt + y1, pl : pl + w]
+            if chans is None:
+                d4 = dst.reshape(y1 - y0, w, cb, n)
+                np.multiply(q[y0:y1], scale[y0:y1, :, :, None], out=d4)
+            else:
+                np.multiply(q2[y0:y1, :, chans], scale[y0:y1, :, chan_block], out=dst)
+            np.rint(dst, out=dst)
+
+        rows_per = max(1, -(-h // parallel_workers()))
+        run_parallel(fill, range(0, h, rows_per))
+        self.grid = xp
+        s0, s1, s2 = xp.strides
+        self.win = np.lib.stride_tricks.as_strided(
+            xp,
+            shape=(oh, ow, kh, kw, c),
+            strides=(s0 * sh, s1 * sw, s0 * dh, s1 * dw, s2),
+            writeable=False,
+        )
+        self.k = kh * kw * c
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        if self.identity:
+            return self.grid[y0:y1].reshape(-1, self.k)
+        return self.win[y0:y1].reshape(-1, self.k)
+
+
 # --------------------------------------------------------------------------- threads
 #
 # Work that splits into independent pieces (pixel bands of a layer) runs on a small
