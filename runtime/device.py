@@ -133,21 +133,31 @@ def _make_backend(name: str) -> Backend:
     return factory()
 
 
-_MODEL_CYCLES: weakref.WeakKeyDictionary[Program, int] = weakref.WeakKeyDictionary()
-_MODEL_CYCLES_LOCK = threading.Lock()
+# Keyed by id(): Program defines __eq__ (so it is unhashable); the weak reference tells a
+# live entry from one whose id was reused by a new object.
+_MODEL_CYCLES: dict[int, tuple[weakref.ref[Program], int]] = {}
+_MODEL_CYCLES_LOCK = threading.RLock()  # re-entrant: the weakref callback may run in GC
 
 
 def model_cycles(program: Program) -> int:
     """The cycle model's total for ``program`` (computed once per program object)."""
     with _MODEL_CYCLES_LOCK:
-        hit = _MODEL_CYCLES.get(program)
-    if hit is None:
-        from tessera.sim.cycles import estimate
+        entry = _MODEL_CYCLES.get(id(program))
+    if entry is not None and entry[0]() is program:
+        return entry[1]
+    from tessera.sim.cycles import estimate
 
-        hit = round(estimate(program.instructions, program.config).finish())
+    cycles = round(estimate(program.instructions, program.config).finish())
+    key = id(program)
+
+    def forget(_: object) -> None:
         with _MODEL_CYCLES_LOCK:
-            _MODEL_CYCLES[program] = hit
-    return hit
+            if key in _MODEL_CYCLES and _MODEL_CYCLES[key][0]() is None:
+                del _MODEL_CYCLES[key]
+
+    with _MODEL_CYCLES_LOCK:
+        _MODEL_CYCLES[key] = (weakref.ref(program, forget), cycles)
+    return cycles
 
 
 # --------------------------------------------------------------------------- results

@@ -9,11 +9,14 @@ output_names, preprocess_image, run) for tests of the layers below the package f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,7 +111,70 @@ class TinyPackage:
 
 
 def tiny_package(seed: int = 0, **kw: object) -> TinyPackage:
+    """The in-memory stand-in (device-layer tests: the device needs only this API)."""
     return TinyPackage(tiny_program(seed), **kw)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=2)
+def real_tiny_package(name: str = "tiny") -> Any:
+    """A real :class:`tessera.package.Package` of the tiny classifier (head on the host)."""
+    from tessera.package import build_package
+
+    return build_package(
+        tiny_classifier_onnx(),
+        preprocess=TINY_SPEC,
+        labels=[f"class_{i}" for i in range(CLASSES)],
+        name=name,
+    )
+
+
+class GatedBackend:
+    """The simulator behind a gate: runs wait until the test opens it (queue-full tests).
+
+    Registered as backend ``gated``; every instance shares the class-level gate, and
+    ``entered`` counts runs that reached the gate.
+    """
+
+    name = "gated"
+    gate = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def run(
+        self, program: Program, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int | None]:
+        from tessera.sim.run import run_program
+
+        GatedBackend.entered.release()
+        if not GatedBackend.gate.wait(30):
+            raise TimeoutError("gate never opened")
+        result = run_program(program, inputs, "sim")
+        return result.outputs, result.cycles
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.gate = threading.Event()
+        cls.entered = threading.Semaphore(0)
+
+
+def register_gated() -> None:
+    from tessera.runtime.device import register_backend
+
+    register_backend("gated", GatedBackend, replace=True)
+
+
+@contextlib.contextmanager
+def running_server(package: Any, **options: Any) -> Iterator[Any]:
+    """A started :class:`~tessera.runtime.server.Server` on free loopback ports, always stopped."""
+    from tessera.runtime.server import ServeOptions, Server
+
+    opts = ServeOptions(grpc_port=0, rest_port=0, grace_s=5.0, **options)
+    server = Server(package, opts)
+    server.start()
+    try:
+        yield server
+    finally:
+        GatedBackend.gate.set()  # never leave a gated run blocking the shutdown
+        server.stop(5.0)
 
 
 def png_bytes(seed: int = 0, size: tuple[int, int] = (24, 20)) -> bytes:
@@ -139,17 +205,3 @@ def make_certs(folder: Path, hostname: str = "localhost") -> CertSet:
     from tessera.runtime.tls import generate_self_signed
 
     return CertSet(*generate_self_signed(folder, hostname=hostname, days=1))
-
-
-__all__ = [
-    "CLASSES",
-    "SIZE",
-    "CertSet",
-    "TinyPackage",
-    "float_input",
-    "make_certs",
-    "png_bytes",
-    "tiny_classifier_onnx",
-    "tiny_package",
-    "tiny_program",
-]
