@@ -22,6 +22,9 @@ _COMMAND_MODULES = (
     "tessera.convert",
     "tessera.hdl.cli",
     "tessera.serve_cli",
+    "tessera.heads",
+    "tessera.package",
+    "tessera.score",
 )
 
 

@@ -503,6 +503,15 @@ def _export_child(out_path: pathlib.Path, args: list[str]) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.featurizer or args.head_output:
+        # The seeds' split (tessera.heads): featurizer for the NPU, ImageNet head for the CPU.
+        if not args.featurizer:
+            raise TesseraError("--head-output needs --featurizer")
+        from tessera.heads import export_featurizer
+
+        export_featurizer(args.name, args.output, args.head_output, args.seed, args.weights)
+        print("\n".join(p for p in (args.output, args.head_output) if p))
+        return 0
     path = cached_export(args.name, seed=args.seed, weights=args.weights)
     pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, args.output)
@@ -559,6 +568,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--weights", help="Keras weights file (.weights.h5, .h5 or .keras) instead of seeding"
     )
     export.add_argument("--seed", type=int, default=0, help="random init seed (default 0)")
+    export.add_argument(
+        "--featurizer",
+        action="store_true",
+        help="export the featurizer only, cut where the seeds cut (ResNet: global pool, 2048 "
+        "features; VGG-16: fc7, 4096; DenseNet-121: global pool, 1024), output 'features'",
+    )
+    export.add_argument(
+        "--head-output",
+        help="with --featurizer: also write the ImageNet classifier head (Gemm + Softmax, "
+        "input 'features') to this ONNX file",
+    )
     export.set_defaults(func=_cmd_export)
 
     listing = zoo_sub.add_parser("list", help="list the models with parameter counts")

@@ -1,0 +1,875 @@
+"""The deployable package (``.tpkg``): everything a service needs to score one model.
+
+The seeds deploy "the converted model plus its stages" as one image: host preprocessing,
+the quantized featurizer on the FPGA, the classifier on the CPU. A package is that image
+as one file:
+
+* the preprocessing parameters (a :class:`~tessera.preprocess.PreprocessSpec`),
+* the compiled NPU program (the ``.tsr`` bytes, with their own checks),
+* the host stage after the NPU: the classifier head's weights (or, for detectors, the
+  post-processing parameters), see :class:`HostStage`,
+* the class labels,
+* the tensor names clients use (the seeds' 2018 client: input ``images``, output
+  ``output_alias``),
+* a format version and a sha256 per part.
+
+Like the program file it is deterministic (no timestamps, sorted keys), so packaging the
+same inputs twice gives identical bytes, and every byte is covered by a checksum or an
+exact check; loading refuses damaged files and other format versions with a
+:class:`PackageFormatError`.
+
+Binary layout (all integers little-endian)
+------------------------------------------
+======  =====  ==========================================================================
+offset  bytes  content
+======  =====  ==========================================================================
+0       8      magic ``b"TSRPKG\\0\\0"``
+8       4      u32 format version (:data:`FORMAT_VERSION`)
+12      4      u32 header size (64)
+16      8      u64 total file size
+24      8      u64 manifest size M
+32      32     sha256 of the manifest bytes
+64      M      manifest: UTF-8 JSON object, sorted keys, ASCII-only, no whitespace
+..             zero padding to a multiple of 8: the start P of the payload
+P      ..      sections, each at a multiple of 8 from P, separated by zero padding:
+               ``program`` (a whole ``.tsr`` file), then one per host-stage array
+======  =====  ==========================================================================
+
+The manifest's ``sections`` maps each section name to its ``offset`` (from P), ``length``
+and ``sha256``; the host stage's arrays are described by ``dtype`` (numpy, little-endian)
+and ``shape``.
+
+Kinds: ``classifier`` (outputs the class probabilities ``[1, classes]``), ``featurizer``
+(outputs the features: for ``tessera head train``), ``detector`` (host post-processing
+registered by the SSD code through :func:`register_host_stage`).
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import hashlib
+import json
+import os
+import struct
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from tessera.errors import ProgramFormatError, TesseraError
+from tessera.heads import LinearHead, head_labels, merge_featurizer_and_head, split_classifier
+from tessera.preprocess import PRESETS as PREPROCESS_PRESETS
+from tessera.preprocess import PreprocessSpec, get_preset, preprocess
+from tessera.program import Program
+
+MAGIC = b"TSRPKG\0\0"
+FORMAT_VERSION = 1
+#: magic, format version, header size, file size, manifest size, manifest sha256.
+HEADER = struct.Struct("<8sIIQQ32s")
+ALIGN = 8
+SUFFIX = ".tpkg"
+KINDS = ("classifier", "featurizer", "detector")
+#: The seeds' 2018 client's tensor names.
+DEFAULT_INPUT_NAME = "images"
+DEFAULT_OUTPUT_NAME = "output_alias"
+HEAD_PLACEMENTS = ("host", "npu")
+#: Manifest keys, all required: a package must not be read with silently defaulted parts.
+MANIFEST_KEYS = (
+    "format",
+    "format_version",
+    "tessera_version",
+    "name",
+    "kind",
+    "preprocess",
+    "labels",
+    "input_name",
+    "output_names",
+    "host",
+    "sections",
+)
+FORMAT_NAME = "tessera-package"
+
+#: Runs a program on an NPU backend: ``npu(program, {onnx input name: array})`` returns the
+#: program's outputs by ONNX name (what :func:`tessera.sim.run.run_program` gives).
+NPU = Callable[[Program, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class PackageFormatError(TesseraError):
+    """A package file is damaged, truncated, of another format version, or inconsistent."""
+
+
+def backend_npu(backend: str = "sim") -> NPU:
+    """An :data:`NPU` running programs on ``tessera.sim.run`` backend ``backend``."""
+    from tessera.sim.run import BACKENDS, run_program
+
+    if backend not in BACKENDS:
+        raise TesseraError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+    def npu(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_program(program, inputs, backend).outputs
+
+    return npu
+
+
+# --------------------------------------------------------------------------- host stages
+class HostStage(abc.ABC):
+    """What the host does with the NPU's outputs: a classifier head, a detector's decoding.
+
+    A stage is stored as its ``type_name``, JSON ``params`` and named numpy ``arrays``; the
+    registry (:func:`register_host_stage`) maps the type name back to the class on load,
+    so a new kind of post-processing plugs in without touching the file format.
+    """
+
+    #: Identifier stored in the package; unique among registered stages.
+    type_name: ClassVar[str]
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable parameters (no arrays)."""
+
+    @abc.abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays (weights, anchors), stored as checksummed binary sections."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_parts(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> HostStage:
+        """Rebuild from :meth:`params` and :meth:`arrays`; raise TesseraError if invalid."""
+
+    @abc.abstractmethod
+    def input_names(self) -> list[str]:
+        """The program outputs the stage reads."""
+
+    @abc.abstractmethod
+    def num_outputs(self) -> int:
+        """How many arrays :meth:`__call__` returns (one per package output name)."""
+
+    @abc.abstractmethod
+    def __call__(self, npu_outputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The package outputs, in the order of :attr:`Package.output_names`."""
+
+    def num_classes(self) -> int | None:
+        """Classes the stage distinguishes (labels must match), if it classifies."""
+        return None
+
+
+HOST_STAGES: dict[str, type[HostStage]] = {}
+
+
+def register_host_stage(cls: type[HostStage]) -> type[HostStage]:
+    """Class decorator making a :class:`HostStage` loadable from packages."""
+    if HOST_STAGES.get(cls.type_name, cls) is not cls:
+        raise ValueError(f"host stage type {cls.type_name!r} is registered twice")
+    HOST_STAGES[cls.type_name] = cls
+    return cls
+
+
+@register_host_stage
+class ClassifierHeadStage(HostStage):
+    """The seeds' CPU classifier: a :class:`~tessera.heads.LinearHead` on the features."""
+
+    type_name = "linear_head"
+
+    def __init__(self, head: LinearHead, input_name: str) -> None:
+        self.head = head
+        self.input_name = input_name
+
+    def params(self) -> dict[str, Any]:
+        return {"input": self.input_name, "softmax": self.head.softmax}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"weight": self.head.weight, "bias": self.head.bias}
+
+    @classmethod
+    def from_parts(
+        cls, params: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> ClassifierHeadStage:
+        if set(params) != {"input", "softmax"} or set(arrays) != {"weight", "bias"}:
+            raise TesseraError(
+                f"linear_head needs params input, softmax and arrays weight, bias; got "
+                f"{sorted(params)} and {sorted(arrays)}"
+            )
+        if not isinstance(params["input"], str) or not isinstance(params["softmax"], bool):
+            raise TesseraError("linear_head params: input must be a string, softmax a boolean")
+        if arrays["weight"].dtype != np.float32 or arrays["bias"].dtype != np.float32:
+            raise TesseraError("linear_head weights must be float32")
+        head = LinearHead(arrays["weight"], arrays["bias"], params["softmax"])
+        return cls(head, params["input"])
+
+    def input_names(self) -> list[str]:
+        return [self.input_name]
+
+    def num_outputs(self) -> int:
+        return 1
+
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def __call__(self, npu_outputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [self.head(npu_outputs[self.input_name])]
+
+
+# --------------------------------------------------------------------------- the package
+@dataclass(eq=False)
+class Package:
+    """One deployable model: preprocessing, NPU program, host stage, labels, tensor names.
+
+    ``run`` is the whole pipeline after decoding; ``preprocess_image`` the stage before it.
+    """
+
+    name: str
+    kind: str
+    preprocess: PreprocessSpec
+    program: Program
+    labels: list[str]
+    input_name: str = DEFAULT_INPUT_NAME
+    output_names: list[str] = field(default_factory=lambda: [DEFAULT_OUTPUT_NAME])
+    host: HostStage | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = list(self.labels)
+        self.output_names = list(self.output_names)
+        self._validate()
+
+    # ----------------------------------------------------------------- pipeline
+    @property
+    def program_input(self) -> str:
+        """The ONNX input name the program takes (the package's is :attr:`input_name`)."""
+        return self.program.manifest["inputs"][0]["name"]
+
+    @property
+    def program_outputs(self) -> list[str]:
+        """The program's ONNX output names, in manifest order."""
+        return [o["name"] for o in self.program.manifest["outputs"]]
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a classifier (its output width), else what the host stage reports."""
+        if self.host is not None:
+            return self.host.num_classes()
+        if self.kind == "classifier":
+            return int(self.program.manifest["outputs"][0]["shape"][-1])
+        return None
+
+    def preprocess_image(self, data: bytes) -> np.ndarray:
+        """Encoded JPEG/PNG bytes to the float32 NHWC input ``[1, H, W, 3]``.
+
+        Raises :class:`~tessera.errors.ImageDecodeError` for bytes that are no usable image.
+        """
+        return preprocess(data, self.preprocess)
+
+    def run_npu(
+        self, inputs: Mapping[str, np.ndarray], npu: NPU | None = None
+    ) -> dict[str, np.ndarray]:
+        """The NPU stage only: the program's outputs by their ONNX names."""
+        if self.input_name not in inputs:
+            raise TesseraError(
+                f"missing input {self.input_name!r}; package {self.name!r} takes "
+                f"{self.input_name!r} {list(self.preprocess.output_shape)} float32"
+            )
+        x = np.asarray(inputs[self.input_name])
+        if x.shape != self.preprocess.output_shape:
+            raise TesseraError(
+                f"input {self.input_name!r} must have shape "
+                f"{list(self.preprocess.output_shape)}, got {list(x.shape)}"
+            )
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TesseraError(f"input {self.input_name!r} must be float32, got {x.dtype}")
+        runner = npu if npu is not None else backend_npu("sim")
+        return runner(self.program, {self.program_input: x.astype(np.float32, copy=False)})
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], npu: NPU | None = None
+    ) -> dict[str, np.ndarray]:
+        """Preprocessed input (keyed by :attr:`input_name`) to the outputs (keyed by
+        :attr:`output_names`): the NPU program through ``npu`` (default: the instruction
+        simulator), then the host stage. A classifier returns ``[1, classes]`` float32
+        probabilities."""
+        npu_outputs = self.run_npu(inputs, npu)
+        missing = [n for n in self._npu_output_names() if n not in npu_outputs]
+        if missing:
+            raise TesseraError(f"the NPU backend returned no output {missing}")
+        if self.host is not None:
+            values = self.host(npu_outputs)
+        else:
+            values = [npu_outputs[n] for n in self.program_outputs]
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _npu_output_names(self) -> list[str]:
+        return self.host.input_names() if self.host is not None else self.program_outputs
+
+    # ----------------------------------------------------------------- checks
+    def _validate(self) -> None:
+        """Consistency of the parts, so no package is written that could not be served."""
+
+        def fail(problem: str) -> TesseraError:
+            return TesseraError(f"package {self.name!r}: {problem}")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise TesseraError(f"package name must be a non-empty string, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise fail(f"unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if not isinstance(self.preprocess, PreprocessSpec):
+            raise fail("preprocess must be a PreprocessSpec")
+        if not isinstance(self.program, Program):
+            raise fail("program must be a tessera.program.Program")
+        names = [self.input_name, *self.output_names]
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise fail(f"tensor names must be distinct non-empty strings, got {names}")
+        if not all(isinstance(label, str) and label for label in self.labels):
+            raise fail("labels must be non-empty strings")
+        inputs = self.program.manifest["inputs"]
+        if len(inputs) != 1:
+            raise fail(f"the program takes {len(inputs)} inputs; a package feeds it one image")
+        shape = list(inputs[0]["shape"])
+        if shape != list(self.preprocess.output_shape):
+            suggest = [n for n, s in PREPROCESS_PRESETS.items() if list(s.output_shape) == shape]
+            raise fail(
+                f"the model input {inputs[0]['name']!r} has shape {shape} but preprocessing "
+                f"{self.preprocess.name!r} produces {list(self.preprocess.output_shape)}"
+                + (f"; presets that fit: {', '.join(suggest)}" if suggest else "")
+            )
+        if self.host is not None:
+            unknown = [n for n in self.host.input_names() if n not in self.program_outputs]
+            if unknown:
+                raise fail(
+                    f"the host stage reads {unknown}, which the program does not output "
+                    f"({self.program_outputs})"
+                )
+            produced = self.host.num_outputs()
+        else:
+            produced = len(self.program_outputs)
+        if produced != len(self.output_names):
+            raise fail(
+                f"{produced} outputs but {len(self.output_names)} output names {self.output_names}"
+            )
+        if self.kind == "classifier":
+            if len(self.output_names) != 1:
+                raise fail("a classifier has exactly one output")
+            classes = self.num_classes
+            if len(self.labels) != classes:
+                raise fail(f"{len(self.labels)} labels for {classes} classes")
+        if self.kind == "detector" and self.host is None:
+            raise fail("a detector needs its host post-processing stage")
+
+    # ----------------------------------------------------------------- file
+    def to_bytes(self) -> bytes:
+        """The ``.tpkg`` file contents (deterministic)."""
+        self._validate()
+        bodies: dict[str, bytes] = {"program": self.program.to_bytes()}
+        host = None
+        if self.host is not None:
+            arrays = {}
+            for key, value in sorted(self.host.arrays().items()):
+                a = np.asarray(value)
+                little = a.astype(a.dtype.newbyteorder("<"), copy=False)
+                section = f"host.{key}"
+                bodies[section] = np.ascontiguousarray(little).tobytes()
+                arrays[key] = {
+                    "dtype": little.dtype.str,
+                    "shape": list(a.shape),
+                    "section": section,
+                }
+            host = {"type": self.host.type_name, "params": self.host.params(), "arrays": arrays}
+        payload: list[bytes] = []
+        sections: dict[str, dict[str, Any]] = {}
+        pos = 0
+        for name, body in bodies.items():
+            payload.append(bytes(_align(pos) - pos))
+            pos = _align(pos)
+            sections[name] = {
+                "offset": pos,
+                "length": len(body),
+                "sha256": hashlib.sha256(body).hexdigest(),
+            }
+            payload.append(body)
+            pos += len(body)
+        import tessera
+
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tessera_version": tessera.__version__,
+            "name": self.name,
+            "kind": self.kind,
+            "preprocess": self.preprocess.to_dict(),
+            "labels": self.labels,
+            "input_name": self.input_name,
+            "output_names": self.output_names,
+            "host": host,
+            "sections": sections,
+        }
+        try:
+            text = json.dumps(
+                manifest, sort_keys=True, separators=(",", ":"), allow_nan=False
+            ).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            raise TesseraError(f"package manifest is not JSON-serialisable: {exc}") from None
+        start = _align(HEADER.size + len(text))
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            HEADER.size,
+            start + pos,
+            len(text),
+            hashlib.sha256(text).digest(),
+        )
+        return b"".join([header, text, bytes(start - HEADER.size - len(text)), *payload])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (a temporary file renamed into place), like ``Program.save``."""
+        path = Path(path)
+        data = self.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> Package:
+        """Parse and fully check package contents; ``source`` names them in errors."""
+        return _unpack(bytes(data), source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Package:
+        """Read and fully check a ``.tpkg`` file."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise PackageFormatError(f"cannot read package {path}: {exc.strerror or exc}") from None
+        return cls.from_bytes(data, source=str(path))
+
+    @classmethod
+    def for_program(
+        cls,
+        program: Program,
+        preprocess: str | PreprocessSpec,
+        name: str,
+        kind: str = "featurizer",
+        labels: Sequence[str] = (),
+    ) -> Package:
+        """A package around an already compiled program, with no host stage."""
+        spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
+        outputs = [o["name"] for o in program.manifest["outputs"]]
+        names = [DEFAULT_OUTPUT_NAME] if len(outputs) == 1 else outputs
+        return cls(name, kind, spec, program, list(labels), DEFAULT_INPUT_NAME, names)
+
+    def describe(self) -> str:
+        """One line for humans: kind, classes, where the head runs, sizes."""
+        what = f"{self.kind} {self.name!r}"
+        if self.num_classes is not None:
+            what += f", {self.num_classes} classes"
+        if isinstance(self.host, ClassifierHeadStage):
+            what += (
+                f", head on the host ({self.host.head.num_features} features -> "
+                f"{self.host.head.num_classes})"
+            )
+        elif self.kind == "classifier":
+            what += ", head on the NPU"
+        cfg = self.program.config
+        return (
+            f"{what}; preprocessing {self.preprocess.name!r}; NPU {cfg.name}; input "
+            f"{self.input_name!r}, outputs {self.output_names}"
+        )
+
+
+def load_package(path: str | os.PathLike[str]) -> Package:
+    """Read a ``.tpkg`` file; raises :class:`PackageFormatError` if it is damaged."""
+    return Package.load(path)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _unpack(data: bytes, source: str) -> Package:
+    """Container checks (header, checksums, layout), then the parts, then consistency."""
+
+    def fail(problem: str) -> PackageFormatError:
+        return PackageFormatError(f"{source}: {problem}")
+
+    if data[: len(MAGIC)] != MAGIC:
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
+        raise fail(f"not a tessera package (starts with {data[:8]!r}, expected {MAGIC!r})")
+    # The version comes first, so a newer file is reported as such and not as corrupted.
+    if len(data) >= len(MAGIC) + 4:
+        (version,) = struct.unpack_from("<I", data, len(MAGIC))
+        if version != FORMAT_VERSION:
+            raise fail(
+                f"package format version {version} is not supported (this tessera reads "
+                f"version {FORMAT_VERSION}); rebuild it with `tessera package`"
+            )
+    if len(data) < HEADER.size:
+        raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
+    _, _, header_size, size, manifest_size, manifest_sha = HEADER.unpack_from(data)
+    if header_size != HEADER.size:
+        raise fail(f"corrupted: header size field is {header_size}, expected {HEADER.size}")
+    if size > len(data):
+        raise fail(f"truncated: expected {size} bytes, got {len(data)}")
+    if size < len(data):
+        raise fail(f"corrupted: {len(data) - size} unexpected bytes after the end at {size}")
+    start = _align(HEADER.size + manifest_size)
+    if start > size:
+        raise fail(f"corrupted: manifest size {manifest_size} runs past the end of the file")
+    view = memoryview(data)
+    text = view[HEADER.size : HEADER.size + manifest_size]
+    if hashlib.sha256(text).digest() != manifest_sha:
+        raise fail("corrupted: manifest sha256 mismatch")
+    if any(view[HEADER.size + manifest_size : start]):
+        raise fail("corrupted: nonzero padding after the manifest")
+    try:
+        manifest = json.loads(bytes(text).decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"corrupted: the manifest is not JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise fail("corrupted: the manifest is not a JSON object")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    unknown = sorted(set(manifest) - set(MANIFEST_KEYS))
+    if missing or unknown:
+        raise fail(f"manifest keys missing {missing}, unknown {unknown}")
+    if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
+        raise fail(
+            f"manifest says format {manifest['format']!r} version "
+            f"{manifest['format_version']!r}, expected {FORMAT_NAME!r} {FORMAT_VERSION}"
+        )
+
+    # Sections: back to back in file order (the manifest lists them sorted by name),
+    # aligned, zero-padded, each checksummed.
+    sections = manifest["sections"]
+    if not isinstance(sections, dict) or "program" not in sections:
+        raise fail("corrupted: the manifest has no section table with a program")
+    for name, entry in sections.items():
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"offset", "length", "sha256"}
+            and _is_uint(entry["offset"])
+            and _is_uint(entry["length"])
+        ):
+            raise fail(f"corrupted: malformed entry for section {name!r}")
+    payload = view[start:size]
+    bodies: dict[str, bytes] = {}
+    pos = 0
+    for name, entry in sorted(sections.items(), key=lambda item: item[1]["offset"]):
+        if entry["offset"] != _align(pos):
+            raise fail(
+                f"corrupted: section {name!r} at offset {entry['offset']}, expected {_align(pos)}"
+            )
+        if any(payload[pos : entry["offset"]]):
+            raise fail(f"corrupted: nonzero padding before section {name!r}")
+        end = entry["offset"] + entry["length"]
+        if end > len(payload):
+            raise fail(f"truncated: section {name!r} runs past the end of the file")
+        body = payload[entry["offset"] : end]
+        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+            raise fail(f"corrupted: section {name!r} sha256 mismatch")
+        bodies[name] = bytes(body)
+        pos = end
+    if pos != len(payload):
+        raise fail(f"corrupted: {len(payload) - pos} bytes after the last section")
+
+    try:
+        program = Program.from_bytes(bodies["program"], source=f"{source} (program section)")
+    except ProgramFormatError as exc:
+        raise fail(f"the program section is not loadable: {exc}") from None
+    try:
+        spec = PreprocessSpec.from_dict(manifest["preprocess"])
+        host = _load_host(manifest["host"], bodies)
+        used = {"program"} | {
+            a["section"] for a in (manifest["host"] or {}).get("arrays", {}).values()
+        }
+        if set(bodies) != used:
+            raise TesseraError(f"sections {sorted(set(bodies) - used)} belong to no part")
+        for key in ("labels", "output_names"):
+            if not isinstance(manifest[key], list):
+                raise TesseraError(f"{key} must be a list")
+        return Package(
+            name=manifest["name"],
+            kind=manifest["kind"],
+            preprocess=spec,
+            program=program,
+            labels=manifest["labels"],
+            input_name=manifest["input_name"],
+            output_names=manifest["output_names"],
+            host=host,
+        )
+    except PackageFormatError:
+        raise
+    except TesseraError as exc:
+        raise fail(f"invalid package: {exc}") from None
+
+
+def _load_host(entry: Any, bodies: dict[str, bytes]) -> HostStage | None:
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) != {"type", "params", "arrays"}:
+        raise TesseraError("host stage entry must have exactly type, params and arrays")
+    cls = HOST_STAGES.get(entry["type"])
+    if cls is None:
+        raise TesseraError(
+            f"host stage {entry['type']!r} is not known to this tessera (known: "
+            f"{', '.join(sorted(HOST_STAGES))})"
+        )
+    if not isinstance(entry["params"], dict) or not isinstance(entry["arrays"], dict):
+        raise TesseraError("host stage params and arrays must be objects")
+    arrays = {}
+    for key, spec in entry["arrays"].items():
+        if not (
+            isinstance(spec, dict)
+            and set(spec) == {"dtype", "shape", "section"}
+            and spec["section"] in bodies
+            and isinstance(spec["shape"], list)
+            and all(_is_uint(d) for d in spec["shape"])
+        ):
+            raise TesseraError(f"malformed host array entry {key!r}")
+        try:
+            dtype = np.dtype(spec["dtype"])
+        except TypeError:
+            raise TesseraError(f"host array {key!r} has unknown dtype {spec['dtype']!r}") from None
+        if dtype.hasobject or dtype.byteorder == ">":
+            raise TesseraError(f"host array {key!r} has unsupported dtype {spec['dtype']!r}")
+        body = bodies[spec["section"]]
+        count = int(np.prod(spec["shape"], dtype=np.int64))
+        if count * dtype.itemsize != len(body):
+            raise TesseraError(
+                f"host array {key!r}: {len(body)} bytes for shape {spec['shape']} {dtype}"
+            )
+        arrays[key] = (
+            np.frombuffer(body, dtype=dtype)
+            .reshape(spec["shape"])
+            .astype(dtype.newbyteorder("="), copy=True)
+        )
+    return cls.from_parts(entry["params"], arrays)
+
+
+# --------------------------------------------------------------------------- building
+def build_package(
+    model: str | os.PathLike[str] | Any,
+    *,
+    head: str | os.PathLike[str] | Any | None = None,
+    head_on: str = "host",
+    preprocess: str | PreprocessSpec = "resnet",
+    config: str | Any | None = None,
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    name: str | None = None,
+    kind: str | None = None,
+    input_name: str = DEFAULT_INPUT_NAME,
+    output_names: Sequence[str] | None = None,
+) -> Package:
+    """Compile ``model`` and assemble a package (see ``tessera package --help``).
+
+    * With ``head`` (an ONNX file or model, or a :class:`LinearHead`), ``model`` is the
+      featurizer and the package a classifier.
+    * Without, a model ending in a linear classifier (Gemm + Softmax) is split at its
+      head's input, as the seeds split it: the featurizer is compiled, the head runs on the
+      host. A model without such a head is packaged as a ``featurizer``.
+    * ``head_on="npu"`` instead compiles featurizer and head into one program (the head's
+      input stays in NPU DRAM in block floating point; one program, one run per image).
+
+    ``labels``: a labels file or list; default the head's metadata labels, else the ImageNet
+    names for 1000 classes. ``config``: NPU preset name or :class:`NPUConfig` (default
+    ``ulx3s-85f``). ``kind="featurizer"`` packages the featurizer of a classifier alone.
+    """
+    import onnx
+
+    from tessera.compiler.driver import compile_model
+    from tessera.compiler.onnx_import import load_model
+    from tessera.config import DEFAULT_PRESET, NPUConfig, get_config
+
+    if head_on not in HEAD_PLACEMENTS:
+        raise TesseraError(f"head_on must be one of {', '.join(HEAD_PLACEMENTS)}, got {head_on!r}")
+    if kind not in (None, "classifier", "featurizer"):
+        raise TesseraError(f"build_package makes classifier or featurizer packages, not {kind!r}")
+    cfg = config if isinstance(config, NPUConfig) else get_config(config or DEFAULT_PRESET)
+    spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
+    if isinstance(model, onnx.ModelProto):
+        proto, default_name = model, model.graph.name or "model"
+    else:
+        proto, default_name = load_model(model), Path(model).stem
+    name = name or default_name
+
+    head_model = None
+    linear: LinearHead | None = None
+    if isinstance(head, LinearHead):
+        linear = head
+    elif head is not None:
+        head_model = head if isinstance(head, onnx.ModelProto) else load_model(head)
+        linear = LinearHead.from_onnx(head_model)
+    if kind == "featurizer" and linear is not None:
+        raise TesseraError("a featurizer package has no head; drop the head or the kind")
+
+    def assemble(kind: str, program: Program, host: HostStage | None) -> Package:
+        return _assemble(
+            name, kind, spec, program, host, labels, head_model, input_name, output_names
+        )
+
+    featurizer = proto
+    if linear is None:
+        if head_on == "npu" and kind != "featurizer":
+            # A whole classifier compiled as it is: the head is its last layers.
+            if not _is_classifier(proto):
+                raise TesseraError("--head-on npu needs a head: pass --head or a classifier model")
+            return assemble("classifier", compile_model(proto, cfg)[0], None)
+        try:
+            featurizer, linear = split_classifier(proto)
+        except TesseraError:
+            linear = None  # no linear classifier at the end: the model is a featurizer
+        if kind == "featurizer" or linear is None:
+            return assemble("featurizer", compile_model(featurizer, cfg)[0], None)
+    if head_on == "npu":
+        merged = merge_featurizer_and_head(featurizer, linear)
+        return assemble("classifier", compile_model(merged, cfg)[0], None)
+    program = compile_model(featurizer, cfg)[0]
+    outputs = program.manifest["outputs"]
+    if len(outputs) != 1:
+        raise TesseraError(
+            f"the featurizer has {len(outputs)} outputs {[o['name'] for o in outputs]}; "
+            "a head needs exactly one"
+        )
+    width = int(np.prod(outputs[0]["shape"]))
+    if width != linear.num_features:
+        raise TesseraError(
+            f"the featurizer outputs {width} features but the head takes {linear.num_features}"
+        )
+    return assemble("classifier", program, ClassifierHeadStage(linear, outputs[0]["name"]))
+
+
+def _is_classifier(model: Any) -> bool:
+    """Whether a model's single output is a Softmax (the zoo's full classifiers)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    outputs = list(model.graph.output)
+    return len(outputs) == 1 and getattr(producers.get(outputs[0].name), "op_type", "") == "Softmax"
+
+
+def _assemble(
+    name: str,
+    kind: str,
+    spec: PreprocessSpec,
+    program: Program,
+    host: HostStage | None,
+    labels: str | os.PathLike[str] | Sequence[str] | None,
+    head_model: Any,
+    input_name: str,
+    output_names: Sequence[str] | None,
+) -> Package:
+    """Resolve labels and tensor names, then build (and so validate) the package."""
+    from tessera.labels import IMAGENET_CLASSES, load_labels
+
+    if output_names is None:
+        count = host.num_outputs() if host is not None else len(program.manifest["outputs"])
+        output_names = (
+            [DEFAULT_OUTPUT_NAME]
+            if count == 1
+            else [o["name"] for o in program.manifest["outputs"]]
+        )
+    if kind == "classifier":
+        classes = (
+            host.num_classes() if host is not None else program.manifest["outputs"][0]["shape"][-1]
+        )
+        if isinstance(labels, (str, os.PathLike)):
+            labels = load_labels(labels, num_classes=classes)
+        elif labels is None and head_model is not None and head_labels(head_model) is not None:
+            labels = head_labels(head_model)
+        elif labels is None and classes == IMAGENET_CLASSES:
+            labels = load_labels(None, num_classes=classes)
+        elif labels is None:
+            raise TesseraError(
+                f"the classifier has {classes} classes: pass --labels (one name per line)"
+            )
+    elif isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    return Package(
+        name, kind, spec, program, list(labels or ()), input_name, list(output_names), host
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+def _cmd_package(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()
+    pkg = build_package(
+        args.model,
+        head=args.head,
+        head_on=args.head_on,
+        preprocess=args.preprocess,
+        config=args.config,
+        labels=args.labels,
+        name=args.name,
+        kind="featurizer" if args.featurizer else None,
+        input_name=args.input_name,
+        output_names=args.output_names.split(",") if args.output_names else None,
+    )
+    pkg.save(args.output)
+    size = Path(args.output).stat().st_size
+    print(
+        f"wrote {args.output}: {pkg.describe()}; {size / 2**20:.1f} MiB "
+        f"(program {len(pkg.program.to_bytes()) / 2**20:.1f} MiB) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tessera package`` to the CLI."""
+    from tessera.config import DEFAULT_PRESET, PRESETS
+
+    p = sub.add_parser(
+        "package",
+        help="compile a model and bundle it with preprocessing, head and labels (.tpkg)",
+        description="Build one deployable file: preprocessing parameters, the compiled NPU "
+        "program, the classifier head (host CPU by default), labels and tensor names. A "
+        "classifier ONNX without --head is split at its final Gemm: featurizer on the NPU, "
+        "head on the host. The same inputs always give the same bytes.",
+    )
+    p.add_argument("model", help="ONNX model: featurizer (with --head) or whole classifier")
+    p.add_argument("-o", "--output", required=True, help="package file to write (.tpkg)")
+    p.add_argument("--head", help="classifier head ONNX (Gemm + Softmax), e.g. from head train")
+    p.add_argument(
+        "--head-on",
+        choices=HEAD_PLACEMENTS,
+        default="host",
+        help="run the head on the host CPU (default, as the seeds) or compile it into the "
+        "NPU program",
+    )
+    p.add_argument(
+        "--preprocess",
+        default="resnet",
+        choices=sorted(PREPROCESS_PRESETS),
+        help="preprocessing preset (default resnet: BGR, ImageNet means, 256 -> crop 224)",
+    )
+    p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="NPU config")
+    p.add_argument(
+        "--labels",
+        help="class names, one per line (default: the head's own, or ImageNet's for 1000)",
+    )
+    p.add_argument("--name", help="model name (default: the ONNX file name)")
+    p.add_argument(
+        "--featurizer",
+        action="store_true",
+        help="package only the featurizer (a classifier's head is dropped), for head train",
+    )
+    p.add_argument(
+        "--input-name", default=DEFAULT_INPUT_NAME, help=f"input tensor name ({DEFAULT_INPUT_NAME})"
+    )
+    p.add_argument(
+        "--output-names",
+        help=f"comma-separated output tensor names (default {DEFAULT_OUTPUT_NAME})",
+    )
+    p.set_defaults(func=_cmd_package)
