@@ -288,17 +288,18 @@ class Simulator:
             for ins in body:
                 vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
             sq, se = kernels.lm_to_storage(vq, ve, m, va)
+            # Lane-major -> pixel-major, as stored; exact integers in the storage range.
+            sq, se = sq.astype(layout.mantissa_dtype(m)).transpose(2, 0, 1), se.T
         else:
-            sq, se = stored
+            sq, se = stored  # already pixel-major
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
             self._cols_key = None
         oq, oe = self._tensor(out_addr, oh, ow, ocb)
         self._writes.append((out_addr, out_end))
-        sq = sq.astype(oq.dtype)  # exact integers within the storage range
-        oq[:, :, ooff : ooff + ocnt, :] = sq.transpose(2, 0, 1).reshape(oh, ow, ocnt, n)
-        oe[:, :, ooff : ooff + ocnt] = se.T.reshape(oh, ow, ocnt)
+        oq[:, :, ooff : ooff + ocnt, :] = sq.reshape(oh, ow, ocnt, n)
+        oe[:, :, ooff : ooff + ocnt] = se.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
         st.regs[er] = max(int(st.regs[er]), int(se.max()))
         aux = any(o.args.get("src") == Operand.AUX for o in body)
@@ -561,8 +562,9 @@ class Simulator:
         p = oh * ow
         floor = int(self._cols_key[1]) - cfg.act_exp_window
         lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
-        sq_all = np.empty((blocks, n, p), layout.mantissa_dtype(m))
-        se_all = np.empty((blocks, p), np.int64)
+        # Pixel-major results (as the chains write them), transposed in the bands.
+        sq_all = np.empty((p, blocks, n), layout.mantissa_dtype(m))
+        se_all = np.empty((p, blocks), np.int8)
         fns = {"vv_add": kernels.lm_wide_add, "vv_max": kernels.lm_wide_max}
         fns["vv_mul"] = kernels.lm_wide_mul
         workers = kernels.parallel_workers()
@@ -590,8 +592,8 @@ class Simulator:
                         b0 += c
                 vq, ve, va = fns[op](vq, ve, yq, ye, big)
             sq, se = kernels.lm_to_storage(vq, ve, m, va)
-            sq_all[:, :, p0:p1] = sq
-            se_all[:, p0:p1] = se
+            sq_all[p0:p1] = sq.transpose(2, 0, 1)
+            se_all[p0:p1] = se.T  # storage exponents fit int8
 
         kernels.run_parallel(band, range(0, oh, step))
         b0 = 0
@@ -599,7 +601,7 @@ class Simulator:
             b1 = b0 + cnts[j]
             pf = out[cpc]
             pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
-            pf.sq, pf.se = sq_all[b0:b1], se_all[b0:b1]
+            pf.sq, pf.se = sq_all[:, b0:b1], se_all[:, b0:b1]
             b0 = b1
 
     def _group_weights(self, group):
