@@ -113,9 +113,11 @@ class KeyStore:
 
     def check(self, authorization: str | None) -> AuthResult:
         """Check an ``authorization`` header value in time independent of the keys."""
+        if not authorization or not authorization.strip():
+            return AuthResult.MISSING
         token = bearer_token(authorization)
         if token is None:
-            return AuthResult.MISSING
+            return AuthResult.INVALID  # present but not "Bearer <key>"
         presented = token.encode("utf-8", "surrogateescape")
         with self._lock:
             keys = list(self._keys)
