@@ -669,11 +669,8 @@ class Featurizer:
             built = pkg.Package.for_program(program, preprocess=preprocess, name=p.stem)
             return cls(built, npu)
         if suffix == ".onnx":
-            model = _load_onnx(p)
-            if classifier_input(model) is not None:
-                model, _ = split_classifier(model)
             built = pkg.build_package(
-                model, preprocess=preprocess, config=config, name=p.stem, kind="featurizer"
+                p, preprocess=preprocess, config=config, name=p.stem, kind="featurizer"
             )
             return cls(built, npu)
         raise TesseraError(f"{p}: expected a featurizer .tpkg, .tsr or .onnx file")

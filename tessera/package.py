@@ -49,6 +49,7 @@ from __future__ import annotations
 import abc
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import struct
@@ -158,6 +159,11 @@ class HostStage(abc.ABC):
 
 
 HOST_STAGES: dict[str, type[HostStage]] = {}
+#: Host stage type -> module that registers it when imported. Loading a package whose
+#: stage is not registered yet imports the module named here first, so a stage defined
+#: outside this file (the SSD decoding) needs no import by every caller of
+#: :func:`load_package`. Only these fixed names are ever imported, never one from a file.
+PLUGIN_MODULES: dict[str, str] = {}
 
 
 def register_host_stage(cls: type[HostStage]) -> type[HostStage]:
@@ -620,6 +626,8 @@ def _load_host(entry: Any, bodies: dict[str, bytes]) -> HostStage | None:
         return None
     if not isinstance(entry, dict) or set(entry) != {"type", "params", "arrays"}:
         raise TesseraError("host stage entry must have exactly type, params and arrays")
+    if entry["type"] not in HOST_STAGES and entry["type"] in PLUGIN_MODULES:
+        importlib.import_module(PLUGIN_MODULES[entry["type"]])
     cls = HOST_STAGES.get(entry["type"])
     if cls is None:
         raise TesseraError(

@@ -77,6 +77,13 @@ RESULT_KINDS: dict[str, ResultKind] = {
 }
 
 
+def register_result_kind(kind: str, result: ResultKind) -> None:
+    """Teach ``tessera score`` a package kind (the detector's boxes), once per kind."""
+    if RESULT_KINDS.get(kind, result) is not result:
+        raise ValueError(f"result kind {kind!r} is registered twice")
+    RESULT_KINDS[kind] = result
+
+
 def score_image(
     pkg: Package, path: str | Path, top: int = 5, npu: NPU | None = None
 ) -> dict[str, Any]:

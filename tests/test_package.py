@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ import onnxruntime as ort
 import pytest
 from photos import encode, photos, tiny_classifier, tiny_featurizer
 
+import tessera.package
 from tessera import zoo
 from tessera.cli import main
 from tessera.errors import ImageDecodeError, TesseraError
@@ -38,7 +40,9 @@ from tessera.labels import load_labels
 from tessera.package import (
     FORMAT_VERSION,
     HEADER,
+    HOST_STAGES,
     MAGIC,
+    PLUGIN_MODULES,
     ClassifierHeadStage,
     HostStage,
     Package,
@@ -366,6 +370,78 @@ def test_detector_kind_plugs_in_through_a_host_stage(tiny: dict[str, Any]) -> No
     assert list(out) == ["boxes", "scores"] and out["boxes"].shape == (2, 4)
     with pytest.raises(TesseraError, match="a detector needs its host post-processing stage"):
         Package("d", "detector", feat.preprocess, feat.program, [], output_names=["x"])
+
+
+_PLUGIN = """
+import numpy as np
+from tessera.package import HostStage, register_host_stage
+
+
+@register_host_stage
+class Negate(HostStage):
+    type_name = "test_plugin_negate"
+
+    def params(self):
+        return {}
+
+    def arrays(self):
+        return {}
+
+    @classmethod
+    def from_parts(cls, params, arrays):
+        return cls()
+
+    def input_names(self):
+        return ["features"]
+
+    def num_outputs(self):
+        return 1
+
+    def __call__(self, outputs):
+        return [-outputs["features"]]
+"""
+
+
+def test_host_stage_module_is_imported_on_load(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package naming a stage defined elsewhere loads once PLUGIN_MODULES names its
+    module; unknown stages are refused with the known ones listed."""
+    (tmp_path / "tessera_test_plugin.py").write_text(_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # A registry of its own, so the test's stage does not outlive the test.
+    monkeypatch.setattr(tessera.package, "HOST_STAGES", dict(HOST_STAGES))
+    feat = build_package(tiny["model"], kind="featurizer")
+    data = feat.to_bytes()
+    manifest, _ = _manifest(data)
+    manifest["host"] = {"type": "test_plugin_negate", "params": {}, "arrays": {}}
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    # Rebuild the file around the longer manifest (the program section is unchanged).
+    _, size = _manifest(data)
+    old_start = -(-(HEADER.size + size) // 8) * 8
+    start = -(-(HEADER.size + len(text)) // 8) * 8
+    body = data[old_start:]
+    header = HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER.size,
+        start + len(body),
+        len(text),
+        hashlib.sha256(text).digest(),
+    )
+    rebuilt = header + text + bytes(start - HEADER.size - len(text)) + body
+    with pytest.raises(PackageFormatError, match=r"'test_plugin_negate' is not known.*linear_head"):
+        Package.from_bytes(rebuilt)
+    monkeypatch.setitem(PLUGIN_MODULES, "test_plugin_negate", "tessera_test_plugin")
+    try:
+        loaded = Package.from_bytes(rebuilt)
+    finally:
+        sys.modules.pop("tessera_test_plugin", None)
+    assert type(loaded.host).__name__ == "Negate"
+    x = _x()
+    np.testing.assert_array_equal(
+        loaded.run({"images": x})["output_alias"], -feat.run({"images": x})["output_alias"]
+    )
 
 
 # --------------------------------------------------------------------------- ResNet-50
