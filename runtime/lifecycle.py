@@ -193,9 +193,21 @@ def deploy(
         ready = folder / "services" / f".{name}.ready"
         ready.unlink(missing_ok=True)
         argv = [
-            sys.executable, "-m", "tessera.cli", "serve", str(package), "--name", name,
-            "--host", host, "--backend", backend, "--ready-file", str(ready), *serve_args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "serve",
+            str(package),
+            "--name",
+            name,
+            "--host",
+            host,
+            "--backend",
+            backend,
+            "--ready-file",
+            str(ready),
+            *serve_args,
+        ]
         for dev in ids:
             argv += ["--device", dev]
         with open(log_path, "ab") as log:

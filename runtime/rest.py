@@ -77,9 +77,14 @@ class RestServer(ThreadingHTTPServer):
             except (ssl.SSLError, OSError) as exc:
                 log.info(
                     "TLS handshake failed",
-                    extra={"fields": {"event": "tls_error", "peer": client_address[0],
-                                      "error": type(exc).__name__}},
-                )  # fmt: skip
+                    extra={
+                        "fields": {
+                            "event": "tls_error",
+                            "peer": client_address[0],
+                            "error": type(exc).__name__,
+                        }
+                    },
+                )
                 request.close()
                 return
         super().finish_request(request, client_address)

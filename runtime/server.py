@@ -212,9 +212,14 @@ class Server:
         self._stopped.set()
         log.info(
             "stopped",
-            extra={"fields": {"event": "stop", "drained": drained,
-                              "seconds": round(time.monotonic() - start, 3)}},
-        )  # fmt: skip
+            extra={
+                "fields": {
+                    "event": "stop",
+                    "drained": drained,
+                    "seconds": round(time.monotonic() - start, 3),
+                }
+            },
+        )
         return drained
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -141,38 +141,53 @@ class ModelService:
         self._draining = False
         self.metrics = Registry()
         self.requests = self.metrics.counter(
-            "tessera_requests_total", "Requests by protocol, method and status code.",
+            "tessera_requests_total",
+            "Requests by protocol, method and status code.",
             ("protocol", "method", "code"),
-        )  # fmt: skip
+        )
         self.latency = self.metrics.histogram(
-            "tessera_request_latency_seconds", "Request latency as the server sees it.",
+            "tessera_request_latency_seconds",
+            "Request latency as the server sees it.",
             ("protocol", "method"),
-        )  # fmt: skip
+        )
         self.auth = self.metrics.counter(
-            "tessera_auth_total", "Credential checks by outcome (key slot, never the key).",
+            "tessera_auth_total",
+            "Credential checks by outcome (key slot, never the key).",
             ("result",),
-        )  # fmt: skip
+        )
         self.metrics.gauge(
-            "tessera_inflight_requests", "Requests being handled.", (),
+            "tessera_inflight_requests",
+            "Requests being handled.",
+            (),
             lambda: [((), self._inflight)],
-        )  # fmt: skip
+        )
         self.metrics.gauge(
-            "tessera_queue_depth", "Requests queued or running per device.", ("device",),
+            "tessera_queue_depth",
+            "Requests queued or running per device.",
+            ("device",),
             lambda: [((s.device_id,), s.queued + s.busy) for s in pool.stats()],
-        )  # fmt: skip
+        )
         self.metrics.gauge(
-            "tessera_device_busy_seconds_total", "Wall time each device spent running.",
-            ("device",), lambda: [((s.device_id,), s.busy_seconds) for s in pool.stats()],
+            "tessera_device_busy_seconds_total",
+            "Wall time each device spent running.",
+            ("device",),
+            lambda: [((s.device_id,), s.busy_seconds) for s in pool.stats()],
             kind="counter",
-        )  # fmt: skip
+        )
         self.metrics.gauge(
-            "tessera_device_runs_total", "Inferences each device ran.", ("device",),
-            lambda: [((s.device_id,), s.runs) for s in pool.stats()], kind="counter",
-        )  # fmt: skip
+            "tessera_device_runs_total",
+            "Inferences each device ran.",
+            ("device",),
+            lambda: [((s.device_id,), s.runs) for s in pool.stats()],
+            kind="counter",
+        )
         self.metrics.gauge(
-            "tessera_npu_cycles_total", "NPU cycles (cycle model) each device ran.", ("device",),
-            lambda: [((s.device_id,), s.cycles) for s in pool.stats()], kind="counter",
-        )  # fmt: skip
+            "tessera_npu_cycles_total",
+            "NPU cycles (cycle model) each device ran.",
+            ("device",),
+            lambda: [((s.device_id,), s.cycles) for s in pool.stats()],
+            kind="counter",
+        )
 
     # ------------------------------------------------------------------ description
     @property

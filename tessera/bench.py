@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_bench_sim)
+    from tessera.bench_serve import register as register_serve
+
+    register_serve(bsub)
 
 
 def _median_time(fn, times: list[float]) -> None:

@@ -35,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     s.add_argument("--backend", default="sim", help="device backend (default: sim)")
     s.add_argument(
-        "--device", action="append", dest="device_ids", metavar="ID",
+        "--device",
+        action="append",
+        dest="device_ids",
+        metavar="ID",
         help="device id to claim (repeatable; default BACKEND:0..N-1)",
-    )  # fmt: skip
+    )
     s.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_serve)
 
@@ -90,9 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--input-name", default="images")
     sc.add_argument("--output", default=None, help="output name (default: the first)")
     sc.add_argument(
-        "--labels", type=Path,
+        "--labels",
+        type=Path,
         help="labels file or .tpkg to name classes (default: ImageNet for 1000 classes)",
-    )  # fmt: skip
+    )
     sc.add_argument("--timeout", type=float, default=30.0)
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=_cmd_client_score)
@@ -107,9 +111,10 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--keys", type=Path, help="keys file: primary key, secondary key")
     p.add_argument(
-        "--insecure-dev-keys", action="store_true",
+        "--insecure-dev-keys",
+        action="store_true",
         help="allow keys without TLS (development on loopback only)",
-    )  # fmt: skip
+    )
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body")
     p.add_argument("--max-batch", type=int, default=32, help="most inputs per request")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
@@ -179,11 +184,21 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     options = _options(args)
     options.validate()
     passthrough = [
-        "--grpc-port", str(args.grpc_port), "--rest-port", str(args.rest_port),
-        "--devices", str(args.devices), "--queue-depth", str(args.queue_depth),
-        "--max-request-mb", str(args.max_request_mb), "--max-batch", str(args.max_batch),
-        "--grace", str(args.grace),
-    ]  # fmt: skip
+        "--grpc-port",
+        str(args.grpc_port),
+        "--rest-port",
+        str(args.rest_port),
+        "--devices",
+        str(args.devices),
+        "--queue-depth",
+        str(args.queue_depth),
+        "--max-request-mb",
+        str(args.max_request_mb),
+        "--max-batch",
+        str(args.max_batch),
+        "--grace",
+        str(args.grace),
+    ]
     for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if value is not None:
             passthrough += [flag, str(Path(value).resolve())]
@@ -226,10 +241,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
         up = f"{(now - rec.started) / 60:.1f} min" if state == "running" else "-"
         rows.append(
             (
-                rec.name, Path(rec.model).name, f"{rec.host}:{rec.grpc_port}",
-                f"{rec.host}:{rec.rest_port}", ",".join(rec.devices), state, up,
+                rec.name,
+                Path(rec.model).name,
+                f"{rec.host}:{rec.grpc_port}",
+                f"{rec.host}:{rec.rest_port}",
+                ",".join(rec.devices),
+                state,
+                up,
             )
-        )  # fmt: skip
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

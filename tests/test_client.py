@@ -94,9 +94,12 @@ def test_server_sees_the_access_token(secure, certs) -> None:
 def test_wrong_or_missing_token_is_final(secure, certs) -> None:
     for token in ("", "not-the-key-0123456789"):
         with PredictionClient(
-            "localhost", secure.grpc_port, use_ssl=True, access_token=token,
+            "localhost",
+            secure.grpc_port,
+            use_ssl=True,
+            access_token=token,
             root_certificates=certs.ca.read_bytes(),
-        ) as client:  # fmt: skip
+        ) as client:
             with pytest.raises(PredictionError) as info:
                 client.score_numpy_arrays({"images": float_input()})
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -168,9 +171,19 @@ def test_cli_client_score_prints_labels(secure, certs, tmp_path, capsys, pkg) ->
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(pkg.labels) + "\n")
     argv = [
-        "client", "score", f"localhost:{secure.grpc_port}", str(img), "--top", "3",
-        "--tls-root", str(certs.ca), "--key-file", str(key_file), "--labels", str(labels),
-    ]  # fmt: skip
+        "client",
+        "score",
+        f"localhost:{secure.grpc_port}",
+        str(img),
+        "--top",
+        "3",
+        "--tls-root",
+        str(certs.ca),
+        "--key-file",
+        str(key_file),
+        "--labels",
+        str(labels),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     probs = expected(pkg, preprocess(img.read_bytes(), pkg.preprocess))[0]

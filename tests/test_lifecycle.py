@@ -37,9 +37,20 @@ def package_file(tmp_path_factory) -> Path:
 
 def deploy(package_file: Path, name: str, *extra: str) -> int:
     return cli.main(
-        ["deploy", str(package_file), "--name", name, "--grpc-port", "0", "--rest-port", "0",
-         "--start-timeout", "60", *extra]
-    )  # fmt: skip
+        [
+            "deploy",
+            str(package_file),
+            "--name",
+            name,
+            "--grpc-port",
+            "0",
+            "--rest-port",
+            "0",
+            "--start-timeout",
+            "60",
+            *extra,
+        ]
+    )
 
 
 def listed(capsys) -> dict[str, dict]:

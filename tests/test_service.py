@@ -420,8 +420,11 @@ def test_tls_with_keys_grpc(tls_server, certs) -> None:
             md = (("authorization", f"Bearer {key}"),)
             r = stub.Predict(req, timeout=TIMEOUT, metadata=md)
             assert r.outputs["output_alias"].tensor_shape.dim[1].size == 10
-        for md in ((), (("authorization", "Bearer wrong-key-0123456789abcdef"),),
-                   (("authorization", KEY1),)):  # fmt: skip
+        for md in (
+            (),
+            (("authorization", "Bearer wrong-key-0123456789abcdef"),),
+            (("authorization", KEY1),),
+        ):
             err = rpc_error(stub.Predict, req, metadata=md)
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert KEY1 not in err.details()
@@ -452,8 +455,9 @@ def test_tls_with_keys_rest(tls_server, certs) -> None:
     url = f"{base}/v1/models/tiny:predict"
     body = {"inputs": float_input().tolist()}
     ca = str(certs.ca)
-    ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {KEY2}"}, verify=ca,
-                       timeout=TIMEOUT)  # fmt: skip
+    ok = requests.post(
+        url, json=body, headers={"Authorization": f"Bearer {KEY2}"}, verify=ca, timeout=TIMEOUT
+    )
     assert ok.status_code == 200
     for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope-nope"}):
         r = requests.post(url, json=body, headers=headers, verify=ca, timeout=TIMEOUT)
@@ -513,8 +517,13 @@ def test_keys_never_logged(pkg, certs, keys_file, caplog) -> None:
                     except grpc.RpcError:
                         pass
             url = f"https://localhost:{srv.rest_port}/v1/models/tiny:predict"
-            requests.post(url, json={"inputs": [1]}, headers={"Authorization": f"Bearer {KEY2}"},
-                          verify=str(certs.ca), timeout=TIMEOUT)  # fmt: skip
+            requests.post(
+                url,
+                json={"inputs": [1]},
+                headers={"Authorization": f"Bearer {KEY2}"},
+                verify=str(certs.ca),
+                timeout=TIMEOUT,
+            )
             srv.reload_keys()
     finally:
         logger.removeHandler(caplog.handler)
@@ -538,8 +547,11 @@ def test_concurrent_clients_get_their_own_answers(pkg) -> None:
             if i % 2:
                 r = stub.Predict(predict_request(inputs[i]), timeout=60)
                 return tfs_protos.to_ndarray(r.outputs["output_alias"])
-            r = requests.post(rest(srv, "/v1/models/tiny:predict"),
-                              json={"inputs": inputs[i].tolist()}, timeout=60)  # fmt: skip
+            r = requests.post(
+                rest(srv, "/v1/models/tiny:predict"),
+                json={"inputs": inputs[i].tolist()},
+                timeout=60,
+            )
             return np.float32(r.json()["outputs"])
 
         with ch, ThreadPoolExecutor(16) as ex:
@@ -568,8 +580,11 @@ def test_graceful_shutdown_drains_in_flight_requests(pkg) -> None:
             # While draining: health says so, new requests are refused with UNAVAILABLE.
             h = requests.get(rest(srv, "/healthz"), timeout=TIMEOUT)
             assert h.status_code == 503
-            r = requests.post(rest(srv, "/v1/models/tiny:predict"),
-                              json={"inputs": float_input().tolist()}, timeout=TIMEOUT)  # fmt: skip
+            r = requests.post(
+                rest(srv, "/v1/models/tiny:predict"),
+                json={"inputs": float_input().tolist()},
+                timeout=TIMEOUT,
+            )
             assert r.status_code == 503
             GatedBackend.gate.set()
             response = inflight.result(TIMEOUT)  # the in-flight request completed
@@ -584,8 +599,11 @@ def test_graceful_shutdown_drains_in_flight_requests(pkg) -> None:
 
 
 def test_metrics_and_structured_logs(server) -> None:
-    requests.post(rest(server, "/v1/models/tiny:predict"), json={"inputs": float_input().tolist()},
-                  timeout=TIMEOUT)  # fmt: skip
+    requests.post(
+        rest(server, "/v1/models/tiny:predict"),
+        json={"inputs": float_input().tolist()},
+        timeout=TIMEOUT,
+    )
     requests.post(rest(server, "/v1/models/tiny:predict"), json={"inputs": [1]}, timeout=TIMEOUT)
     r = requests.get(rest(server, "/metrics"), timeout=TIMEOUT)
     assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")

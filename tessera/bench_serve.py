@@ -1,0 +1,314 @@
+"""``tessera bench serve``: direct device call vs gRPC vs REST, and throughput, in one run.
+
+What a service adds on top of the device is what this measures, so every figure comes from
+the same process and package, with the latency runs interleaved (direct, gRPC, REST,
+direct, ...) and medians and 99th percentiles kept. The server and its clients share the
+process (and so the GIL and the machine's two cores): the overhead figures are an upper
+bound of what a separate client would see.
+
+The default package is a small classifier with the seeds' 224x224x3 input (a strided conv,
+global pool, FC head on the host), so request payloads have their real size (600 KB of
+floats, ~1.9 MB as JSON text) while a simulator run stays in milliseconds; ``--package``
+benchmarks any ``.tpkg`` (ResNet-50 takes seconds per inference on the simulator).
+
+The load is bounded in count and time and goes to loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def register(bsub: argparse._SubParsersAction) -> None:
+    """Adds ``serve`` under ``tessera bench``."""
+    s = bsub.add_parser(
+        "serve", help="direct device call vs gRPC vs REST latency, throughput by clients/devices"
+    )
+    s.add_argument("--package", type=Path, help=".tpkg to serve (default: a small 224x224 model)")
+    s.add_argument("--repeat", type=int, default=100, help="interleaved latency samples")
+    s.add_argument("--clients", default="1,4,16", help="concurrent clients for throughput")
+    s.add_argument("--devices", default="1,2", help="device counts for throughput")
+    s.add_argument("--requests", type=int, default=96, help="requests per throughput cell")
+    s.add_argument("--max-seconds", type=float, default=60.0, help="time cap per phase")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead")
+    s.set_defaults(func=_bench_serve)
+
+
+def small_classifier(size: int = 224, classes: int = 10, seed: int = 0) -> Any:
+    """NHWC [1,size,size,3] -> conv 8x8 stride 8 (16) -> relu -> global pool -> FC -> softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "w": rng.standard_normal((16, 3, 8, 8)) * 0.01,
+        "b": rng.standard_normal(16) * 0.5,
+        "fw": rng.standard_normal((16, classes)) * 0.5,
+        "fb": rng.standard_normal(classes) * 0.1,
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bench_small",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, size, size, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _default_package() -> Any:
+    from tessera.package import build_package
+
+    return build_package(
+        small_classifier(),
+        preprocess="resnet",
+        labels=[f"class {i}" for i in range(10)],
+        name="bench-small",
+    )
+
+
+def _sample_jpeg(size: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((size * 5 // 4, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return statistics.median(ordered), p99
+
+
+def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str, Any]:
+    import requests
+
+    from tessera.runtime.client import PredictionClient
+
+    x = np.random.default_rng(1).standard_normal(pkg.preprocess.output_shape).astype(np.float32)
+    x *= 60
+    jpeg = _sample_jpeg(pkg.preprocess.size)
+    device = server.pool.devices[0]
+    url = f"http://127.0.0.1:{server.rest_port}/v1/models/{server.service.name}:predict"
+    float_body = json.dumps({"inputs": x.tolist()})
+    import base64
+
+    image_body = json.dumps({"instances": [{"b64": base64.b64encode(jpeg).decode()}]})
+    session = requests.Session()
+    client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
+    headers = {"Content-Type": "application/json"}
+
+    def rest_post(body: str) -> None:
+        r = session.post(url, data=body, headers=headers, timeout=60)
+        r.raise_for_status()
+        r.json()
+
+    calls = {
+        "direct device call (float)": lambda: device.run({pkg.input_name: x}, timeout=60),
+        "gRPC Predict (float)": lambda: client.score_numpy_arrays({pkg.input_name: x}, timeout=60),
+        "REST :predict (float, JSON)": lambda: rest_post(float_body),
+        "direct: preprocess + device (JPEG)": lambda: device.run(
+            {pkg.input_name: pkg.preprocess_image(jpeg)}, timeout=60
+        ),
+        "gRPC Predict (JPEG)": lambda: client.score_image_bytes(
+            jpeg, input_name=pkg.input_name, timeout=60
+        ),
+        "REST :predict (JPEG, b64)": lambda: rest_post(image_body),
+    }
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():  # warm-up: connections, caches
+        fn()
+    end = time.monotonic() + max_s
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if time.monotonic() > end:
+            break
+    client.close()
+    session.close()
+    return {
+        "samples": len(next(iter(times.values()))),
+        "payload_bytes": {
+            "float_grpc": x.nbytes,
+            "float_json": len(float_body),
+            "jpeg": len(jpeg),
+        },
+        "rows": {k: _percentiles(v) for k, v in times.items()},
+    }
+
+
+def _throughput_cell(
+    pkg: Any, devices: int, clients: int, requests_n: int, max_s: float
+) -> dict[str, Any]:
+    from tessera.runtime.client import PredictionClient, PredictionError
+    from tessera.runtime.server import ServeOptions, Server
+
+    x = np.random.default_rng(2).standard_normal(pkg.preprocess.output_shape).astype(np.float32)
+    opts = ServeOptions(
+        grpc_port=0, rest_port=0, devices=devices, queue_depth=max(8, clients * 2), grace_s=10
+    )
+    lock = threading.Lock()
+    done = 0
+    errors = 0
+    latencies: list[float] = []
+    with Server(pkg, opts) as server:
+        client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
+        client.score_numpy_arrays({pkg.input_name: x}, timeout=60)  # warm-up
+        end = time.monotonic() + max_s
+        counter = iter(range(requests_n))
+
+        def worker() -> None:
+            nonlocal done, errors
+            while time.monotonic() < end:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t0 = time.perf_counter()
+                try:
+                    client.score_numpy_arrays({pkg.input_name: x}, timeout=60)
+                except PredictionError:
+                    with lock:
+                        errors += 1
+                    continue
+                with lock:
+                    done += 1
+                    latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as ex:
+            for f in [ex.submit(worker) for _ in range(clients)]:
+                f.result()
+        wall = time.perf_counter() - t0
+        client.close()
+    p50, p99 = _percentiles(latencies) if latencies else (float("nan"), float("nan"))
+    return {
+        "devices": devices,
+        "clients": clients,
+        "requests": done,
+        "errors": errors,
+        "seconds": wall,
+        "throughput": done / wall if wall else 0.0,
+        "p50": p50,
+        "p99": p99,
+    }
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from tessera.errors import TesseraError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise TesseraError(f"{what} must be positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tessera.package import load_package
+    from tessera.runtime.server import ServeOptions, Server
+    from tessera.runtime.tfs_protos import protos
+
+    clients_list = _ints(args.clients, "--clients")
+    devices_list = _ints(args.devices, "--devices")
+    console = Console(stderr=args.json)
+    with console.status("building the package"):
+        pkg = load_package(args.package) if args.package else _default_package()
+        protos()
+    with console.status("latency: direct vs gRPC vs REST"):
+        with tempfile.TemporaryDirectory():
+            opts = ServeOptions(grpc_port=0, rest_port=0, devices=1, queue_depth=8)
+            with Server(pkg, opts) as server:
+                lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
+    cells = []
+    for devices in devices_list:
+        for clients in clients_list:
+            with console.status(f"throughput: {devices} device(s), {clients} client(s)"):
+                cells.append(
+                    _throughput_cell(pkg, devices, clients, args.requests, args.max_seconds)
+                )
+    cfg = pkg.program.config
+    result = {
+        "package": pkg.name,
+        "config": cfg.name,
+        "latency": {k: {"p50_ms": a * 1e3, "p99_ms": b * 1e3} for k, (a, b) in lat["rows"].items()},
+        "samples": lat["samples"],
+        "payload_bytes": lat["payload_bytes"],
+        "throughput": cells,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = lat["rows"]
+    table = Table(
+        title=f"tessera bench serve: {pkg.name} on the simulator ({cfg.name}), "
+        f"{lat['samples']} interleaved samples, server and clients in one process"
+    )
+    for col, just in (
+        ("path", "left"),
+        ("p50", "right"),
+        ("p99", "right"),
+        ("p50 overhead vs direct", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    base = {
+        "float": rows["direct device call (float)"][0],
+        "JPEG": rows["direct: preprocess + device (JPEG)"][0],
+    }
+    for name, (p50, p99) in rows.items():
+        kind = "JPEG" if "JPEG" in name else "float"
+        over = "" if name.startswith("direct") else f"{(p50 - base[kind]) * 1e3:+.2f} ms"
+        if kind == "float" and name.startswith("gRPC"):
+            over += " (goal < 2 ms)"
+        table.add_row(name, f"{p50 * 1e3:.2f} ms", f"{p99 * 1e3:.2f} ms", over)
+    console.print(table)
+    pb = lat["payload_bytes"]
+    console.print(
+        f"payloads: float {pb['float_grpc'] / 1e3:.0f} kB as gRPC tensor_content, "
+        f"{pb['float_json'] / 1e6:.2f} MB as JSON; JPEG {pb['jpeg'] / 1e3:.1f} kB"
+    )
+    tp = Table(title="throughput over gRPC (float inputs, bounded load on loopback)")
+    for col in ("devices", "clients", "requests", "errors", "req/s", "p50", "p99"):
+        tp.add_column(col, justify="right")
+    for c in cells:
+        tp.add_row(
+            str(c["devices"]),
+            str(c["clients"]),
+            str(c["requests"]),
+            str(c["errors"]),
+            f"{c['throughput']:.1f}",
+            f"{c['p50'] * 1e3:.1f} ms",
+            f"{c['p99'] * 1e3:.1f} ms",
+        )
+    console.print(tp)
+    return 0
