@@ -375,7 +375,8 @@ class Windows:
                 np.multiply(q2[y0:y1, :, chans], scale[y0:y1, :, chan_block], out=dst)
             np.rint(dst, out=dst)
 
-        rows_per = max(1, -(-h // parallel_workers()))
+        # Parallel row bands only when each is worth a thread hand-off.
+        rows_per = h if h * w * c < 1 << 18 else max(1, -(-h // parallel_workers()))
         run_parallel(fill, range(0, h, rows_per))
         self.grid = xp
         s0, s1, s2 = xp.strides
