@@ -1,4 +1,5 @@
-"""Model zoo: reproducible ONNX exports of the Keras ImageNet classifiers we benchmark.
+"""Model zoo: reproducible ONNX exports of the Keras ImageNet classifiers we benchmark,
+and of SSD300-VGG16 (``ssd_vgg``, built in :mod:`tessera.ssd`), the seeds' detector.
 
 The compiler and simulator need real network *topologies* (ResNet bottlenecks, DenseNet
 concatenations, VGG's 400 MB fully connected layer), but this machine has no network, so
@@ -63,6 +64,8 @@ INPUT_STD = 64.0
 _RESIDUAL_BRANCH_BN_SUFFIX = "_3_bn"
 # Std of the classifier's logits on the calibration images: a peaked, not one-hot, softmax.
 _LOGIT_STD = 2.0
+# SSD's feature maps (tessera.ssd.SOURCES, repeated so `zoo list` needs no import of it).
+_SSD_SOURCES = ("conv4_3", "fc7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,15 @@ class ZooModel:
     # is the classifier ``Dense(1000, activation="softmax", name="predictions")`` for all
     # four applications; the output is the softmax probabilities, shape [1, 1000].
     output_names: tuple[str, ...] = ("predictions",)
+    #: NHWC input shape of the exported graph.
+    input_shape: tuple[int, ...] = INPUT_SHAPE
+    #: For models that are not ``keras.applications``: the module whose
+    #: ``build_keras_model()`` defines the network and ``initialize_weights(model, seed,
+    #: images)`` seeds it (``keras_class`` is then only the name ``zoo list`` prints).
+    module: str = ""
+    #: Version of that module's recipe, part of the cache key (see ``RECIPE_VERSION``), so
+    #: changing one model's init does not invalidate every other model's export.
+    recipe: str = ""
 
 
 MODELS: dict[str, ZooModel] = {
@@ -89,6 +101,19 @@ MODELS: dict[str, ZooModel] = {
         ZooModel("resnet152", "ResNet152", 60_419_944),
         ZooModel("densenet121", "DenseNet121", 8_062_504),
         ZooModel("vgg16", "VGG16", 138_357_544),
+        # SSD300 on VGG-16 (tessera.ssd): 12 head outputs, 6 box + 6 class maps.
+        ZooModel(
+            "ssd_vgg",
+            "SSD300",
+            26_285_486,
+            output_names=(
+                *(f"loc_{s}" for s in _SSD_SOURCES),
+                *(f"conf_{s}" for s in _SSD_SOURCES),
+            ),
+            input_shape=(1, 300, 300, 3),
+            module="tessera.ssd",
+            recipe="ssd2",
+        ),
     )
 }
 
@@ -164,7 +189,8 @@ def cache_path(
     get_model(name)
     weights_path = _checked_weights(weights)
     weights_digest = _file_sha256(weights_path) if weights_path else "seeded"
-    key_text = "\0".join((RECIPE_VERSION, _toolchain_versions(), name, str(seed), weights_digest))
+    recipe = RECIPE_VERSION + (f"+{get_model(name).recipe}" if get_model(name).recipe else "")
+    key_text = "\0".join((recipe, _toolchain_versions(), name, str(seed), weights_digest))
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     return build_dir() / "zoo" / f"{name}-seed{seed}-{key}.onnx"
 
@@ -287,9 +313,13 @@ def build_keras_model(
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = getattr(keras.applications, spec.keras_class)(
-        weights=None, include_top=True, classes=1000, input_shape=INPUT_SHAPE[1:]
-    )
+    if spec.module:
+        module = importlib.import_module(spec.module)
+        model = module.build_keras_model()
+    else:
+        model = getattr(keras.applications, spec.keras_class)(
+            weights=None, include_top=True, classes=1000, input_shape=INPUT_SHAPE[1:]
+        )
     if weights_path is not None:
         try:
             model.load_weights(weights_path)
@@ -297,9 +327,19 @@ def build_keras_model(
             raise TesseraError(
                 f"cannot load weights for {name} from {weights_path}: {exc}"
             ) from exc
+    elif spec.module:
+        module.initialize_weights(model, seed, _calibration_images(seed, spec.input_shape))
     else:
         initialize_weights(model, seed)
     return model
+
+
+def _calibration_images(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The data-dependent init's seeded N(0, INPUT_STD²) batch for a model input shape."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return INPUT_STD * rng.standard_normal((_CALIBRATION_BATCH, *shape[1:]), dtype=np.float32)
 
 
 def initialize_weights(model: keras.Model, seed: int) -> None:
@@ -456,7 +496,7 @@ def _convert(model: keras.Model, name: str, out_path: pathlib.Path) -> None:
     import tensorflow as tf
     import tf2onnx
 
-    signature = (tf.TensorSpec(INPUT_SHAPE, tf.float32, name=INPUT_NAME),)
+    signature = (tf.TensorSpec(get_model(name).input_shape, tf.float32, name=INPUT_NAME),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
     inputs = [i.name for i in proto.graph.input]
     outputs = tuple(o.name for o in proto.graph.output)
@@ -520,24 +560,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    shape = "x".join(map(str, INPUT_SHAPE))
     print(f"{'name':<12} {'keras class':<12} {'params':>12}  {'input':<34} output")
     for m in MODELS.values():
+        shape = "x".join(map(str, m.input_shape))
         inputs = f"{INPUT_NAME}: {shape} float32 NHWC"
-        outputs = ", ".join(f"{o}: 1x1000 softmax" for o in m.output_names)
+        if m.module:
+            outputs = f"{len(m.output_names)} head maps: {', '.join(m.output_names)}"
+        else:
+            outputs = ", ".join(f"{o}: 1x1000 softmax" for o in m.output_names)
         print(f"{m.name:<12} {m.keras_class:<12} {m.params:>12,}  {inputs:<34} {outputs}")
     return 0
 
 
-def sample_input(seed: int = 0) -> np.ndarray:
+def sample_input(seed: int = 0, shape: tuple[int, ...] = INPUT_SHAPE) -> np.ndarray:
     """A seeded stand-in for a preprocessed photo: N(0, INPUT_STD²) in the models' NHWC shape.
 
     It has the scale the zoo's init was calibrated at, so the softmax is peaked but not
     one-hot, which makes comparisons against FP32 meaningful without any image files.
+    ``shape`` is a model's ``input_shape`` (SSD-VGG: 1x300x300x3).
     """
     import numpy as np
 
-    return INPUT_STD * np.random.default_rng(seed).standard_normal(INPUT_SHAPE, np.float32)
+    return INPUT_STD * np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
 def _cmd_sample_input(args: argparse.Namespace) -> int:
@@ -545,8 +589,9 @@ def _cmd_sample_input(args: argparse.Namespace) -> int:
 
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, sample_input(args.seed))
-    print(f"wrote {out}: {INPUT_NAME!r} {list(INPUT_SHAPE)} float32, N(0, {INPUT_STD:g}²)")
+    shape = get_model(args.model).input_shape
+    np.save(out, sample_input(args.seed, shape))
+    print(f"wrote {out}: {INPUT_NAME!r} {list(shape)} float32, N(0, {INPUT_STD:g}²)")
     return 0
 
 
@@ -590,6 +635,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("-o", "--output", required=True, help=".npy file to write")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument(
+        "--model", default="resnet50", help="model whose input shape to use (ssd_vgg: 300x300)"
+    )
     sample.set_defaults(func=_cmd_sample_input)
 
 

@@ -161,7 +161,7 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for line, model in zip(out.splitlines()[1:], zoo.MODELS.values(), strict=True):
         assert line.split()[:3] == [model.name, model.keras_class, f"{model.params:,}"]
-        assert "1x224x224x3" in line
+        assert "x".join(map(str, model.input_shape)) in line  # 1x224x224x3, SSD 1x300x300x3
 
 
 @pytest.mark.slow

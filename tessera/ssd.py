@@ -1,0 +1,830 @@
+"""SSD300 on a VGG-16 trunk: the Keras model, its NPU/host split, anchors, decoding and NMS.
+
+The fifth seed model detects objects: a VGG-16 trunk at 300 x 300, six feature maps
+(``conv4_3``, ``fc7``, ``conv8_2``, ``conv9_2``, ``conv10_2``, ``conv11_2``: 38, 19, 10, 5, 3
+and 1 cells a side) and on each a 3 x 3 box head (``loc_*``: 4 offsets per default box) and a
+3 x 3 class head (``conf_*``: ``num_classes`` logits per default box), 8732 default boxes in
+all. The twelve head outputs are what the NPU computes; the host turns them into detections.
+
+Where each part runs, and why
+-----------------------------
+* **NPU: every convolution, pooling and ReLU**, dilated ``fc6`` included (the MVU walks a
+  dilated window like any other), the extra layers and all twelve heads.
+* **Host: the L2 normalisation of ``conv4_3``** (``y = gamma * x / sqrt(max(sum_c x^2,
+  eps))`` per pixel, ``gamma`` a learnable per-channel scale initialised to 20). The NPU
+  cannot compute it under ``docs/numerics.md``: every MFU operand is either a constant
+  vector or a stored tensor added or maxed lane-wise, so there is no product of two
+  activations (no ``x^2``), no reduction across the lanes of a block outside the MVU, and
+  no square root or division by a per-pixel value. Adding them means a new spec section,
+  new ISA operations, simulator, reference and RTL changes, for one layer of the model.
+  Instead the network is split into two NPU programs with a host stage between them
+  (:func:`split_model`):
+
+  1. the **trunk program**: image -> everything that does not depend on the normalised
+     ``conv4_3`` (the whole trunk and extra layers, ten of the twelve heads), plus the
+     raw ``conv4_3`` (ReLU output) as an extra output;
+  2. the **host stage** reads ``conv4_3``, divides each pixel by its norm in float64 and
+     quantizes the unit vectors as the next program's input (:func:`l2_normalize`);
+  3. the **head program**: the two ``conv4_3`` heads. The learnable scale ``gamma`` stays
+     in the ONNX graph as a per-channel multiply in front of them, which the compiler's
+     ``fold_scale_into_conv`` pass folds into their weights: it is quantized with the
+     weights and the host stage has no parameters but ``eps``.
+
+  The cost of the round trip is one extra copy of ``conv4_3`` each way, 38 x 38 x 512
+  mantissas plus one exponent per block of N channels: 785,536 bytes at N = 16
+  (ulx3s-85f) and 762,432 bytes at N = 32 (``large``), read by the host and written
+  back, ~1.5 MB in all. On the DRAM bus that is nothing (7.9 ms at the ULX3S's 200 MB/s,
+  ~25 us at the ``large`` preset's 64 GB/s, against ~31 G MACs of NPU work), but the
+  ULX3S host link is the FT231X UART at ~300 kB/s, where it costs ~5.2 s per image; that
+  is the price of not extending the ISA, and the measured figures are in the tests
+  (``tests/test_ssd.py``). The host arithmetic itself (1444 norms of 512 values) takes
+  a few milliseconds.
+
+Anchors, decoding and NMS (:func:`default_anchors`, :func:`decode_detections`) follow the
+original SSD300 (Liu et al., 2016, Caffe ``ssd_pascal.py``): box sizes 30, 60, 111, 162,
+213, 264 (and 315) pixels, aspect ratios {2} on ``conv4_3``, ``conv10_2``, ``conv11_2`` and
+{2, 3} elsewhere, variances 0.1 (centre) and 0.2 (size), per-class NMS at IoU 0.45 keeping
+the top 200. Boxes come out as ``[class_id, score, ymin, xmin, ymax, xmax]`` in coordinates
+relative to the image (0..1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+if TYPE_CHECKING:
+    import keras
+
+    from tessera.config import NPUConfig
+    from tessera.program import Program
+    from tessera.sim.run import RunResult
+
+# --------------------------------------------------------------------------- architecture
+IMAGE_SIZE = 300
+INPUT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE, 3)  # NHWC float32, as the zoo's other models
+#: PASCAL VOC's 20 classes plus background (class 0).
+NUM_CLASSES = 21
+#: The feature maps the heads read, in anchor order.
+SOURCES = ("conv4_3", "fc7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+FEATURE_SIZES = (38, 19, 10, 5, 3, 1)
+#: Default boxes per cell: 1 + 1 + 2 * len(aspect ratios) of the source.
+BOXES_PER_CELL = (4, 6, 6, 6, 4, 4)
+LOC_OUTPUTS = tuple(f"loc_{s}" for s in SOURCES)
+CONF_OUTPUTS = tuple(f"conf_{s}" for s in SOURCES)
+#: ONNX graph outputs of the zoo export, in this order: six box heads, then six class heads.
+OUTPUT_NAMES = LOC_OUTPUTS + CONF_OUTPUTS
+#: Keras layer name of the L2 normalisation (tf2onnx scopes its ONNX nodes with it).
+L2NORM_LAYER = "conv4_3_norm"
+L2NORM_GAMMA_INIT = 20.0
+#: ``tf.math.l2_normalize``'s default: only guards an all-zero pixel against 0 / 0.
+L2NORM_EPSILON = 1e-12
+#: Pre-activation std the data-dependent init gives each head (see initialize_weights):
+#: box offsets of unit scale (the variance encoding makes trained ones ~N(0, 1)), class
+#: logits as peaked as the zoo's classifiers.
+LOC_STD = 1.0
+CONF_STD = 2.0
+#: Added to the background logit of every default box by the init: with it ~94 % of the
+#: boxes are background and a few hundred class scores exceed 0.5 on a calibration-like
+#: input, as for a trained detector, instead of 99 % of the boxes claiming some object.
+BACKGROUND_LOGIT = 6.0
+
+
+def build_keras_model(num_classes: int = NUM_CLASSES) -> keras.Model:
+    """SSD300-VGG16 in Keras, with Keras' default (untrained) weights.
+
+    Layer for layer the Caffe original: VGG-16's 13 convs with ``pool3`` rounding up (38
+    from 75, Caffe's ``ceil_mode``; here ``padding="same"``, the same 38 x 38 grid),
+    ``pool5`` 3 x 3 stride 1, ``fc6`` a 3 x 3 conv with dilation 6 and ``fc7`` 1 x 1 (the
+    subsampled fully connected layers), the extra layers ``conv8_1`` .. ``conv11_2``
+    (stride-2 3 x 3 convs padded by one on each side through ``ZeroPadding2D``, as
+    Caffe's ``pad: 1``, then two unpadded 3 x 3 convs down to 1 x 1), and twelve linear
+    3 x 3 heads. The outputs are the raw head maps ``[1, H, W, boxes * 4]`` and ``[1, H,
+    W, boxes * num_classes]``: reshaping them into one box list is the host's job, where
+    it costs nothing, instead of the NPU's, where it would be a copy.
+    """
+    import keras
+    from keras import layers
+
+    def conv(x, filters: int, kernel: int, name: str, **kw):
+        return layers.Conv2D(
+            filters, kernel, padding=kw.pop("padding", "same"), activation="relu", name=name, **kw
+        )(x)
+
+    image = keras.Input(shape=INPUT_SHAPE[1:], batch_size=1, name="input")
+    x = image
+    for block, (filters, convs) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3)), start=1):
+        for i in range(1, convs + 1):
+            x = conv(x, filters, 3, f"conv{block}_{i}")
+        if block == 4:
+            conv4_3 = x
+        padding = "same" if block == 3 else "valid"
+        x = layers.MaxPooling2D(2, 2, padding=padding, name=f"pool{block}")(x)
+    for i in (1, 2, 3):
+        x = conv(x, 512, 3, f"conv5_{i}")
+    x = layers.MaxPooling2D(3, 1, padding="same", name="pool5")(x)
+    x = conv(x, 1024, 3, "fc6", dilation_rate=6)
+    fc7 = conv(x, 1024, 1, "fc7")
+    sources = [l2_normalization_class()(name=L2NORM_LAYER)(conv4_3), fc7]
+    x = fc7
+    for block, (mid, out, stride) in enumerate(
+        ((256, 512, 2), (128, 256, 2), (128, 256, 1), (128, 256, 1)), start=8
+    ):
+        x = conv(x, mid, 1, f"conv{block}_1")
+        if stride == 2:
+            x = layers.ZeroPadding2D(1, name=f"conv{block}_pad")(x)
+        x = conv(x, out, 3, f"conv{block}_2", strides=stride, padding="valid")
+        sources.append(x)
+    heads = {}
+    for name, src, boxes in zip(SOURCES, sources, BOXES_PER_CELL, strict=True):
+        for kind, width in (("loc", 4), ("conf", num_classes)):
+            heads[f"{kind}_{name}"] = layers.Conv2D(
+                boxes * width, 3, padding="same", name=f"{kind}_{name}"
+            )(src)
+    return keras.Model(image, [heads[n] for n in OUTPUT_NAMES], name="ssd300_vgg16")
+
+
+@functools.cache
+def l2_normalization_class() -> type:
+    """The Keras L2 normalisation layer class (defined lazily: Keras is imported only to
+    build the model; pass it as ``custom_objects`` to load a saved ``.keras`` SSD)."""
+    import keras
+    from keras import ops
+
+    class L2Normalization(keras.layers.Layer):
+        """``gamma * x / sqrt(max(sum_c x^2, eps))`` over the channel axis (ParseNet's
+        L2Norm with a learnable per-channel scale): conv4_3's activations are ~10x larger
+        than the deeper maps', and the normalisation lets its heads train at the same
+        rate."""
+
+        def __init__(self, gamma_init: float = L2NORM_GAMMA_INIT, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.gamma_init = gamma_init
+
+        def build(self, input_shape) -> None:
+            self.gamma = self.add_weight(
+                name="gamma",
+                shape=(input_shape[-1],),
+                initializer=keras.initializers.Constant(self.gamma_init),
+            )
+
+        def call(self, x):
+            squares = ops.sum(ops.square(x), axis=-1, keepdims=True)
+            return x * ops.rsqrt(ops.maximum(squares, L2NORM_EPSILON)) * self.gamma
+
+        def get_config(self) -> dict:
+            return {**super().get_config(), "gamma_init": self.gamma_init}
+
+    return L2Normalization
+
+
+def initialize_weights(model: keras.Model, seed: int, images: np.ndarray) -> None:
+    """Seeded data-dependent init of the SSD, the zoo's recipe carried over to a DAG.
+
+    As for VGG-16 (``zoo._calibrate_plain_chain``), each hidden conv's kernel is scaled so
+    that its pre-activation output has std 1 on the calibration ``images`` (seeded
+    N(0, INPUT_STD^2) pictures), and every bias is drawn from N(0, 0.1); the box heads are
+    scaled to std :data:`LOC_STD` and the class heads to :data:`CONF_STD`, so box offsets
+    move boxes by a fraction of their size and class scores are peaked but not one-hot.
+    Without it the random VGG's activations shrink ~1.4x per ReLU layer and the deepest
+    heads would output rounding noise. The layers are visited in the model's topological
+    order, each evaluated on its calibrated inputs, so a branch sees what it will see at
+    inference. ``gamma`` keeps its init of 20. Finally the class heads' background
+    logits get :data:`BACKGROUND_LOGIT`, so that, as with trained weights, most default
+    boxes are background and NMS sees a sparse set of confident boxes rather than 8732
+    near-ties (which would make any comparison of two implementations' detections a
+    lottery).
+    """
+    import keras
+
+    from tessera.zoo import _rescale_output
+
+    rng = np.random.default_rng(seed)
+    values: dict[int, np.ndarray] = {id(model.inputs[0]): images}
+    for layer in model.layers[1:]:
+        inputs = layer.input
+        args = [values[id(t)] for t in inputs] if isinstance(inputs, list) else values[id(inputs)]
+        if isinstance(layer, keras.layers.Conv2D):
+            target = {"loc": LOC_STD, "conf": CONF_STD}.get(layer.name.split("_")[0], 1.0)
+            _rescale_output(layer, args, target, rng)
+            if layer.name.startswith("conf_"):
+                boxes = BOXES_PER_CELL[SOURCES.index(layer.name.removeprefix("conf_"))]
+                bias = layer.bias.numpy()
+                bias[:: bias.size // boxes] += BACKGROUND_LOGIT  # channel 0 of every box
+                layer.bias.assign(bias)
+        values[id(layer.output)] = np.asarray(layer(args))
+
+
+# --------------------------------------------------------------------------- NPU/host split
+@dataclasses.dataclass(frozen=True)
+class L2NormSite:
+    """The L2 normalisation found in an ONNX graph (see :func:`find_l2_normalization`).
+
+    ``y = transpose(gamma * x / sqrt(max(sum(x^2, channel_axis), epsilon)), perm)``, with
+    ``gamma`` broadcast along ``channel_axis`` of ``x``; ``perm`` is the identity when the
+    output keeps the input's layout (tf2onnx's transpose optimizer usually achieves that).
+    """
+
+    x: str
+    y: str
+    channel_axis: int
+    perm: tuple[int, ...]
+    gamma: np.ndarray
+    epsilon: float
+    nodes: tuple[str, ...]
+
+
+def _scope_pattern(layer: str) -> re.Pattern[str]:
+    # tf2onnx names a Keras layer's nodes "<model>/<layer>_1/<op>" (Keras 3 appends "_1").
+    return re.compile(rf"(^|/){re.escape(layer)}(_\d+)?/")
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant node output, else None."""
+    init = _initializers(model).get(name)
+    if init is not None:
+        return onnx.numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return onnx.numpy_helper.to_array(attr.t)
+    return None
+
+
+def find_l2_normalization(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> L2NormSite:
+    """Locate the Keras L2 normalisation layer ``layer`` in a tf2onnx graph and read it.
+
+    The layer's nodes are found by their name scope; from them: the one tensor read from
+    outside (through Transposes, whose permutations are composed), the one tensor read by
+    the rest of the graph, ``gamma`` (the per-channel constant), ``epsilon`` (the constant
+    of the ``Max``) and the channel axis (the ``ReduceSum`` axis mapped back to the input).
+    What is read this way is then *checked*: the scope is run by onnxruntime on a random
+    input (one pixel all zero, to exercise ``epsilon``) and must equal the float64 formula
+    of :class:`L2NormSite` to 1e-5, so a differently built normalisation is refused with a
+    clear error instead of being silently mis-run on the host.
+    """
+    from tessera.errors import UnsupportedModelError
+
+    scope = _scope_pattern(layer)
+    nodes = [n for n in model.graph.node if scope.search(n.name)]
+    if not nodes:
+        raise UnsupportedModelError(
+            f"no L2 normalisation layer {layer!r} in the graph (no node named '.../{layer}/...')"
+        )
+    produced = {t for n in nodes for t in n.output}
+    producer = {t: n for n in model.graph.node for t in n.output}
+    outside = [n for n in model.graph.node if not scope.search(n.name)]
+    read_outside = {t for n in outside for t in n.input} | {o.name for o in model.graph.output}
+    ys = sorted(produced & read_outside)
+    if len(ys) != 1:
+        raise UnsupportedModelError(f"L2 normalisation {layer!r}: outputs {ys}, expected one")
+
+    def source(t: str) -> tuple[str, tuple[int, ...]]:
+        """Follow Transposes back from ``t``: (source tensor, perm with t = transpose(src))."""
+        perm: tuple[int, ...] = (0, 1, 2, 3)
+        while t in producer and producer[t].op_type == "Transpose":
+            node = producer[t]
+            p = next(onnx.helper.get_attribute_value(a) for a in node.attribute)
+            perm = tuple(p[i] for i in perm)
+            t = node.input[0]
+        return t, perm
+
+    def fail(what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"L2 normalisation {layer!r}: {what}; supported: gamma * x / sqrt(max(sum(x^2), "
+            "eps)) over the channel axis, as tessera.ssd builds it"
+        )
+
+    external = {
+        t for n in nodes for t in n.input if t and t not in produced and _constant(model, t) is None
+    }
+    sources = {source(t)[0] for t in external}
+    if len(sources) != 1:
+        raise fail(f"reads {sorted(sources)}, expected one activation")
+    (x,) = sources
+    final = producer[ys[0]]
+    if final.op_type != "Mul":
+        raise fail(f"its output is computed by {final.op_type}, expected Mul")
+    direct = [source(t) for t in final.input if t not in produced]
+    if len(direct) != 1 or direct[0][0] != x:
+        raise fail("its output is not the input times a per-pixel factor")
+    perm = direct[0][1]
+    reduce = [n for n in nodes if n.op_type == "ReduceSum"]
+    maxes = [n for n in nodes if n.op_type == "Max"]
+    if len(reduce) != 1 or len(maxes) != 1:
+        raise fail("expected one ReduceSum and one Max")
+    axes = _constant(model, reduce[0].input[1]) if len(reduce[0].input) > 1 else None
+    if axes is None or axes.size != 1:
+        raise fail("the ReduceSum must have one constant axis")
+    # The ReduceSum reads x^2 through Transposes: map its axis back to x's axes.
+    square_src, square_perm = source(reduce[0].input[0])
+    square = producer.get(square_src)
+    factors = [source(t) for t in square.input] if square is not None else []
+    if square.op_type != "Mul" or len(set(factors)) != 1 or factors[0][0] != x:
+        raise fail("the ReduceSum does not read x * x")
+    # ReduceSum input axis a is x^2's axis square_perm[a], which is x's axis perm[that].
+    axis = int(axes.reshape(-1)[0]) % 4
+    channel_axis = factors[0][1][square_perm[axis]]
+    eps_values = [v for v in (_constant(model, t) for t in maxes[0].input) if v is not None]
+    if len(eps_values) != 1 or eps_values[0].size != 1:
+        raise fail("the Max must compare with one scalar constant")
+    epsilon = float(eps_values[0].reshape(-1)[0])
+    gammas = [v for v in (_constant(model, t) for n in nodes for t in n.input) if v is not None]
+    gammas = [g for g in gammas if g.size > 1]
+    if len(gammas) != 1:
+        raise fail(f"expected one per-channel scale, found {len(gammas)}")
+    site = L2NormSite(
+        x=x,
+        y=ys[0],
+        channel_axis=channel_axis,
+        perm=perm,
+        gamma=gammas[0].reshape(-1).astype(np.float64),
+        epsilon=epsilon,
+        nodes=tuple(n.name for n in nodes),
+    )
+    _check_l2_site(model, site, fail)
+    return site
+
+
+def _check_l2_site(model: onnx.ModelProto, site: L2NormSite, fail) -> None:
+    """Run the found nodes with onnxruntime and compare them with the formula."""
+    import onnxruntime as ort
+
+    shape = _inferred_shapes(model)[site.x]
+    channels = shape[site.channel_axis]
+    if site.gamma.size != channels:
+        raise fail(f"gamma has {site.gamma.size} values for {channels} channels")
+    # Everything between x and y (the scope and any Transposes in front of it).
+    sub = _subgraph(model, [(site.x, shape)], [site.y])
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+    x[(0,) * 4] = 0  # a pixel's first channel ...
+    pixel = [slice(None) if a == site.channel_axis else 0 for a in range(4)]
+    x[tuple(pixel)] = 0  # ... and then the whole pixel: the epsilon case
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run([site.y], {site.x: x})
+    want = l2_normalize(x.astype(np.float64), site.channel_axis, site.epsilon)
+    gamma_shape = [channels if a == site.channel_axis else 1 for a in range(4)]
+    want = np.transpose(want * site.gamma.reshape(gamma_shape), site.perm)
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise fail("the graph does not compute the L2 normalisation formula")
+
+
+def l2_normalize(x: np.ndarray, channel_axis: int, epsilon: float = L2NORM_EPSILON) -> np.ndarray:
+    """The host stage: ``x / sqrt(max(sum(x^2), epsilon))`` over ``channel_axis``, float64.
+
+    ``tf.math.l2_normalize``'s form: ``epsilon`` only matters for a pixel whose channels
+    are all zero (after the ReLU that happens), which it maps to zero instead of NaN.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    squares = np.sum(x * x, axis=channel_axis, keepdims=True)
+    return x / np.sqrt(np.maximum(squares, epsilon))
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor of ``model`` from ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
+def _subgraph(
+    model: onnx.ModelProto,
+    inputs: Sequence[tuple[str, Sequence[int]]],
+    outputs: Sequence[str],
+    nodes: Sequence[onnx.NodeProto] | None = None,
+    prefix: Sequence[onnx.NodeProto] = (),
+    extra_initializers: Sequence[onnx.TensorProto] = (),
+) -> onnx.ModelProto:
+    """A model computing ``outputs`` from the float tensors ``inputs`` (name, shape).
+
+    Keeps the nodes of ``model`` (or of ``nodes``) that ``outputs`` need, stopping at
+    ``inputs``, in their original order, after the ``prefix`` nodes; the initializers they
+    read are shared by reference into the new model's protos (copied once).
+    """
+    pool = list(model.graph.node if nodes is None else nodes)
+    producer = {t: i for i, n in enumerate(pool) for t in n.output}
+    stop = {name for name, _ in inputs} | {t for n in prefix for t in n.output}
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in stop or t not in producer or producer[t] in keep:
+            continue
+        keep.add(producer[t])
+        stack.extend(i for i in pool[producer[t]].input if i)
+    kept = [*prefix, *(pool[i] for i in sorted(keep))]
+    read = {t for n in kept for t in n.input}
+    inits = [t for t in model.graph.initializer if t.name in read]
+    graph = onnx.helper.make_graph(
+        kept,
+        model.graph.name,
+        [
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))
+            for name, shape in inputs
+        ],
+        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
+        [*inits, *extra_initializers],
+    )
+    return onnx.helper.make_model(
+        graph, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
+
+
+@dataclasses.dataclass
+class SSDSplit:
+    """An SSD graph cut around its L2 normalisation (see the module docstring).
+
+    ``trunk`` maps the image to ``trunk_outputs`` (the heads that do not depend on the
+    normalisation, then ``site.x``); ``head`` maps :attr:`head_input` (the unit-norm
+    ``conv4_3``, NCHW) to ``head_outputs``, starting with the multiply by ``gamma``.
+    """
+
+    trunk: onnx.ModelProto
+    head: onnx.ModelProto
+    site: L2NormSite
+    trunk_outputs: tuple[str, ...]
+    head_outputs: tuple[str, ...]
+    head_input: str
+    output_names: tuple[str, ...]
+
+
+def split_model(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> SSDSplit:
+    """Cut an SSD ONNX graph into the trunk program, the host stage and the head program.
+
+    The head program's input is the normalised ``conv4_3`` in NCHW, ``[1, C, H, W]``: the
+    compiler infers an input's layout from the Transpose that reads it, and the head
+    program's input is read by the ``gamma`` multiply, so it is given the layout the
+    compiler assumes then. The multiply (``gamma`` as ``[1, C, 1, 1]``) and, if the
+    original output had another layout, a Transpose to it recreate ``site.y`` exactly.
+    """
+    site = find_l2_normalization(model, layer)
+    shapes = _inferred_shapes(model)
+    graph_outputs = [o.name for o in model.graph.output]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    after_y = {site.y}
+    stack = [site.y]
+    while stack:
+        for n in readers.get(stack.pop(), []):
+            for t in n.output:
+                if t not in after_y:
+                    after_y.add(t)
+                    stack.append(t)
+    head_outputs = tuple(o for o in graph_outputs if o in after_y)
+    trunk_outputs = (*(o for o in graph_outputs if o not in after_y), site.x)
+    (image,) = (i for i in model.graph.input if i.name not in _initializers(model))
+    image_shape = [d.dim_value for d in image.type.tensor_type.shape.dim]
+    trunk = _subgraph(model, [(image.name, image_shape)], trunk_outputs)
+
+    x_shape = shapes[site.x]
+    channels = x_shape[site.channel_axis]
+    spatial = [a for a in range(1, 4) if a != site.channel_axis]
+    to_nchw = (0, site.channel_axis, *spatial)  # x = transpose(nchw, inverse of to_nchw)
+    nchw_shape = [x_shape[a] for a in to_nchw]
+    head_input = f"{layer}/unit"
+    gamma_name = f"{layer}/gamma"
+    gamma = onnx.numpy_helper.from_array(
+        site.gamma.reshape(1, channels, 1, 1).astype(np.float32), gamma_name
+    )
+    # y's axis i is x's axis perm[i], which is NCHW axis to_nchw[perm[i]].
+    y_from_nchw = [to_nchw[p] for p in site.perm]
+    scaled = site.y if y_from_nchw == [0, 1, 2, 3] else f"{layer}/scaled"
+    prefix = [
+        onnx.helper.make_node("Mul", [head_input, gamma_name], [scaled], name=f"{layer}/gamma")
+    ]
+    if scaled != site.y:
+        prefix.append(
+            onnx.helper.make_node(
+                "Transpose", [scaled], [site.y], perm=y_from_nchw, name=f"{layer}/to_layout"
+            )
+        )
+    head = _subgraph(
+        model, [(head_input, nchw_shape)], head_outputs, prefix=prefix, extra_initializers=[gamma]
+    )
+    return SSDSplit(
+        trunk=trunk,
+        head=head,
+        site=site,
+        trunk_outputs=trunk_outputs,
+        head_outputs=head_outputs,
+        head_input=head_input,
+        output_names=tuple(graph_outputs),
+    )
+
+
+# --------------------------------------------------------------------------- two programs
+@dataclasses.dataclass(frozen=True)
+class L2NormStage:
+    """The host stage between the trunk and the head program, as stored in a package.
+
+    Reads trunk output :attr:`source` (in its ONNX layout; the manifest's ``perm`` maps it
+    to NCHW), writes head input :attr:`target` (NCHW), :func:`l2_normalize` over channels.
+    """
+
+    source: str
+    target: str
+    epsilon: float = L2NORM_EPSILON
+
+    def to_dict(self) -> dict:
+        return {"op": "l2_normalize", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> L2NormStage:
+        from tessera.errors import TesseraError
+
+        if data.get("op") != "l2_normalize":
+            raise TesseraError(f"unknown SSD host stage {data.get('op')!r}")
+        return cls(data["source"], data["target"], float(data["epsilon"]))
+
+
+@dataclasses.dataclass
+class CompiledSSD:
+    """An SSD compiled for one NPU configuration: two programs and the host stage between.
+
+    ``output_names`` is the original graph's output order (six box heads, six class heads
+    for the zoo model); :func:`run_ssd` returns the outputs in that order.
+    """
+
+    trunk: Program
+    head: Program
+    stage: L2NormStage
+    output_names: tuple[str, ...]
+
+    def host_transfer_bytes(self) -> tuple[int, int]:
+        """(bytes the host reads, bytes it writes) for the host stage: the DRAM images
+        of ``conv4_3`` in storage BFP, mantissas plus block exponents."""
+        from tessera import layout
+
+        cfg = self.trunk.config
+        src = next(o for o in self.trunk.manifest["outputs"] if o["name"] == self.stage.source)
+        dst = next(i for i in self.head.manifest["inputs"] if i["name"] == self.stage.target)
+        n, m = cfg.native_dim, cfg.mantissa_bits
+        read = layout.tensor_bytes(src["h"], src["w"], src["cb_cnt"], n, m)
+        write = layout.tensor_bytes(dst["h"], dst["w"], dst["cb"], n, m)
+        return read, write + 4  # + the input's exponent maximum word
+
+
+def compile_ssd(model: onnx.ModelProto | str, cfg: NPUConfig) -> CompiledSSD:
+    """Split an SSD graph (:func:`split_model`) and compile both parts for ``cfg``."""
+    from tessera.compiler.driver import compile_model
+    from tessera.compiler.onnx_import import load_model
+
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model)
+    split = split_model(model)
+    trunk, _, _ = compile_model(split.trunk, cfg)
+    head, _, _ = compile_model(split.head, cfg)
+    stage = L2NormStage(split.site.x, split.head_input, split.site.epsilon)
+    return CompiledSSD(trunk, head, stage, split.output_names)
+
+
+@dataclasses.dataclass
+class SSDRun:
+    """What :func:`run_ssd` did: the head outputs and both programs' runs."""
+
+    outputs: dict[str, np.ndarray]
+    trunk: RunResult
+    head: RunResult
+    #: Seconds spent in the host stage (read, normalise, quantize happens in the head run).
+    host_seconds: float
+
+
+def run_ssd(compiled: CompiledSSD, image: np.ndarray, backend: str = "sim") -> SSDRun:
+    """Trunk program, host L2 normalisation, head program: the twelve head outputs.
+
+    Every backend sees the same host arithmetic (float64, deterministic), so the
+    simulator and the reference agree bit for bit on both programs' DRAM when they
+    agree on the trunk's.
+    """
+    import time
+
+    from tessera.sim.run import run_program
+
+    (image_input,) = compiled.trunk.manifest["inputs"]
+    trunk = run_program(compiled.trunk, {image_input["name"]: image}, backend)
+    started = time.perf_counter()
+    stage = compiled.stage
+    source = next(o for o in compiled.trunk.manifest["outputs"] if o["name"] == stage.source)
+    nchw = np.transpose(trunk.outputs[stage.source], np.argsort(source["perm"]))
+    unit = l2_normalize(nchw, 1, stage.epsilon)
+    host_seconds = time.perf_counter() - started
+    head = run_program(compiled.head, {stage.target: unit}, backend)
+    found = {**trunk.outputs, **head.outputs}
+    return SSDRun({n: found[n] for n in compiled.output_names}, trunk, head, host_seconds)
+
+
+# --------------------------------------------------------------------------- anchors
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    """The default boxes of SSD300 (Caffe ``PriorBox`` of ``ssd_pascal.py``), per source.
+
+    Box sizes are in pixels of the ``image_size`` input: per cell a square of
+    ``min_size``, a square of ``sqrt(min_size * max_size)``, then for each aspect ratio
+    ``r`` a ``min_size*sqrt(r)`` wide, ``min_size/sqrt(r)`` high box and its transpose, in
+    that order (which is the order of the head's channels: box ``b`` of a cell is channels
+    ``4b..4b+3`` of ``loc`` and ``b*C..b*C+C-1`` of ``conf``). Cell ``(i, j)`` of a map is
+    centred at ``((j + offset) * step, (i + offset) * step)`` pixels.
+    """
+
+    image_size: int = IMAGE_SIZE
+    feature_sizes: tuple[int, ...] = FEATURE_SIZES
+    steps: tuple[float, ...] = (8, 16, 32, 64, 100, 300)
+    min_sizes: tuple[float, ...] = (30, 60, 111, 162, 213, 264)
+    max_sizes: tuple[float, ...] = (60, 111, 162, 213, 264, 315)
+    aspect_ratios: tuple[tuple[float, ...], ...] = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+    offset: float = 0.5
+    #: Box-offset variances of the centre and of the log size (the loc heads' scaling).
+    variances: tuple[float, float] = (0.1, 0.2)
+
+    @classmethod
+    def from_scales(
+        cls, scales: Sequence[float] = (0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.05), **kw
+    ) -> AnchorConfig:
+        """The paper's linear scales (fractions of the image; one more than sources,
+        the last being the largest source's second square) instead of Caffe's pixels."""
+        size = kw.get("image_size", IMAGE_SIZE)
+        return cls(
+            min_sizes=tuple(s * size for s in scales[:-1]),
+            max_sizes=tuple(s * size for s in scales[1:]),
+            **kw,
+        )
+
+    @property
+    def boxes_per_cell(self) -> tuple[int, ...]:
+        return tuple(2 + 2 * len(r) for r in self.aspect_ratios)
+
+
+def default_anchors(config: AnchorConfig | None = None) -> np.ndarray:
+    """Default boxes ``[A, 4]`` as ``(cx, cy, w, h)`` relative to the image (8732 for SSD300).
+
+    Ordered by source, then row ``i``, column ``j``, then box: the order in which the
+    head maps ``[1, H, W, boxes * 4]`` flatten (see :class:`AnchorConfig`).
+    """
+    c = config or AnchorConfig()
+    per_source = []
+    for f, step, lo, hi, ratios in zip(
+        c.feature_sizes, c.steps, c.min_sizes, c.max_sizes, c.aspect_ratios, strict=True
+    ):
+        sizes = [(lo, lo), (np.sqrt(lo * hi),) * 2]
+        for r in ratios:
+            sizes += [(lo * np.sqrt(r), lo / np.sqrt(r)), (lo / np.sqrt(r), lo * np.sqrt(r))]
+        wh = np.array(sizes, dtype=np.float64) / c.image_size  # [boxes, (w, h)]
+        centres = (np.arange(f, dtype=np.float64) + c.offset) * step / c.image_size
+        cy, cx = np.meshgrid(centres, centres, indexing="ij")  # [f, f], row i, column j
+        boxes = np.empty((f, f, len(sizes), 4))
+        boxes[..., 0] = cx[..., None]
+        boxes[..., 1] = cy[..., None]
+        boxes[..., 2:] = wh
+        per_source.append(boxes.reshape(-1, 4))
+    return np.concatenate(per_source)
+
+
+# --------------------------------------------------------------------------- decode + NMS
+def decode_boxes(
+    loc: np.ndarray, anchors: np.ndarray, variances: tuple[float, float] = (0.1, 0.2)
+) -> np.ndarray:
+    """Box offsets ``[A, 4]`` ``(dx, dy, dw, dh)`` -> corners ``[A, 4]`` ``(ymin, xmin,
+    ymax, xmax)``, relative to the image (Caffe's ``CENTER_SIZE`` code with variances):
+    ``cx = acx + dx * v0 * aw``, ``w = aw * exp(dw * v1)`` and the same for y and h."""
+    loc = np.asarray(loc, dtype=np.float64)
+    acx, acy, aw, ah = anchors.T
+    cx = acx + loc[:, 0] * variances[0] * aw
+    cy = acy + loc[:, 1] * variances[0] * ah
+    w = aw * np.exp(loc[:, 2] * variances[1])
+    h = ah * np.exp(loc[:, 3] * variances[1])
+    return np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], axis=1)
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one ``(ymin, xmin, ymax, xmax)`` box with each of
+    ``boxes`` (0 where the union is empty)."""
+    return pairwise_iou(np.asarray(box)[None], boxes)[0]
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` IoUs of two sets of ``(ymin, xmin, ymax, xmax)`` boxes; an
+    inverted box has area 0 and an empty union gives IoU 0."""
+    a = np.asarray(a, dtype=np.float64)[:, None, :]
+    b = np.asarray(b, dtype=np.float64)[None, :, :]
+    ih = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0)
+    iw = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0)
+    inter = ih * iw
+    union = _area(a) + _area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    height = np.maximum(boxes[..., 2] - boxes[..., 0], 0)
+    return height * np.maximum(boxes[..., 3] - boxes[..., 1], 0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int) -> np.ndarray:
+    """Greedy non-maximum suppression: indices of the kept boxes, best first.
+
+    The ``top_k`` best boxes are candidates (ties: lower index first); a candidate is
+    kept unless its IoU with an already kept box is above ``iou_threshold``.
+    """
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    candidates = boxes[order]
+    # All pairwise overlaps at once (top_k <= a few hundred), then one greedy sweep: a
+    # kept box suppresses every later candidate it overlaps too much.
+    overlaps = pairwise_iou(candidates, candidates)
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep: list[int] = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i] > iou_threshold
+    return order[keep].astype(np.int64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities over the last axis, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def decode_detections(
+    loc_list: Sequence[np.ndarray],
+    conf_list: Sequence[np.ndarray],
+    anchors: np.ndarray | None = None,
+    *,
+    variances: tuple[float, float] = (0.1, 0.2),
+    score_threshold: float = 0.01,
+    iou_threshold: float = 0.45,
+    pre_nms_top_k: int = 400,
+    top_k: int = 200,
+    clip: bool = True,
+) -> np.ndarray:
+    """The SSD host stage: head maps -> detections ``[K, 6]`` ``[class_id, score, ymin,
+    xmin, ymax, xmax]``, best first, boxes relative to the image.
+
+    ``loc_list`` and ``conf_list`` are the six box and class head outputs in source order,
+    NHWC ``[1, H, W, boxes * 4]`` and ``[1, H, W, boxes * C]`` as the zoo exports them;
+    ``anchors`` defaults to :func:`default_anchors` (SSD300). The steps are Caffe's
+    ``DetectionOutput``: softmax over the ``C`` classes (class 0 is background and never
+    reported), decode against the anchors (clipped to the image when ``clip``), then per
+    class the boxes scoring above ``score_threshold``, the best ``pre_nms_top_k`` of them
+    through NMS at ``iou_threshold``, and the best ``top_k`` over all classes.
+    """
+    from tessera.errors import TesseraError
+
+    if anchors is None:
+        anchors = default_anchors()
+    if len(loc_list) != len(conf_list):
+        raise TesseraError(f"{len(loc_list)} box heads but {len(conf_list)} class heads")
+    boxes_per_head = [np.asarray(x).size // 4 for x in loc_list]
+    sizes = [np.asarray(x).size for x in conf_list]
+    num_classes = sizes[0] // max(boxes_per_head[0], 1) if sizes else 0
+    if num_classes < 2 or sizes != [n * num_classes for n in boxes_per_head]:
+        raise TesseraError(
+            f"class heads of {sizes} values do not hold the same number (>= 2) of classes "
+            f"for each of the {boxes_per_head} boxes of the box heads"
+        )
+    loc = np.concatenate([np.asarray(x).reshape(-1, 4) for x in loc_list])
+    conf = np.concatenate([np.asarray(x).reshape(-1, num_classes) for x in conf_list])
+    if len(loc) != len(anchors):
+        raise TesseraError(f"the heads give {len(loc)} boxes, the anchors are {len(anchors)}")
+    boxes = decode_boxes(loc, anchors, variances)
+    if clip:
+        boxes = np.clip(boxes, 0.0, 1.0)
+    scores = softmax(conf)
+    found = []
+    for c in range(1, num_classes):
+        candidates = np.flatnonzero(scores[:, c] > score_threshold)
+        kept = nms(boxes[candidates], scores[candidates, c], iou_threshold, pre_nms_top_k)
+        found += [(c, scores[i, c], i) for i in candidates[kept]]
+    # Best first; equal scores by class, then anchor, so the order is reproducible.
+    found.sort(key=lambda d: (-d[1], d[0], d[2]))
+    found = found[:top_k]
+    out = np.zeros((len(found), 6))
+    for row, (c, score, i) in zip(out, found, strict=True):
+        row[0], row[1], row[2:] = c, score, boxes[i]
+    return out
+
+
+def detect(outputs: dict[str, np.ndarray], **kwargs) -> np.ndarray:
+    """:func:`decode_detections` of a run's outputs keyed by the zoo's output names."""
+    return decode_detections(
+        [outputs[n] for n in LOC_OUTPUTS], [outputs[n] for n in CONF_OUTPUTS], **kwargs
+    )
