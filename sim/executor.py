@@ -9,6 +9,7 @@ numerics of :mod:`tessera.numerics`, vectorised over pixels and blocks. The cycl
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,6 +34,16 @@ _WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], np.ndarray, np.ndarray]] = 
 _WEIGHTS_MAX_BYTES = 384 << 20
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equality of two uint8 arrays, compared eight bytes at a time where possible."""
+    if a.shape != b.shape:
+        return False
+    k = a.size - a.size % 8
+    return np.array_equal(a[:k].view(np.uint64), b[:k].view(np.uint64)) and np.array_equal(
+        a[k:], b[k:]
+    )
+
+
 def _decode_all(words: np.ndarray) -> list[Instr]:
     key = np.ascontiguousarray(words, dtype=np.uint64).tobytes()
     hit = _DECODED.get(key)
@@ -42,6 +53,15 @@ def _decode_all(words: np.ndarray) -> list[Instr]:
         while len(_DECODED) > 8:
             _DECODED.popitem(last=False)
     return hit
+
+
+#: The registers an mv_mul chain's input windows depend on (besides the address and
+#: the input's exponent maximum).
+_WINDOW_REGS = operator.itemgetter(
+    *(Reg.IN_H, Reg.IN_W, Reg.IN_CB, Reg.IN_CB_OFF, Reg.IN_CB_CNT, Reg.K_H, Reg.K_W),
+    *(Reg.STRIDE_H, Reg.STRIDE_W, Reg.PAD_T, Reg.PAD_L, Reg.DIL_H, Reg.DIL_W),
+    *(Reg.OUT_H, Reg.OUT_W),
+)
 
 
 @dataclass
@@ -81,7 +101,7 @@ class ChainTrace:
 class NPUState:
     cfg: NPUConfig
     mem: np.ndarray
-    regs: np.ndarray = field(init=False)
+    regs: list[int] = field(init=False)
     tiles_q: np.ndarray = field(init=False)
     tiles_e: np.ndarray = field(init=False)
     vrf_q: np.ndarray = field(init=False)
@@ -90,8 +110,9 @@ class NPUState:
     def __post_init__(self) -> None:
         n = self.cfg.native_dim
         cap = 2 * self.cfg.tile_buffer_tiles
-        self.regs = np.zeros(128, dtype=np.int64)
-        self.regs[isa.EXP_REG_BASE : isa.EXP_REG_BASE + isa.EXP_REG_COUNT] = numerics.E_ZERO
+        self.regs = [0] * 128
+        base, count = isa.EXP_REG_BASE, isa.EXP_REG_COUNT
+        self.regs[base : base + count] = [numerics.E_ZERO] * count
         # Tiles are kept as the raw stored mantissas and exponents.
         self.tiles_q = np.zeros((cap, n, n), dtype=layout.mantissa_dtype(self.cfg.mantissa_bits))
         self.tiles_e = np.zeros((cap, n), dtype=np.int8)
@@ -99,10 +120,10 @@ class NPUState:
         self.vrf_e = np.full(self.cfg.vrf_depth, numerics.E_ZERO, dtype=np.int64)
 
     def reg(self, r: Reg) -> int:
-        return int(self.regs[int(r)])
+        return self.regs[r]
 
     def addr(self, r: Reg) -> int:
-        return int(self.regs[int(r)]) & 0xFFFFFFFF
+        return self.regs[r] & 0xFFFFFFFF
 
     def ereg(self, r: Reg) -> int:
         """The exponent register a control register points at."""
@@ -130,9 +151,12 @@ class Simulator:
         self._window: tuple = ()
         # DRAM address each tile-buffer slot was last loaded from (-1: never loaded).
         self._tile_src = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
+        # Which m_rd last loaded each slot: loads are numbered; _loads[i] is the i-th
+        # load's (first slot, DRAM address, DRAM writes done before it).
+        self._tile_load = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
+        self._loads: list[tuple[int, int, int]] = []
         # DRAM writes so far (byte ranges, in order); a slot's load time in that count.
         self._writes: list[tuple[int, int]] = []
-        self._tile_epoch = np.zeros(self.state.tiles_q.shape[0], dtype=np.int64)
         self._vrf_src = np.full(self.state.vrf_q.shape[0], -1, dtype=np.int64)
         # Chains of one layer (same input window, one per output group) have their
         # products computed in one matrix product when the first of them runs; each
@@ -140,6 +164,7 @@ class Simulator:
         # product was computed from (see _mv_mul).
         self._prefetched: dict[int, _Prefetched] = {}
         self._decoded: list[Instr] = []
+        self._body_ops: dict[int, tuple] = {}  # chain pc -> its body's instructions
 
     def run(self, words: np.ndarray, progress=None) -> int:
         decoded = self._decoded = _decode_all(words)
@@ -159,7 +184,11 @@ class Simulator:
                     progress(1)
                 pc = end + 1
                 continue
-            self.scalar(ins)
+            if ins.op == "s_wr":  # the most frequent instruction, inlined
+                self.state.regs[ins.args["reg"]] = ins.args["value"]
+                self.cycles.issue()
+            else:
+                self.scalar(ins)
             pc += 1
         else:
             raise SimulationError("program ran off its end without halt")
@@ -187,7 +216,8 @@ class Simulator:
             )
             st.tiles_e[a["tile"] : a["tile"] + cnt] = raw[:, mb:].view(np.int8)
             self._tile_src[a["tile"] : a["tile"] + cnt] = a["addr"] + tb * np.arange(cnt)
-            self._tile_epoch[a["tile"] : a["tile"] + cnt] = len(self._writes)
+            self._tile_load[a["tile"] : a["tile"] + cnt] = len(self._loads)
+            self._loads.append((a["tile"], a["addr"], len(self._writes)))
             self.cycles.load(a["count"] * layout.tile_bytes(n, m), a["tile"])
         elif ins.op == "c_rd":
             if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
@@ -246,7 +276,7 @@ class Simulator:
         in_addr = st.addr(R.IN_ADDR)
         qv, ev = self._tensor(in_addr, ih, iw, icb)
         q, e = qv[:, :, ioff : ioff + icnt], ev[:, :, ioff : ioff + icnt]
-        emax = int(st.regs[st.ereg(R.IN_EREG)])
+        emax = st.regs[st.ereg(R.IN_EREG)]
         p = oh * ow
         stored = None  # the storage blocks, when computed ahead with sibling chains
         if reducer == "mv_mul":
@@ -301,23 +331,19 @@ class Simulator:
         oq[:, :, ooff : ooff + ocnt, :] = sq.reshape(oh, ow, ocnt, n)
         oe[:, :, ooff : ooff + ocnt] = se.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
-        st.regs[er] = max(int(st.regs[er]), int(se.max()))
+        st.regs[er] = max(st.regs[er], int(se.max()))
         aux = any(o.args.get("src") == Operand.AUX for o in body)
         cyc = self.cycles.chain(names, st, aux)
         self.chains.append(ChainTrace(len(self.chains), names, cyc))
 
     # ------------------------------------------------------------------ MVU
     @staticmethod
-    def _cols_key_of(regs: np.ndarray) -> tuple | None:
+    def _cols_key_of(regs: list[int]) -> tuple | None:
         """What an mv_mul chain's unrolled input windows depend on, from a register file."""
-        R = Reg
-        ereg = int(regs[R.IN_EREG])
+        ereg = regs[Reg.IN_EREG]
         if not isa.EXP_REG_BASE <= ereg < isa.EXP_REG_BASE + isa.EXP_REG_COUNT:
             return None
-        g = [int(regs[r]) for r in (R.IN_H, R.IN_W, R.IN_CB, R.IN_CB_OFF, R.IN_CB_CNT)]
-        g += [int(regs[r]) for r in (R.K_H, R.K_W, R.STRIDE_H, R.STRIDE_W)]
-        g += [int(regs[r]) for r in (R.PAD_T, R.PAD_L, R.DIL_H, R.DIL_W, R.OUT_H, R.OUT_W)]
-        return (int(regs[R.IN_ADDR]) & 0xFFFFFFFF, int(regs[ereg]), *g)
+        return (regs[Reg.IN_ADDR] & 0xFFFFFFFF, regs[ereg], *_WINDOW_REGS(regs))
 
     def _mv_mul(self, pc: int | None, ops: list[Instr], ocnt: int, k: int):
         """The current chain's exact accumulators [ocnt*N, P] (float64), or its storage
@@ -338,7 +364,7 @@ class Simulator:
             and pf.w_floor == wfloor
             and self._tiles_unchanged(pf, base, t)
         ):
-            if pf.sq is not None and self._body_unchanged(pf, ops[2:-2]):
+            if pf.sq is not None and self._body_unchanged(pf, pc, ops[2:-2]):
                 return pf.sq, pf.se
             if pf.acc is not None:
                 return pf.acc
@@ -349,17 +375,21 @@ class Simulator:
         cols = self._unrolled(None).rows(0, self._window[4][0])
         return kernels.gemm_exact_t(cols, wg)
 
-    @staticmethod
-    def _body_sig(body: list[Instr], regs: np.ndarray) -> tuple:
-        """What a chain body's results depend on besides its operands' contents."""
-        aux = any(o.args.get("src") == Operand.AUX for o in body)
-        rs = (Reg.AUX_ADDR, Reg.AUX_CB, Reg.AUX_CB_OFF) if aux else ()
-        return (
-            tuple((o.op, tuple(sorted(o.args.items()))) for o in body),
-            tuple(int(regs[r]) for r in rs),
-        )
+    def _body_sig(self, pc: int, body: list[Instr], regs: list[int]) -> tuple:
+        """What the body of the chain at ``pc`` computes from besides its operands'
+        contents: its instructions and, if it reads AUX, the AUX registers."""
+        ops = self._body_ops.get(pc)
+        if ops is None:
+            aux = any(o.args.get("src") == Operand.AUX for o in body)
+            ops = self._body_ops[pc] = (
+                tuple((o.op, tuple(sorted(o.args.items()))) for o in body),
+                aux,
+            )
+        if ops[1]:
+            return ops[0], (regs[Reg.AUX_ADDR], regs[Reg.AUX_CB], regs[Reg.AUX_CB_OFF])
+        return ops[0], ()
 
-    def _aux_view(self, regs: np.ndarray, ocnt: int):
+    def _aux_view(self, regs: list[int], ocnt: int):
         """The AUX blocks a chain reads (views into DRAM): [H, W, ocnt, N], [H, W, ocnt]."""
         acb, aoff = int(regs[Reg.AUX_CB]), int(regs[Reg.AUX_CB_OFF])
         if aoff + ocnt > acb:
@@ -368,9 +398,9 @@ class Simulator:
         q, e = self._tensor(int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF, oh, ow, acb)
         return q[:, :, aoff : aoff + ocnt], e[:, :, aoff : aoff + ocnt]
 
-    def _body_unchanged(self, pf: _Prefetched, body: list[Instr]) -> bool:
+    def _body_unchanged(self, pf: _Prefetched, pc: int, body: list[Instr]) -> bool:
         st = self.state
-        if self._body_sig(body, st.regs) != pf.body:
+        if self._body_sig(pc, body, st.regs) != pf.body:
             return False
         for slot, cq, ce in pf.vrf:
             c = len(ce)
@@ -396,10 +426,14 @@ class Simulator:
         if t != pf.tiles:
             return False
         tb = layout.tile_bytes(self.cfg.native_dim, self.cfg.mantissa_bits)
-        src = self._tile_src[base : base + t]
-        if src.size != t or src[0] != pf.tile_addr or np.any(np.diff(src) != tb):
+        ids = self._tile_load[base : base + t]
+        lid = int(ids[0]) if ids.size == t else -1
+        if lid < 0 or not (ids == lid).all():  # not all from one m_rd
             return False
-        since = min(pf.epoch, int(self._tile_epoch[base : base + t].min()))
+        first, addr, loaded = self._loads[lid]
+        if addr + (base - first) * tb != pf.tile_addr:
+            return False
+        since = min(pf.epoch, loaded)
         return not self._written_since(since, pf.tile_addr, pf.tile_addr + t * tb)
 
     def _unrolled(self, chans: np.ndarray | None) -> kernels.Windows:
@@ -457,7 +491,7 @@ class Simulator:
                         v = vsrc[o.args["vrf"] : o.args["vrf"] + ocnt]
                         ok = v.size == ocnt and v[0] >= 0 and not np.any(np.diff(v) != cb)
                         vsrcs.append((o.args["vrf"], int(v[0]) if ok else -1))
-                plans.append((body, self._body_sig(body, regs), vsrcs, regs.copy()))
+                plans.append((body, self._body_sig(i, body, regs), vsrcs, regs.copy()))
                 # Stop where this chain's write changes what later chains would read.
                 out = int(regs[Reg.OUT_ADDR]) & 0xFFFFFFFF
                 oh, ow, ocb = (int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.OUT_CB))
@@ -616,7 +650,7 @@ class Simulator:
         if hit is not None:
             snaps, wg, chans = hit
             if all(
-                np.array_equal(mem[addr : addr + t * tb], snap)
+                _same_bytes(mem[addr : addr + t * tb], snap)
                 for (_, addr, t, _, _), snap in zip(group, snaps, strict=True)
             ):
                 _WEIGHTS.move_to_end(key)
