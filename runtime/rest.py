@@ -47,6 +47,8 @@ _MODEL_PATH = re.compile(
 )
 #: Seconds an idle keep-alive connection (or a slow client mid-request) may hold a thread.
 CONNECTION_TIMEOUT_S = 30.0
+#: Longest wait for a client to stop sending an unread (oversized) body after our answer.
+LINGER_S = 2.0
 
 
 class RestServer(ThreadingHTTPServer):
@@ -120,6 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ routing
     def do_GET(self) -> None:
+        self._body_read = True  # a GET carries no body
         path = self.path.split("?", 1)[0]
         if path in ("/healthz", "/v1/health"):
             svc = self.server.service
@@ -183,12 +186,12 @@ class _Handler(BaseHTTPRequestHandler):
             payload = {"error": exc.message, "code": exc.code.name}
             if exc.retry_after_s is not None:
                 payload["retry_after_ms"] = max(1, round(exc.retry_after_s * 1e3))
-            self._json(code.http_status, payload, headers, close=not self._body_read)
+            self._json(code.http_status, payload, headers, close=not self._skip_body())
         except Exception:
             code = Code.INTERNAL
             log.exception("internal error in REST %s (request id %s)", method, request_id)
             payload = {"error": f"internal error (request id {request_id})", "code": "INTERNAL"}
-            self._json(500, payload, close=not self._body_read)
+            self._json(500, payload, close=not self._skip_body())
         finally:
             if counted:
                 svc.end()
@@ -230,6 +233,44 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         self._body_read = True
         return body
+
+    def _skip_body(self) -> bool:
+        """Consume an unread request body of acceptable size; False if the connection
+        must close (the body is too large to read, or its length is unknown).
+
+        Answering early (bad key, unknown route) without reading the body would leave it
+        in the socket: the connection could not be reused, and closing a socket with
+        unread data makes the kernel send a reset that can destroy the answer in flight.
+        """
+        if self._body_read:
+            return True
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return False
+        if not 0 <= length <= self.server.service.max_request_bytes:
+            return False
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                return False
+            length -= len(chunk)
+        self._body_read = True
+        return True
+
+    def _linger(self) -> None:
+        """After answering a request whose body was not read: stop sending, then discard
+        what the client is still sending for a moment, so its read of our answer is not cut
+        off by a reset (the "lingering close" of HTTP servers)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            end = time.monotonic() + LINGER_S
+            while time.monotonic() < end and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _predict(self, body: bytes) -> dict[str, Any]:
         svc = self.server.service
@@ -296,6 +337,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
+        if close and not self._body_read:
+            self._linger()
 
 
 # --------------------------------------------------------------------------- JSON values

@@ -455,13 +455,18 @@ def test_tls_with_keys_rest(tls_server, certs) -> None:
     url = f"{base}/v1/models/tiny:predict"
     body = {"inputs": float_input().tolist()}
     ca = str(certs.ca)
-    ok = requests.post(
-        url, json=body, headers={"Authorization": f"Bearer {KEY2}"}, verify=ca, timeout=TIMEOUT
-    )
-    assert ok.status_code == 200
-    for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope-nope"}):
-        r = requests.post(url, json=body, headers=headers, verify=ca, timeout=TIMEOUT)
-        assert r.status_code == 401 and r.json()["code"] == "UNAUTHENTICATED"
+    with requests.Session() as session:  # one kept-alive connection through refusals
+        for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope-nope"}):
+            r = session.post(url, json=body, headers=headers, verify=ca, timeout=TIMEOUT)
+            assert r.status_code == 401 and r.json()["code"] == "UNAUTHENTICATED"
+            ok = session.post(
+                url,
+                json=body,
+                headers={"Authorization": f"Bearer {KEY2}"},
+                verify=ca,
+                timeout=TIMEOUT,
+            )
+            assert ok.status_code == 200
     # Health and metrics need no key.
     assert requests.get(f"{base}/healthz", verify=ca, timeout=TIMEOUT).status_code == 200
     with pytest.raises(requests.exceptions.SSLError):
