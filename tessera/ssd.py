@@ -33,12 +33,21 @@ Where each part runs, and why
   The cost of the round trip is one extra copy of ``conv4_3`` each way, 38 x 38 x 512
   mantissas plus one exponent per block of N channels: 785,536 bytes at N = 16
   (ulx3s-85f) and 762,432 bytes at N = 32 (``large``), read by the host and written
-  back, ~1.5 MB in all. On the DRAM bus that is nothing (7.9 ms at the ULX3S's 200 MB/s,
-  ~25 us at the ``large`` preset's 64 GB/s, against ~31 G MACs of NPU work), but the
-  ULX3S host link is the FT231X UART at ~300 kB/s, where it costs ~5.2 s per image; that
-  is the price of not extending the ISA, and the measured figures are in the tests
-  (``tests/test_ssd.py``). The host arithmetic itself (1444 norms of 512 values) takes
-  a few milliseconds.
+  back, ~1.5 MB in all (:meth:`CompiledSSD.host_transfer_bytes`). Against the NPU's
+  work, 31.4 G MACs (the cycle model: 257.6 M cycles = 2.58 s at 100 MHz on an 85F-sized
+  NPU, 6.25 ms on ``large``), that is nothing where the host sits on the DRAM bus (7.9 ms
+  at the ULX3S's 200 MB/s), ~1.5 s over USB 2 full speed (~1 MB/s), and ~5.2 s over
+  the ULX3S's FT231X UART (~300 kB/s), as much again as uploading the 300 x 300 input
+  (1.53 MB in storage BFP): behind a UART the host link, not the NPU, sets SSD's
+  latency, with or without this stage. That is the price of not extending the ISA. The
+  host arithmetic itself (1444 norms of 512 values, float64) takes 2-15 ms.
+
+Fit: SSD300 has 26.3 M parameters, 26.4 MiB as 8-bit BFP tiles with their exponents
+(weights and constants of both programs: 26.9 MiB), and its 300 x 300 x 64 ``conv1``
+maps need 13.1 MiB of activations at the peak: 39.5 MiB for the trunk program, over the
+ULX3S-85F's 32 MiB (the compiler says by how much); ``fc7``'s 3 x 3 heads also need 576
+tiles of 16 x 16 per output block where the 85F's tile buffer holds 384. It runs on the
+``large`` preset.
 
 Anchors, decoding and NMS (:func:`default_anchors`, :func:`decode_detections`) follow the
 original SSD300 (Liu et al., 2016, Caffe ``ssd_pascal.py``): box sizes 30, 60, 111, 162,

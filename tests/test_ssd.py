@@ -13,6 +13,8 @@ import importlib.util
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,6 +25,9 @@ from tessera import ssd, zoo
 from tessera.compiler.driver import compile_model
 from tessera.config import get_config
 from tessera.errors import CapacityError, TesseraError
+
+if TYPE_CHECKING:
+    import keras
 
 needs_zoo = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf2onnx") is None,
@@ -292,8 +297,15 @@ def _ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
+@pytest.fixture(scope="module")
+def keras_ssd() -> keras.Model:
+    return zoo.build_keras_model("ssd_vgg", seed=0)
+
+
 @needs_zoo
-def test_zoo_export_interface_and_keras_agreement(ssd_onnx: onnx.ModelProto) -> None:
+def test_zoo_export_interface_and_keras_agreement(
+    ssd_onnx: onnx.ModelProto, keras_ssd: keras.Model
+) -> None:
     """Input 'input' [1,300,300,3]; twelve NHWC head maps named loc_*/conf_* in source order;
     onnxruntime equals Keras to 1e-4 of the largest output; ~94 % of the boxes background."""
     (graph_input,) = ssd_onnx.graph.input
@@ -302,7 +314,7 @@ def test_zoo_export_interface_and_keras_agreement(ssd_onnx: onnx.ModelProto) -> 
     assert tuple(o.name for o in ssd_onnx.graph.output) == ssd.OUTPUT_NAMES
     assert zoo.output_names("ssd_vgg") == ssd.OUTPUT_NAMES
 
-    keras_model = zoo.build_keras_model("ssd_vgg", seed=0)
+    keras_model = keras_ssd
     assert keras_model.count_params() == zoo.MODELS["ssd_vgg"].params == 26_285_486
     x = zoo.sample_input(11, ssd.INPUT_SHAPE)
     expected = keras_model.predict(x, verbose=0)
@@ -321,6 +333,20 @@ def test_zoo_export_interface_and_keras_agreement(ssd_onnx: onnx.ModelProto) -> 
     conf = np.concatenate([c.reshape(-1, ssd.NUM_CLASSES) for c in got[6:]])
     background = float(np.mean(conf.argmax(axis=1) == 0))
     assert 0.8 < background < 0.99, background
+
+
+@needs_zoo
+def test_weights_file_replaces_the_seeded_init(tmp_path: Path, keras_ssd: keras.Model) -> None:
+    """A weights file (here the seed-0 weights, gamma included) loads into the SSD built
+    for another seed, and the init is skipped: every weight equals the file's."""
+    weights = tmp_path / "ssd.weights.h5"
+    keras_ssd.save_weights(weights)
+    loaded = zoo.build_keras_model("ssd_vgg", seed=3, weights=weights)
+    got, want = loaded.get_weights(), keras_ssd.get_weights()
+    assert len(got) == len(want) == 71  # 35 convs x (kernel, bias) + gamma
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    gamma = loaded.get_layer(ssd.L2NORM_LAYER).gamma.numpy()
+    assert gamma.shape == (512,) and np.all(gamma == ssd.L2NORM_GAMMA_INIT)
 
 
 @dataclass
