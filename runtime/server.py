@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -51,7 +51,6 @@ class ServeOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     grace_s: float = 10.0
     grpc_workers: int = 16
-    extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -17,10 +17,10 @@ The load is bounded in count and time and goes to loopback only.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,8 +115,6 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
     device = server.pool.devices[0]
     url = f"http://127.0.0.1:{server.rest_port}/v1/models/{server.service.name}:predict"
     float_body = json.dumps({"inputs": x.tolist()})
-    import base64
-
     image_body = json.dumps({"instances": [{"b64": base64.b64encode(jpeg).decode()}]})
     session = requests.Session()
     client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
@@ -246,10 +244,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
         pkg = load_package(args.package) if args.package else _default_package()
         protos()
     with console.status("latency: direct vs gRPC vs REST"):
-        with tempfile.TemporaryDirectory():
-            opts = ServeOptions(grpc_port=0, rest_port=0, devices=1, queue_depth=8)
-            with Server(pkg, opts) as server:
-                lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
+        opts = ServeOptions(grpc_port=0, rest_port=0, devices=1, queue_depth=8)
+        with Server(pkg, opts) as server:
+            lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
     cells = []
     for devices in devices_list:
         for clients in clients_list:

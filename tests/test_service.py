@@ -681,3 +681,35 @@ def _photo_jpeg(size: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(small).resize((size + 40, size + 20), Image.BILINEAR).save(buf, "JPEG")
     return buf.getvalue()
+
+
+def test_bench_serve_runs_bounded_and_reports_every_path(capsys) -> None:
+    from tessera import cli
+
+    argv = [
+        "bench",
+        "serve",
+        "--repeat",
+        "3",
+        "--requests",
+        "4",
+        "--clients",
+        "1,2",
+        "--devices",
+        "1",
+        "--json",
+    ]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["latency"]) == {
+        "direct device call (float)",
+        "gRPC Predict (float)",
+        "REST :predict (float, JSON)",
+        "direct: preprocess + device (JPEG)",
+        "gRPC Predict (JPEG)",
+        "REST :predict (JPEG, b64)",
+    }
+    assert all(v["p99_ms"] >= v["p50_ms"] > 0 for v in out["latency"].values())
+    cells = {(c["devices"], c["clients"]): c for c in out["throughput"]}
+    assert set(cells) == {(1, 1), (1, 2)}
+    assert all(c["requests"] == 4 and c["errors"] == 0 for c in cells.values())
