@@ -62,7 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,6 +81,30 @@ IMAGE_SIZE = 300
 INPUT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE, 3)  # NHWC float32, as the zoo's other models
 #: PASCAL VOC's 20 classes plus background (class 0).
 NUM_CLASSES = 21
+#: Class names of the 21 outputs (SSD300's VOC0712 order; class 0 is never reported).
+VOC_LABELS = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 #: The feature maps the heads read, in anchor order.
 SOURCES = ("conv4_3", "fc7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
 FEATURE_SIZES = (38, 19, 10, 5, 3, 1)
@@ -543,18 +567,27 @@ def split_model(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> SSDSplit:
 # --------------------------------------------------------------------------- two programs
 @dataclasses.dataclass(frozen=True)
 class L2NormStage:
-    """The host stage between the trunk and the head program, as stored in a package.
+    """The host stage between the trunk and the head program.
 
-    Reads trunk output :attr:`source` (in its ONNX layout; the manifest's ``perm`` maps it
-    to NCHW), writes head input :attr:`target` (NCHW), :func:`l2_normalize` over channels.
+    Reads trunk output :attr:`source` in its ONNX layout (ONNX axis ``i`` is NCHW axis
+    ``perm[i]``, as in the program manifest), writes head input :attr:`target` in NCHW:
+    :func:`l2_normalize` over the channels, in float64, which the head program's input
+    quantization then rounds to storage BFP like any input.
     """
 
     source: str
     target: str
+    perm: tuple[int, ...] = (0, 1, 2, 3)
     epsilon: float = L2NORM_EPSILON
 
+    def __call__(self, trunk_outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head program's inputs from the trunk program's outputs."""
+        nchw = np.transpose(trunk_outputs[self.source], np.argsort(self.perm))
+        return {self.target: l2_normalize(nchw, 1, self.epsilon)}
+
     def to_dict(self) -> dict:
-        return {"op": "l2_normalize", **dataclasses.asdict(self)}
+        """JSON-serialisable form (for a package manifest)."""
+        return {"op": "l2_normalize", **dataclasses.asdict(self), "perm": list(self.perm)}
 
     @classmethod
     def from_dict(cls, data: dict) -> L2NormStage:
@@ -562,7 +595,19 @@ class L2NormStage:
 
         if data.get("op") != "l2_normalize":
             raise TesseraError(f"unknown SSD host stage {data.get('op')!r}")
-        return cls(data["source"], data["target"], float(data["epsilon"]))
+        try:
+            perm = tuple(int(a) for a in data["perm"])
+            stage = cls(str(data["source"]), str(data["target"]), perm, float(data["epsilon"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TesseraError(f"invalid SSD host stage {data!r}: {exc}") from None
+        if sorted(perm) != [0, 1, 2, 3] or perm[0] != 0:
+            raise TesseraError(f"invalid SSD host stage: perm {list(perm)}")
+        return stage
+
+
+#: A way to run a program: ``npu(program, inputs) -> outputs`` keyed by ONNX names (the
+#: same signature as ``tessera.package.backend_npu``'s runners).
+NPURunner = Callable[["Program", dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass
@@ -570,13 +615,48 @@ class CompiledSSD:
     """An SSD compiled for one NPU configuration: two programs and the host stage between.
 
     ``output_names`` is the original graph's output order (six box heads, six class heads
-    for the zoo model); :func:`run_ssd` returns the outputs in that order.
+    for the zoo model); :func:`run_heads` and :func:`run_ssd` return the outputs in that
+    order. To store it: the two programs' ``to_bytes()`` and :meth:`params`; to load it:
+    :meth:`from_parts`.
     """
 
     trunk: Program
     head: Program
     stage: L2NormStage
     output_names: tuple[str, ...]
+
+    @property
+    def input_name(self) -> str:
+        """The image input of the trunk program (``input`` for the zoo model)."""
+        return self.trunk.manifest["inputs"][0]["name"]
+
+    def params(self) -> dict:
+        """JSON-serialisable description of everything but the two programs."""
+        return {"stage": self.stage.to_dict(), "output_names": list(self.output_names)}
+
+    @classmethod
+    def from_parts(cls, trunk: Program, head: Program, params: dict) -> CompiledSSD:
+        """Rebuild from the two programs and :meth:`params`, checking they fit together."""
+        from tessera.errors import TesseraError
+
+        stage = L2NormStage.from_dict(params.get("stage", {}))
+        names = tuple(params.get("output_names", ()))
+        trunk_out = [o["name"] for o in trunk.manifest["outputs"]]
+        head_in = [i["name"] for i in head.manifest["inputs"]]
+        head_out = [o["name"] for o in head.manifest["outputs"]]
+        problems = []
+        if stage.source not in trunk_out:
+            problems.append(f"the trunk program has no output {stage.source!r}")
+        if head_in != [stage.target]:
+            problems.append(f"the head program takes {head_in}, not [{stage.target!r}]")
+        missing = [n for n in names if n not in trunk_out + head_out]
+        if not names or missing:
+            problems.append(f"outputs {missing or 'none'} are computed by neither program")
+        if trunk.config.fingerprint() != head.config.fingerprint():
+            problems.append("the two programs are compiled for different NPU configurations")
+        if problems:
+            raise TesseraError("inconsistent SSD programs: " + "; ".join(problems))
+        return cls(trunk, head, stage, names)
 
     def host_transfer_bytes(self) -> tuple[int, int]:
         """(bytes the host reads, bytes it writes) for the host stage: the DRAM images
@@ -602,8 +682,19 @@ def compile_ssd(model: onnx.ModelProto | str, cfg: NPUConfig) -> CompiledSSD:
     split = split_model(model)
     trunk, _, _ = compile_model(split.trunk, cfg)
     head, _, _ = compile_model(split.head, cfg)
-    stage = L2NormStage(split.site.x, split.head_input, split.site.epsilon)
+    source = next(o for o in trunk.manifest["outputs"] if o["name"] == split.site.x)
+    stage = L2NormStage(split.site.x, split.head_input, tuple(source["perm"]), split.site.epsilon)
     return CompiledSSD(trunk, head, stage, split.output_names)
+
+
+def run_heads(compiled: CompiledSSD, image: np.ndarray, npu: NPURunner) -> dict[str, np.ndarray]:
+    """Trunk program, host L2 normalisation, head program through ``npu``: the twelve
+    head outputs by name, in :attr:`CompiledSSD.output_names` order. Any backend (the
+    simulator, the reference, the RTL, a board) plugs in as ``npu``."""
+    trunk = npu(compiled.trunk, {compiled.input_name: image})
+    head = npu(compiled.head, compiled.stage(trunk))
+    found = {**trunk, **head}
+    return {n: found[n] for n in compiled.output_names}
 
 
 @dataclasses.dataclass
@@ -613,32 +704,33 @@ class SSDRun:
     outputs: dict[str, np.ndarray]
     trunk: RunResult
     head: RunResult
-    #: Seconds spent in the host stage (read, normalise, quantize happens in the head run).
+    #: Seconds spent in the host stage (the quantization happens in the head's DRAM build).
     host_seconds: float
 
 
 def run_ssd(compiled: CompiledSSD, image: np.ndarray, backend: str = "sim") -> SSDRun:
-    """Trunk program, host L2 normalisation, head program: the twelve head outputs.
-
-    Every backend sees the same host arithmetic (float64, deterministic), so the
-    simulator and the reference agree bit for bit on both programs' DRAM when they
-    agree on the trunk's.
-    """
+    """:func:`run_heads` on a ``tessera.sim.run`` backend, keeping both runs' DRAM images
+    and cycle counts (what the tests compare). Every backend sees the same host
+    arithmetic (float64, deterministic), so the simulator and the reference agree bit for
+    bit on both programs' DRAM when they agree on the trunk's."""
     import time
 
     from tessera.sim.run import run_program
 
-    (image_input,) = compiled.trunk.manifest["inputs"]
-    trunk = run_program(compiled.trunk, {image_input["name"]: image}, backend)
+    runs: list[RunResult] = []
+
+    def npu(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runs.append(run_program(program, inputs, backend))
+        return runs[-1].outputs
+
+    trunk_outputs = npu(compiled.trunk, {compiled.input_name: image})
     started = time.perf_counter()
-    stage = compiled.stage
-    source = next(o for o in compiled.trunk.manifest["outputs"] if o["name"] == stage.source)
-    nchw = np.transpose(trunk.outputs[stage.source], np.argsort(source["perm"]))
-    unit = l2_normalize(nchw, 1, stage.epsilon)
+    head_inputs = compiled.stage(trunk_outputs)
     host_seconds = time.perf_counter() - started
-    head = run_program(compiled.head, {stage.target: unit}, backend)
-    found = {**trunk.outputs, **head.outputs}
-    return SSDRun({n: found[n] for n in compiled.output_names}, trunk, head, host_seconds)
+    npu(compiled.head, head_inputs)
+    found = {**runs[0].outputs, **runs[1].outputs}
+    outputs = {n: found[n] for n in compiled.output_names}
+    return SSDRun(outputs, runs[0], runs[1], host_seconds)
 
 
 # --------------------------------------------------------------------------- anchors

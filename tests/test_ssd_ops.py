@@ -10,6 +10,8 @@ FP32 result within the per-layer error budget of ``tests/test_ops.py``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -28,7 +30,9 @@ from test_ops import (
 from tessera import ssd
 from tessera.compiler import passes
 from tessera.config import get_config
-from tessera.errors import UnsupportedModelError
+from tessera.errors import TesseraError, UnsupportedModelError
+from tessera.program import Program
+from tessera.sim.run import run_program
 
 
 # --------------------------------------------------------------------------- fold_scale_into_conv
@@ -223,3 +227,41 @@ def test_split_without_the_layer_says_so() -> None:
     y = net.conv("x", 8, 8, out="y")
     with pytest.raises(UnsupportedModelError, match="no L2 normalisation layer 'conv4_3_norm'"):
         ssd.split_model(net.model({"x": [1, 8, 6, 6]}, [y]))
+
+
+def test_compiled_ssd_round_trips_through_bytes_and_json() -> None:
+    """What a package stores (two .tsr byte strings and JSON params) rebuilds the same
+    pipeline; run_heads with any NPU runner gives run_ssd's outputs."""
+    model = _tiny_ssd("nhwc", seed=2)
+    compiled = ssd.compile_ssd(model, get_config("ulx3s-25f"))
+    params = json.loads(json.dumps(compiled.params()))
+    again = ssd.CompiledSSD.from_parts(
+        Program.from_bytes(compiled.trunk.to_bytes()),
+        Program.from_bytes(compiled.head.to_bytes()),
+        params,
+    )
+    assert again.stage == compiled.stage and again.output_names == compiled.output_names
+    x = random_input([1, 8, 12, 12], 5)
+    want = ssd.run_ssd(compiled, x, "sim").outputs
+
+    def npu(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_program(program, inputs, "reference").outputs
+
+    got = ssd.run_heads(again, x, npu)
+    assert list(got) == list(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_compiled_ssd_refuses_mismatched_parts() -> None:
+    compiled = ssd.compile_ssd(_tiny_ssd(seed=4), get_config("ulx3s-85f"))
+    params = compiled.params()
+    with pytest.raises(TesseraError, match="inconsistent SSD programs: the trunk program"):
+        ssd.CompiledSSD.from_parts(compiled.head, compiled.trunk, params)
+    other = ssd.compile_ssd(_tiny_ssd(seed=4), get_config("ulx3s-25f"))
+    with pytest.raises(TesseraError, match="different NPU configurations"):
+        ssd.CompiledSSD.from_parts(compiled.trunk, other.head, params)
+    bad = {**params, "stage": {**params["stage"], "perm": [1, 0, 2, 3]}}
+    with pytest.raises(TesseraError, match="perm"):
+        ssd.CompiledSSD.from_parts(compiled.trunk, compiled.head, bad)
+    with pytest.raises(TesseraError, match="unknown SSD host stage"):
+        ssd.CompiledSSD.from_parts(compiled.trunk, compiled.head, {"stage": {"op": "x"}})
