@@ -251,7 +251,7 @@ class Simulator:
     def chain(self, ops: list[Instr], pc: int | None = None) -> None:
         """Execute one chain over the whole output map.
 
-        Vectors are lane-major (see :mod:`tessera.sim.kernels`): mantissas [blocks, N,
+        Vectors are lane-major (see :mod:`tessera.sim.kernels`): mantissas [N, blocks,
         pixels] as exact integers in float32 (float64 for accumulators), exponents
         [blocks, pixels].
         """
@@ -294,7 +294,7 @@ class Simulator:
             if isinstance(acc, tuple):
                 stored = acc
             else:
-                vq, ve, va = kernels.lm_normalize(acc.reshape(ocnt, n, p), floor + wfloor, big)
+                vq, ve, va = kernels.lm_normalize(acc.reshape(n, ocnt, p), floor + wfloor, big)
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -302,7 +302,7 @@ class Simulator:
             grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
             is_max = ops[1].args["op"] == PoolOp.MAX
             red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
-            red = np.ascontiguousarray(red.reshape(p, ocnt, n).transpose(1, 2, 0))
+            red = np.ascontiguousarray(red.reshape(p, ocnt, n).transpose(2, 1, 0))
             vq, ve, va = kernels.lm_normalize(red, floor, big)
         else:
             if icnt != ocnt:
@@ -311,7 +311,7 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            vq = kernels.to_lane_major(wq.reshape(p, ocnt * n)).reshape(ocnt, n, p)
+            vq = kernels.to_lane_major(wq.reshape(p, ocnt * n), n)
             ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
             va = None
         if stored is None:
@@ -319,7 +319,7 @@ class Simulator:
                 vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
             sq, se = kernels.lm_to_storage(vq, ve, m, va)
             # Lane-major -> pixel-major, as stored; exact integers in the storage range.
-            sq, se = sq.astype(layout.mantissa_dtype(m)).transpose(2, 0, 1), se.T
+            sq, se = sq.astype(layout.mantissa_dtype(m)).transpose(2, 1, 0), se.T
         else:
             sq, se = stored  # already pixel-major
         out_addr = st.addr(R.OUT_ADDR)
@@ -370,6 +370,7 @@ class Simulator:
                 return pf.acc
         try:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
+            wg = kernels.lane_outer(wg, self.cfg.native_dim)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
         cols = self._unrolled(None).rows(0, self._window[4][0])
@@ -531,10 +532,11 @@ class Simulator:
             self._run_bodies(group, plans, cols, wg, prep, out)
             return out
         acc = kernels.gemm_exact_t(cols.rows(0, cols.out_hw[0]), wg, None)
-        row = 0
+        acc = acc.reshape(n, -1, acc.shape[1])  # lane-major [N, blocks, P]
+        b0 = 0
         for cpc, _addr, _t, ocnt, _wf in group:
-            out[cpc].acc = acc[row : row + ocnt * n]
-            row += ocnt * n
+            out[cpc].acc = acc[:, b0 : b0 + ocnt]
+            b0 += ocnt
         return out
 
     def _prepare_bodies(self, group, plans):
@@ -579,7 +581,7 @@ class Simulator:
             elif o.args.get("src", Operand.VRF) == Operand.VRF:
                 cq = np.concatenate([c for c, _ in operands[k]]).astype(kernels.W32)
                 ce = np.concatenate([e for _, e in operands[k]])
-                ops.append((o.op, (cq[:, :, None], ce[:, None])))
+                ops.append((o.op, (cq.T[:, :, None], ce[:, None])))
             else:
                 ops.append((o.op, operands[k]))  # AUX: per chain [P, cnt*N], [P, cnt]
         return cnts, ops, vrf_snaps, aux_spans
@@ -609,7 +611,7 @@ class Simulator:
             y1 = min(oh, y0 + step)
             p0, p1 = y0 * ow, y1 * ow
             acc = wg @ cols.rows(y0, y1).T
-            vq, ve, va = kernels.lm_normalize(acc.reshape(blocks, n, p1 - p0), lsb, big)
+            vq, ve, va = kernels.lm_normalize(acc.reshape(n, blocks, p1 - p0), lsb, big)
             for op, opnd in ops:
                 if op == "v_relu":
                     vq, ve, va = kernels.lm_wide_relu(vq, ve, big)
@@ -617,16 +619,16 @@ class Simulator:
                 if isinstance(opnd, tuple):  # VRF constants, broadcast over pixels
                     yq, ye = opnd
                 else:  # AUX blocks of each chain, to lane-major
-                    yq = np.empty((blocks, n, p1 - p0), kernels.W32)
+                    yq = np.empty((n, blocks, p1 - p0), kernels.W32)
                     ye = np.empty((blocks, p1 - p0), np.int64)
                     b0 = 0
                     for (aq, ae), c in zip(opnd, cnts, strict=True):
-                        yq[b0 : b0 + c].reshape(c * n, p1 - p0)[...] = aq[p0:p1].T
+                        yq[:, b0 : b0 + c] = aq[p0:p1].reshape(-1, c, n).transpose(2, 1, 0)
                         ye[b0 : b0 + c] = ae[p0:p1].T
                         b0 += c
                 vq, ve, va = fns[op](vq, ve, yq, ye, big)
             sq, se = kernels.lm_to_storage(vq, ve, m, va)
-            sq_all[p0:p1] = sq.transpose(2, 0, 1)
+            sq_all[p0:p1] = sq.transpose(2, 1, 0)
             se_all[p0:p1] = se.T  # storage exponents fit int8
 
         kernels.run_parallel(band, range(0, oh, step))
@@ -685,6 +687,7 @@ class Simulator:
             chans = np.flatnonzero(nz)
             wg = np.ascontiguousarray(wg3[:, :, chans]).reshape(wg.shape[0], -1)
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
+        wg = kernels.lane_outer(wg, n)  # rows [lane][block]: products come out lane-major
         _WEIGHTS[key] = (snaps, wg, chans)
         total = sum(v[1].nbytes for v in _WEIGHTS.values())
         while total > _WEIGHTS_MAX_BYTES and len(_WEIGHTS) > 1:
@@ -693,9 +696,9 @@ class Simulator:
         return wg, chans, snaps
 
     def _vrf(self, base: int, cnt: int) -> tuple[np.ndarray, np.ndarray]:
-        """VRF entries ``base..base+cnt`` lane-major: mantissas [cnt, N, 1], exponents [cnt, 1]."""
+        """VRF entries ``base..base+cnt`` lane-major: mantissas [N, cnt, 1], exponents [cnt, 1]."""
         st = self.state
-        cq = st.vrf_q[base : base + cnt].astype(kernels.W32)[:, :, None]
+        cq = st.vrf_q[base : base + cnt].astype(kernels.W32).T[:, :, None]
         return cq, st.vrf_e[base : base + cnt][:, None]
 
     def mfu(self, ins: Instr, vq, ve, ocnt: int, out_hw: tuple[int, int], bits: int):
@@ -717,7 +720,7 @@ class Simulator:
                 q, e = self._tensor(st.addr(Reg.AUX_ADDR), oh, ow, acb)
                 p = oh * ow
                 yq = q.reshape(p, acb * n)[:, aoff * n : (aoff + ocnt) * n]
-                yq = kernels.to_lane_major(yq).reshape(ocnt, n, p)
+                yq = kernels.to_lane_major(yq, n)
                 ye = e[:, :, aoff : aoff + ocnt].reshape(p, ocnt).T.astype(np.int64, order="C")
             fn = kernels.lm_wide_add if ins.op == "vv_add" else kernels.lm_wide_max
             return fn(vq, ve, yq, ye, bits)

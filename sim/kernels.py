@@ -125,10 +125,11 @@ def read_clamped_grid(
 # --------------------------------------------------------------------------- lane-major
 #
 # The instruction simulator's fast path. Wide vectors are held *lane-major*: mantissas
-# ``[B, N, P]`` (output block, lane, pixel) and exponents ``[B, P]`` (int64), so that every
-# per-vector reduction runs over the middle axis with a contiguous inner axis (an order
-# of magnitude faster in numpy than reducing a short last axis). Wide mantissas are
-# float32; accumulators, grids and ``vv_mul`` products are float64.
+# ``[N, B, P]`` (lane, output block, pixel) and exponents ``[B, P]`` (int64), so that every
+# per-vector reduction runs over the leading axis with one long contiguous inner loop
+# (an order of magnitude faster in numpy than reducing a short last axis), and
+# per-vector factors broadcast along the leading axis. Wide mantissas are float32;
+# accumulators, grids and ``vv_mul`` products are float64.
 #
 # Why this is exact. (1) Every value is an integer that its float type represents
 # exactly: accumulators and grids are < 2**53 (the compiler bounds the accumulator, see
@@ -176,7 +177,7 @@ def _bit_length(amax: np.ndarray) -> np.ndarray:
 def lm_normalize(
     x: np.ndarray, lsb: np.ndarray | int, bits: int, amax: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`numerics.normalize` on lane-major ``x`` [B, N, P] -> (q, e [B, P], max |q|).
+    """:func:`numerics.normalize` on lane-major ``x`` [N, B, P] -> (q, e [B, P], max |q|).
 
     ``x`` is float64 or float32 (exact integers) and is consumed (it may be overwritten or
     returned); ``q`` is float32 (``bits <= 24``). ``amax``, the lane-wise maximum
@@ -184,14 +185,14 @@ def lm_normalize(
     returned for the next step.
     """
     if amax is None:
-        amax = np.abs(x).max(axis=1)
+        amax = np.abs(x).max(axis=0)
     shift = np.maximum(_bit_length(amax) - (bits - 1), 0)
     e = np.where(amax == 0, numerics.E_ZERO, np.asarray(lsb, dtype=np.int64) + shift)
     if not shift.any():
         # amax < 2**(bits-1): nothing to round, nothing to saturate.
         return (x if x.dtype == W32 else x.astype(W32)), e, amax.astype(W32)
     f = _neg_pow2(shift, x.dtype)
-    np.multiply(x, f[:, None, :], out=x)
+    np.multiply(x, f, out=x)
     q = x if x.dtype == W32 else np.empty(x.shape, W32)
     np.rint(x, out=q)  # rounded in x's type, then stored (exactly) as float32
     lim = numerics.sat_limit(bits)
@@ -208,13 +209,13 @@ def lm_shift(x: np.ndarray, s: np.ndarray, inplace: bool = False) -> np.ndarray:
     """``numerics.rne_shift(x, s)`` for lane-major float32 ``x``, per-vector ``s >= 0``."""
     if not s.any():
         return x
-    f = _neg_pow2(s, W32)[:, None, :]
+    f = _neg_pow2(s, W32)
     q = np.multiply(x, f, out=x) if inplace else x * f
     return np.rint(q, out=q)
 
 
 def lm_align(xq, xe, yq, ye):
-    """:func:`numerics.align`; consumes ``xq``; ``yq`` may be [B, N, 1] (a constant
+    """:func:`numerics.align`; consumes ``xq``; ``yq`` may be [N, B, 1] (a constant
     broadcast over pixels) and is left alone."""
     e = np.maximum(xe, ye)
     return lm_shift(xq, e - xe, inplace=True), lm_shift(yq, e - ye), e
@@ -238,7 +239,7 @@ def lm_wide_mul(xq, xe, cq, ce, bits: int):
 def lm_wide_relu(xq, xe, bits: int):
     """:func:`numerics.wide_relu`; consumes ``xq``."""
     r = np.maximum(xq, np.zeros((1, 1, xq.shape[2]), xq.dtype), out=xq)
-    return lm_normalize(r, xe, bits, amax=r.max(axis=1))
+    return lm_normalize(r, xe, bits, amax=r.max(axis=0))
 
 
 def lm_to_storage(
@@ -250,23 +251,25 @@ def lm_to_storage(
     over = e > numerics.E_MAX
     if np.any(over):
         up = np.where(over, np.clip(e - numerics.E_MAX, 0, 40), 0)
-        q = np.clip(q * pow2(up, W32)[:, None, :], -lim, lim)
+        q = np.clip(q * pow2(up, W32), -lim, lim)
         e = np.where(over, numerics.E_MAX, e)
     under = (e < numerics.E_MIN) & (e != numerics.E_ZERO)
     if np.any(under):
         q = lm_shift(q, np.where(under, numerics.E_MIN - e, 0))
         e = np.where(under, numerics.E_MIN, e)
         # Only a shift can zero a normalized non-zero vector.
-        e = np.where(~np.any(q != 0, axis=1), numerics.E_ZERO, e)
+        e = np.where(~np.any(q != 0, axis=0), numerics.E_ZERO, e)
     return q, e
 
 
-def to_lane_major(x: np.ndarray, dtype=W32, rows: int = 128) -> np.ndarray:
-    """[P, C] -> contiguous [C, P] in ``dtype``, transposed in row blocks (cache-friendly)."""
-    p, c = x.shape
-    out = np.empty((c, p), dtype)
+def to_lane_major(x: np.ndarray, n: int, dtype=W32, rows: int = 128) -> np.ndarray:
+    """Pixel-major blocks [P, B*N] -> lane-major [N, B, P] in ``dtype``, transposed in
+    row blocks (cache-friendly)."""
+    p = x.shape[0]
+    x = x.reshape(p, -1, n)
+    out = np.empty((n, x.shape[1], p), dtype)
     for i in range(0, p, rows):
-        out[:, i : i + rows] = x[i : i + rows].T
+        out[:, :, i : i + rows] = x[i : i + rows].transpose(2, 1, 0)
     return out
 
 
@@ -301,6 +304,13 @@ def used_columns(wg: np.ndarray) -> np.ndarray | None:
     """Indices of the weight-grid columns that are not all zero, if worth skipping the rest."""
     used = np.flatnonzero(np.any(wg != 0, axis=0))
     return used if used.size < 0.75 * wg.shape[1] else None
+
+
+def lane_outer(wg: np.ndarray, n: int) -> np.ndarray:
+    """Weight-grid rows reordered from [block][lane] to [lane][block], so the product
+    ``wg @ cols.T`` comes out as lane-major vectors [N, B, P]."""
+    o, k = wg.shape
+    return np.ascontiguousarray(wg.reshape(o // n, n, k).transpose(1, 0, 2)).reshape(o, k)
 
 
 def gemm_exact_t(
