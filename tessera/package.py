@@ -32,12 +32,14 @@ offset  bytes  content
 64      M      manifest: UTF-8 JSON object, sorted keys, ASCII-only, no whitespace
 ..             zero padding to a multiple of 8: the start P of the payload
 P      ..      sections, each at a multiple of 8 from P, separated by zero padding:
-               ``program`` (a whole ``.tsr`` file), then one per host-stage array
+               ``program`` (a whole ``.tsr`` file), then the host stage's arrays
+               (``host.<name>``) and extra programs (``host.program.<name>``, ``.tsr``)
 ======  =====  ==========================================================================
 
 The manifest's ``sections`` maps each section name to its ``offset`` (from P), ``length``
 and ``sha256``; the host stage's arrays are described by ``dtype`` (numpy, little-endian)
-and ``shape``.
+and ``shape``. Every program inside is checked again by :class:`~tessera.program.Program`
+(its own header, checksums and NPU configuration).
 
 Kinds: ``classifier`` (outputs the class probabilities ``[1, classes]``), ``featurizer``
 (outputs the features: for ``tessera head train``), ``detector`` (host post-processing
@@ -120,9 +122,13 @@ def backend_npu(backend: str = "sim") -> NPU:
 class HostStage(abc.ABC):
     """What the host does with the NPU's outputs: a classifier head, a detector's decoding.
 
-    A stage is stored as its ``type_name``, JSON ``params`` and named numpy ``arrays``; the
-    registry (:func:`register_host_stage`) maps the type name back to the class on load,
-    so a new kind of post-processing plugs in without touching the file format.
+    A stage is stored as its ``type_name``, JSON ``params``, named numpy ``arrays`` and
+    named extra NPU ``programs``; the registry (:func:`register_host_stage`) maps the type
+    name back to the class on load, so a new kind of post-processing plugs in without
+    touching the file format. Extra programs are for pipelines that go back to the NPU
+    after a host step (SSD: trunk program, L2 normalisation on the host, head program);
+    the stage runs them through the ``npu`` it is called with, the package's own runner,
+    so every program of a request runs on the same device.
     """
 
     #: Identifier stored in the package; unique among registered stages.
@@ -136,10 +142,20 @@ class HostStage(abc.ABC):
     def arrays(self) -> dict[str, np.ndarray]:
         """Named arrays (weights, anchors), stored as checksummed binary sections."""
 
+    def programs(self) -> dict[str, Program]:
+        """Named NPU programs the stage runs besides the package's (none by default)."""
+        return {}
+
     @classmethod
     @abc.abstractmethod
-    def from_parts(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> HostStage:
-        """Rebuild from :meth:`params` and :meth:`arrays`; raise TesseraError if invalid."""
+    def from_parts(
+        cls,
+        params: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        programs: dict[str, Program],
+    ) -> HostStage:
+        """Rebuild from :meth:`params`, :meth:`arrays` and :meth:`programs`; raise
+        TesseraError if they are invalid."""
 
     @abc.abstractmethod
     def input_names(self) -> list[str]:
@@ -150,8 +166,9 @@ class HostStage(abc.ABC):
         """How many arrays :meth:`__call__` returns (one per package output name)."""
 
     @abc.abstractmethod
-    def __call__(self, npu_outputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The package outputs, in the order of :attr:`Package.output_names`."""
+    def __call__(self, npu_outputs: Mapping[str, np.ndarray], npu: NPU) -> list[np.ndarray]:
+        """The package outputs, in the order of :attr:`Package.output_names`, from the main
+        program's outputs; ``npu`` runs any of :meth:`programs`."""
 
     def num_classes(self) -> int | None:
         """Classes the stage distinguishes (labels must match), if it classifies."""
@@ -192,12 +209,15 @@ class ClassifierHeadStage(HostStage):
 
     @classmethod
     def from_parts(
-        cls, params: dict[str, Any], arrays: dict[str, np.ndarray]
+        cls,
+        params: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        programs: dict[str, Program],
     ) -> ClassifierHeadStage:
-        if set(params) != {"input", "softmax"} or set(arrays) != {"weight", "bias"}:
+        if set(params) != {"input", "softmax"} or set(arrays) != {"weight", "bias"} or programs:
             raise TesseraError(
-                f"linear_head needs params input, softmax and arrays weight, bias; got "
-                f"{sorted(params)} and {sorted(arrays)}"
+                f"linear_head needs params input, softmax, arrays weight, bias and no "
+                f"programs; got {sorted(params)}, {sorted(arrays)} and {sorted(programs)}"
             )
         if not isinstance(params["input"], str) or not isinstance(params["softmax"], bool):
             raise TesseraError("linear_head params: input must be a string, softmax a boolean")
@@ -215,7 +235,7 @@ class ClassifierHeadStage(HostStage):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def __call__(self, npu_outputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, npu_outputs: Mapping[str, np.ndarray], npu: NPU) -> list[np.ndarray]:
         return [self.head(npu_outputs[self.input_name])]
 
 
@@ -295,12 +315,13 @@ class Package:
         :attr:`output_names`): the NPU program through ``npu`` (default: the instruction
         simulator), then the host stage. A classifier returns ``[1, classes]`` float32
         probabilities."""
-        npu_outputs = self.run_npu(inputs, npu)
+        runner = npu if npu is not None else backend_npu("sim")
+        npu_outputs = self.run_npu(inputs, runner)
         missing = [n for n in self._npu_output_names() if n not in npu_outputs]
         if missing:
             raise TesseraError(f"the NPU backend returned no output {missing}")
         if self.host is not None:
-            values = self.host(npu_outputs)
+            values = self.host(npu_outputs, runner)
         else:
             values = [npu_outputs[n] for n in self.program_outputs]
         return dict(zip(self.output_names, values, strict=True))
@@ -372,15 +393,29 @@ class Package:
             arrays = {}
             for key, value in sorted(self.host.arrays().items()):
                 a = np.asarray(value)
+                if a.dtype.hasobject:
+                    raise TesseraError(f"host array {key!r} holds Python objects")
                 little = a.astype(a.dtype.newbyteorder("<"), copy=False)
                 section = f"host.{key}"
+                if key.startswith("program."):
+                    raise TesseraError(f"host array name {key!r} clashes with host programs")
                 bodies[section] = np.ascontiguousarray(little).tobytes()
                 arrays[key] = {
                     "dtype": little.dtype.str,
                     "shape": list(a.shape),
                     "section": section,
                 }
-            host = {"type": self.host.type_name, "params": self.host.params(), "arrays": arrays}
+            programs = {}
+            for key, program in sorted(self.host.programs().items()):
+                section = f"host.program.{key}"
+                bodies[section] = program.to_bytes()
+                programs[key] = {"section": section}
+            host = {
+                "type": self.host.type_name,
+                "params": self.host.params(),
+                "arrays": arrays,
+                "programs": programs,
+            }
         payload: list[bytes] = []
         sections: dict[str, dict[str, Any]] = {}
         pos = 0
@@ -596,9 +631,12 @@ def _unpack(data: bytes, source: str) -> Package:
         raise fail(f"the program section is not loadable: {exc}") from None
     try:
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        host = _load_host(manifest["host"], bodies)
+        host = _load_host(manifest["host"], bodies, source)
+        host_entry = manifest["host"] or {}
         used = {"program"} | {
-            a["section"] for a in (manifest["host"] or {}).get("arrays", {}).values()
+            part["section"]
+            for key in ("arrays", "programs")
+            for part in host_entry.get(key, {}).values()
         }
         if set(bodies) != used:
             raise TesseraError(f"sections {sorted(set(bodies) - used)} belong to no part")
@@ -621,11 +659,11 @@ def _unpack(data: bytes, source: str) -> Package:
         raise fail(f"invalid package: {exc}") from None
 
 
-def _load_host(entry: Any, bodies: dict[str, bytes]) -> HostStage | None:
+def _load_host(entry: Any, bodies: dict[str, bytes], source: str) -> HostStage | None:
     if entry is None:
         return None
-    if not isinstance(entry, dict) or set(entry) != {"type", "params", "arrays"}:
-        raise TesseraError("host stage entry must have exactly type, params and arrays")
+    if not isinstance(entry, dict) or set(entry) != {"type", "params", "arrays", "programs"}:
+        raise TesseraError("host stage entry must have exactly type, params, arrays, programs")
     if entry["type"] not in HOST_STAGES and entry["type"] in PLUGIN_MODULES:
         importlib.import_module(PLUGIN_MODULES[entry["type"]])
     cls = HOST_STAGES.get(entry["type"])
@@ -634,8 +672,18 @@ def _load_host(entry: Any, bodies: dict[str, bytes]) -> HostStage | None:
             f"host stage {entry['type']!r} is not known to this tessera (known: "
             f"{', '.join(sorted(HOST_STAGES))})"
         )
-    if not isinstance(entry["params"], dict) or not isinstance(entry["arrays"], dict):
-        raise TesseraError("host stage params and arrays must be objects")
+    if not all(isinstance(entry[key], dict) for key in ("params", "arrays", "programs")):
+        raise TesseraError("host stage params, arrays and programs must be objects")
+    programs = {}
+    for key, spec in entry["programs"].items():
+        if not (isinstance(spec, dict) and set(spec) == {"section"} and spec["section"] in bodies):
+            raise TesseraError(f"malformed host program entry {key!r}")
+        try:
+            programs[key] = Program.from_bytes(
+                bodies[spec["section"]], source=f"{source} (host program {key!r})"
+            )
+        except ProgramFormatError as exc:
+            raise TesseraError(f"host program {key!r} is not loadable: {exc}") from None
     arrays = {}
     for key, spec in entry["arrays"].items():
         if not (
@@ -663,7 +711,7 @@ def _load_host(entry: Any, bodies: dict[str, bytes]) -> HostStage | None:
             .reshape(spec["shape"])
             .astype(dtype.newbyteorder("="), copy=True)
         )
-    return cls.from_parts(entry["params"], arrays)
+    return cls.from_parts(entry["params"], arrays, programs)
 
 
 # --------------------------------------------------------------------------- building

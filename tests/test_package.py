@@ -327,8 +327,8 @@ class _Boxes(HostStage):
 
     type_name: ClassVar[str] = "test_boxes"
 
-    def __init__(self, source: str, anchors: np.ndarray) -> None:
-        self.source, self.anchors = source, anchors
+    def __init__(self, source: str, anchors: np.ndarray, second: Program | None = None) -> None:
+        self.source, self.anchors, self.second = source, anchors, second
 
     def params(self) -> dict[str, Any]:
         return {"source": self.source}
@@ -336,9 +336,14 @@ class _Boxes(HostStage):
     def arrays(self) -> dict[str, np.ndarray]:
         return {"anchors": self.anchors}
 
+    def programs(self) -> dict[str, Program]:
+        return {"second": self.second} if self.second is not None else {}
+
     @classmethod
-    def from_parts(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> _Boxes:
-        return cls(params["source"], arrays["anchors"])
+    def from_parts(
+        cls, params: dict[str, Any], arrays: dict[str, np.ndarray], programs: dict[str, Program]
+    ) -> _Boxes:
+        return cls(params["source"], arrays["anchors"], programs.get("second"))
 
     def input_names(self) -> list[str]:
         return [self.source]
@@ -346,14 +351,21 @@ class _Boxes(HostStage):
     def num_outputs(self) -> int:
         return 2
 
-    def __call__(self, npu_outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, npu_outputs: dict[str, np.ndarray], npu: Any) -> list[np.ndarray]:
         f = npu_outputs[self.source].reshape(-1)
+        if self.second is not None:  # back to the NPU, as SSD's head program
+            image = np.broadcast_to(f[:3], (1, 224, 224, 3)).astype(np.float32)
+            f = npu(self.second, {"input": image})["features"].reshape(-1)
         return [self.anchors + f[: self.anchors.size].reshape(self.anchors.shape), f[:3]]
 
 
-def test_detector_kind_plugs_in_through_a_host_stage(tiny: dict[str, Any]) -> None:
+@pytest.mark.parametrize("second_program", [False, True])
+def test_detector_kind_plugs_in_through_a_host_stage(
+    tiny: dict[str, Any], second_program: bool
+) -> None:
     feat = build_package(tiny["model"], kind="featurizer")
     anchors = np.arange(8, dtype=np.int16).reshape(2, 4)
+    second = build_package(tiny_featurizer(seed=5), kind="featurizer").program
     det = Package(
         "det",
         "detector",
@@ -361,13 +373,29 @@ def test_detector_kind_plugs_in_through_a_host_stage(tiny: dict[str, Any]) -> No
         feat.program,
         ["background", "thing"],
         output_names=["boxes", "scores"],
-        host=_Boxes("features", anchors),
+        host=_Boxes("features", anchors, second if second_program else None),
     )
-    loaded = Package.from_bytes(det.to_bytes())
+    data = det.to_bytes()
+    loaded = Package.from_bytes(data)
     assert loaded.kind == "detector" and loaded.host.anchors.dtype == np.int16
     np.testing.assert_array_equal(loaded.host.anchors, anchors)
-    out = loaded.run({"images": _x()})
+    assert (loaded.host.second == second) if second_program else loaded.host.second is None
+    ran = []
+
+    def npu(program: Program, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ran.append(program)
+        return run_program(program, inputs, "sim").outputs
+
+    out = loaded.run({"images": _x()}, npu)
     assert list(out) == ["boxes", "scores"] and out["boxes"].shape == (2, 4)
+    assert len(ran) == 1 + second_program  # every program went through the given NPU
+    if second_program:  # the extra program is checksummed like the main one
+        manifest, size = _manifest(data)
+        entry = manifest["sections"]["host.program.second"]
+        damaged = bytearray(data)
+        damaged[-(-(HEADER.size + size) // 8) * 8 + entry["offset"] + 70] ^= 4
+        with pytest.raises(PackageFormatError, match=r"section 'host\.program\.second' sha256"):
+            Package.from_bytes(bytes(damaged))
     with pytest.raises(TesseraError, match="a detector needs its host post-processing stage"):
         Package("d", "detector", feat.preprocess, feat.program, [], output_names=["x"])
 
@@ -388,7 +416,7 @@ class Negate(HostStage):
         return {}
 
     @classmethod
-    def from_parts(cls, params, arrays):
+    def from_parts(cls, params, arrays, programs):
         return cls()
 
     def input_names(self):
@@ -397,7 +425,7 @@ class Negate(HostStage):
     def num_outputs(self):
         return 1
 
-    def __call__(self, outputs):
+    def __call__(self, outputs, npu):
         return [-outputs["features"]]
 """
 
@@ -414,7 +442,7 @@ def test_host_stage_module_is_imported_on_load(
     feat = build_package(tiny["model"], kind="featurizer")
     data = feat.to_bytes()
     manifest, _ = _manifest(data)
-    manifest["host"] = {"type": "test_plugin_negate", "params": {}, "arrays": {}}
+    manifest["host"] = {"type": "test_plugin_negate", "params": {}, "arrays": {}, "programs": {}}
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     # Rebuild the file around the longer manifest (the program section is unchanged).
     _, size = _manifest(data)
