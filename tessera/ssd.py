@@ -193,9 +193,9 @@ def l2_normalization_class() -> type:
 
     class L2Normalization(keras.layers.Layer):
         """``gamma * x / sqrt(max(sum_c x^2, eps))`` over the channel axis (ParseNet's
-        L2Norm with a learnable per-channel scale): conv4_3's activations are ~10x larger
-        than the deeper maps', and the normalisation lets its heads train at the same
-        rate."""
+        L2Norm with a learnable per-channel scale): conv4_3's features have a larger
+        scale than the deeper maps', and normalising them lets its heads train at the
+        same rate as the others."""
 
         def __init__(self, gamma_init: float = L2NORM_GAMMA_INIT, **kwargs) -> None:
             super().__init__(**kwargs)
@@ -365,7 +365,7 @@ def find_l2_normalization(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> 
     square_src, square_perm = source(reduce[0].input[0])
     square = producer.get(square_src)
     factors = [source(t) for t in square.input] if square is not None else []
-    if square.op_type != "Mul" or len(set(factors)) != 1 or factors[0][0] != x:
+    if square is None or square.op_type != "Mul" or len(set(factors)) != 1 or factors[0][0] != x:
         raise fail("the ReduceSum does not read x * x")
     # ReduceSum input axis a is x^2's axis square_perm[a], which is x's axis perm[that].
     axis = int(axes.reshape(-1)[0]) % 4
@@ -403,9 +403,8 @@ def _check_l2_site(model: onnx.ModelProto, site: L2NormSite, fail) -> None:
     sub = _subgraph(model, [(site.x, shape)], [site.y])
     rng = np.random.default_rng(0)
     x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
-    x[(0,) * 4] = 0  # a pixel's first channel ...
     pixel = [slice(None) if a == site.channel_axis else 0 for a in range(4)]
-    x[tuple(pixel)] = 0  # ... and then the whole pixel: the epsilon case
+    x[tuple(pixel)] = 0  # one all-zero pixel: the epsilon case
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run([site.y], {site.x: x})
     want = l2_normalize(x.astype(np.float64), site.channel_axis, site.epsilon)
@@ -441,17 +440,16 @@ def _subgraph(
     model: onnx.ModelProto,
     inputs: Sequence[tuple[str, Sequence[int]]],
     outputs: Sequence[str],
-    nodes: Sequence[onnx.NodeProto] | None = None,
     prefix: Sequence[onnx.NodeProto] = (),
     extra_initializers: Sequence[onnx.TensorProto] = (),
 ) -> onnx.ModelProto:
     """A model computing ``outputs`` from the float tensors ``inputs`` (name, shape).
 
-    Keeps the nodes of ``model`` (or of ``nodes``) that ``outputs`` need, stopping at
-    ``inputs``, in their original order, after the ``prefix`` nodes; the initializers they
-    read are shared by reference into the new model's protos (copied once).
+    Keeps the nodes of ``model`` that ``outputs`` need, stopping at ``inputs``, in their
+    original order, after the ``prefix`` nodes (which compute some of the kept nodes'
+    inputs), and copies the initializers they read.
     """
-    pool = list(model.graph.node if nodes is None else nodes)
+    pool = list(model.graph.node)
     producer = {t: i for i, n in enumerate(pool) for t in n.output}
     stop = {name for name, _ in inputs} | {t for n in prefix for t in n.output}
     keep: set[int] = set()
