@@ -174,6 +174,12 @@ def _bit_length(amax: np.ndarray) -> np.ndarray:
     return (amax.view(np.int32) >> 23).astype(np.int64) - 126
 
 
+def _mark_zero(e: np.ndarray, amax: np.ndarray) -> None:
+    """All-zero vectors get ``E_ZERO`` (in place)."""
+    if amax.min() == 0:
+        e[amax == 0] = numerics.E_ZERO
+
+
 def lm_normalize(
     x: np.ndarray, lsb: np.ndarray | int, bits: int, amax: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -186,11 +192,15 @@ def lm_normalize(
     """
     if amax is None:
         amax = np.abs(x).max(axis=0)
-    shift = np.maximum(_bit_length(amax) - (bits - 1), 0)
-    e = np.where(amax == 0, numerics.E_ZERO, np.asarray(lsb, dtype=np.int64) + shift)
-    if not shift.any():
-        # amax < 2**(bits-1): nothing to round, nothing to saturate.
+    lsb = np.asarray(lsb, dtype=np.int64)
+    if amax.max() < 1 << (bits - 1):
+        # Every vector fits: nothing to shift, round or saturate.
+        e = np.array(np.broadcast_to(lsb, amax.shape))
+        _mark_zero(e, amax)
         return (x if x.dtype == W32 else x.astype(W32)), e, amax.astype(W32)
+    shift = np.maximum(_bit_length(amax) - (bits - 1), 0)
+    e = lsb + shift
+    _mark_zero(e, amax)
     f = _neg_pow2(shift, x.dtype)
     np.multiply(x, f, out=x)
     q = x if x.dtype == W32 else np.empty(x.shape, W32)
@@ -199,7 +209,7 @@ def lm_normalize(
     # RNE is monotone and odd, so a vector's largest |q| is rint(amax * f); it exceeds
     # lim = 2**(bits-1) - 1 exactly when amax * f >= lim + 1/2 (a tie rounds to even).
     qmax = np.rint(amax * f)
-    if np.any(qmax > lim):
+    if qmax.max() > lim:
         np.clip(q, -lim, lim, out=q)
         np.minimum(qmax, lim, out=qmax)
     return q, e, qmax.astype(W32)
@@ -207,7 +217,7 @@ def lm_normalize(
 
 def lm_shift(x: np.ndarray, s: np.ndarray, inplace: bool = False) -> np.ndarray:
     """``numerics.rne_shift(x, s)`` for lane-major float32 ``x``, per-vector ``s >= 0``."""
-    if not s.any():
+    if s.max() == 0:
         return x
     f = _neg_pow2(s, W32)
     q = np.multiply(x, f, out=x) if inplace else x * f
@@ -248,13 +258,13 @@ def lm_to_storage(
     """:func:`numerics.to_storage`, lane-major; consumes ``q`` (``amax``: its max |q|)."""
     q, e, _ = lm_normalize(q, e, bits, amax)
     lim = numerics.sat_limit(bits)
-    over = e > numerics.E_MAX
-    if np.any(over):
+    if e.max() > numerics.E_MAX:
+        over = e > numerics.E_MAX
         up = np.where(over, np.clip(e - numerics.E_MAX, 0, 40), 0)
         q = np.clip(q * pow2(up, W32), -lim, lim)
         e = np.where(over, numerics.E_MAX, e)
-    under = (e < numerics.E_MIN) & (e != numerics.E_ZERO)
-    if np.any(under):
+    under = (e < numerics.E_MIN) & (e != numerics.E_ZERO) if e.min() < numerics.E_MIN else None
+    if under is not None and under.any():
         q = lm_shift(q, np.where(under, numerics.E_MIN - e, 0))
         e = np.where(under, numerics.E_MIN, e)
         # Only a shift can zero a normalized non-zero vector.
