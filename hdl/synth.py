@@ -33,9 +33,12 @@ CELLS = {"lut4": "TRELLIS_COMB", "ff": "TRELLIS_FF", "mult18": "MULT18X18D", "dp
 
 
 def _run(cmd: list[str], log: Path, what: str) -> float:
+    """Run a tool in the build folder (the WebAssembly tools see only the working directory)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, check=False, cwd=log.parent
+        )
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -64,14 +67,14 @@ def synthesize(
     (out / "npu.il").write_text(text)
     seconds["elaborate"] = round(time.perf_counter() - t0, 1)
 
-    script = f"read_rtlil {out / 'npu.il'}; synth_ecp5 -top npu -json {out / 'npu.json'}; stat"
-    yosys = [tools["yosys"], "-q", "-l", str(out / "yosys.log"), "-p", script]
+    script = "read_rtlil npu.il; synth_ecp5 -top npu -json npu.json; stat"
+    yosys = [tools["yosys"], "-q", "-l", "yosys.log", "-p", script]
     seconds["yosys"] = round(_run(yosys, out / "yosys.stdout", "yosys"), 1)
     cmd = [
         tools["nextpnr-ecp5"],
         DEVICES[cfg.device],
         "--json",
-        str(out / "npu.json"),
+        "npu.json",
         "--out-of-context",
         "--freq",
         str(target),
@@ -79,7 +82,7 @@ def synthesize(
         "--seed",
         str(seed),
         "--report",
-        str(out / "nextpnr-report.json"),
+        "nextpnr-report.json",
     ]
     seconds["nextpnr"] = round(_run(cmd, out / "nextpnr.log", "nextpnr-ecp5"), 1)
     rep = json.loads((out / "nextpnr-report.json").read_text())

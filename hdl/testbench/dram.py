@@ -1,12 +1,13 @@
 """A DRAM model speaking the NPU's burst bus (``tessera.hdl.bus.MemBus``).
 
-Ideal timing, the channel the cycle model assumes: one 16-bit beat per cycle, a command is
-accepted while the previous burst's last beat moves, read data follows the command by one
-cycle. Everything is sampled and driven on the falling clock edge, where the NPU's
+Ideal timing, the channel the cycle model assumes: one 16-bit beat per cycle, up to two
+bursts outstanding so beats stream back to back, read data one cycle after the command. Everything is sampled and driven on the falling clock edge, where the NPU's
 registered outputs and the combinational handshakes derived from them are stable.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 from cocotb.triggers import FallingEdge
@@ -38,54 +39,56 @@ class DramModel:
     async def run(self) -> None:
         """Serve commands forever (start with ``cocotb.start_soon``).
 
-        At each falling edge: drive the read beat or take the write beat that moves at the
-        coming rising edge, and accept a new command at that edge when the burst in flight
-        ends there (so bursts stream back to back).
+        Up to two bursts are outstanding (the one moving data and the next, commanded
+        while the first streams), so consecutive bursts' beats follow without a gap. At
+        each falling edge the model drives the read beat or takes the write beat that moves
+        at the coming rising edge, then accepts a command at that edge if there is room.
         """
         dut = self.dut
         mem = self.mem
         dut.mem__cmd_ready.value = 1
         dut.mem__rvalid.value = 0
         dut.mem__wready.value = 0
-        read_left = write_left = 0
-        addr = 0
+        queue: deque[list[int]] = deque()
+        cur: list[int] | None = None  # [addr, beats left, write]
         while True:
             await FallingEdge(dut.clk)
-            if read_left:
+            if cur is None and queue:
+                cur = queue.popleft()
+            rvalid = wready = 0
+            if cur is not None:
+                addr = cur[0]
                 self._check(addr, 2)
-                dut.mem__rdata.value = int(mem[addr]) | int(mem[addr + 1]) << 8
-                dut.mem__rvalid.value = 1
-                addr += 2
-                read_left -= 1
-                self.beats_read += 1
-            else:
-                dut.mem__rvalid.value = 0
-            if write_left:
-                dut.mem__wready.value = 1
-                if int(dut.mem__wvalid.value):
-                    data = int(dut.mem__wdata.value)
-                    strb = int(dut.mem__wstrb.value)
-                    self._check(addr, 2)
-                    if self.log is not None:
-                        self.log.append((addr, data, strb))
-                    if strb & 1:
-                        mem[addr] = data & 0xFF
-                    if strb & 2:
-                        mem[addr + 1] = data >> 8
-                    addr += 2
-                    write_left -= 1
-                    self.beats_written += 1
-            else:
-                dut.mem__wready.value = 0
-            free = read_left == 0 and write_left == 0
-            dut.mem__cmd_ready.value = int(free)
-            if free and int(dut.mem__cmd_valid.value):
+                if cur[2]:
+                    wready = 1
+                    if int(dut.mem__wvalid.value):
+                        data = int(dut.mem__wdata.value)
+                        strb = int(dut.mem__wstrb.value)
+                        if self.log is not None:
+                            self.log.append((addr, data, strb))
+                        if strb & 1:
+                            mem[addr] = data & 0xFF
+                        if strb & 2:
+                            mem[addr + 1] = data >> 8
+                        cur[0] += 2
+                        cur[1] -= 1
+                        self.beats_written += 1
+                else:
+                    rvalid = 1
+                    dut.mem__rdata.value = int(mem[addr]) | int(mem[addr + 1]) << 8
+                    cur[0] += 2
+                    cur[1] -= 1
+                    self.beats_read += 1
+                if cur[1] == 0:
+                    cur = None
+            dut.mem__rvalid.value = rvalid
+            dut.mem__wready.value = wready
+            room = (cur is not None) + len(queue) < 2
+            dut.mem__cmd_ready.value = int(room)
+            if room and int(dut.mem__cmd_valid.value):
                 self.commands += 1
                 addr = int(dut.mem__cmd_addr.value)
                 length = int(dut.mem__cmd_len.value)
                 if addr & 1 or length == 0:
                     raise AssertionError(f"bad DRAM command addr={addr:#x} len={length}")
-                if int(dut.mem__cmd_write.value):
-                    write_left = length
-                else:
-                    read_left = length
+                queue.append([addr, length, int(dut.mem__cmd_write.value)])

@@ -74,6 +74,13 @@ class HostDriver:
                 if int(engine_done.value) and starts:
                     chains.append((starts.pop(0), mon.count))
             if mon.count > max_cycles:
+                import os
+
+                for path in os.environ.get("TESSERA_RTL_DUMP", "").split():
+                    h = dut
+                    for part in path.split("."):
+                        h = getattr(h, part)
+                    print(f"DUMP {path} = {h.value}")
                 raise AssertionError(
                     f"NPU not done after {max_cycles} cycles (pc={int(dut.pc.value)})"
                 )
