@@ -44,6 +44,39 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+class _LoadMap:
+    """Which load (m_rd or c_rd) last filled each entry of an on-chip buffer.
+
+    Loads are numbered in issue order; ``loads[i]`` is the i-th load's (first entry,
+    DRAM address, DRAM writes done before it).
+    """
+
+    def __init__(self, size: int, stride: int) -> None:
+        self.ids = np.full(size, -1, dtype=np.int64)
+        self.loads: list[tuple[int, int, int]] = []
+        self.stride = stride  # DRAM bytes per entry
+
+    def copy(self) -> _LoadMap:
+        other = _LoadMap(0, self.stride)
+        other.ids, other.loads = self.ids.copy(), list(self.loads)
+        return other
+
+    def load(self, first: int, count: int, addr: int, epoch: int) -> None:
+        self.ids[first : first + count] = len(self.loads)
+        self.loads.append((first, addr, epoch))
+
+    def source(self, first: int, count: int) -> tuple[int, int] | None:
+        """(DRAM address, epoch) of entries ``first..first+count`` if one load filled them."""
+        ids = self.ids[first : first + count]
+        if count <= 0 or ids.size != count:
+            return None
+        lid = int(ids[0])
+        if lid < 0 or (count > 1 and not (ids == lid).all()):
+            return None
+        start, addr, epoch = self.loads[lid]
+        return addr + (first - start) * self.stride, epoch
+
+
 def _decode_all(words: np.ndarray) -> list[Instr]:
     key = np.ascontiguousarray(words, dtype=np.uint64).tobytes()
     hit = _DECODED.get(key)
@@ -150,14 +183,15 @@ class Simulator:
         self._cols_gen = 0
         self._window: tuple = ()
         # DRAM address each tile-buffer slot was last loaded from (-1: never loaded).
-        self._tile_src = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
-        # Which m_rd last loaded each slot: loads are numbered; _loads[i] is the i-th
-        # load's (first slot, DRAM address, DRAM writes done before it).
-        self._tile_load = np.full(self.state.tiles_q.shape[0], -1, dtype=np.int64)
-        self._loads: list[tuple[int, int, int]] = []
+        n, m = cfg.native_dim, cfg.mantissa_bits
+        self._tmap = _LoadMap(self.state.tiles_q.shape[0], layout.tile_bytes(n, m))
+        self._vmap = _LoadMap(self.state.vrf_q.shape[0], layout.const_bytes(n))
+        # m_rd copies into the tile buffer lazily: a pending load is copied when the tile
+        # buffer is read, or before a DRAM write touches its source bytes (so the copy
+        # holds what DRAM held at the m_rd). Pending loads never share a slot.
+        self._pending: list[tuple[int, int, int]] = []  # (first slot, count, address)
         # DRAM writes so far (byte ranges, in order); a slot's load time in that count.
         self._writes: list[tuple[int, int]] = []
-        self._vrf_src = np.full(self.state.vrf_q.shape[0], -1, dtype=np.int64)
         # Chains of one layer (same input window, one per output group) have their
         # products computed in one matrix product when the first of them runs; each
         # chain uses its share only if its tile buffer holds exactly the tiles that
@@ -167,6 +201,12 @@ class Simulator:
         self._body_ops: dict[int, tuple] = {}  # chain pc -> its body's instructions
 
     def run(self, words: np.ndarray, progress=None) -> int:
+        try:
+            return self._run(words, progress)
+        finally:
+            self.sync_tiles()
+
+    def _run(self, words: np.ndarray, progress=None) -> int:
         decoded = self._decoded = _decode_all(words)
         pc = 0
         while pc < len(decoded):
@@ -205,34 +245,65 @@ class Simulator:
         elif ins.op == "m_rd":
             if a["tile"] + a["count"] > st.tiles_q.shape[0]:
                 raise SimulationError("m_rd beyond the tile buffer")
-            tb, cnt = layout.tile_bytes(n, m), a["count"]
-            mb = n * n * st.tiles_q.itemsize
-            raw = st.mem[a["addr"] : a["addr"] + cnt * tb]
-            if raw.size != cnt * tb:
+            tb, cnt, t0 = layout.tile_bytes(n, m), a["count"], a["tile"]
+            if a["addr"] + cnt * tb > st.mem.size:
                 raise SimulationError("m_rd beyond DRAM")
-            raw = raw.reshape(cnt, tb)
-            st.tiles_q[a["tile"] : a["tile"] + cnt] = (
-                raw[:, :mb].view(st.tiles_q.dtype).reshape(cnt, n, n)
-            )
-            st.tiles_e[a["tile"] : a["tile"] + cnt] = raw[:, mb:].view(np.int8)
-            self._tile_src[a["tile"] : a["tile"] + cnt] = a["addr"] + tb * np.arange(cnt)
-            self._tile_load[a["tile"] : a["tile"] + cnt] = len(self._loads)
-            self._loads.append((a["tile"], a["addr"], len(self._writes)))
-            self.cycles.load(a["count"] * layout.tile_bytes(n, m), a["tile"])
+            keep = []
+            for p in self._pending:
+                if p[0] < t0 + cnt and t0 < p[0] + p[1]:  # shares slots with this load
+                    if not (t0 <= p[0] and p[0] + p[1] <= t0 + cnt):
+                        self._copy_tiles(p)  # partly overwritten: its other slots stay
+                    continue
+                keep.append(p)
+            self._pending = [*keep, (t0, cnt, a["addr"])]
+            self._tmap.load(t0, cnt, a["addr"], len(self._writes))
+            self.cycles.load(cnt * tb, t0)
         elif ins.op == "c_rd":
             if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
                 raise SimulationError("c_rd beyond the vector register file")
-            q, e = layout.unpack_consts(st.mem, a["addr"], a["count"], n)
-            st.vrf_q[a["vrf"] : a["vrf"] + a["count"]] = q
-            st.vrf_e[a["vrf"] : a["vrf"] + a["count"]] = e
-            cb = layout.const_bytes(n)
-            self._vrf_src[a["vrf"] : a["vrf"] + a["count"]] = a["addr"] + cb * np.arange(a["count"])
-            self.cycles.load(a["count"] * layout.const_bytes(n), None)
+            cb, cnt = layout.const_bytes(n), a["count"]
+            raw = st.mem[a["addr"] : a["addr"] + cnt * cb]
+            if raw.size != cnt * cb:
+                raise SimulationError("c_rd beyond DRAM")
+            raw = raw.view("<i2").reshape(cnt, n + 1)
+            st.vrf_q[a["vrf"] : a["vrf"] + cnt] = raw[:, :n]
+            st.vrf_e[a["vrf"] : a["vrf"] + cnt] = raw[:, n]
+            self._vmap.load(a["vrf"], cnt, a["addr"], len(self._writes))
+            self.cycles.load(cnt * cb, None)
         elif ins.op == "nop":
             pass
         else:
             raise SimulationError(f"{ins.op} outside a chain")
         self.cycles.issue()
+
+    def _copy_tiles(self, p: tuple[int, int, int]) -> None:
+        """Copy one pending m_rd into the tile buffer (DRAM still holds its bytes)."""
+        st, n, m = self.state, self.cfg.native_dim, self.cfg.mantissa_bits
+        t0, cnt, addr = p
+        tb, mb = layout.tile_bytes(n, m), n * n * st.tiles_q.itemsize
+        raw = st.mem[addr : addr + cnt * tb].reshape(cnt, tb)
+        st.tiles_q[t0 : t0 + cnt] = raw[:, :mb].view(st.tiles_q.dtype).reshape(cnt, n, n)
+        st.tiles_e[t0 : t0 + cnt] = raw[:, mb:].view(np.int8)
+
+    def sync_tiles(self) -> None:
+        """Bring the tile buffer (``state.tiles_q``/``tiles_e``) up to date."""
+        for p in self._pending:
+            self._copy_tiles(p)
+        self._pending = []
+
+    def _before_write(self, lo: int, hi: int) -> None:
+        """A chain is about to write DRAM bytes ``lo..hi``: log it, and copy pending
+        tile loads whose source bytes it overwrites."""
+        tb = layout.tile_bytes(self.cfg.native_dim, self.cfg.mantissa_bits)
+        if any(a < hi and lo < a + c * tb for _, c, a in self._pending):
+            keep = []
+            for p in self._pending:
+                if p[2] < hi and lo < p[2] + p[1] * tb:
+                    self._copy_tiles(p)
+                else:
+                    keep.append(p)
+            self._pending = keep
+        self._writes.append((lo, hi))
 
     # ------------------------------------------------------------------ chains
     def _tensor(self, addr: int, h: int, w: int, cb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +398,7 @@ class Simulator:
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
             self._cols_key = None
         oq, oe = self._tensor(out_addr, oh, ow, ocb)
-        self._writes.append((out_addr, out_end))
+        self._before_write(out_addr, out_end)
         oq[:, :, ooff : ooff + ocnt, :] = sq.reshape(oh, ow, ocnt, n)
         oe[:, :, ooff : ooff + ocnt] = se.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
@@ -351,7 +422,6 @@ class Simulator:
         st = self.state
         t = ocnt * k
         base = ops[1].args["tile"]
-        tq, te = st.tiles_q[base : base + t], st.tiles_e[base : base + t]
         wfloor = st.reg(Reg.W_EXP_FLOOR)
         pf = self._prefetched.pop(pc, None) if pc is not None else None
         if pf is None and pc is not None:
@@ -368,6 +438,8 @@ class Simulator:
                 return pf.sq, pf.se
             if pf.acc is not None:
                 return pf.acc
+        self.sync_tiles()
+        tq, te = st.tiles_q[base : base + t], st.tiles_e[base : base + t]
         try:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
             wg = kernels.lane_outer(wg, self.cfg.native_dim)
@@ -424,18 +496,11 @@ class Simulator:
         loaded from the same addresses and no write touched them between that load and
         the moment ``pf`` read them (both are after the earlier of the two epochs).
         """
-        if t != pf.tiles:
+        src = self._tmap.source(base, t) if t == pf.tiles else None
+        if src is None or src[0] != pf.tile_addr:
             return False
-        tb = layout.tile_bytes(self.cfg.native_dim, self.cfg.mantissa_bits)
-        ids = self._tile_load[base : base + t]
-        lid = int(ids[0]) if ids.size == t else -1
-        if lid < 0 or not (ids == lid).all():  # not all from one m_rd
-            return False
-        first, addr, loaded = self._loads[lid]
-        if addr + (base - first) * tb != pf.tile_addr:
-            return False
-        since = min(pf.epoch, loaded)
-        return not self._written_since(since, pf.tile_addr, pf.tile_addr + t * tb)
+        since = min(pf.epoch, src[1])
+        return not self._written_since(since, pf.tile_addr, pf.tile_addr + t * self._tmap.stride)
 
     def _unrolled(self, chans: np.ndarray | None) -> kernels.Windows:
         """The current input's windows (only channels ``chans`` if given)."""
@@ -457,11 +522,9 @@ class Simulator:
         """
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
-        tb, cb = layout.tile_bytes(n, m), layout.const_bytes(n)
         decoded = self._decoded
         regs = st.regs.copy()
-        src = self._tile_src.copy()
-        vsrc = self._vrf_src.copy()
+        tmap, vmap = self._tmap.copy(), self._vmap.copy()
         key0 = self._cols_key
         in_lo, in_hi = self._cols_span
         group: list[tuple[int, int, int, int, int]] = []  # pc, addr, tiles, ocnt, w_floor
@@ -478,20 +541,19 @@ class Simulator:
                     break
                 if self._cols_key_of(regs) != key0:
                     break
-                kk = int(regs[Reg.K_H]) * int(regs[Reg.K_W]) * int(regs[Reg.IN_CB_CNT])
-                ocnt = int(regs[Reg.OUT_CB_CNT])
+                kk = regs[Reg.K_H] * regs[Reg.K_W] * regs[Reg.IN_CB_CNT]
+                ocnt = regs[Reg.OUT_CB_CNT]
                 base, t = decoded[i + 1].args["tile"], ocnt * kk
-                s = src[base : base + t]
-                if t == 0 or s.size != t or s[0] < 0 or np.any(np.diff(s) != tb):
+                tsrc = tmap.source(base, t)
+                if tsrc is None:
                     break
-                group.append((i, int(s[0]), t, ocnt, int(regs[Reg.W_EXP_FLOOR])))
+                group.append((i, tsrc[0], t, ocnt, regs[Reg.W_EXP_FLOOR]))
                 body = decoded[i + 2 : end - 1]
                 vsrcs = []
                 for o in body:
                     if "vrf" in o.args and o.args.get("src", Operand.VRF) == Operand.VRF:
-                        v = vsrc[o.args["vrf"] : o.args["vrf"] + ocnt]
-                        ok = v.size == ocnt and v[0] >= 0 and not np.any(np.diff(v) != cb)
-                        vsrcs.append((o.args["vrf"], int(v[0]) if ok else -1))
+                        v = vmap.source(o.args["vrf"], ocnt)
+                        vsrcs.append((o.args["vrf"], -1 if v is None else v[0]))
                 plans.append((body, self._body_sig(i, body, regs), vsrcs, regs.copy()))
                 # Stop where this chain's write changes what later chains would read.
                 out = int(regs[Reg.OUT_ADDR]) & 0xFFFFFFFF
@@ -506,10 +568,10 @@ class Simulator:
                 regs[a["reg"]] = a["value"]
                 i += 1
             elif ins.op == "m_rd":
-                src[a["tile"] : a["tile"] + a["count"]] = a["addr"] + tb * np.arange(a["count"])
+                tmap.load(a["tile"], a["count"], a["addr"], -1)
                 i += 1
             elif ins.op == "c_rd":
-                vsrc[a["vrf"] : a["vrf"] + a["count"]] = a["addr"] + cb * np.arange(a["count"])
+                vmap.load(a["vrf"], a["count"], a["addr"], -1)
                 i += 1
             elif ins.op == "nop":
                 i += 1
