@@ -1,10 +1,25 @@
 """Whole-feature-map kernels shared by the instruction simulator and the reference.
 
-They apply :mod:`tessera.numerics` to a whole layer at once. The MVU sum is done as one
+They apply :mod:`tessera.numerics` to a whole layer at once. The MVU sum is done as a
 float64 matrix product on the tensor/weight grids; it is exact because the compiler
 guarantees every partial sum stays below ``2**53`` (``numerics.accumulator_bound_bits``
 <= 54 with a sign bit, i.e. magnitudes < 2**53), so any summation order BLAS picks gives
-the same integers.
+the same integers (each product of two grid values has at most 16 significant bits, so
+it is exact too, fused or not).
+
+The first part (int64, pixel-major) is what the reference executor uses. The second
+part is the instruction simulator's fast path: the same numerics on exact float
+integers in a lane-major layout (``lm_*``, with the exactness argument next to them),
+window unrolling band by band (:class:`Windows`), and a small thread pool for
+independent bands (:func:`run_parallel`).
+
+Why not int8 or float32 products: the grid values are up to 24-bit (8-bit mantissas
+shifted by up to the activation window) and the weight grid up to 16-bit, and sums run
+over thousands of terms to ~2**41 and more. float32 holds 24 bits, so no split of the
+operands keeps its partial sums exact at useful sizes; int8 x int8 -> int32 products
+(onnxruntime MatMulInteger) are exact but need 2 x 2 byte digits, four passes, which
+measured slower than one float64 product here (and its u8 x s8 kernel saturates int16
+pair sums on AVX2 without VNNI, so only u8 x u8 would be exact at all).
 """
 
 from __future__ import annotations
@@ -336,22 +351,6 @@ def gemm_exact_t(
     if used is not None:
         return wg[:, used] @ cols[:, used].T
     return wg @ cols.T
-
-
-def im2col_f64(
-    grid: np.ndarray,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    pads_tl: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> np.ndarray:
-    """:func:`im2col` of a float64 grid, without copies where the window is one pixel."""
-    h, w, c = grid.shape
-    if kernel == (1, 1) and stride == (1, 1) and pads_tl == (0, 0) and out_hw == (h, w):
-        return grid.reshape(h * w, c)
-    win = gather_windows(grid, kernel, stride, pads_tl, dilation, out_hw)
-    return win.reshape(out_hw[0] * out_hw[1], -1)
 
 
 class Windows:
