@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import glob
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -458,19 +459,30 @@ def _openblas() -> tuple:
     return _BLAS
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_HOLD = [0, 0]  # [holders, thread count to restore]
+
+
 @contextlib.contextmanager
 def blas_single_thread():
+    """Hold OpenBLAS to one thread (yields whether it could); nests across threads."""
     blas = _openblas()
     if not blas:
         yield False
         return
     get, put = blas
-    before = get()
-    put(1)
+    with _BLAS_LOCK:
+        if _BLAS_HOLD[0] == 0:
+            _BLAS_HOLD[1] = get()
+            put(1)
+        _BLAS_HOLD[0] += 1
     try:
         yield True
     finally:
-        put(before)
+        with _BLAS_LOCK:
+            _BLAS_HOLD[0] -= 1
+            if _BLAS_HOLD[0] == 0:
+                put(_BLAS_HOLD[1])
 
 
 def run_parallel(fn, items) -> None:
@@ -478,7 +490,8 @@ def run_parallel(fn, items) -> None:
     global _POOL
     items = list(items)
     workers = parallel_workers()
-    if len(items) < 2 or workers < 2:
+    nested = threading.current_thread().name.startswith("tessera-sim")  # never wait on itself
+    if len(items) < 2 or workers < 2 or nested:
         for it in items:
             fn(it)
         return
