@@ -43,6 +43,9 @@ class ServeOptions:
     devices: int = 1
     device_ids: list[str] | None = None
     queue_depth: int = 8
+    #: Devices in worker processes (True), as threads (False), or None: processes for the
+    #: simulator backends with more than one device (``runtime.device.default_process``).
+    device_process: bool | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     keys_file: Path | None = None
@@ -119,6 +122,7 @@ class Server:
             devices=opts.devices,
             queue_depth=opts.queue_depth,
             device_ids=opts.device_ids,
+            process=opts.device_process,
         )
         try:
             self.service = ModelService(
@@ -163,6 +167,7 @@ class Server:
                     "host": opts.host,
                     "devices": [d.device_id for d in self.pool.devices],
                     "backend": opts.backend,
+                    "device_processes": self.pool.process,
                     "tls": self.uses_tls,
                     "keys": self._keys.count if self._keys else 0,
                 }

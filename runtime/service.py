@@ -16,7 +16,8 @@ INVALID_ARGUMENT       400   unknown input/output name (valid names listed), wro
 UNAUTHENTICATED        401   missing or wrong ``authorization: Bearer`` key
 NOT_FOUND              404   unknown model name or version, unknown signature
 RESOURCE_EXHAUSTED     413   request larger than the size limit, batch larger than allowed
-UNAVAILABLE            503   every device queue full (retry advice attached), draining
+UNAVAILABLE            503   every device queue full (retry advice attached), draining, a
+                             device's worker process died (restarting) or every device failed
 DEADLINE_EXCEEDED      504   the caller's deadline passed before the devices finished
 INTERNAL               500   a bug: logged with its traceback, reported without it
 =====================  ====  ==============================================================
@@ -39,7 +40,13 @@ from typing import Any
 import numpy as np
 
 from tessera.errors import ImageDecodeError, TesseraError
-from tessera.runtime.device import DevicePool, DeviceResult, PackageLike, QueueFullError
+from tessera.runtime.device import (
+    DevicePool,
+    DeviceResult,
+    DeviceUnavailableError,
+    PackageLike,
+    QueueFullError,
+)
 from tessera.runtime.metrics import CONTENT_TYPE, Registry
 
 log = logging.getLogger("tessera.serve")
@@ -199,14 +206,19 @@ class ModelService:
         """Shape of each output for one input; -1 where only a run would tell.
 
         A classifier's single output is its class probabilities; without a host stage the
-        outputs are the program's own; a host stage (detector) decides its shapes itself.
+        outputs are the program's own; a host stage (detector) reports its shapes itself
+        (``output_shapes()``; SSD: boxes [1, K, 4], scores and classes [1, K], count [1]).
         """
         names = list(self.package.output_names)
         classes = getattr(self.package, "num_classes", None)
         if getattr(self.package, "kind", "") == "classifier" and len(names) == 1 and classes:
             return {names[0]: (1, int(classes))}
+        host = getattr(self.package, "host", None)
+        fixed = host.output_shapes() if hasattr(host, "output_shapes") else None
+        if fixed is not None and len(fixed) == len(names):
+            return {n: tuple(int(d) for d in s) for n, s in zip(names, fixed, strict=True)}
         outs = self.package.program.manifest["outputs"]
-        if getattr(self.package, "host", None) is None and len(outs) == len(names):
+        if host is None and len(outs) == len(names):
             return {n: tuple(int(d) for d in o["shape"]) for n, o in zip(names, outs, strict=True)}
         return {n: (1, -1) for n in names}
 
@@ -315,7 +327,7 @@ class ModelService:
             for item in items:
                 try:
                     futures.append(self.pool.submit({self.package.input_name: item}))
-                except QueueFullError as exc:
+                except (QueueFullError, DeviceUnavailableError) as exc:
                     raise ServiceError(
                         Code.UNAVAILABLE,
                         f"{exc}; retry with back-off",
@@ -335,6 +347,8 @@ class ModelService:
                     raise ServiceError(
                         Code.UNAVAILABLE, "request cancelled: the server is shutting down", 1.0
                     ) from None
+                except DeviceUnavailableError as exc:
+                    raise ServiceError(Code.UNAVAILABLE, str(exc), exc.retry_after_s) from None
                 except TesseraError as exc:
                     raise ServiceError(Code.INVALID_ARGUMENT, str(exc)) from None
         finally:

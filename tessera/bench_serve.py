@@ -11,6 +11,10 @@ global pool, FC head on the host), so request payloads have their real size (600
 floats, ~1.9 MB as JSON text) while a simulator run stays in milliseconds; ``--package``
 benchmarks any ``.tpkg`` (ResNet-50 takes seconds per inference on the simulator).
 
+Devices run as the server would run them (``--device-mode auto``: threads for one device,
+worker processes for more, see :func:`tessera.runtime.device.default_process`);
+``--device-mode thread,process`` measures both side by side.
+
 The load is bounded in count and time and goes to loopback only.
 """
 
@@ -40,6 +44,11 @@ def register(bsub: argparse._SubParsersAction) -> None:
     s.add_argument("--clients", default="1,4,16", help="concurrent clients for throughput")
     s.add_argument("--devices", default="1,2", help="device counts for throughput")
     s.add_argument("--requests", type=int, default=96, help="requests per throughput cell")
+    s.add_argument(
+        "--device-mode",
+        default="auto",
+        help="comma-separated device modes for throughput: auto, process, thread",
+    )
     s.add_argument("--max-seconds", type=float, default=60.0, help="time cap per phase")
     s.add_argument("--json", action="store_true", help="print one JSON object instead")
     s.set_defaults(func=_bench_serve)
@@ -161,21 +170,30 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
     }
 
 
+_MODES = {"auto": None, "process": True, "thread": False}
+
+
 def _throughput_cell(
-    pkg: Any, devices: int, clients: int, requests_n: int, max_s: float
+    pkg: Any, devices: int, clients: int, requests_n: int, max_s: float, mode: str = "auto"
 ) -> dict[str, Any]:
     from tessera.runtime.client import PredictionClient, PredictionError
     from tessera.runtime.server import ServeOptions, Server
 
     x = np.random.default_rng(2).standard_normal(pkg.preprocess.output_shape).astype(np.float32)
     opts = ServeOptions(
-        grpc_port=0, rest_port=0, devices=devices, queue_depth=max(8, clients * 2), grace_s=10
+        grpc_port=0,
+        rest_port=0,
+        devices=devices,
+        queue_depth=max(8, clients * 2),
+        grace_s=10,
+        device_process=_MODES[mode],
     )
     lock = threading.Lock()
     done = 0
     errors = 0
     latencies: list[float] = []
     with Server(pkg, opts) as server:
+        processes = server.pool.process
         client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
         client.score_numpy_arrays({pkg.input_name: x}, timeout=60)  # warm-up
         end = time.monotonic() + max_s
@@ -207,6 +225,7 @@ def _throughput_cell(
     p50, p99 = _percentiles(latencies) if latencies else (float("nan"), float("nan"))
     return {
         "devices": devices,
+        "mode": "process" if processes else "thread",
         "clients": clients,
         "requests": done,
         "errors": errors,
@@ -233,12 +252,19 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tessera.errors import TesseraError
     from tessera.package import load_package
     from tessera.runtime.server import ServeOptions, Server
     from tessera.runtime.tfs_protos import protos
 
     clients_list = _ints(args.clients, "--clients")
     devices_list = _ints(args.devices, "--devices")
+    modes = [m.strip() for m in args.device_mode.split(",") if m.strip()]
+    if not modes or any(m not in _MODES for m in modes):
+        raise TesseraError(
+            f"--device-mode must be auto, process or thread (comma-separated), got "
+            f"{args.device_mode!r}"
+        )
     console = Console(stderr=args.json)
     with console.status("building the package"):
         pkg = load_package(args.package) if args.package else _default_package()
@@ -248,12 +274,17 @@ def _bench_serve(args: argparse.Namespace) -> int:
         with Server(pkg, opts) as server:
             lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
     cells = []
-    for devices in devices_list:
-        for clients in clients_list:
-            with console.status(f"throughput: {devices} device(s), {clients} client(s)"):
-                cells.append(
-                    _throughput_cell(pkg, devices, clients, args.requests, args.max_seconds)
-                )
+    for mode in modes:
+        for devices in devices_list:
+            for clients in clients_list:
+                with console.status(
+                    f"throughput: {devices} device(s) ({mode}), {clients} client(s)"
+                ):
+                    cells.append(
+                        _throughput_cell(
+                            pkg, devices, clients, args.requests, args.max_seconds, mode
+                        )
+                    )
     cfg = pkg.program.config
     result = {
         "package": pkg.name,
@@ -295,11 +326,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
         f"{pb['float_json'] / 1e6:.2f} MB as JSON; JPEG {pb['jpeg'] / 1e3:.1f} kB"
     )
     tp = Table(title="throughput over gRPC (float inputs, bounded load on loopback)")
-    for col in ("devices", "clients", "requests", "errors", "req/s", "p50", "p99"):
+    for col in ("devices", "mode", "clients", "requests", "errors", "req/s", "p50", "p99"):
         tp.add_column(col, justify="right")
     for c in cells:
         tp.add_row(
             str(c["devices"]),
+            c["mode"],
             str(c["clients"]),
             str(c["requests"]),
             str(c["errors"]),

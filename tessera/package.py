@@ -43,7 +43,11 @@ and ``shape``. Every program inside is checked again by :class:`~tessera.program
 
 Kinds: ``classifier`` (outputs the class probabilities ``[1, classes]``), ``featurizer``
 (outputs the features: for ``tessera head train``), ``detector`` (host post-processing
-registered by the SSD code through :func:`register_host_stage`).
+registered by the SSD code through :func:`register_host_stage`: SSD-VGG's package holds the
+trunk program as ``program``, the head program as ``host.program.head`` and the default
+boxes as ``host.anchors``, and outputs ``detection_boxes`` ``[1, K, 4]``,
+``detection_scores`` ``[1, K]``, ``detection_classes`` ``[1, K]`` and ``num_detections``
+``[1]``, see :class:`tessera.ssd.SSDDetectionStage`).
 """
 
 from __future__ import annotations
@@ -174,13 +178,22 @@ class HostStage(abc.ABC):
         """Classes the stage distinguishes (labels must match), if it classifies."""
         return None
 
+    def output_shapes(self) -> list[tuple[int, ...]] | None:
+        """Shapes of the :meth:`__call__` outputs for one image, if fixed (the scoring
+        service's signature shows them); None if only a run tells."""
+        return None
+
+    def describe(self) -> str | None:
+        """A few words on what the stage does, for :meth:`Package.describe`."""
+        return None
+
 
 HOST_STAGES: dict[str, type[HostStage]] = {}
 #: Host stage type -> module that registers it when imported. Loading a package whose
 #: stage is not registered yet imports the module named here first, so a stage defined
 #: outside this file (the SSD decoding) needs no import by every caller of
 #: :func:`load_package`. Only these fixed names are ever imported, never one from a file.
-PLUGIN_MODULES: dict[str, str] = {}
+PLUGIN_MODULES: dict[str, str] = {"ssd_detection": "tessera.ssd"}
 
 
 def register_host_stage(cls: type[HostStage]) -> type[HostStage]:
@@ -382,6 +395,18 @@ class Package:
                 raise fail(f"{len(self.labels)} labels for {classes} classes")
         if self.kind == "detector" and self.host is None:
             raise fail("a detector needs its host post-processing stage")
+        if self.kind == "detector" and self.num_classes is not None:
+            if len(self.labels) != self.num_classes:
+                raise fail(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if self.host is not None:
+            # Every program of a request runs on the same device: one NPU configuration.
+            fingerprint = self.program.config.fingerprint()
+            for key, program in self.host.programs().items():
+                if program.config.fingerprint() != fingerprint:
+                    raise fail(
+                        f"host program {key!r} is compiled for NPU {program.config.name}, "
+                        f"the package's program for {self.program.config.name}"
+                    )
 
     # ----------------------------------------------------------------- file
     def to_bytes(self) -> bytes:
@@ -519,6 +544,8 @@ class Package:
             )
         elif self.kind == "classifier":
             what += ", head on the NPU"
+        elif self.host is not None and self.host.describe():
+            what += f", {self.host.describe()}"
         cfg = self.program.config
         return (
             f"{what}; preprocessing {self.preprocess.name!r}; NPU {cfg.name}; input "
@@ -720,13 +747,14 @@ def build_package(
     *,
     head: str | os.PathLike[str] | Any | None = None,
     head_on: str = "host",
-    preprocess: str | PreprocessSpec = "resnet",
+    preprocess: str | PreprocessSpec | None = None,
     config: str | Any | None = None,
     labels: str | os.PathLike[str] | Sequence[str] | None = None,
     name: str | None = None,
     kind: str | None = None,
     input_name: str = DEFAULT_INPUT_NAME,
     output_names: Sequence[str] | None = None,
+    detection: Mapping[str, Any] | None = None,
 ) -> Package:
     """Compile ``model`` and assemble a package (see ``tessera package --help``).
 
@@ -737,10 +765,17 @@ def build_package(
       host. A model without such a head is packaged as a ``featurizer``.
     * ``head_on="npu"`` instead compiles featurizer and head into one program (the head's
       input stays in NPU DRAM in block floating point; one program, one run per image).
+    * An SSD (the zoo's ``ssd_vgg``: ``loc_*``/``conf_*`` head outputs; or ``kind=
+      "detector"``) becomes a ``detector`` package (:func:`tessera.ssd.build_detector_package`):
+      trunk and head programs, the host L2 normalisation, decoding and NMS with the
+      ``detection`` defaults (``score_threshold``, ``iou_threshold``, ``pre_nms_top_k``,
+      ``max_detections``, ``clip``; see :class:`tessera.ssd.DetectionOptions`).
 
     ``labels``: a labels file or list; default the head's metadata labels, else the ImageNet
-    names for 1000 classes. ``config``: NPU preset name or :class:`NPUConfig` (default
-    ``ulx3s-85f``). ``kind="featurizer"`` packages the featurizer of a classifier alone.
+    names for 1000 classes (detectors: the VOC names for 21 classes). ``config``: NPU preset
+    name or :class:`NPUConfig` (default ``ulx3s-85f``). ``preprocess``: preset name or spec
+    (default ``ssd`` for detectors, else ``resnet``). ``kind="featurizer"`` packages the
+    featurizer of a classifier alone.
     """
     import onnx
 
@@ -750,15 +785,36 @@ def build_package(
 
     if head_on not in HEAD_PLACEMENTS:
         raise TesseraError(f"head_on must be one of {', '.join(HEAD_PLACEMENTS)}, got {head_on!r}")
-    if kind not in (None, "classifier", "featurizer"):
-        raise TesseraError(f"build_package makes classifier or featurizer packages, not {kind!r}")
+    if kind not in (None, *KINDS):
+        raise TesseraError(f"unknown package kind {kind!r}; known: {', '.join(KINDS)}")
     cfg = config if isinstance(config, NPUConfig) else get_config(config or DEFAULT_PRESET)
-    spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
+    if isinstance(preprocess, str):
+        get_preset(preprocess)  # an unknown name fails before the model is loaded
     if isinstance(model, onnx.ModelProto):
         proto, default_name = model, model.graph.name or "model"
     else:
         proto, default_name = load_model(model), Path(model).stem
     name = name or default_name
+
+    from tessera import ssd
+
+    if kind == "detector" or (kind is None and head is None and ssd.is_ssd_model(proto)):
+        if head is not None or head_on != "host":
+            raise TesseraError("a detector package has no classifier head: drop --head/--head-on")
+        return ssd.build_detector_package(
+            proto,
+            cfg,
+            name=name,
+            preprocess=preprocess if preprocess is not None else "ssd",
+            labels=labels,
+            input_name=input_name,
+            output_names=output_names,
+            options=detection,
+        )
+    if detection:
+        raise TesseraError(f"detection options {sorted(detection)} apply to detector packages only")
+    preprocess = preprocess if preprocess is not None else "resnet"
+    spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
 
     head_model = None
     linear: LinearHead | None = None
@@ -860,6 +916,11 @@ def _cmd_package(args: argparse.Namespace) -> int:
     import time
 
     started = time.perf_counter()
+    detection = {
+        key: getattr(args, key)
+        for key in ("score_threshold", "iou_threshold", "max_detections")
+        if getattr(args, key) is not None
+    }
     pkg = build_package(
         args.model,
         head=args.head,
@@ -871,12 +932,15 @@ def _cmd_package(args: argparse.Namespace) -> int:
         kind="featurizer" if args.featurizer else None,
         input_name=args.input_name,
         output_names=args.output_names.split(",") if args.output_names else None,
+        detection=detection,
     )
     pkg.save(args.output)
     size = Path(args.output).stat().st_size
+    programs = [pkg.program, *(pkg.host.programs().values() if pkg.host is not None else ())]
+    program_bytes = sum(len(p.to_bytes()) for p in programs)
     print(
         f"wrote {args.output}: {pkg.describe()}; {size / 2**20:.1f} MiB "
-        f"(program {len(pkg.program.to_bytes()) / 2**20:.1f} MiB) in "
+        f"(program{'s' if len(programs) > 1 else ''} {program_bytes / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - started:.1f} s"
     )
     return 0
@@ -892,9 +956,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build one deployable file: preprocessing parameters, the compiled NPU "
         "program, the classifier head (host CPU by default), labels and tensor names. A "
         "classifier ONNX without --head is split at its final Gemm: featurizer on the NPU, "
-        "head on the host. The same inputs always give the same bytes.",
+        "head on the host. An SSD (tessera zoo export ssd_vgg) becomes a detector package: "
+        "trunk and head programs, host L2 normalisation, box decoding and NMS, outputs "
+        "detection_boxes, detection_scores, detection_classes, num_detections. The same "
+        "inputs always give the same bytes.",
     )
-    p.add_argument("model", help="ONNX model: featurizer (with --head) or whole classifier")
+    p.add_argument(
+        "model", help="ONNX model: featurizer (with --head), whole classifier, or SSD detector"
+    )
     p.add_argument("-o", "--output", required=True, help="package file to write (.tpkg)")
     p.add_argument("--head", help="classifier head ONNX (Gemm + Softmax), e.g. from head train")
     p.add_argument(
@@ -906,14 +975,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preprocess",
-        default="resnet",
         choices=sorted(PREPROCESS_PRESETS),
-        help="preprocessing preset (default resnet: BGR, ImageNet means, 256 -> crop 224)",
+        help="preprocessing preset (default resnet: BGR, ImageNet means, 256 -> crop 224; "
+        "for an SSD: ssd, plain resize to 300x300)",
     )
     p.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="NPU config")
     p.add_argument(
         "--labels",
-        help="class names, one per line (default: the head's own, or ImageNet's for 1000)",
+        help="class names, one per line (default: the head's own, or ImageNet's for 1000; "
+        "detectors: PASCAL VOC's for 21)",
     )
     p.add_argument("--name", help="model name (default: the ONNX file name)")
     p.add_argument(
@@ -926,6 +996,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output-names",
-        help=f"comma-separated output tensor names (default {DEFAULT_OUTPUT_NAME})",
+        help=f"comma-separated output tensor names (default {DEFAULT_OUTPUT_NAME}; detectors: "
+        "detection_boxes,detection_scores,detection_classes,num_detections)",
+    )
+    det = p.add_argument_group(
+        "detector defaults", "stored in a detector package; tessera score can override them"
+    )
+    det.add_argument(
+        "--score-threshold", type=float, help="report boxes scoring above this (default 0.5)"
+    )
+    det.add_argument(
+        "--iou-threshold",
+        type=float,
+        help="per-class NMS drops a box overlapping a better one by more (default 0.45)",
+    )
+    det.add_argument(
+        "--max-detections",
+        type=int,
+        help="detections per image, best first; the outputs' fixed K (default 100)",
     )
     p.set_defaults(func=_cmd_package)

@@ -2,7 +2,8 @@
 
 What the seeds' client did against the service, done locally: each image goes through every
 stage of the package (decode and preprocess on the host, the program on an NPU backend,
-the host head) and the top classes are printed with their confidences.
+the host head or a detector's decoding) and the top classes are printed with their
+confidences, or a detector's boxes.
 
 A bad image (unreadable file, corrupt or non-image bytes) does not stop a batch: it is
 reported for that image (an ``"error"`` entry in ``--json`` output, a line on stderr in
@@ -11,7 +12,9 @@ Errors about the package itself (damaged file, unknown backend) stop everything 
 status 2, like every other ``tessera`` error.
 
 Result formats are per package kind (:data:`RESULT_KINDS`), so a detector registers how
-its outputs become JSON and text without changing the command.
+its outputs become JSON and text without changing the command, and kind-specific options
+(a detector's ``--score-threshold``, ``--iou-threshold``, ``--max-detections``) override
+what the package stores.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ class ResultKind:
     to_result: Callable[[Package, dict[str, np.ndarray], int], dict[str, Any]]
     #: ``result entry -> lines`` printed under the image path.
     to_text: Callable[[dict[str, Any]], list[str]]
+    #: ``(package, options) -> package`` with the kind's options (the detector's
+    #: thresholds, :data:`DETECTION_OPTIONS`) overriding the stored ones; None if the kind
+    #: has none.
+    configure: Callable[[Package, dict[str, Any]], Package] | None = None
+
+
+#: ``tessera score`` options that only some kinds take: option -> what it sets.
+DETECTION_OPTIONS = ("score_threshold", "iou_threshold", "max_detections")
 
 
 def _classifier_result(pkg: Package, outputs: dict[str, np.ndarray], top: int) -> dict[str, Any]:
@@ -82,6 +93,19 @@ def register_result_kind(kind: str, result: ResultKind) -> None:
     if RESULT_KINDS.get(kind, result) is not result:
         raise ValueError(f"result kind {kind!r} is registered twice")
     RESULT_KINDS[kind] = result
+
+
+def configure(pkg: Package, options: dict[str, Any]) -> Package:
+    """``pkg`` with kind-specific ``options`` (e.g. ``{"iou_threshold": 0.3}`` for a
+    detector) overriding the ones stored in it; an error for a kind that has none."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return pkg
+    kind = RESULT_KINDS.get(pkg.kind)
+    if kind is None or kind.configure is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise TesseraError(f"{flags}: only for detector packages; {pkg.name!r} is a {pkg.kind}")
+    return kind.configure(pkg, options)
 
 
 def score_image(
@@ -151,6 +175,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise TesseraError(f"--top must be at least 1, got {args.top}")
     pkg = load_package(args.package)
+    pkg = configure(pkg, {k: getattr(args, k) for k in DETECTION_OPTIONS})
     npu = backend_npu(args.backend)
     results = score_images(pkg, args.images, top=args.top, npu=npu, progress=len(args.images) > 1)
     failed = [r for r in results if "error" in r]
@@ -174,19 +199,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "score",
-        help="run a package on image files and print the top classes",
-        description="Run every stage of a package (preprocessing, NPU program, host head) on "
-        "JPEG/PNG files and print the top classes with confidences. A bad image is reported "
-        "for that image (an 'error' entry with --json) and the others are still scored; the "
-        "exit status is then 1.",
+        help="run a package on image files and print the top classes or the detections",
+        description="Run every stage of a package (preprocessing, NPU program, host head or "
+        "detector post-processing) on JPEG/PNG files and print the top classes with "
+        "confidences, or a detector's boxes. A bad image is reported for that image (an "
+        "'error' entry with --json) and the others are still scored; the exit status is "
+        "then 1.",
     )
     p.add_argument("package", help="package file (.tpkg)")
     p.add_argument("images", nargs="+", help="JPEG or PNG files")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument(
+        "--top", type=int, default=5, help="classes to show per image (classifiers; default 5)"
+    )
     p.add_argument("--backend", default="sim", choices=BACKENDS, help="NPU backend (default sim)")
     p.add_argument(
         "--json",
         action="store_true",
-        help='print {"results": [{"image", "top": [{"class_id", "label", "confidence"}]}]}',
+        help='print {"results": [{"image", "top": [{"class_id", "label", "confidence"}]}]}; '
+        'detectors: {"results": [{"image", "detections": [{"class_id", "label", "score", '
+        '"box": [ymin, xmin, ymax, xmax]}]}]}, boxes relative to the image',
     )
+    det = p.add_argument_group("detectors", "override the defaults stored in the package")
+    det.add_argument("--score-threshold", type=float, help="report boxes scoring above this")
+    det.add_argument(
+        "--iou-threshold", type=float, help="per-class NMS IoU above which a box is dropped"
+    )
+    det.add_argument("--max-detections", type=int, help="detections per image, best first")
     p.set_defaults(func=_cmd_score)

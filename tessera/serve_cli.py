@@ -107,6 +107,13 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rest-port", type=int, default=8501, help="0 picks a free port")
     p.add_argument("--devices", type=int, default=1, help="devices behind the model")
     p.add_argument("--queue-depth", type=int, default=8, help="requests waiting per device")
+    p.add_argument(
+        "--device-mode",
+        choices=("auto", "process", "thread"),
+        default="auto",
+        help="run each device in a worker process of its own or as a thread of the server "
+        "(auto: processes for sim/reference with more than one device)",
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--keys", type=Path, help="keys file: primary key, secondary key")
@@ -132,6 +139,7 @@ def _options(args: argparse.Namespace) -> Any:
         devices=args.devices,
         device_ids=args.device_ids,
         queue_depth=args.queue_depth,
+        device_process={"auto": None, "process": True, "thread": False}[args.device_mode],
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         keys_file=args.keys,
@@ -168,7 +176,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"serving {server.service.name if server.service else '?'}: gRPC "
         f"{options.host}:{server.grpc_port}, REST {scheme}://{options.host}:{server.rest_port}"
-        f" ({len(server.pool.devices)} x {options.backend})",
+        f" ({len(server.pool.devices)} x {options.backend}"
+        f"{', worker processes' if server.pool.process else ''})",
         file=sys.stderr,
         flush=True,
     )
@@ -192,6 +201,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         str(args.devices),
         "--queue-depth",
         str(args.queue_depth),
+        "--device-mode",
+        args.device_mode,
         "--max-request-mb",
         str(args.max_request_mb),
         "--max-batch",

@@ -55,19 +55,35 @@ original SSD300 (Liu et al., 2016, Caffe ``ssd_pascal.py``): box sizes 30, 60, 1
 {2, 3} elsewhere, variances 0.1 (centre) and 0.2 (size), per-class NMS at IoU 0.45 keeping
 the top 200. Boxes come out as ``[class_id, score, ymin, xmin, ymax, xmax]`` in coordinates
 relative to the image (0..1).
+
+Packaging (``tessera package ssd.onnx --preprocess ssd --config large``, see
+:func:`detector_package`): a ``detector`` package holds the trunk program as its program and
+:class:`SSDDetectionStage` as its host stage (head program, L2 norm, the 8732 default boxes,
+the :class:`DetectionOptions`). ``Package.run`` returns TensorFlow object-detection API
+tensors (:data:`DETECTION_OUTPUTS`: ``detection_boxes`` ``[1, K, 4]``,
+``detection_scores`` and ``detection_classes`` ``[1, K]``, ``num_detections`` ``[1]``, K =
+``max_detections``, zero-padded), fixed-size so the scoring service stacks a batch; the
+twelve head maps stay inside (:meth:`SSDDetectionStage.heads` gives them).
+``tessera score`` prints the detections (``--score-threshold``, ``--iou-threshold``,
+``--max-detections`` override the stored defaults).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
 import onnx.numpy_helper
+
+from tessera.package import HostStage, Package, register_host_stage
+from tessera.preprocess import PreprocessSpec
+from tessera.score import ResultKind, register_result_kind
 
 if TYPE_CHECKING:
     import keras
@@ -927,3 +943,481 @@ def detect(outputs: dict[str, np.ndarray], **kwargs) -> np.ndarray:
     return decode_detections(
         [outputs[n] for n in LOC_OUTPUTS], [outputs[n] for n in CONF_OUTPUTS], **kwargs
     )
+
+
+# --------------------------------------------------------------------------- the package
+#: A detector package's outputs, named and shaped as TensorFlow's object-detection API
+#: exports them: boxes ``[1, K, 4]`` (ymin, xmin, ymax, xmax, relative), scores ``[1, K]``,
+#: class ids ``[1, K]`` (as float32, 1 .. classes - 1; 0 is background and never
+#: reported) and ``[1]`` the number of valid rows; rows past it are zero.
+DETECTION_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
+#: Host stage type name stored in packages (``tessera.package.PLUGIN_MODULES`` maps it here).
+STAGE_TYPE = "ssd_detection"
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionOptions:
+    """The detector's post-processing knobs, stored in the package as its defaults.
+
+    ``score_threshold``: a class score must exceed it (Caffe's ``confidence_threshold``;
+    0.01 there, for evaluating mAP over every box; 0.5 here, for deployment);
+    ``iou_threshold``: per-class NMS drops a box overlapping a better one by more;
+    ``pre_nms_top_k``: best boxes per class entering NMS; ``max_detections``: detections
+    kept over all classes, best first, which is also the fixed ``K`` of the package's
+    output tensors; ``clip``: clip boxes to the image.
+    """
+
+    score_threshold: float = 0.5
+    iou_threshold: float = 0.45
+    pre_nms_top_k: int = 400
+    max_detections: int = 100
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        from tessera.errors import TesseraError
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def count(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        problems = []
+        if not (number(self.score_threshold) and 0.0 <= self.score_threshold < 1.0):
+            problems.append(f"score threshold must be in [0, 1), got {self.score_threshold!r}")
+        if not (number(self.iou_threshold) and 0.0 <= self.iou_threshold <= 1.0):
+            problems.append(f"IoU threshold must be in [0, 1], got {self.iou_threshold!r}")
+        if not count(self.pre_nms_top_k):
+            problems.append(f"pre-NMS top k must be a positive integer, got {self.pre_nms_top_k!r}")
+        if not count(self.max_detections):
+            problems.append(
+                f"max detections must be a positive integer, got {self.max_detections!r}"
+            )
+        if not isinstance(self.clip, bool):
+            problems.append(f"clip must be true or false, got {self.clip!r}")
+        if problems:
+            raise TesseraError("detection options: " + "; ".join(problems))
+        object.__setattr__(self, "score_threshold", float(self.score_threshold))
+        object.__setattr__(self, "iou_threshold", float(self.iou_threshold))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> DetectionOptions:
+        from tessera.errors import TesseraError
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= known:
+            what = sorted(set(data) - known) if isinstance(data, dict) else type(data).__name__
+            raise TesseraError(f"detection options: unknown {what}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides: object) -> DetectionOptions:
+        """A copy with the given (non-None) fields changed, checked again."""
+        changed = {k: v for k, v in overrides.items() if v is not None}
+        return self.from_dict({**self.to_dict(), **changed})
+
+
+def head_output_names(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """``(box heads, class heads)`` of an SSD's outputs: ``loc_<source>`` and
+    ``conf_<source>`` pairs in the order the box heads come; None if ``names`` are not
+    such pairs (the zoo's ``ssd_vgg`` outputs are)."""
+    loc = tuple(n for n in names if n.startswith("loc_"))
+    conf = tuple("conf_" + n.removeprefix("loc_") for n in loc)
+    if not loc or set(names) != set(loc) | set(conf) or len(names) != 2 * len(loc):
+        return None
+    return loc, conf
+
+
+def is_ssd_model(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s outputs are SSD head maps (``loc_*``/``conf_*`` pairs), which is
+    how ``tessera package`` recognises a detector."""
+    return head_output_names([o.name for o in model.graph.output]) is not None
+
+
+class SSDDetectionStage(HostStage):
+    """The SSD's host stage in a package: everything after the trunk program.
+
+    The package's ``program`` is the trunk; this stage holds the head program (run
+    through the package's NPU runner, so both run on the same device), the L2
+    normalisation between them (:class:`L2NormStage`), the default boxes (an array, so the
+    package decodes the same way whatever this module's defaults become) and the
+    post-processing :class:`DetectionOptions`. Called with the trunk's outputs it returns
+    the :data:`DETECTION_OUTPUTS` tensors, ``K = options.max_detections`` rows each,
+    zero-padded, so a batch of images stacks into ``[B, K, ...]`` (what the scoring
+    service does). :meth:`heads` gives the twelve raw head maps instead.
+    """
+
+    type_name: ClassVar[str] = STAGE_TYPE
+
+    def __init__(
+        self,
+        head: Program,
+        l2norm: L2NormStage,
+        loc_names: Sequence[str],
+        conf_names: Sequence[str],
+        anchors: np.ndarray,
+        num_classes: int,
+        options: DetectionOptions | None = None,
+        variances: tuple[float, float] = (0.1, 0.2),
+    ) -> None:
+        from tessera.errors import TesseraError
+
+        self.head = head
+        self.l2norm = l2norm
+        self.loc_names = tuple(loc_names)
+        self.conf_names = tuple(conf_names)
+        self.anchors = np.asarray(anchors, dtype=np.float64)
+        self.classes = num_classes
+        self.options = options or DetectionOptions()
+        self.variances = (float(variances[0]), float(variances[1]))
+        problems = []
+        head_in = [i["name"] for i in head.manifest["inputs"]]
+        head_out = [o["name"] for o in head.manifest["outputs"]]
+        if head_in != [l2norm.target]:
+            problems.append(f"the head program takes {head_in}, not [{l2norm.target!r}]")
+        if not self.loc_names or len(self.loc_names) != len(self.conf_names):
+            problems.append(f"box heads {self.loc_names} and class heads {self.conf_names}")
+        if set(head_out) - set(self.loc_names + self.conf_names):
+            problems.append(f"the head program outputs {head_out}, not only head maps")
+        if self.anchors.ndim != 2 or self.anchors.shape[1] != 4:
+            problems.append(f"anchors of shape {list(self.anchors.shape)}, expected [A, 4]")
+        elif not np.all(np.isfinite(self.anchors)):
+            problems.append("anchors hold NaN or Inf")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            problems.append(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not all(np.isfinite(v) and v > 0 for v in self.variances):
+            problems.append(f"variances must be positive, got {list(self.variances)}")
+        # The head program's maps: num_classes logits for every 4 box offsets.
+        shapes = {o["name"]: o["shape"] for o in head.manifest["outputs"]}
+        for loc, conf in zip(self.loc_names, self.conf_names, strict=False):
+            if loc in shapes and conf in shapes and not problems:
+                boxes = int(np.prod(shapes[loc])) // 4
+                if int(np.prod(shapes[conf])) != boxes * num_classes:
+                    problems.append(f"{conf} {shapes[conf]} does not hold {num_classes} classes")
+        if problems:
+            raise TesseraError(f"{STAGE_TYPE} stage: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------- HostStage
+    def params(self) -> dict:
+        return {
+            "l2norm": self.l2norm.to_dict(),
+            "loc": list(self.loc_names),
+            "conf": list(self.conf_names),
+            "num_classes": self.classes,
+            "variances": list(self.variances),
+            "options": self.options.to_dict(),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"anchors": self.anchors}
+
+    def programs(self) -> dict[str, Program]:
+        return {"head": self.head}
+
+    @classmethod
+    def from_parts(
+        cls, params: dict, arrays: dict[str, np.ndarray], programs: dict[str, Program]
+    ) -> SSDDetectionStage:
+        from tessera.errors import TesseraError
+
+        keys = {"l2norm", "loc", "conf", "num_classes", "variances", "options"}
+        if set(params) != keys or set(arrays) != {"anchors"} or set(programs) != {"head"}:
+            raise TesseraError(
+                f"{STAGE_TYPE} needs params {sorted(keys)}, array anchors and program head; "
+                f"got {sorted(params)}, {sorted(arrays)} and {sorted(programs)}"
+            )
+        names = [params["loc"], params["conf"]]
+        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names):
+            raise TesseraError(f"{STAGE_TYPE}: loc and conf must be lists of output names")
+        variances = params["variances"]
+        if not (
+            isinstance(variances, list)
+            and len(variances) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in variances)
+        ):
+            raise TesseraError(f"{STAGE_TYPE}: variances must be two numbers")
+        if arrays["anchors"].dtype != np.float64:
+            raise TesseraError(f"{STAGE_TYPE}: anchors must be float64")
+        return cls(
+            programs["head"],
+            L2NormStage.from_dict(params["l2norm"]),
+            params["loc"],
+            params["conf"],
+            arrays["anchors"],
+            params["num_classes"],
+            DetectionOptions.from_dict(params["options"]),
+            (variances[0], variances[1]),
+        )
+
+    def input_names(self) -> list[str]:
+        """What the stage reads of the trunk program: the unnormalised ``conv4_3`` and the
+        head maps the trunk computes."""
+        from_head = {o["name"] for o in self.head.manifest["outputs"]}
+        return [
+            self.l2norm.source,
+            *(n for n in self.loc_names + self.conf_names if n not in from_head),
+        ]
+
+    def num_outputs(self) -> int:
+        return len(DETECTION_OUTPUTS)
+
+    def num_classes(self) -> int:
+        return self.classes
+
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        k = self.options.max_detections
+        return [(1, k, 4), (1, k), (1, k), (1,)]
+
+    def describe(self) -> str:
+        o = self.options
+        return (
+            f"SSD: L2 norm and head program after the trunk, {len(self.anchors)} default "
+            f"boxes, per-class NMS at IoU {o.iou_threshold:g}, scores > {o.score_threshold:g}, "
+            f"up to {o.max_detections} detections"
+        )
+
+    def __call__(self, npu_outputs: Mapping[str, np.ndarray], npu: NPURunner) -> list[np.ndarray]:
+        return detection_tensors(self.detections(self.heads(npu_outputs, npu)), self.options)
+
+    # ----------------------------------------------------------------- steps
+    def heads(self, trunk_outputs: Mapping[str, np.ndarray], npu: NPURunner) -> dict:
+        """The head maps by name, box heads then class heads: the host L2 normalisation
+        of the trunk's ``conv4_3``, then the head program through ``npu``."""
+        found = {**trunk_outputs, **npu(self.head, self.l2norm(dict(trunk_outputs)))}
+        return {n: found[n] for n in self.loc_names + self.conf_names}
+
+    def detections(self, heads: Mapping[str, np.ndarray]) -> np.ndarray:
+        """:func:`decode_detections` of the head maps with the stage's anchors and options:
+        ``[K, 6]`` ``[class_id, score, ymin, xmin, ymax, xmax]``, float64."""
+        o = self.options
+        return decode_detections(
+            [heads[n] for n in self.loc_names],
+            [heads[n] for n in self.conf_names],
+            self.anchors,
+            variances=self.variances,
+            score_threshold=o.score_threshold,
+            iou_threshold=o.iou_threshold,
+            pre_nms_top_k=o.pre_nms_top_k,
+            top_k=o.max_detections,
+            clip=o.clip,
+        )
+
+    def with_options(self, **overrides: object) -> SSDDetectionStage:
+        """The same stage with some :class:`DetectionOptions` fields changed."""
+        return SSDDetectionStage(
+            self.head,
+            self.l2norm,
+            self.loc_names,
+            self.conf_names,
+            self.anchors,
+            self.classes,
+            self.options.replace(**overrides),
+            self.variances,
+        )
+
+
+register_host_stage(SSDDetectionStage)
+
+
+def detection_tensors(detections: np.ndarray, options: DetectionOptions) -> list[np.ndarray]:
+    """``[n, 6]`` detections -> the :data:`DETECTION_OUTPUTS` tensors, float32, ``K =
+    options.max_detections`` rows, zero past ``n``."""
+    k = options.max_detections
+    d = np.asarray(detections, dtype=np.float64)[:k]
+    n = len(d)
+    boxes = np.zeros((1, k, 4), np.float32)
+    scores = np.zeros((1, k), np.float32)
+    classes = np.zeros((1, k), np.float32)
+    boxes[0, :n] = d[:, 2:]
+    scores[0, :n] = d[:, 1]
+    classes[0, :n] = d[:, 0]
+    return [boxes, scores, classes, np.array([n], np.float32)]
+
+
+def detections_from_tensors(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, count: np.ndarray
+) -> np.ndarray:
+    """The valid rows of one image's :data:`DETECTION_OUTPUTS` tensors as ``[n, 6]``
+    ``[class_id, score, ymin, xmin, ymax, xmax]`` (float32 values, as stored)."""
+    from tessera.errors import TesseraError
+
+    n = int(np.asarray(count).reshape(-1)[0])
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    scores, classes = np.asarray(scores).reshape(-1), np.asarray(classes).reshape(-1)
+    if not 0 <= n <= min(len(boxes), len(scores), len(classes)):
+        raise TesseraError(f"num_detections {n} for {len(scores)} rows")
+    out = np.empty((n, 6), np.float32)
+    out[:, 0], out[:, 1], out[:, 2:] = classes[:n], scores[:n], boxes[:n]
+    return out
+
+
+def compiled_from_package(pkg: Package) -> CompiledSSD:
+    """The :class:`CompiledSSD` inside a detector package (trunk, head program, L2 norm)."""
+    from tessera.errors import TesseraError
+
+    if not isinstance(pkg.host, SSDDetectionStage):
+        raise TesseraError(f"package {pkg.name!r} is no SSD detector")
+    stage = pkg.host
+    params = {"stage": stage.l2norm.to_dict(), "output_names": stage.loc_names + stage.conf_names}
+    return CompiledSSD.from_parts(pkg.program, stage.head, params)
+
+
+def detector_package(
+    compiled: CompiledSSD,
+    *,
+    name: str = "ssd_vgg",
+    preprocess: str | PreprocessSpec = "ssd",
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    input_name: str = "images",
+    output_names: Sequence[str] | None = None,
+    options: DetectionOptions | Mapping[str, object] | None = None,
+    anchors: AnchorConfig | None = None,
+) -> Package:
+    """A ``detector`` package around a compiled SSD: the trunk as the package's program,
+    :class:`SSDDetectionStage` (head program, L2 norm, anchors of ``anchors``, default
+    SSD300's, and ``options``) as its host stage. ``labels`` default to
+    :data:`VOC_LABELS` for 21 classes; output names to :data:`DETECTION_OUTPUTS`."""
+    from tessera.errors import TesseraError
+    from tessera.labels import load_labels
+    from tessera.preprocess import get_preset
+
+    heads = head_output_names(compiled.output_names)
+    if heads is None:
+        raise TesseraError(
+            f"the SSD's outputs {list(compiled.output_names)} are not loc_*/conf_* head pairs"
+        )
+    loc_names, conf_names = heads
+    shapes = {
+        o["name"]: o["shape"]
+        for p in (compiled.trunk, compiled.head)
+        for o in p.manifest["outputs"]
+    }
+    boxes = sum(int(np.prod(shapes[n])) for n in loc_names) // 4
+    num_classes = sum(int(np.prod(shapes[n])) for n in conf_names) // max(boxes, 1)
+    anchor_boxes = default_anchors(anchors)
+    if boxes != len(anchor_boxes):
+        raise TesseraError(
+            f"the SSD's box heads give {boxes} boxes but the default boxes are "
+            f"{len(anchor_boxes)} (SSD300's anchors need the 300x300 six-map layout)"
+        )
+    if not isinstance(options, DetectionOptions):
+        options = DetectionOptions.from_dict(dict(options or {}))
+    cfg = anchors or AnchorConfig()
+    stage = SSDDetectionStage(
+        compiled.head,
+        compiled.stage,
+        loc_names,
+        conf_names,
+        anchor_boxes,
+        num_classes,
+        options,
+        cfg.variances,
+    )
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels, num_classes=num_classes)
+    elif labels is None and num_classes == len(VOC_LABELS):
+        labels = list(VOC_LABELS)
+    elif labels is None:
+        raise TesseraError(
+            f"the detector has {num_classes} classes (background first): pass --labels "
+            "(one name per line)"
+        )
+    spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
+    return Package(
+        name,
+        "detector",
+        spec,
+        compiled.trunk,
+        list(labels),
+        input_name,
+        list(output_names or DETECTION_OUTPUTS),
+        stage,
+    )
+
+
+def build_detector_package(
+    model: onnx.ModelProto | str,
+    cfg: NPUConfig,
+    **kwargs,
+) -> Package:
+    """Compile an SSD for ``cfg`` (:func:`compile_ssd`) and package it
+    (:func:`detector_package`, which takes ``kwargs``). A configuration the SSD does not
+    fit fails with the sizes and the presets to use instead."""
+    from tessera.config import PRESETS
+    from tessera.errors import CapacityError
+
+    preprocess = kwargs.get("preprocess", "ssd")
+    if preprocess is not None:
+        # Before the compilation: a wrong preset would otherwise only fail after it.
+        from tessera.compiler.onnx_import import load_model
+        from tessera.preprocess import get_preset
+
+        spec = preprocess if isinstance(preprocess, PreprocessSpec) else get_preset(preprocess)
+        model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        _check_input_shape(model, spec)
+    try:
+        compiled = compile_ssd(model, cfg)
+    except CapacityError as exc:
+        others = [n for n, c in PRESETS.items() if c.dram_bytes > cfg.dram_bytes]
+        hint = f"; use a larger configuration: --config {' or '.join(others)}" if others else ""
+        raise CapacityError(f"SSD does not fit {cfg.name}: {exc}{hint}") from None
+    return detector_package(compiled, **kwargs)
+
+
+def _check_input_shape(model: onnx.ModelProto, spec: PreprocessSpec) -> None:
+    from tessera.errors import TesseraError
+    from tessera.preprocess import PRESETS
+
+    initializers = _initializers(model)
+    (image,) = (i for i in model.graph.input if i.name not in initializers)
+    shape = [d.dim_value for d in image.type.tensor_type.shape.dim]
+    if shape != list(spec.output_shape):
+        fit = [n for n, s in PRESETS.items() if list(s.output_shape) == shape]
+        raise TesseraError(
+            f"the model input {image.name!r} has shape {shape} but preprocessing "
+            f"{spec.name!r} produces {list(spec.output_shape)}"
+            + (f"; presets that fit: {', '.join(fit)}" if fit else "")
+        )
+
+
+# --------------------------------------------------------------------------- tessera score
+def _detector_result(pkg: Package, outputs: Mapping[str, np.ndarray], top: int) -> dict:
+    dets = detections_from_tensors(*(outputs[n] for n in pkg.output_names))
+    return {
+        "detections": [
+            {
+                "class_id": int(c),
+                "label": pkg.labels[int(c)],
+                "score": float(score),
+                "box": [float(v) for v in box],
+            }
+            for c, score, *box in dets
+        ]
+    }
+
+
+def _detector_text(result: dict) -> list[str]:
+    if not result["detections"]:
+        return ["   (no detections)"]
+    return [
+        f"  {rank:>2}. {d['score']:7.4f}  {d['label']} ({d['class_id']})  box [ymin, xmin, "
+        f"ymax, xmax] = [{', '.join(f'{v:.3f}' for v in d['box'])}]"
+        for rank, d in enumerate(result["detections"], start=1)
+    ]
+
+
+def configure_package(pkg: Package, options: Mapping[str, object]) -> Package:
+    """``pkg`` with some of its stored :class:`DetectionOptions` overridden (tessera
+    score's ``--score-threshold``, ``--iou-threshold``, ``--max-detections``)."""
+    from tessera.errors import TesseraError
+
+    if not isinstance(pkg.host, SSDDetectionStage):
+        raise TesseraError(f"package {pkg.name!r} is no SSD detector")
+    if not options:
+        return pkg
+    return dataclasses.replace(pkg, host=pkg.host.with_options(**options))
+
+
+register_result_kind("detector", ResultKind(_detector_result, _detector_text, configure_package))
