@@ -731,37 +731,47 @@ class Simulator:
             ):
                 _WEIGHTS.move_to_end(key)
                 return wg, chans, snaps
-        snaps, grids = [], []
+        snaps, parts = [], []
         mb = n * n * st.tiles_q.itemsize
         for _, addr, t, ocnt, wfloor in group:
             snap = mem[addr : addr + t * tb].copy()
-            if snap.size != t * tb:
+            if snap.size != t * tb or (parts and t // ocnt != parts[0][0].shape[0] // parts[0][2]):
                 break
             raw = snap.reshape(t, tb)
-            tq = raw[:, :mb].view(st.tiles_q.dtype).reshape(t, n, n)
             te = raw[:, mb:].view(np.int8)
-            try:
-                grids.append(kernels.weight_grid_f64(tq, te, wfloor, ocnt))
-            except ValueError:
+            if np.any(te < wfloor):
                 break  # the chain itself reports it when it runs
+            parts.append((raw[:, :mb].view(st.tiles_q.dtype).reshape(t, n, n), te, ocnt, wfloor))
             snaps.append(snap)
-        if not grids:
+        if not parts:
             return None, None, []
-        ks = {g.shape[1] for g in grids}
-        if len(ks) != 1:
-            grids, snaps = grids[:1], snaps[:1]
-        wg = np.concatenate(grids) if len(grids) > 1 else grids[0]
+        # Tiles are [output block][kernel position][input block] of [row][col]; the grid
+        # is built in its final layout: rows [lane (tile row)][block], columns [kernel
+        # position][input channel], as weight_grid() then lane_outer() would give.
+        icnt = parts[0][0].shape[0] // parts[0][2] // kpos
+        blocks = sum(ocnt for _, _, ocnt, _ in parts)
         # Input channels whose weights are all zero (channel padding) add nothing: drop
         # them from both operands.
-        kpos = self._window[0][0] * self._window[0][1]
-        wg3 = wg.reshape(wg.shape[0], kpos, -1)
-        nz = np.any(wg3 != 0, axis=(0, 1))
-        chans = None
-        if nz.mean() < 0.75:
-            chans = np.flatnonzero(nz)
-            wg = np.ascontiguousarray(wg3[:, :, chans]).reshape(wg.shape[0], -1)
+        nz = np.zeros((icnt, n), dtype=bool)
+        for tq, _, ocnt, _ in parts:
+            nz |= np.any(tq.reshape(ocnt, kpos, icnt, n, n) != 0, axis=(0, 1, 3))
+        nz = nz.ravel()
+        chans = np.flatnonzero(nz) if nz.mean() < 0.75 else None
+        width = icnt * n if chans is None else len(chans)
+        out = np.empty((n, blocks, kpos, width))
+        b0 = 0
+        for tq, te, ocnt, wfloor in parts:
+            q5 = tq.reshape(ocnt, kpos, icnt, n, n).transpose(3, 0, 1, 2, 4)
+            scale = kernels.pow2(te.astype(np.int64) - wfloor)
+            s5 = scale.reshape(ocnt, kpos, icnt, n, 1).transpose(3, 0, 1, 2, 4)
+            dst = out[:, b0 : b0 + ocnt]
+            if chans is None:
+                np.multiply(q5, s5, out=dst.reshape(n, ocnt, kpos, icnt, n))
+            else:
+                dst[...] = (q5 * s5).reshape(n, ocnt, kpos, icnt * n)[..., chans]
+            b0 += ocnt
+        wg = out.reshape(n * blocks, kpos * width)
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
-        wg = kernels.lane_outer(wg, n)  # rows [lane][block]: products come out lane-major
         _WEIGHTS[key] = (snaps, wg, chans)
         total = sum(v[1].nbytes for v in _WEIGHTS.values())
         while total > _WEIGHTS_MAX_BYTES and len(_WEIGHTS) > 1:
