@@ -66,6 +66,7 @@ class ActLoader(wiring.Component):
                 "need_lo": In(16),
                 "rows_loaded": Out(16),
                 "busy": Out(1),
+                "streaming": Out(1),  # busy and not waiting for ring space
                 "bus": Out(BurstPort),
                 "mant_wr": In(WritePort.Signature(addr_width=eb, shape=n * 8, granularity=16)),
                 "exp_wr0": In(
@@ -96,7 +97,7 @@ class ActLoader(wiring.Component):
         e_ptr = Signal(32)
         req_addr = Signal(32)
         left = Signal(32)  # beats still to request in this phase
-        inflight = Signal()
+        inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
         k = Signal(range(max(2, gran)))  # granule within the block (mantissa phase)
         entry = Signal(eb + 1)
         b = Signal(32)  # byte address of the current exponent beat
@@ -105,9 +106,9 @@ class ActLoader(wiring.Component):
         m.d.comb += [bus.write.eq(0), bus.addr.eq(req_addr), bus.len.eq(left)]
         with m.If(left > CHUNK):
             m.d.comb += bus.len.eq(CHUNK)
+        m.d.sync += inflight.eq(inflight + bus.grant - bus.done)
         with m.If(bus.grant):
             m.d.sync += [
-                inflight.eq(1),
                 req_addr.eq(req_addr + BEAT_BYTES * bus.len),
                 left.eq(left - bus.len),
             ]
@@ -159,10 +160,11 @@ class ActLoader(wiring.Component):
                 with m.If(y == self.ih):
                     m.next = "IDLE"
                 with m.Elif(y < self.need_lo + self.ring_rows):
+                    m.d.comb += self.streaming.eq(1)
                     m.d.sync += [seg.eq(0), ebase.eq(slot)]
                     m.next = "SEG"
             with m.State("SEG"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += [self.busy.eq(1), self.streaming.eq(1)]
                 m.d.sync += [
                     req_addr.eq(m_ptr),
                     left.eq(self.seg_blocks << lg(gran)),
@@ -171,7 +173,8 @@ class ActLoader(wiring.Component):
                 ]
                 m.next = "MANT"
             with m.State("MANT"):
-                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & ~inflight)]
+                m.d.comb += self.streaming.eq(1)
+                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.comb += mw.en.eq(1 << k if gran > 1 else 1)
                     if gran > 1:
@@ -180,17 +183,16 @@ class ActLoader(wiring.Component):
                             m.d.sync += [k.eq(0), entry.eq(entry + 1)]
                     else:
                         m.d.sync += entry.eq(entry + 1)
-                with m.If(bus.done):
-                    m.d.sync += inflight.eq(0)
-                    with m.If(left == 0):
-                        m.d.sync += [
-                            req_addr.eq(e_ptr & ~1),
-                            b.eq(e_ptr & ~1),
-                            left.eq((self.seg_blocks + e_ptr[0] + 1) >> 1),
-                        ]
-                        m.next = "EXP"
+                with m.If(bus.done & (inflight == 1) & (left == 0)):
+                    m.d.sync += [
+                        req_addr.eq(e_ptr & ~1),
+                        b.eq(e_ptr & ~1),
+                        left.eq((self.seg_blocks + e_ptr[0] + 1) >> 1),
+                    ]
+                    m.next = "EXP"
             with m.State("EXP"):
-                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & ~inflight)]
+                m.d.comb += self.streaming.eq(1)
+                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.sync += b.eq(b + 2)
                     for byte, ok in enumerate((ok0, ok1)):
@@ -198,18 +200,16 @@ class ActLoader(wiring.Component):
                         for par in range(2):
                             with m.If(ok & (ent[0] == par)):
                                 m.d.comb += wr[par].en.eq(1)
-                with m.If(bus.done):
-                    m.d.sync += inflight.eq(0)
-                    with m.If(left == 0):
-                        m.d.sync += [
-                            m_ptr.eq(m_ptr + self.seg_mstep),
-                            e_ptr.eq(e_ptr + self.seg_estep),
-                            ebase.eq(ebase + self.seg_blocks),
-                            seg.eq(seg + 1),
-                        ]
-                        m.next = "NEXT"
+                with m.If(bus.done & (inflight == 1) & (left == 0)):
+                    m.d.sync += [
+                        m_ptr.eq(m_ptr + self.seg_mstep),
+                        e_ptr.eq(e_ptr + self.seg_estep),
+                        ebase.eq(ebase + self.seg_blocks),
+                        seg.eq(seg + 1),
+                    ]
+                    m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.comb += [self.busy.eq(1), self.streaming.eq(1)]
                 with m.If(seg == self.segs_per_row):
                     nxt = slot + self.rowblocks
                     m.d.sync += [

@@ -64,7 +64,12 @@ class ChainEngine(wiring.Component):
                 "emax_idx": Out(4),  # E register of the staged chain's input...
                 "emax_val": In(signed(16)),  # ...and its value, read when the chain launches
                 "halves_in_use": Out(4),
-                "eregs_in_use": Out(16),  # E registers in-flight chains will read or update
+                "act_streaming": Out(1),
+                "eregs_in_use": Out(16),
+                # performance counters since reset: cycles waiting for input rows, and cycles
+                # a block waited for room in the writer or for its AUX operand
+                "stall_rows": Out(32),
+                "stall_credit": Out(32),  # E registers in-flight chains will read or update
                 "error": Out(8),
                 "emax_out": Out(signed(16)),
                 "act_bus": Out(BurstPort),
@@ -461,7 +466,7 @@ class ChainEngine(wiring.Component):
                     ]
                     m.next = "ROW_WAIT"
             with m.State("ROW_WAIT"):
-                m.d.comb += self.busy.eq(1)
+                m.d.sync += self.stall_rows.eq(self.stall_rows + 1)
                 need = Mux(hi >= r.ih, r.ih - 1, hi)
                 with m.If((act.rows_loaded.as_signed() > need) | (act.rows_loaded == r.ih)):
                     m.d.sync += [
@@ -483,6 +488,8 @@ class ChainEngine(wiring.Component):
             with m.State("RUN"):
                 m.d.comb += self.busy.eq(1)
                 block_start = first & (g == 0)
+                with m.If(block_start & ~credit):
+                    m.d.sync += self.stall_credit.eq(self.stall_credit + 1)
                 with m.If(~block_start | credit):
                     m.d.comb += issue.eq(1)
                     with m.If(block_start):
@@ -539,6 +546,7 @@ class ChainEngine(wiring.Component):
                 with m.Elif(~writer.busy & (writer.written == total) & ~act.busy):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
+        m.d.comb += self.act_streaming.eq(act.streaming)
         run_busy = ~run_fsm.ongoing("IDLE")
         staged = ~setup_fsm.ongoing("IDLE")
         m.d.comb += self.eregs_in_use.eq(

@@ -19,7 +19,7 @@ from tessera.hdl.bus import BEAT_BYTES, BurstPort
 
 #: Beats per burst the loader asks for: short enough that the chain's own traffic, which
 #: has priority, never waits long behind it.
-CHUNK = 32
+CHUNK = 16
 
 
 def lg(x: int) -> int:
@@ -59,6 +59,9 @@ class Loader(wiring.Component):
                 "count": In(16),
                 "addr": In(32),
                 "busy": Out(1),
+                # hold DRAM requests while the chain streams its input slice: as the cycle
+                # model, a chain's activation traffic goes first, prefetch after it
+                "hold": In(1),
                 "scalar": Out(signed(32)),
                 "scalar_valid": Out(1),
                 "bus": Out(BurstPort),
@@ -89,19 +92,22 @@ class Loader(wiring.Component):
         addr = Signal(32)
         item = Signal(16)  # tile or vector being written
         off = Signal(range(max(tbytes, 2 * n + 2) + 1))  # byte offset inside the item
-        inflight = Signal()
+        inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
 
         bus = self.bus
-        m.d.comb += [bus.write.eq(0), bus.addr.eq(addr), self.busy.eq((left != 0) | inflight)]
+        m.d.comb += [
+            bus.write.eq(0),
+            bus.addr.eq(addr),
+            self.busy.eq((left != 0) | (inflight != 0)),
+        ]
         m.d.comb += bus.len.eq(left)
         with m.If(left > CHUNK):
             m.d.comb += bus.len.eq(CHUNK)
-        m.d.comb += bus.req.eq((left != 0) & ~inflight)
+        m.d.comb += bus.req.eq((left != 0) & (inflight < 2) & ~self.hold)
         with m.If(bus.grant):
-            m.d.sync += [inflight.eq(1), addr.eq(addr + BEAT_BYTES * bus.len)]
+            m.d.sync += addr.eq(addr + BEAT_BYTES * bus.len)
             m.d.sync += left.eq(left - bus.len)
-        with m.If(bus.done):
-            m.d.sync += inflight.eq(0)
+        m.d.sync += inflight.eq(inflight + bus.grant - bus.done)
 
         m.d.sync += self.scalar_valid.eq(0)
         with m.If(self.start):

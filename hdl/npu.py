@@ -97,6 +97,7 @@ class NPU(wiring.Component):
         wiring.connect(m, chain.aux_bus, arb.p1)
         wiring.connect(m, chain.act_bus, arb.p2)
         wiring.connect(m, loader.bus, arb.p3)
+        m.d.comb += loader.hold.eq(chain.act_streaming)
         wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
         wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
         wiring.connect(m, chain.tile_rd, tiles.read_port())

@@ -98,6 +98,8 @@ def run_program_rtl(prog, mem: np.ndarray, max_cycles: int = 2_000_000_000) -> i
     print(f"rtl: {find_simulator().describe()}", file=sys.stderr)
     (res,) = run_jobs(prog.config, [(prog.instructions, mem)], max_cycles=max_cycles)
     if res.error:
-        raise TesseraError(f"the NPU stopped with error code {res.error:#04x} (see tessera.hdl.npu)")
+        raise TesseraError(
+            f"the NPU stopped with error code {res.error:#04x} (see tessera.hdl.npu)"
+        )
     mem[:] = res.mem
     return res.cycles

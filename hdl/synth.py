@@ -36,9 +36,7 @@ def _run(cmd: list[str], log: Path, what: str) -> float:
     """Run a tool in the build folder (the WebAssembly tools see only the working directory)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(
-            cmd, stdout=f, stderr=subprocess.STDOUT, check=False, cwd=log.parent
-        )
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False, cwd=log.parent)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -46,16 +44,13 @@ def _run(cmd: list[str], log: Path, what: str) -> float:
     return dt
 
 
-def synthesize(
-    cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed: int = 1
-) -> dict:
+def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed: int = 1) -> dict:
     """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict."""
     from tessera.hdl.npu import NPU
 
     if cfg.device not in DEVICES:
         raise TesseraError(
-            f"config {cfg.name!r} targets {cfg.device!r}; synthesis supports "
-            + ", ".join(DEVICES)
+            f"config {cfg.name!r} targets {cfg.device!r}; synthesis supports " + ", ".join(DEVICES)
         )
     tools = yowasp_tools()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +107,9 @@ def format_report(rep: dict) -> str:
         lines.append(f"  {label:10s} {used:8d} {avail:8d} {pct:6.1f}")
     for clk, f in rep["fmax_mhz"].items():
         t = rep["target_mhz"][clk]
-        lines.append(f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'})")
+        lines.append(
+            f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'})"
+        )
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in rep["seconds"].items())
     lines.append(f"  tool time: {secs}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from tessera.config import NPUConfig
 from tessera.hdl.bus import BurstPort
 
 #: Blocks the writer buffers: the chain engine never has more than this many in flight.
-DEPTH = 16
+DEPTH = 64
 
 
 class Writer(wiring.Component):

@@ -84,6 +84,13 @@ class HostDriver:
                 raise AssertionError(
                     f"NPU not done after {max_cycles} cycles (pc={int(dut.pc.value)})"
                 )
+        try:
+            print(
+                f"PERF stall_rows={int(dut.chain.stall_rows.value)}"
+                f" stall_credit={int(dut.chain.stall_credit.value)}"
+            )
+        except AttributeError:
+            pass
         return RunOutcome(
             mem=self.dram.mem.copy(),
             cycles=int(dut.cycles.value),

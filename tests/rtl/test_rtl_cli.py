@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-
 from nets import residual_net
 from progs import RTL_TEST_CFG
+
 from tessera import cli
 from tessera.compiler.driver import compile_model
 
