@@ -28,7 +28,8 @@ between them instead of N x C.
 Workers are started with ``subprocess`` (a fresh interpreter, never ``fork``: the server
 has gRPC threads running), ignore SIGINT and SIGTERM (the server drains and then stops
 them; a Ctrl-C reaching the whole process group must not kill requests in flight), and
-exit when their socket closes, so they never outlive the server.
+exit when their socket closes, so they outlive a server that dies by at most the request
+they have in hand.
 
 Run as ``python -m tessera.runtime.procdevice SOCKET_FD SHM_FD`` by :class:`WorkerProcess`
 only.

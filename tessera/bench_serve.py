@@ -274,9 +274,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
         with Server(pkg, opts) as server:
             lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
     cells = []
-    for mode in modes:
-        for devices in devices_list:
-            for clients in clients_list:
+    for devices in devices_list:  # modes innermost: compared cells run back to back
+        for clients in clients_list:
+            for mode in modes:
                 with console.status(
                     f"throughput: {devices} device(s) ({mode}), {clients} client(s)"
                 ):
