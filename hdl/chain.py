@@ -75,6 +75,7 @@ class ChainEngine(wiring.Component):
                 "act_bus": Out(BurstPort),
                 "aux_bus": Out(BurstPort),
                 "out_bus": Out(BurstPort),
+                "out_ebus": Out(BurstPort),
                 "act_mant_wr": In(ActLoader.port_signature(cfg, "mant_wr")),
                 "act_exp_wr0": In(ActLoader.port_signature(cfg, "exp_wr0")),
                 "act_exp_wr1": In(ActLoader.port_signature(cfg, "exp_wr1")),
@@ -110,6 +111,7 @@ class ChainEngine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.act_bus), act.bus)
         wiring.connect(m, wiring.flipped(self.aux_bus), aux.bus)
         wiring.connect(m, wiring.flipped(self.out_bus), writer.bus)
+        wiring.connect(m, wiring.flipped(self.out_ebus), writer.ebus)
         wiring.connect(m, wiring.flipped(self.act_mant_wr), act.mant_wr)
         wiring.connect(m, wiring.flipped(self.act_exp_wr0), act.exp_wr0)
         wiring.connect(m, wiring.flipped(self.act_exp_wr1), act.exp_wr1)

@@ -1,13 +1,20 @@
 """The output writer: storage blocks from the pipeline -> the OUT tensor in DRAM.
 
-Blocks arrive in sweep order (pixel, then output block). Each block's N mantissa bytes go
-out as one burst; its exponent byte is merged with its neighbour's when both fall into one
-16-bit beat (consecutive blocks of one pixel, or of consecutive pixels when the chain
-writes the full depth), so exponents cost about half a beat each, as the cycle model
-assumes. The writer also keeps the largest written exponent for ``OUT_EREG``.
+Blocks arrive in sweep order (pixel, then output block). Two engines share the work, each
+with its own port to the arbiter:
+
+* the mantissa engine writes *runs* of blocks whose mantissas are contiguous in DRAM (the
+  blocks of one pixel, or of many pixels when the chain writes the tensor's full depth) as
+  one burst of up to ``RUN_MAX`` blocks, popping each block as its last beat leaves;
+* the exponent engine collects the popped blocks' exponent bytes while their addresses are
+  contiguous and writes them as one burst, with byte strobes on a partial first or last
+  beat, when the run breaks, its buffer is full or the chain ends.
+
+So DRAM time stays close to bytes / bandwidth, as the cycle model charges. The writer also
+keeps the largest written exponent for ``OUT_EREG``.
 """
 
-from amaranth import Cat, Module, Signal, signed
+from amaranth import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -17,6 +24,10 @@ from tessera.hdl.bus import BurstPort
 
 #: Blocks the writer buffers: the chain engine never has more than this many in flight.
 DEPTH = 64
+#: Longest mantissa burst, in blocks.
+RUN_MAX = 8
+#: Exponent bytes collected before a flush.
+EXP_BUF = 16
 
 
 class Writer(wiring.Component):
@@ -39,12 +50,14 @@ class Writer(wiring.Component):
                 "emax": Out(signed(16)),
                 "busy": Out(1),
                 "bus": Out(BurstPort),
+                "ebus": Out(BurstPort),
             }
         )
 
     def elaborate(self, platform):
         m = Module()
         n = self.cfg.native_dim
+        gran = n // 2  # beats per block
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=n * 8 + 8, depth=DEPTH)
         m.d.comb += [
             fifo.w_en.eq(self.in_valid),
@@ -53,25 +66,93 @@ class Writer(wiring.Component):
         q = fifo.r_data[: n * 8]
         e = fifo.r_data[n * 8 :].as_signed()
 
+        # Position of the next block to write.
         pix_m = Signal(32)
         pix_e = Signal(32)
         ob = Signal(16)
-        k = Signal(range(n // 2 + 1))
-        pend = Signal()
-        pend_addr = Signal(32)
-        pend_data = Signal(16)
-        pend_strb = Signal(2)
         mant = Signal(32)
         ea = Signal(32)
-        m.d.comb += [mant.eq(pix_m + (ob * n)), ea.eq(pix_e + ob)]
+        m.d.comb += [mant.eq(pix_m + ob * n), ea.eq(pix_e + ob)]
+        full_depth = Signal()
+        m.d.comb += full_depth.eq(self.pixel_mstep == self.ocnt * n)
+
+        # ------------------------------------------------------------ exponent engine
+        ebuf = Signal(8 * EXP_BUF)  # byte i at bits 8i..8i+7
+        ebase = Signal(32)
+        ecount = Signal(range(EXP_BUF + 1))
+        eflush = Signal()  # a flush burst is requested or moving
+        ebeat = Signal(32)  # byte address of the beat being written
+        eleft = Signal(range(EXP_BUF // 2 + 2))
+        push = Signal()
+        push_addr = Signal(32)
+        push_byte = Signal(8)
+        fits = Signal()
+        m.d.comb += fits.eq((ecount == 0) | ((push_addr == ebase + ecount) & (ecount < EXP_BUF)))
+        eb = self.ebus
+        m.d.comb += [
+            eb.write.eq(1),
+            eb.addr.eq(ebase & ~1),
+            eb.len.eq((ecount + ebase[0] + 1) >> 1),
+        ]
+        rel = Signal(signed(34))
+        m.d.comb += rel.eq(ebeat.as_signed() - ebase.as_signed())
+        lo_ok = (rel >= 0) & (rel < ecount)
+        hi_ok = (rel + 1 >= 0) & (rel + 1 < ecount)
+        m.d.comb += [
+            eb.wdata.eq(Cat(ebuf.word_select(rel[:4], 8), ebuf.word_select((rel + 1)[:4], 8))),
+            eb.wstrb.eq(Cat(lo_ok, hi_ok)),
+        ]
+        start_flush = Signal()
+        with m.FSM(name="exp"):
+            with m.State("COLLECT"):
+                with m.If(push & fits):
+                    m.d.sync += ebuf.word_select(ecount[: (EXP_BUF - 1).bit_length()], 8).eq(
+                        push_byte
+                    )
+                    m.d.sync += ecount.eq(ecount + 1)
+                    with m.If(ecount == 0):
+                        m.d.sync += ebase.eq(push_addr)
+                with m.If(start_flush & (ecount != 0)):
+                    m.d.sync += ebeat.eq(ebase & ~1)
+                    m.next = "REQ"
+            with m.State("REQ"):
+                m.d.comb += [eb.req.eq(1), eflush.eq(1)]
+                with m.If(eb.grant):
+                    m.next = "DATA"
+            with m.State("DATA"):
+                m.d.comb += eflush.eq(1)
+                with m.If(eb.wtake):
+                    m.d.sync += ebeat.eq(ebeat + 2)
+                with m.If(eb.done):
+                    m.d.sync += ecount.eq(0)
+                    m.next = "COLLECT"
+        del eleft
+
+        # ------------------------------------------------------------ mantissa engine
+        run = Signal(range(RUN_MAX + 1))  # blocks in the current burst
+        k = Signal(range(gran + 1))  # beat inside the block
+        left_in_run = Signal(32)
+        m.d.comb += left_in_run.eq(Mux(full_depth, self.total - self.written, self.ocnt - ob))
+        level = fifo.level
         bus = self.bus
-        m.d.comb += [bus.write.eq(1)]
+        m.d.comb += [bus.write.eq(1), bus.wstrb.eq(0b11), bus.wdata.eq(q.word_select(k, 16))]
+        pop = Signal()
+        m.d.comb += [
+            push.eq(pop),
+            push_addr.eq(ea),
+            push_byte.eq(e),
+        ]
 
         def advance():
-            stmts = [fifo.r_en.eq(1)]
-            return stmts
+            return [
+                self.written.eq(self.written + 1),
+                ob.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1)),
+                pix_m.eq(Mux(ob + 1 == self.ocnt, pix_m + self.pixel_mstep, pix_m)),
+                pix_e.eq(Mux(ob + 1 == self.ocnt, pix_e + self.pixel_estep, pix_e)),
+                self.emax.eq(Mux(e > self.emax, e, self.emax)),
+            ]
 
-        with m.FSM():
+        with m.FSM(name="mant"):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [
@@ -85,85 +166,45 @@ class Writer(wiring.Component):
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
                 with m.If(self.written == self.total):
-                    with m.If(pend):
-                        m.next = "FLUSH_END"
-                    with m.Else():
+                    m.d.comb += start_flush.eq(1)
+                    with m.If(~eflush & (ecount == 0)):
                         m.next = "IDLE"
-                with m.Elif(fifo.r_rdy):
-                    m.d.sync += k.eq(0)
-                    m.next = "MANT"
-            with m.State("MANT"):
+                with m.Elif(fifo.r_rdy & (level != 0)):
+                    cap1 = Mux(level < RUN_MAX, level, RUN_MAX)
+                    nrun = Signal(range(RUN_MAX + 1))
+                    m.d.comb += nrun.eq(Mux(left_in_run < cap1, left_in_run, cap1))
+                    # The run's exponents (contiguous among themselves) must join the
+                    # exponent buffer; otherwise flush it first. A burst cannot pause.
+                    joins = Signal()
+                    m.d.comb += joins.eq(
+                        ~eflush
+                        & ((ecount == 0) | ((ea == ebase + ecount) & (ecount + nrun <= EXP_BUF)))
+                    )
+                    with m.If(joins):
+                        m.d.sync += [run.eq(nrun), k.eq(0)]
+                        m.next = "REQ"
+                    with m.Else():
+                        m.d.comb += start_flush.eq(1)
+            with m.State("REQ"):
                 m.d.comb += [
                     self.busy.eq(1),
                     bus.req.eq(1),
                     bus.addr.eq(mant),
-                    bus.len.eq(n // 2),
-                    bus.wdata.eq(q.word_select(k, 16)),
-                    bus.wstrb.eq(0b11),
+                    bus.len.eq(run * gran),
                 ]
                 with m.If(bus.grant):
-                    m.next = "MANT_DATA"
-            with m.State("MANT_DATA"):
-                m.d.comb += [
-                    self.busy.eq(1),
-                    bus.wdata.eq(q.word_select(k, 16)),
-                    bus.wstrb.eq(0b11),
-                ]
-                with m.If(bus.wtake):
-                    m.d.sync += k.eq(k + 1)
-                with m.If(bus.done):
-                    m.next = "EXP"
-            with m.State("EXP"):
+                    m.next = "DATA"
+            with m.State("DATA"):
                 m.d.comb += self.busy.eq(1)
-                word = ea & ~1
-                byte_data = Cat(e, e)
-                with m.If(pend & (pend_addr != word)):
-                    m.next = "FLUSH"  # an unrelated pending beat goes first
-                with m.Else():
-                    m.d.comb += fifo.r_en.eq(1)
-                    m.d.sync += [
-                        self.written.eq(self.written + 1),
-                        pend_addr.eq(word),
-                        ob.eq(ob + 1),
-                    ]
-                    with m.If(e > self.emax):
-                        m.d.sync += self.emax.eq(e)
-                    with m.If(ob + 1 == self.ocnt):
-                        m.d.sync += [
-                            ob.eq(0),
-                            pix_m.eq(pix_m + self.pixel_mstep),
-                            pix_e.eq(pix_e + self.pixel_estep),
-                        ]
-                    with m.If(ea[0]):
-                        m.d.sync += [
-                            pend_data[8:].eq(e),
-                            pend_strb.eq(pend_strb | 0b10),
-                            pend.eq(1),
-                        ]
-                        m.next = "FLUSH"
-                    with m.Else():
-                        m.d.sync += [pend_data.eq(byte_data), pend_strb.eq(0b01), pend.eq(1)]
-                        m.next = "NEXT"
-            for state, after in (("FLUSH", "NEXT"), ("FLUSH_END", "NEXT")):
-                with m.State(state):
-                    m.d.comb += [
-                        self.busy.eq(1),
-                        bus.req.eq(1),
-                        bus.addr.eq(pend_addr),
-                        bus.len.eq(1),
-                        bus.wdata.eq(pend_data),
-                        bus.wstrb.eq(pend_strb),
-                    ]
-                    with m.If(bus.grant):
-                        m.next = state + "_DATA"
-                with m.State(state + "_DATA"):
-                    m.d.comb += [
-                        self.busy.eq(1),
-                        bus.wdata.eq(pend_data),
-                        bus.wstrb.eq(pend_strb),
-                    ]
-                    with m.If(bus.done):
-                        m.d.sync += [pend.eq(0), pend_strb.eq(0)]
-                        m.next = after
-        del advance
+                # A block leaves the FIFO with its last beat; its exponent joins the buffer.
+                last_beat = k == gran - 1
+                with m.If(bus.wtake):
+                    m.d.sync += k.eq(Mux(last_beat, 0, k + 1))
+                    with m.If(last_beat):
+                        m.d.comb += [pop.eq(1), fifo.r_en.eq(1)]
+                        m.d.sync += advance()
+                with m.If(bus.done):
+                    m.next = "NEXT"
+        with m.If(ecount == EXP_BUF):
+            m.d.comb += start_flush.eq(1)
         return m
