@@ -55,11 +55,27 @@ def maximum(m: Module, values: list[Value], name: str) -> Value:
     return level[0]
 
 
-def rne_shift(m: Module, x: Value, s: Value, name: str) -> Signal:
+def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
+    """Bits ``i < s - 1`` of a ``width``-bit word: the sticky-bit mask of a right shift by s.
+
+    A thermometer code computed once per shift amount; vectors whose lanes share one shift
+    (every normalize) share it, which saves a comparator per bit and lane.
+    """
+    mask = Signal(width, name=name)
+    sm1 = Signal(range(width + 2), name=f"{name}_sm1")
+    m.d.comb += sm1.eq(Mux(s > width, width, s) - 1)
+    m.d.comb += mask.eq(Cat(*[Const(i, range(width + 2)) < sm1 for i in range(width)]))
+    return mask
+
+
+def rne_shift(
+    m: Module, x: Value, s: Value, name: str, mask: Value | None = None
+) -> Signal:
     """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``.
 
     A shift of ``len(x)`` or more gives the same result as ``len(x)`` (the value is below
-    half an LSB), so the shift is clamped there to keep the shifter small.
+    half an LSB), so the shift is clamped there to keep the shifter small. ``mask`` is
+    :func:`below_mask` of ``s`` when the caller shares one across lanes.
     """
     w = len(x)
     xs = x.as_signed()
@@ -71,8 +87,10 @@ def rne_shift(m: Module, x: Value, s: Value, name: str) -> Signal:
     m.d.comb += sm1.eq(sc - 1)
     rnd = Signal(name=f"{name}_r")
     m.d.comb += rnd.eq((xs >> sm1)[0])
+    if mask is None:
+        mask = below_mask(m, sc, w, f"{name}_mask")
     sticky = Signal(name=f"{name}_st")
-    m.d.comb += sticky.eq(Cat(*[x[i] & (i < sm1) for i in range(w)]).any())
+    m.d.comb += sticky.eq((x.as_unsigned() & mask[:w]).any())
     out = Signal(signed(w + 1), name=name)
     up = (sc != 0) & rnd & (sticky | q[0])
     m.d.comb += out.eq(q + up)
@@ -101,8 +119,10 @@ def normalize(
     bl = bit_length(m, amax, f"{name}_bl")
     shift = Signal(range(len(amax) + 1), name=f"{name}_shift")
     m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
+    width = max(len(x) for x in xs)
+    mask = below_mask(m, shift, width, f"{name}_mask")
     qs = [
-        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}"), bits, f"{name}_q{i}")
+        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}", mask), bits, f"{name}_q{i}")
         for i, x in enumerate(xs)
     ]
     e = Signal(signed(EXP_BITS), name=f"{name}_e")
@@ -126,12 +146,13 @@ def to_storage(
     m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > 40, 40, e1 - numerics.E_MAX))
     down = Signal(unsigned(EXP_BITS), name=f"{name}_down")
     m.d.comb += down.eq(numerics.E_MIN - e1)
+    lo_mask = below_mask(m, down, bits, f"{name}_lomask")
     qs = []
     for i, q in enumerate(q1):
         shifted_up = Signal(signed(bits + 41), name=f"{name}_up{i}")
         m.d.comb += shifted_up.eq(q << up)
         hi = saturate(m, shifted_up, bits, f"{name}_hi{i}")
-        lo = rne_shift(m, q, down, f"{name}_lo{i}")
+        lo = rne_shift(m, q, down, f"{name}_lo{i}", lo_mask)
         out = Signal(signed(bits), name=f"{name}_q{i}")
         m.d.comb += out.eq(Mux(over, hi, Mux(under, lo, q)))
         qs.append(out)

@@ -275,9 +275,10 @@ class ChainEngine(wiring.Component):
         shift = Signal(SHIFT_BITS)
         m.d.comb += shift.eq(Mux(below, 0, Mux(upsh > 63, 63, upsh)))
         cq = []
+        clamp_mask = bfp.below_mask(m, down, 8, "clamp_mask")
         for i in range(n):
             qi = raw_q.word_select(i, 8).as_signed()
-            rq = bfp.rne_shift(m, qi, down, f"clamp{i}")
+            rq = bfp.rne_shift(m, qi, down, f"clamp{i}", clamp_mask)
             c = Signal(signed(8), name=f"cq{i}")
             m.d.comb += c.eq(Mux(below, rq, qi))
             cq.append(c)

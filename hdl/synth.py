@@ -79,10 +79,19 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
         "--report",
         "nextpnr-report.json",
     ]
-    seconds["nextpnr"] = round(_run(cmd, out / "nextpnr.log", "nextpnr-ecp5"), 1)
-    rep = json.loads((out / "nextpnr-report.json").read_text())
-    util = rep.get("utilization", {})
     report: dict = {"device": cfg.device, "config": cfg.name}
+    try:
+        seconds["nextpnr"] = round(_run(cmd, out / "nextpnr.log", "nextpnr-ecp5"), 1)
+        rep = json.loads((out / "nextpnr-report.json").read_text())
+        report["placed"] = True
+    except TesseraError as exc:
+        # A design that does not fit is a result too: report nextpnr's utilization table.
+        rep = {"utilization": _log_utilization(out / "nextpnr.log"), "fmax": {}}
+        if not rep["utilization"]:
+            raise
+        report["placed"] = False
+        report["problem"] = str(exc).splitlines()[-1]
+    util = rep.get("utilization", {})
     for key, cell in CELLS.items():
         u = util.get(cell, {"used": 0, "available": 0})
         report[key] = [int(u["used"]), int(u["available"])]
@@ -97,6 +106,18 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
     return report
 
 
+def _log_utilization(log: Path) -> dict:
+    """``Info:  CELL: used/ avail  pct%`` lines of a nextpnr log (when it stops before its report)."""
+    import re
+
+    util = {}
+    for line in log.read_text(errors="replace").splitlines():
+        mt = re.match(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", line)
+        if mt:
+            util[mt.group(1)] = {"used": int(mt.group(2)), "available": int(mt.group(3))}
+    return util
+
+
 def format_report(rep: dict) -> str:
     lines = [f"tessera synth: {rep['config']} on {rep['device']} (out of context)"]
     lines.append(f"  {'resource':10s} {'used':>8s} {'avail':>8s} {'%':>6s}")
@@ -105,6 +126,8 @@ def format_report(rep: dict) -> str:
         used, avail = rep[key]
         pct = 100 * used / avail if avail else 0.0
         lines.append(f"  {label:10s} {used:8d} {avail:8d} {pct:6.1f}")
+    if not rep.get("placed", True):
+        lines.append(f"  DOES NOT FIT: {rep.get('problem', '')}")
     for clk, f in rep["fmax_mhz"].items():
         t = rep["target_mhz"][clk]
         lines.append(

@@ -152,9 +152,11 @@ class VectorPipe(wiring.Component):
             wide = 2 * big + 1
             pre = [Signal(signed(wide), name=f"pre{s}_{i}") for i in range(n)]
             lsb = Signal(signed(bfp.EXP_BITS), name=f"lsb{s}")
+            mx = bfp.below_mask(m, dx, big, f"mx{s}")
+            my = bfp.below_mask(m, dy, big, f"my{s}")
             for i in range(n):
-                xa = bfp.rne_shift(m, qa[i], dx, f"xa{s}_{i}")
-                ya = bfp.rne_shift(m, yq[i], dy, f"ya{s}_{i}")
+                xa = bfp.rne_shift(m, qa[i], dx, f"xa{s}_{i}", mx)
+                ya = bfp.rne_shift(m, yq[i], dy, f"ya{s}_{i}", my)
                 with m.Switch(cfg_s.op):
                     with m.Case(MfuOp.ADD):
                         m.d.comb += pre[i].eq(xa + ya)
