@@ -17,8 +17,9 @@ def test_run_backend_rtl_matches_sim(tmp_path, capsys):
     shape = prog.manifest["inputs"][0]["shape"]
     np.save(tmp_path / "x.npy", np.random.default_rng(5).standard_normal(shape).astype("f4"))
     for backend in ("sim", "rtl"):
+        out_file = str(tmp_path / f"{backend}.npz")
         argv = ["run", str(tmp_path / "net.tsr"), "--backend", backend,
-                "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / f"{backend}.npz")]  # fmt: skip
+                "--input", str(tmp_path / "x.npy"), "--output", out_file]  # fmt: skip
         assert cli.main(argv) == 0
     out = capsys.readouterr()
     assert "rtl:" in out.out + out.err

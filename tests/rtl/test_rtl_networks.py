@@ -41,6 +41,7 @@ def test_network_bit_exact(runs, name):
     assert np.array_equal(r.mem, ref), f"{np.count_nonzero(r.mem != ref)} DRAM bytes differ"
     for k, v in read_outputs(prog, ref).items():
         np.testing.assert_array_equal(read_outputs(prog, r.mem)[k], v)
-    print(
-        f"{name}: RTL {r.cycles} cycles, model {cycles} ({100 * (r.cycles - cycles) / cycles:+.1f} %)"
-    )
+    rel = (r.cycles - cycles) / cycles
+    print(f"{name}: RTL {r.cycles} cycles, model {cycles} ({100 * rel:+.1f} %)")
+    # measured +4 .. +12 %: a regression guard until the 2 % target is met
+    assert abs(rel) < 0.15

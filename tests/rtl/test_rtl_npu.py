@@ -86,9 +86,15 @@ def test_random_chains_bit_exact(runs):
     assert _check(runs, "random #") == RANDOM_PROGRAMS
 
 
+#: Measured: +18 % over these tiny programs (start-of-chain row latency and pipeline drain,
+#: which the model does not charge, dominate chains of a few hundred cycles). A regression
+#: guard until the 2 % target of docs/hardware.md is met.
+RANDOM_CYCLE_BOUND = 0.25
+
+
 def test_cycle_counts_near_the_cycle_model(runs):
-    cases, expected, results = runs
+    _, expected, results = runs
     rtl = sum(r.cycles for r in results)
     model = sum(c for _, c in expected)
     print(f"RTL {rtl} cycles, model {model}: {100 * (rtl - model) / model:+.1f} %")
-    assert rtl > 0 and model > 0
+    assert abs(rtl - model) <= RANDOM_CYCLE_BOUND * model
