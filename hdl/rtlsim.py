@@ -95,6 +95,7 @@ def build(
     sim.activate()
     runner = get_runner(sim.name)
     stamp = build_dir / ".built"
+    build_dir.touch()  # most recently used
     if not stamp.exists():
         args: list[str] = []
         if sim.name == "verilator":
@@ -110,4 +111,14 @@ def build(
             always=True,
         )
         stamp.write_text(text[:0] + "ok\n")
+    _prune(build_dir.parent, name, keep=4)
     return Build(sim, name, build_dir, vpath)
+
+
+def _prune(cache: Path, name: str, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used builds of ``name`` (each is ~150 MB)."""
+    import shutil
+
+    builds = sorted(cache.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
