@@ -58,7 +58,6 @@ import hashlib
 import importlib
 import json
 import os
-import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,13 +70,11 @@ from tessera.errors import ProgramFormatError, TesseraError
 from tessera.heads import LinearHead, head_labels, merge_featurizer_and_head, split_classifier
 from tessera.preprocess import PRESETS as PREPROCESS_PRESETS
 from tessera.preprocess import PreprocessSpec, get_preset, preprocess
-from tessera.program import Program
+from tessera.program import ALIGN, HEADER, Program, read_container
 
 MAGIC = b"TSRPKG\0\0"
 FORMAT_VERSION = 1
-#: magic, format version, header size, file size, manifest size, manifest sha256.
-HEADER = struct.Struct("<8sIIQQ32s")
-ALIGN = 8
+# The container (header, manifest, alignment) is the program file's: tessera.program.
 SUFFIX = ".tpkg"
 KINDS = ("classifier", "featurizer", "detector")
 #: The seeds' 2018 client's tensor names.
@@ -572,42 +569,9 @@ def _unpack(data: bytes, source: str) -> Package:
     def fail(problem: str) -> PackageFormatError:
         return PackageFormatError(f"{source}: {problem}")
 
-    if data[: len(MAGIC)] != MAGIC:
-        if len(data) < len(MAGIC) and MAGIC.startswith(data):
-            raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
-        raise fail(f"not a tessera package (starts with {data[:8]!r}, expected {MAGIC!r})")
-    # The version comes first, so a newer file is reported as such and not as corrupted.
-    if len(data) >= len(MAGIC) + 4:
-        (version,) = struct.unpack_from("<I", data, len(MAGIC))
-        if version != FORMAT_VERSION:
-            raise fail(
-                f"package format version {version} is not supported (this tessera reads "
-                f"version {FORMAT_VERSION}); rebuild it with `tessera package`"
-            )
-    if len(data) < HEADER.size:
-        raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
-    _, _, header_size, size, manifest_size, manifest_sha = HEADER.unpack_from(data)
-    if header_size != HEADER.size:
-        raise fail(f"corrupted: header size field is {header_size}, expected {HEADER.size}")
-    if size > len(data):
-        raise fail(f"truncated: expected {size} bytes, got {len(data)}")
-    if size < len(data):
-        raise fail(f"corrupted: {len(data) - size} unexpected bytes after the end at {size}")
-    start = _align(HEADER.size + manifest_size)
-    if start > size:
-        raise fail(f"corrupted: manifest size {manifest_size} runs past the end of the file")
-    view = memoryview(data)
-    text = view[HEADER.size : HEADER.size + manifest_size]
-    if hashlib.sha256(text).digest() != manifest_sha:
-        raise fail("corrupted: manifest sha256 mismatch")
-    if any(view[HEADER.size + manifest_size : start]):
-        raise fail("corrupted: nonzero padding after the manifest")
-    try:
-        manifest = json.loads(bytes(text).decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"corrupted: the manifest is not JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise fail("corrupted: the manifest is not a JSON object")
+    manifest, view, start, size = read_container(
+        data, MAGIC, FORMAT_VERSION, "package", "rebuild it with `tessera package`", fail
+    )
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     unknown = sorted(set(manifest) - set(MANIFEST_KEYS))
     if missing or unknown:

@@ -44,7 +44,7 @@ import operator
 import os
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,25 +307,32 @@ def _check_contents(
         previous, end_of_previous = i, address + len(data)
 
 
-def _unpack(data: bytes, source: str) -> tuple[dict[str, Any], np.ndarray, list[tuple[int, bytes]]]:
-    """Check the container (header, checksums, layout), then the contents."""
+def read_container(
+    data: bytes,
+    magic: bytes,
+    version: int,
+    kind: str,
+    rebuild: str,
+    fail: Callable[[str], Exception],
+) -> tuple[dict[str, Any], memoryview, int, int]:
+    """Check the container shared by programs and packages; return its manifest.
 
-    def fail(problem: str) -> ProgramFormatError:
-        return ProgramFormatError(f"{source}: {problem}")
-
-    if data[: len(MAGIC)] != MAGIC:
-        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+    Both files are ``HEADER`` (magic, version, header size, file size, manifest size,
+    manifest sha256), the JSON manifest, zero padding to ``ALIGN``, then the payload. The
+    version is checked before anything else so a newer file, whose header may differ, is
+    reported as such and not as corrupted. Returns the manifest, a view of ``data``, the
+    payload start and the file size; ``fail`` makes the caller's exception type.
+    """
+    if data[: len(magic)] != magic:
+        if len(data) < len(magic) and magic.startswith(data):
             raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
-        raise fail(f"not a tessera program (starts with {data[:8]!r}, expected {MAGIC!r})")
-    # The version is checked before anything else so a newer file, whose header may differ,
-    # is reported as such and not as corrupted.
-    version_end = len(MAGIC) + 4
-    if len(data) >= version_end:
-        (version,) = struct.unpack_from("<I", data, len(MAGIC))
-        if version != FORMAT_VERSION:
+        raise fail(f"not a tessera {kind} (starts with {data[:8]!r}, expected {magic!r})")
+    if len(data) >= len(magic) + 4:
+        (found,) = struct.unpack_from("<I", data, len(magic))
+        if found != version:
             raise fail(
-                f"program format version {version} is not supported (this tessera reads"
-                f" version {FORMAT_VERSION}); recompile the model with `tessera compile`"
+                f"{kind} format version {found} is not supported (this tessera reads"
+                f" version {version}); {rebuild}"
             )
     if len(data) < HEADER.size:
         raise fail(f"truncated: expected at least {HEADER.size} bytes, got {len(data)}")
@@ -339,7 +346,6 @@ def _unpack(data: bytes, source: str) -> tuple[dict[str, Any], np.ndarray, list[
     start = _align(HEADER.size + manifest_size)
     if start > size:
         raise fail(f"corrupted: manifest size {manifest_size} runs past the end of the file")
-
     view = memoryview(data)
     manifest_bytes = view[HEADER.size : HEADER.size + manifest_size]
     if hashlib.sha256(manifest_bytes).digest() != manifest_sha:
@@ -352,7 +358,18 @@ def _unpack(data: bytes, source: str) -> tuple[dict[str, Any], np.ndarray, list[
         raise fail(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise fail("manifest is not a JSON object")
+    return manifest, view, start, size
 
+
+def _unpack(data: bytes, source: str) -> tuple[dict[str, Any], np.ndarray, list[tuple[int, bytes]]]:
+    """Check the container (header, checksums, layout), then the contents."""
+
+    def fail(problem: str) -> ProgramFormatError:
+        return ProgramFormatError(f"{source}: {problem}")
+
+    manifest, view, start, size = read_container(
+        data, MAGIC, FORMAT_VERSION, "program", "recompile the model with `tessera compile`", fail
+    )
     sections = manifest.pop("sections", None)
     if not isinstance(sections, dict) or set(sections) != set(SECTIONS):
         raise fail(f"corrupted: the manifest's section table must describe {list(SECTIONS)}")
