@@ -314,6 +314,34 @@ def _labels_for(args: argparse.Namespace, classes: int) -> list[str]:
     return [f"class {i}" for i in range(classes)]
 
 
+def _print_detections(args: argparse.Namespace, outputs: dict[str, np.ndarray]) -> int:
+    """A detector service answers with TF object-detection tensors (see tessera.ssd)."""
+    from tessera.ssd import VOC_LABELS
+
+    count = int(np.asarray(outputs["num_detections"]).reshape(-1)[0])
+    boxes = np.asarray(outputs["detection_boxes"], dtype=np.float32).reshape(-1, 4)[:count]
+    scores = np.asarray(outputs["detection_scores"], dtype=np.float32).reshape(-1)[:count]
+    classes = np.asarray(outputs["detection_classes"]).reshape(-1)[:count].astype(int)
+    labels = _labels_for(args, len(VOC_LABELS)) if args.labels is not None else VOC_LABELS
+    detections = [
+        {
+            "class_id": int(c),
+            "label": labels[c] if 0 <= c < len(labels) else str(c),
+            "score": float(sc),
+            "box": [float(v) for v in box],
+        }
+        for c, sc, box in zip(classes, scores, boxes, strict=True)
+    ][: args.top]
+    if args.json:
+        print(json.dumps({"image": str(args.image), "detections": detections}))
+        return 0
+    print(args.image)
+    for rank, d in enumerate(detections, start=1):
+        box = ", ".join(f"{v:.3f}" for v in d["box"])
+        print(f"  {rank:>2}. {d['score']:7.4f}  {d['label']} ({d['class_id']})  [{box}]")
+    return 0
+
+
 def _cmd_client_score(args: argparse.Namespace) -> int:
     from tessera.runtime.client import PredictionClient
 
@@ -334,6 +362,8 @@ def _cmd_client_score(args: argparse.Namespace) -> int:
         outputs = client.score_image_bytes(
             data, input_name=args.input_name, outputs=args.output, timeout=args.timeout
         )
+    if isinstance(outputs, dict) and "detection_boxes" in outputs:
+        return _print_detections(args, outputs)
     if isinstance(outputs, dict):
         name = next(iter(outputs))
         probs = outputs[name]

@@ -419,3 +419,24 @@ def test_rest_batch_and_metadata(
         "detection_classes": [-1, K],
         "num_detections": [-1],
     }
+
+
+@needs_zoo
+def test_client_score_prints_detections(
+    files: dict[str, Path], pkg: Package, astronaut: dict[str, Any], capsys
+) -> None:
+    """``tessera client score`` against a detector service prints its detections (the same
+    as ``ssd.detect``), not a top-k over the box tensors."""
+    pytest.importorskip("grpc")
+    from serve_helpers import running_server
+
+    want = _detect(astronaut["heads"], DEFAULTS).astype(np.float32)
+    image = str(files["astronaut"])
+    with running_server(pkg) as srv:
+        args = ["client", "score", f"127.0.0.1:{srv.grpc_port}", image, "--json"]
+        assert main([*args, "--top", "100", "--timeout", "300"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image"] == image and len(out["detections"]) == len(want) > 0
+    for d, w in zip(out["detections"], want, strict=True):
+        assert d["label"] == ssd.VOC_LABELS[d["class_id"]]
+        assert [d["class_id"], d["score"], *d["box"]] == [float(v) for v in w]
