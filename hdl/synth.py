@@ -90,7 +90,11 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
         if not rep["utilization"]:
             raise
         report["placed"] = False
-        report["problem"] = str(exc).splitlines()[-1]
+        errors = [
+            ln for ln in (out / "nextpnr.log").read_text(errors="replace").splitlines()
+            if ln.startswith("ERROR:")
+        ]
+        report["problem"] = errors[0] if errors else str(exc).splitlines()[-1]
     util = rep.get("utilization", {})
     for key, cell in CELLS.items():
         u = util.get(cell, {"used": 0, "available": 0})
@@ -107,7 +111,7 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
 
 
 def _log_utilization(log: Path) -> dict:
-    """``Info:  CELL: used/ avail  pct%`` lines of a nextpnr log (when it stops before its report)."""
+    """``Info:  CELL: used/ avail  pct%`` lines of a nextpnr log that stopped before its report."""
     import re
 
     util = {}
