@@ -156,9 +156,11 @@ class ChainEngine(wiring.Component):
         m.d.comb += self.emax_out.eq(writer.emax)
 
         # ---------------------------------------------------------------- set-up products
-        mul_a = Signal(32)
-        mul_b = Signal(32)
-        prod = Signal(64)
+        # One MULT18X18D: every operand (pixels per tensor, blocks per row, strides) is below
+        # 2**18, i.e. tensors up to 512 x 512 pixels.
+        mul_a = Signal(18)
+        mul_b = Signal(18)
+        prod = Signal(36)
         m.d.comb += prod.eq(mul_a * mul_b)
         rem = Signal(eb + 3)
         div_i = Signal(range(eb + 3))
