@@ -68,9 +68,7 @@ def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
     return mask
 
 
-def rne_shift(
-    m: Module, x: Value, s: Value, name: str, mask: Value | None = None
-) -> Signal:
+def rne_shift(m: Module, x: Value, s: Value, name: str, mask: Value | None = None) -> Signal:
     """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``.
 
     A shift of ``len(x)`` or more gives the same result as ``len(x)`` (the value is below

@@ -136,7 +136,7 @@ class ChainEngine(wiring.Component):
         act_s, stg = {}, {}
         for k, shape in shapes.items():
             act_s[k], stg[k] = pair(k, shape)
-        pix_in, in_plane, pix_out = act_s["pix_in"], act_s["in_plane"], act_s["pix_out"]
+        in_plane = act_s["in_plane"]
         out_plane, aux_plane, total = act_s["out_plane"], act_s["aux_plane"], act_s["total"]
         rowblocks, dh_rb, sh_rb = act_s["rowblocks"], act_s["dh_rb"], act_s["sh_rb"]
         pt_rb, dw_c, sw_c, pl_c = act_s["pt_rb"], act_s["dw_c"], act_s["sw_c"], act_s["pl_c"]

@@ -91,7 +91,8 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
             raise
         report["placed"] = False
         errors = [
-            ln for ln in (out / "nextpnr.log").read_text(errors="replace").splitlines()
+            ln
+            for ln in (out / "nextpnr.log").read_text(errors="replace").splitlines()
             if ln.startswith("ERROR:")
         ]
         report["problem"] = errors[0] if errors else str(exc).splitlines()[-1]

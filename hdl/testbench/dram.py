@@ -1,8 +1,9 @@
 """A DRAM model speaking the NPU's burst bus (``tessera.hdl.bus.MemBus``).
 
 Ideal timing, the channel the cycle model assumes: one 16-bit beat per cycle, up to two
-bursts outstanding so beats stream back to back, read data one cycle after the command. Everything is sampled and driven on the falling clock edge, where the NPU's
-registered outputs and the combinational handshakes derived from them are stable.
+bursts outstanding so beats stream back to back, read data one cycle after the command.
+Everything is sampled and driven on the falling clock edge, where the NPU's registered
+outputs and the commands offered from them are stable.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from cocotb.triggers import FallingEdge
 
 
 class DramModel:
-    """Byte-addressed memory behind the ``mem_*`` ports of the NPU top."""
+    """Byte-addressed memory behind the ``mem__*`` ports of the NPU top."""
 
     def __init__(self, dut, size: int) -> None:
         self.dut = dut
