@@ -58,7 +58,6 @@ import hashlib
 import importlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +69,7 @@ from tessera.errors import ProgramFormatError, TesseraError
 from tessera.heads import LinearHead, head_labels, merge_featurizer_and_head, split_classifier
 from tessera.preprocess import PRESETS as PREPROCESS_PRESETS
 from tessera.preprocess import PreprocessSpec, get_preset, preprocess
-from tessera.program import ALIGN, HEADER, Program, read_container
+from tessera.program import ALIGN, HEADER, Program, read_container, write_atomically
 
 MAGIC = b"TSRPKG\0\0"
 FORMAT_VERSION = 1
@@ -488,17 +487,7 @@ class Package:
         path = Path(path)
         data = self.to_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> Package:

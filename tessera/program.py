@@ -117,18 +117,7 @@ class Program:
         """
         path = Path(path)
         data = self._pack(f"cannot save {path}")
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Program:
@@ -305,6 +294,23 @@ def _check_contents(
         if previous is not None and address < end_of_previous:
             raise ProgramFormatError(f"{source}: DRAM segments {previous} and {i} overlap")
         previous, end_of_previous = i, address + len(data)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a
+    partial one: a synced temporary file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_container(
