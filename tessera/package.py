@@ -69,7 +69,8 @@ from tessera.errors import ProgramFormatError, TesseraError
 from tessera.heads import LinearHead, head_labels, merge_featurizer_and_head, split_classifier
 from tessera.preprocess import PRESETS as PREPROCESS_PRESETS
 from tessera.preprocess import PreprocessSpec, get_preset, preprocess
-from tessera.program import ALIGN, HEADER, Program, read_container, write_atomically
+from tessera.program import ALIGN, Program, pack_container, read_container, write_atomically
+from tessera.program import HEADER as HEADER  # the container header, re-exported for tests
 
 MAGIC = b"TSRPKG\0\0"
 FORMAT_VERSION = 1
@@ -471,16 +472,7 @@ class Package:
             ).encode("ascii")
         except (TypeError, ValueError) as exc:
             raise TesseraError(f"package manifest is not JSON-serialisable: {exc}") from None
-        start = _align(HEADER.size + len(text))
-        header = HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            HEADER.size,
-            start + pos,
-            len(text),
-            hashlib.sha256(text).digest(),
-        )
-        return b"".join([header, text, bytes(start - HEADER.size - len(text)), *payload])
+        return pack_container(MAGIC, FORMAT_VERSION, text, payload, pos)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (a temporary file renamed into place), like ``Program.save``."""

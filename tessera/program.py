@@ -181,16 +181,7 @@ class Program:
             raise ProgramFormatError(
                 f"{source}: manifest is not JSON-serialisable: {exc}"
             ) from None
-        start = _align(HEADER.size + len(manifest))
-        header = HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            HEADER.size,
-            start + pos,
-            len(manifest),
-            hashlib.sha256(manifest).digest(),
-        )
-        return b"".join([header, manifest, bytes(start - HEADER.size - len(manifest)), *payload])
+        return pack_container(MAGIC, FORMAT_VERSION, manifest, payload, pos)
 
 
 def _align(n: int) -> int:
@@ -294,6 +285,23 @@ def _check_contents(
         if previous is not None and address < end_of_previous:
             raise ProgramFormatError(f"{source}: DRAM segments {previous} and {i} overlap")
         previous, end_of_previous = i, address + len(data)
+
+
+def pack_container(
+    magic: bytes, version: int, manifest: bytes, payload: list[bytes], payload_size: int
+) -> bytes:
+    """Header, manifest, zero padding to ``ALIGN``, then the payload (``read_container``'s
+    inverse, shared by programs and packages)."""
+    start = _align(HEADER.size + len(manifest))
+    header = HEADER.pack(
+        magic,
+        version,
+        HEADER.size,
+        start + payload_size,
+        len(manifest),
+        hashlib.sha256(manifest).digest(),
+    )
+    return b"".join([header, manifest, bytes(start - HEADER.size - len(manifest)), *payload])
 
 
 def write_atomically(path: Path, data: bytes) -> None:
