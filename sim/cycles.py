@@ -1,37 +1,112 @@
-"""The cycle model: the timing contract the RTL must meet within 2 %.
+"""The cycle model: the timing contract the RTL (``hdl/``) meets within 2 %.
 
-Three resources work concurrently:
+It follows the NPU's structure rather than an ideal machine, because a chain of a few
+hundred cycles spends a large share of them in start-up, per-row and drain steps that an
+"overlap everything" model does not see. The terms below are the states of the RTL's
+finite-state machines, counted per chain, per row and per DRAM burst.
 
-* the **sequencer** issues one instruction per cycle; it runs ahead of a chain because
-  the chain latches its control registers when it starts;
-* the **DRAM channel** moves ``dram_bytes_per_cycle``; weight/constant loads
-  (``m_rd``, ``c_rd``) and a chain's activation traffic are serialized on it;
-* the **datapath** (MVU then MFUs, one pipeline) runs one chain at a time.
+**Sequencer** (``hdl/npu.py``): one instruction per cycle. ``m_rd`` / ``c_rd`` go to the
+load unit, which does one load at a time; a load waits for the unit and for the chains in
+the engine (running or staged) that read the buffer half it targets. ``end_chain`` waits
+for the load unit to be idle (the chain's tiles and constants have landed) and for the
+chain engine's set-up stage to be free, i.e. for the previous chain to have launched.
 
-A load targets one half of the double-buffered tile buffer (or VRF) and may start only
-when the chain that last used that half has finished, so the loads for chain *i+1*
-overlap chain *i*. A chain starts when the datapath is free and its loads have landed,
-and lasts ``overhead + max(compute, its own DRAM time) + pipeline fill``:
+**Set-up stage** (``hdl/chain.py``): latch, reducer decode, 13 products through one
+multiplier, the ring division (one bit per cycle), the ring product: ``SETUP_FIXED + bits``
+cycles. It overlaps the previous chain; the chain launches when it is staged and the
+engine is idle (the cycle after the previous chain's ``done``).
 
-* ``mv_mul``: per output pixel, ``ceil(K_H*K_W*IN_CB_CNT*OUT_CB_CNT / tile_engines)``
-  tile passes of ``N / lanes`` cycles each;
-* ``v_pool``: one vector per cycle per window position and block;
-* otherwise (elementwise): one vector per cycle per block.
+**Sweep**, per output row: ``ROW_WRAP`` (one cycle, plus one per ring correction of the
+row's ring address), ``ROW_WAIT`` until the activation loader has landed the row's kernel
+rows, one beat per cycle in ``RUN`` (``N / lanes`` beats per tile pass for ``mv_mul``, one
+per window position and block for ``v_pool``, one per block otherwise), ``ROW_NEXT``.
 
-Activation DRAM traffic: the input slice once per chain when ``K_H`` rows of it fit the
-activation buffer (else once per kernel row); not at all when the previous chain read the
-same slice and the whole slice fits the buffer (it is still resident); the AUX operand
-and the output once.
+**Activation loader** (``hdl/actloader.py``): input rows in order into a ring of ``R =
+act_entries // (IN_W * IN_CB_CNT)`` rows, at most ``R`` rows ahead of the sweep; a row is
+one segment (the chain reads the full depth) or one per pixel; a segment is a mantissa
+burst train, then an exponent burst train (whole beats: a partial first or last beat
+costs a full one), with four cycles of state changes around them, plus one per row. A slice
+that fits the ring and was read by the previous ``mv_mul`` / ``v_pool`` chain is resident
+and not loaded again.
+
+**DRAM bus** (``hdl/arbiter.py``): one beat of ``dram_bytes_per_cycle`` bytes per cycle,
+shared by the writer, the AUX reader, the activation loader and the load unit (in that
+priority). A chain cannot end before its own beats have moved: activation segments,
+the AUX reader's mantissa burst and exponent beat per block, the writer's mantissa beats
+and coalesced exponent bursts. Loads (``m_rd``, ``c_rd``) are held while the activation
+loader streams and get the bus after the chain's traffic.
+
+**Drain**: after the last beat, the reducer pipeline, the vector pipeline, the writer's
+FIFO, its last mantissa burst and its exponent flush.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
 from tessera import layout
 from tessera.config import NPUConfig
 from tessera.isa import Reg
+
+#: Set-up stage cycles before the ring division: latch, reducer decode, 13 products, ring
+#: product, the staged state (``hdl/chain.py``, states IDLE, S0, P0..P12, RING, READY).
+SETUP_FIXED = 17
+#: Cycles from a chain's launch to its first ``ROW_WRAP`` (IDLE -> LAUNCH -> ROW_WRAP) and
+#: to the activation loader's first ``ROW`` state (its start is seen one cycle later).
+LAUNCH_TO_SWEEP = 2
+#: ``ROW_NEXT`` and ``ROW_WAIT``: the sweep's cycles per output row besides ``ROW_WRAP``.
+ROW_STATES = 2
+#: Activation loader state cycles per segment (SEG, the mantissa and the exponent burst's
+#: command cycle, NEXT) and per row (ROW).
+SEGMENT_STATES = 4
+ROW_LOAD_STATES = 1
+#: Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``: normalize,
+#: two per MFU slot, re-block).
+VECTOR_LATENCY = 10
+#: Products of the set-up stage, and the MVU's multiplier latency (``hdl/mvu.py``).
+MUL_LATENCY = 2
+#: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
+#: (NEXT, REQ before a burst; NEXT after the last one), the exponent flush's command cycle
+#: and its return to COLLECT, and the chain's DRAIN state.
+DRAIN_FIXED = 2 + 2 + 1 + 2 + 1 + 1
+#: Blocks the writer collects exponents for before a flush (``hdl/writer.py`` EXP_BUF),
+#: and the longest mantissa run it writes as one burst (RUN_MAX).
+EXP_BUF = 16
+RUN_MAX = 8
+#: Load unit bursts: LOADER_CHUNK beats each, up to LOADER_QUEUE of them queued on the
+#: bus (``hdl/loader.py`` CHUNK, ``hdl/arbiter.py`` QUEUE).
+LOADER_CHUNK = 16
+LOADER_QUEUE = 2
+#: Cycles from a burst's command to its first data beat (arbiter queue, then the bus).
+BUS_LATENCY = 2
+#: Writer cycles per mantissa burst and per exponent flush besides their beats: the bus
+#: latency (the next burst's command goes out with the last beat).
+WRITER_BURST_STATES = BUS_LATENCY
+#: AUX reader cycles per block besides its beats: NEXT, then two bursts (mantissas, the
+#: exponent beat), each a command and the bus latency (``hdl/auxreader.py``).
+AUX_BLOCK_STATES = 1 + 2 * BUS_LATENCY + 1
+#: Blocks the AUX reader runs ahead of the sweep (its FIFO's depth minus one).
+AUX_FIFO = 7
+#: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
+#: DRAIN state), and the host sees it one cycle later.
+HALT_TO_DONE = 2
+
+
+def act_entries(cfg: NPUConfig) -> int:
+    """Blocks the activation buffer holds (N mantissa bytes + 1 exponent byte each)."""
+    return cfg.act_buffer_bytes // (cfg.native_dim + 1)
+
+
+def setup_cycles(cfg: NPUConfig) -> int:
+    """Set-up stage cycles: fixed states plus one per bit of the ring division."""
+    return SETUP_FIXED + max(1, (act_entries(cfg) - 1).bit_length()) + 2
+
+
+def mvu_latency(cfg: NPUConfig) -> int:
+    """MVU cycles from an operand beat to its block leaving the accumulator."""
+    return 1 + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1
 
 
 @dataclass
@@ -45,90 +120,351 @@ class ChainTiming:
 
 
 @dataclass
+class _Sweep:
+    """One chain's geometry as the chain engine sees it (after the set-up stage)."""
+
+    ih: int
+    iw: int
+    icnt: int
+    icb: int
+    exp_addr: int  # first exponent byte of the input slice
+    oh: int
+    ow: int
+    ocnt: int
+    ocb: int
+    out_exp_addr: int
+    sh: int
+    pt: int
+    span: int  # input rows an output row reads, minus one
+    beats_per_row: int
+    resident: bool
+    aux: bool
+
+    @property
+    def blocks(self) -> int:
+        return self.oh * self.ow * self.ocnt
+
+
+@dataclass
+class _Running:
+    """The chain the engine runs last: launch and done cycle, the cycle each output row's
+    sweep starts, its writer's beats and bursts and its AUX reader's blocks."""
+
+    start: int
+    end: int
+    row_runs: list[int]
+    writer_beats: int
+    writer_bursts: int
+    aux_blocks: int  # 0 without an AUX operand
+    aux_block_beats: int
+    aux_period: int  # the AUX reader's cycles per block on its own
+
+    def share_after(self, t: int) -> float:
+        """The share of the chain's output blocks its sweep produces from cycle ``t`` on."""
+        later = len(self.row_runs) - bisect.bisect_left(self.row_runs, t)
+        return later / max(1, len(self.row_runs))
+
+    def aux_left(self, t: int) -> int:
+        """AUX blocks not yet read at cycle ``t``: the reader runs ahead of the sweep by at
+        most its FIFO, at its own pace."""
+        consumed = round((1 - self.share_after(t)) * self.aux_blocks)
+        fetched = min(self.aux_blocks, (t - self.start) // self.aux_period, consumed + AUX_FIFO)
+        return self.aux_blocks - max(0, fetched)
+
+
+@dataclass
 class CycleModel:
     cfg: NPUConfig
-    t_issue: float = 0.0
-    dram_free: float = 0.0
-    unit_free: float = 0.0
-    pending_ready: float = 0.0
-    half_free: dict = field(default_factory=dict)
-    pending_halves: set = field(default_factory=set)
+    t_issue: int = 0
+    loader_free: int = 0  # the load unit is idle from this cycle
+    hold_until: int = 0  # the activation loader streams (loads are held) until then
+    running: _Running | None = None  # the last chain handed to the engine
+    setup_free: int = 0  # the set-up stage can take a chain
+    engine_done: int = -1  # last chain's done cycle
+    half_done: dict = field(default_factory=dict)  # buffer half -> done of its last reader
     chains: list[ChainTiming] = field(default_factory=list)
     dram_bytes_total: int = 0
     pending_bytes: int = 0
     resident_input: tuple | None = None
 
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.bus = cfg.dram_bytes_per_cycle  # bytes per beat
+        # byte lanes of a beat, for where a burst of exponent bytes starts (0: not integral)
+        self.lanes = round(self.bus) if float(self.bus).is_integer() else 0
+        self.mant_bytes = cfg.native_dim * layout.mantissa_dtype(cfg.mantissa_bits).itemsize
+        self.mant_beats = self._beats(self.mant_bytes)
+        self.setup = setup_cycles(cfg)
+        self.entries = act_entries(cfg)
+
+    # ------------------------------------------------------------------ bus helpers
+    def _beats(self, nbytes: float, offset: int = 0) -> int:
+        """Whole bus beats of a burst of ``nbytes`` starting ``offset`` bytes into a beat."""
+        return math.ceil((offset + nbytes) / self.bus)
+
+    def _train(self, addr: int, step: int, count: int, nbytes: int) -> int:
+        """Beats of ``count`` bursts of ``nbytes`` at ``addr``, ``addr + step``, ...; where
+        a burst starts in a beat repeats with a short period, so one period is summed."""
+        if count <= 0:
+            return 0
+        if not self.lanes:
+            return count * self._beats(nbytes)
+        lanes = self.lanes
+        period = lanes // math.gcd(step % lanes, lanes)
+        one = [self._beats(nbytes, (addr + i * step) % lanes) for i in range(min(period, count))]
+        whole, rest = divmod(count, len(one))
+        return whole * sum(one) + sum(one[:rest])
+
+    # ------------------------------------------------------------------ sequencer
     def issue(self) -> None:
         self.t_issue += 1
 
     def load(self, nbytes: int, tile_slot: int | None) -> None:
-        half = 0 if tile_slot is None else tile_slot // self.cfg.tile_buffer_tiles
-        half_key = ("t", half) if tile_slot is not None else ("v", len(self.chains) % 2)
-        start = max(self.t_issue, self.dram_free, self.half_free.get(half_key, 0.0))
-        self.dram_free = start + nbytes / self.cfg.dram_bytes_per_cycle
-        self.pending_ready = max(self.pending_ready, self.dram_free)
-        self.pending_halves.add(half_key)
+        """An ``m_rd`` (``tile_slot`` given) or ``c_rd``: one load unit, halves guarded.
+
+        The constants' VRF half is not passed: compiled (and test) programs alternate
+        halves with the chain index, as the tile halves, so the next chain's parity is used.
+        """
+        if tile_slot is not None:
+            half = ("t", tile_slot // self.cfg.tile_buffer_tiles)
+        else:
+            half = ("v", len(self.chains) % 2)
+        accept = max(self.t_issue, self.loader_free, self.half_done.get(half, -1) + 1)
+        first = max(accept + 1, self.hold_until)
+        end = first + self._beats(nbytes)
+        run = self.running
+        if run is not None and first < run.end:
+            # The load shares the bus with the running chain's writer and AUX reader: it
+            # is delayed by their beats, and each of their bursts waits behind up to
+            # LOADER_QUEUE load bursts while the load lasts.
+            frac = run.share_after(first)
+            aux_left = run.aux_left(first)
+            beats_left = math.ceil(run.writer_beats * frac) + aux_left * run.aux_block_beats
+            # + the writer's burst under way; the AUX reader's two bursts per block
+            bursts_left = math.ceil(run.writer_bursts * frac) + 1 + 2 * aux_left
+            load_beats = end - first
+            end += beats_left
+            stretched = (
+                first
+                + beats_left
+                + min(load_beats, bursts_left * LOADER_QUEUE * LOADER_CHUNK)
+                + bursts_left * WRITER_BURST_STATES
+            )
+            if stretched > run.end:
+                self._extend_running(stretched)
+        self.loader_free = end + 1
+        self.t_issue = accept  # the caller's issue() counts the instruction's cycle
         self.pending_bytes += nbytes
         self.dram_bytes_total += nbytes
 
-    def chain_cost(self, ops: list[str], regs, aux: bool) -> tuple[int, int, int]:
-        """(compute cycles, activation DRAM bytes, padded MACs) of one chain."""
+    # ------------------------------------------------------------------ chains
+    def _sweep(self, ops: list[str], regs, aux: bool) -> tuple[_Sweep, int, int, int]:
+        """The chain's sweep geometry, compute beats, activation bytes and padded MACs."""
         cfg = self.cfg
         n = cfg.native_dim
         r = regs.reg
         oh, ow, ocnt = r(Reg.OUT_H), r(Reg.OUT_W), r(Reg.OUT_CB_CNT)
-        iw, ih, icnt = r(Reg.IN_W), r(Reg.IN_H), r(Reg.IN_CB_CNT)
+        ih, iw, icnt, icb = r(Reg.IN_H), r(Reg.IN_W), r(Reg.IN_CB_CNT), r(Reg.IN_CB)
         kh, kw = r(Reg.K_H), r(Reg.K_W)
-        p = oh * ow
-        block = n * layout.mantissa_dtype(cfg.mantissa_bits).itemsize + 1
-        rows = (kh - 1) * r(Reg.DIL_H) + 1
+        in_addr = r(Reg.IN_ADDR)
         macs = 0
-        if "mv_mul" in ops or "v_pool" in ops:
-            slice_bytes = ih * iw * icnt * block
-            fits = rows * iw * icnt * block <= cfg.act_buffer_bytes
-            key = (r(Reg.IN_ADDR), r(Reg.IN_CB_OFF), icnt, ih, iw)
-            if key == self.resident_input:
-                in_bytes = 0  # still in the activation buffer from the previous chain
-            else:
-                in_bytes = slice_bytes * (1 if fits else kh)
-            self.resident_input = key if slice_bytes <= cfg.act_buffer_bytes else None
-            if "mv_mul" in ops:
-                passes = math.ceil(kh * kw * icnt * ocnt / cfg.tile_engines)
-                compute = p * passes * (n // cfg.lanes)
-                macs = p * kh * kw * icnt * ocnt * n * n
-            else:
-                compute = p * kh * kw * ocnt
+        reads_window = "mv_mul" in ops or "v_pool" in ops
+        if "mv_mul" in ops:
+            span = (kh - 1) * r(Reg.DIL_H)
+            passes = math.ceil(kh * kw * icnt * ocnt / cfg.tile_engines)
+            per_pixel = passes * (n // cfg.lanes)
+            macs = oh * ow * kh * kw * icnt * ocnt * n * n
+        elif "v_pool" in ops:
+            span = kh - 1
+            per_pixel = kh * kw * ocnt
         else:
-            in_bytes = p * ocnt * block
-            compute = p * ocnt
-            self.resident_input = None
-        aux_bytes = p * ocnt * block if aux else 0
-        out_bytes = p * ocnt * block
-        return compute, in_bytes + aux_bytes + out_bytes, macs
+            span = 0
+            per_pixel = ocnt
+        key = (in_addr, r(Reg.IN_CB_OFF), icnt, ih, iw)
+        rows_fit = self.entries // max(1, iw * icnt) >= ih
+        resident = reads_window and key == self.resident_input
+        self.resident_input = key if reads_window and rows_fit else None
+        sw = _Sweep(
+            ih=ih, iw=iw, icnt=icnt, icb=icb,
+            exp_addr=in_addr + ih * iw * icb * n + r(Reg.IN_CB_OFF),
+            oh=oh, ow=ow, ocnt=ocnt, ocb=r(Reg.OUT_CB),
+            out_exp_addr=r(Reg.OUT_ADDR) + oh * ow * r(Reg.OUT_CB) * n + r(Reg.OUT_CB_OFF),
+            sh=r(Reg.STRIDE_H), pt=r(Reg.PAD_T), span=span,
+            beats_per_row=ow * per_pixel, resident=resident, aux=aux,
+        )  # fmt: skip
+        in_bytes = 0 if resident else ih * iw * icnt * (self.mant_bytes + 1)
+        return sw, oh * ow * per_pixel, in_bytes, macs
+
+    def _row_loads(self, sw: _Sweep) -> tuple[list[int], int]:
+        """Cycles the activation loader spends per input row, and all its bus beats."""
+        if sw.resident:
+            return [], 0
+        costs = []
+        beats = 0
+        if sw.icnt == sw.icb:  # the full depth: a row is one segment
+            rowblocks = sw.iw * sw.icnt
+            mant = self._beats(rowblocks * self.mant_bytes)
+            for y in range(sw.ih):
+                b = mant + self._train(sw.exp_addr + y * rowblocks, 0, 1, rowblocks)
+                costs.append(ROW_LOAD_STATES + b + SEGMENT_STATES)
+                beats += b
+            return costs, beats
+        mant = sw.iw * self._beats(sw.icnt * self.mant_bytes)  # a segment per pixel
+        for y in range(sw.ih):
+            e0 = sw.exp_addr + y * sw.iw * sw.icb
+            b = mant + self._train(e0, sw.icb, sw.iw, sw.icnt)
+            costs.append(ROW_LOAD_STATES + b + sw.iw * SEGMENT_STATES)
+            beats += b
+        return costs, beats
+
+    def _writer_traffic(self, sw: _Sweep) -> tuple[int, int]:
+        """The writer's bus beats and bursts: mantissa runs of up to RUN_MAX contiguous
+        blocks, exponent flushes of up to EXP_BUF contiguous bytes (counted as when the
+        blocks queue up, i.e. when the writer is the bottleneck)."""
+        blocks = sw.blocks
+        beats = blocks * self.mant_beats
+        if sw.ocb == sw.ocnt:  # the chain writes the tensor's full depth: one long run
+            full, rest = divmod(blocks, EXP_BUF)
+            beats += self._train(sw.out_exp_addr, EXP_BUF, full, EXP_BUF)
+            beats += self._train(sw.out_exp_addr + full * EXP_BUF, 0, 1 if rest else 0, rest)
+            return beats, math.ceil(blocks / RUN_MAX) + math.ceil(blocks / EXP_BUF)
+        pixels = sw.oh * sw.ow
+        for k in range(0, sw.ocnt, EXP_BUF):
+            beats += self._train(sw.out_exp_addr + k, sw.ocb, pixels, min(EXP_BUF, sw.ocnt - k))
+        runs = pixels * math.ceil(sw.ocnt / RUN_MAX)
+        return beats, runs + pixels * math.ceil(sw.ocnt / EXP_BUF)
+
+    def _run(
+        self, sw: _Sweep, launch: int, reducer_latency: int, writer: tuple[int, int]
+    ) -> tuple[int, int, list[int]]:
+        """The chain's done cycle (sweep rows against the activation loader, bus, drain),
+        the cycle its activation loader first stops streaming (ring full or done), and the
+        cycle each output row's sweep starts."""
+        rowblocks = max(1, sw.iw * sw.icnt)
+        ring_rows = self.entries // rowblocks
+        ring = ring_rows * rowblocks
+        costs, act_beats = self._row_loads(sw)
+        writer_beats, writer_bursts = writer
+        aux_beats = sw.blocks * (self.mant_beats + 1) if sw.aux else 0
+        # the loader's timeline: row y lands (rows_loaded > y visible) at landed[y]
+        landed: list[int] = []
+        row_start = launch + LAUNCH_TO_SWEEP  # the loader's ROW state for the next row
+        need_lo_at: list[tuple[int, int]] = []  # (cycle need_lo is visible, need_lo)
+        pause: list[int | None] = [None]  # first cycle the loader waits for ring space
+        row_runs: list[int] = []
+        # The writer and the AUX reader have priority on the bus: the beats of the output
+        # rows swept so far are served before the loader's next row lands.
+        out_row_beats = (writer_beats + aux_beats) / max(1, sw.oh)
+        pending = 0.0
+
+        def load_until(y_max: int) -> None:
+            nonlocal row_start, pending
+            while len(landed) <= y_max:
+                y = len(landed)
+                permit = row_start
+                if y >= ring_rows:  # the slot's previous row must be released
+                    permit = next(t for t, lo in need_lo_at if lo + ring_rows > y)
+                if permit > row_start and pause[0] is None:
+                    pause[0] = row_start  # the ring is full: the loader stops streaming
+                start = max(row_start, permit)
+                landed.append(start + costs[y] + round(pending))
+                pending = 0.0
+                row_start = landed[-1]
+
+        t = launch + LAUNCH_TO_SWEEP
+        ring_addr = ring - sw.pt * rowblocks
+        sh_rb = sw.sh * rowblocks
+        for oy in range(sw.oh):
+            corrections = 0
+            while ring_addr >= ring or ring_addr < 0:
+                ring_addr += -ring if ring_addr >= ring else ring
+                corrections += 1
+            wrap_end = t + corrections
+            first = oy * sw.sh - sw.pt
+            need_lo_at.append((wrap_end + 1, max(first, 0)))
+            ready = wrap_end + 1
+            if not sw.resident:
+                need = min(first + sw.span, sw.ih - 1)
+                load_until(need)
+                ready = max(ready, landed[need])
+            run = ready + 1
+            row_runs.append(run)
+            pending += out_row_beats
+            t = run + sw.beats_per_row + ROW_STATES - 1  # ROW_NEXT, then the next ROW_WRAP
+            ring_addr += sh_rb
+        last_beat = t - ROW_STATES
+        if not sw.resident and sw.ih:
+            load_until(sw.ih - 1)
+        loader_idle = landed[-1] + 1 if landed else launch
+        tail = self.mant_beats + self._beats(min(EXP_BUF, sw.ocnt) if sw.ocb != sw.ocnt else 1)
+        drain = 1 + reducer_latency + VECTOR_LATENCY + DRAIN_FIXED + tail
+        # One bus: beats of the activation loader, the writer and the AUX reader; each of
+        # the first two has state cycles between its bursts, which the other one's bursts
+        # fill as far as they reach.
+        writer_states = writer_bursts * WRITER_BURST_STATES
+        idle = max(sum(costs) - act_beats, writer_states)
+        bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats + idle
+        # the writer and the AUX reader are serial engines: one burst at a time
+        first_out = row_runs[0] + reducer_latency + VECTOR_LATENCY + 2 if row_runs else launch
+        serial = first_out + writer_beats + writer_states
+        if sw.aux:
+            aux_end = launch + 1 + sw.blocks * (self.mant_beats + 1 + AUX_BLOCK_STATES)
+            serial = max(serial, aux_end + VECTOR_LATENCY + DRAIN_FIXED + tail)
+        if sw.resident or not landed:
+            streams_until = launch
+        else:
+            streams_until = landed[-1] if pause[0] is None else pause[0]
+        return max(last_beat + drain, loader_idle, bus + 1, serial), streams_until, row_runs
 
     def chain(self, ops: list[str], regs, aux: bool) -> int:
         """Account one chain; ``regs.reg(Reg)`` gives the latched control registers."""
-        cfg = self.cfg
-        compute, nbytes, macs = self.chain_cost(ops, regs, aux)
-        start = max(self.t_issue, self.unit_free, self.pending_ready)
-        dram_start = max(start, self.dram_free)
-        dram_end = dram_start + nbytes / cfg.dram_bytes_per_cycle
-        fill = cfg.mfu_pipeline_depth + (cfg.mvu_pipeline_depth if "mv_mul" in ops else 0)
-        end = max(start + cfg.chain_overhead_cycles + compute, dram_end) + fill
-        self.dram_free = dram_end
-        self.unit_free = end
-        for key in self.pending_halves:
-            self.half_free[key] = end
-        self.pending_halves = set()
-        self.pending_ready = 0.0
-        self.t_issue = max(self.t_issue, start) + len(ops)
+        sw, compute, in_bytes, macs = self._sweep(ops, regs, aux)
+        nbytes = in_bytes + sw.blocks * (self.mant_bytes + 1) * (2 if aux else 1)
+        # v_rd .. end_chain issue one per cycle; end_chain waits for set-up and loads
+        accept = max(self.t_issue + len(ops) - 1, self.setup_free, self.loader_free)
+        launch = max(accept + self.setup, self.engine_done + 1)
+        if "mv_mul" in ops:
+            latency = mvu_latency(self.cfg)
+        elif "v_pool" in ops:
+            latency = 1
+        else:
+            latency = 0
+        writer = self._writer_traffic(sw)
+        done, self.hold_until, row_runs = self._run(sw, launch, latency, writer)
+        self.setup_free = launch + 1
+        self.engine_done = done
+        self.t_issue = accept + 1
+        self.running = _Running(
+            start=launch,
+            end=done,
+            row_runs=row_runs,
+            writer_beats=writer[0],
+            writer_bursts=writer[1],
+            aux_blocks=sw.blocks if aux else 0,
+            aux_block_beats=self.mant_beats + 1,
+            aux_period=self.mant_beats + 1 + AUX_BLOCK_STATES,
+        )
+        index = len(self.chains)
+        if "mv_mul" in ops:
+            self.half_done[("t", index % 2)] = done
+        if any(op in ("vv_add", "vv_mul", "vv_max") for op in ops):
+            self.half_done[("v", index % 2)] = done
         self.dram_bytes_total += nbytes
-        self.chains.append(ChainTiming(start, end, compute, nbytes, macs, self.pending_bytes))
+        self.chains.append(ChainTiming(launch, done + 1, compute, nbytes, macs, self.pending_bytes))
         self.pending_bytes = 0
-        return round(end - start)
+        return done + 1 - launch
+
+    def _extend_running(self, done: int) -> None:
+        """A load kept the running chain's writer from the bus: it completes at ``done``."""
+        old = self.running.end
+        self.running.end = self.engine_done = done
+        self.chains[-1].end = done + 1
+        for key, t in self.half_done.items():
+            if t == old:
+                self.half_done[key] = done
 
     def finish(self) -> int:
-        return math.ceil(max(self.unit_free, self.t_issue, self.dram_free))
+        return max(self.t_issue, self.engine_done + 1, self.loader_free) + HALT_TO_DONE
 
 
 class _Registers:
