@@ -6,21 +6,23 @@ as state; a chain is executed as a whole (it sweeps a whole feature map) with th
 numerics of :mod:`tessera.numerics`, vectorised over pixels and blocks. The cycle model
 (:mod:`tessera.sim.cycles`) is fed the same instruction stream and register values.
 
-For speed, the numerics run on exact float integers in a lane-major layout
-(:mod:`tessera.sim.kernels`), and the chains of one layer (same input windows, one per
-output-block group) are computed together when the first of them runs: one matrix
-product and one pass of their (alike) bodies over stacked vectors, a band of output
-pixels at a time on a thread pool. That look-ahead is only a guess at what the program
-will do; each chain then uses its share only after checking, against the state it
-actually has when it runs, everything the share was computed from: the input windows,
-the tiles in its tile-buffer slots (loaded by the same m_rd addresses, no DRAM write
-over them since), its VRF entries (compared), its AUX tensor (no DRAM write over it
-since), its body and registers. Otherwise it computes on its own. Either way the bytes
-written, the exponent registers and the cycle count are the same.
+For speed, products are exact float64 matrix products (:mod:`tessera.sim.kernels`),
+everything after them per vector is compiled (:mod:`tessera.sim.vector`), and the
+chains of one layer (same input windows, one per output-block group) are computed
+together when the first of them runs: one matrix product and one pass of their (alike)
+bodies over stacked vectors, a band of output pixels at a time on a thread pool. That
+look-ahead is only a guess at what the program will do; each chain then uses its share
+only after checking, against the state it actually has when it runs, everything the
+share was computed from: the input windows, the tiles in its tile-buffer slots (loaded
+by the same m_rd addresses, no DRAM write over them since), its VRF entries (compared),
+its AUX tensor (no DRAM write over it since), its body and registers. Otherwise it
+computes on its own. Either way the bytes written, the exponent registers and the
+cycle count are the same.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import numpy as np
 from tessera import isa, layout, numerics
 from tessera.config import NPUConfig
 from tessera.isa import Instr, Operand, PoolOp, Reg
-from tessera.sim import kernels
+from tessera.sim import kernels, vector
 from tessera.sim.cycles import CycleModel
 
 
@@ -87,6 +89,21 @@ class _LoadMap:
             return None
         start, addr, epoch = self.loads[lid]
         return addr + (first - start) * self.stride, epoch
+
+
+#: Stands in for the AUX operand of a chain whose body reads none.
+_NO_AUX = (np.zeros((1, 1), np.int8), np.zeros((1, 1), np.int8))
+
+
+def _ops_table(body: list[Instr]) -> np.ndarray:
+    """A chain body as :func:`tessera.sim.vector.chain_vectors`' op table [K, 2]."""
+    rows = []
+    for o in body:
+        code = vector.OP_CODES.get(o.op)
+        if code is None:
+            raise SimulationError(f"{o.op} cannot follow the chain head here")
+        rows.append((code, vector.SRC_AUX if o.args.get("src") == Operand.AUX else vector.SRC_VRF))
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 def _decode_all(words: np.ndarray) -> list[Instr]:
@@ -213,10 +230,13 @@ class Simulator:
         self._body_ops: dict[int, tuple] = {}  # chain pc -> its body's instructions
 
     def run(self, words: np.ndarray, progress=None) -> int:
-        try:
-            return self._run(words, progress)
-        finally:
-            self.sync_tiles()
+        # BLAS on one thread: the simulator splits its work over its own thread pool,
+        # and OpenBLAS's threads degrade badly when the machine is shared.
+        with kernels.blas_single_thread():
+            try:
+                return self._run(words, progress)
+            finally:
+                self.sync_tiles()
 
     def _run(self, words: np.ndarray, progress=None) -> int:
         decoded = self._decoded = _decode_all(words)
@@ -334,12 +354,12 @@ class Simulator:
     def chain(self, ops: list[Instr], pc: int | None = None) -> None:
         """Execute one chain over the whole output map.
 
-        Vectors are lane-major (see :mod:`tessera.sim.kernels`): mantissas [N, blocks,
-        pixels] as exact integers in float32 (float64 for accumulators), exponents
-        [blocks, pixels].
+        Vectors are pixel-major: the reducer gives exact integer lanes [pixels,
+        blocks*N] (float64 accumulators or sums, or the stored mantissas of a plain
+        read), which :meth:`_vector_path` takes through the body to storage blocks.
         """
         cfg, st = self.cfg, self.state
-        n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
+        n, m = cfg.native_dim, cfg.mantissa_bits
         names = [o.op for o in ops]
         if names[-2:] != ["v_wr", "end_chain"]:
             raise SimulationError(f"chain {names} does not end with v_wr, end_chain")
@@ -377,7 +397,7 @@ class Simulator:
             if isinstance(acc, tuple):
                 stored = acc
             else:
-                vq, ve, va = kernels.lm_normalize(acc.reshape(n, ocnt, p), floor + wfloor, big)
+                x, e_in, first = acc, np.full((1, ocnt), floor + wfloor, np.int64), True
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -385,8 +405,7 @@ class Simulator:
             grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
             is_max = ops[1].args["op"] == PoolOp.MAX
             red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
-            red = np.ascontiguousarray(red.reshape(p, ocnt, n).transpose(2, 1, 0))
-            vq, ve, va = kernels.lm_normalize(red, floor, big)
+            x, e_in, first = red.reshape(p, ocnt * n), np.full((1, ocnt), floor, np.int64), True
         else:
             if icnt != ocnt:
                 raise SimulationError("an elementwise chain needs IN_CB_CNT == OUT_CB_CNT")
@@ -394,17 +413,11 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            vq = kernels.to_lane_major(wq.reshape(p, ocnt * n), n)
-            ve = we.reshape(p, ocnt).T.astype(np.int64, order="C")
-            va = None
+            x, e_in, first = wq.reshape(p, ocnt * n), we.reshape(p, ocnt).astype(np.int64), False
         if stored is None:
-            for ins in body:
-                vq, ve, va = self.mfu(ins, vq, ve, ocnt, (oh, ow), big)
-            sq, se = kernels.lm_to_storage(vq, ve, m, va)
-            # Lane-major -> pixel-major, as stored; exact integers in the storage range.
-            sq, se = sq.astype(layout.mantissa_dtype(m)).transpose(2, 1, 0), se.T
+            sq, se = self._vector_path(x, e_in, first, body, ocnt)
         else:
-            sq, se = stored  # already pixel-major
+            sq, se = stored
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
@@ -429,7 +442,7 @@ class Simulator:
         return (regs[Reg.IN_ADDR] & 0xFFFFFFFF, regs[ereg], *_WINDOW_REGS(regs))
 
     def _mv_mul(self, pc: int | None, ops: list[Instr], ocnt: int, k: int):
-        """The current chain's exact accumulators [ocnt*N, P] (float64), or its storage
+        """The current chain's exact accumulators [P, ocnt*N] (float64), or its storage
         blocks ``(sq, se)`` when they were computed ahead and are still valid."""
         st = self.state
         t = ocnt * k
@@ -454,11 +467,10 @@ class Simulator:
         tq, te = st.tiles_q[base : base + t], st.tiles_e[base : base + t]
         try:
             wg = kernels.weight_grid_f64(tq, te, wfloor, ocnt)
-            wg = kernels.lane_outer(wg, self.cfg.native_dim)
         except ValueError as exc:
             raise SimulationError(str(exc)) from None
         cols = self._unrolled(None).rows(0, self._window[4][0])
-        return kernels.gemm_exact_t(cols, wg)
+        return kernels.gemm_exact(cols, wg)
 
     def _body_sig(self, pc: int, body: list[Instr], regs: list[int]) -> tuple:
         """What the body of the chain at ``pc`` computes from besides its operands'
@@ -475,13 +487,17 @@ class Simulator:
         return ops[0], ()
 
     def _aux_view(self, regs: list[int], ocnt: int):
-        """The AUX blocks a chain reads (views into DRAM): [H, W, ocnt, N], [H, W, ocnt]."""
+        """The AUX blocks a chain reads, pixel-major views into DRAM: [P, ocnt*N], [P, ocnt]."""
         acb, aoff = int(regs[Reg.AUX_CB]), int(regs[Reg.AUX_CB_OFF])
         if aoff + ocnt > acb:
             raise SimulationError("AUX block range exceeds its tensor")
         oh, ow = int(regs[Reg.OUT_H]), int(regs[Reg.OUT_W])
         q, e = self._tensor(int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF, oh, ow, acb)
-        return q[:, :, aoff : aoff + ocnt], e[:, :, aoff : aoff + ocnt]
+        n, p = q.shape[3], oh * ow
+        return (
+            q.reshape(p, acb * n)[:, aoff * n : (aoff + ocnt) * n],
+            e.reshape(p, acb)[:, aoff : aoff + ocnt],
+        )
 
     def _body_unchanged(self, pf: _Prefetched, pc: int, body: list[Instr]) -> bool:
         st = self.state
@@ -605,11 +621,10 @@ class Simulator:
         if prep is not None:
             self._run_bodies(group, plans, cols, wg, prep, out)
             return out
-        acc = kernels.gemm_exact_t(cols.rows(0, cols.out_hw[0]), wg, None)
-        acc = acc.reshape(n, -1, acc.shape[1])  # lane-major [N, blocks, P]
+        acc = kernels.gemm_exact(cols.rows(0, cols.out_hw[0]), wg, skip_zero=False)
         b0 = 0
         for cpc, _addr, _t, ocnt, _wf in group:
-            out[cpc].acc = acc[:, b0 : b0 + ocnt]
+            out[cpc].acc = acc[:, b0 * n : (b0 + ocnt) * n]
             b0 += ocnt
         return out
 
@@ -617,101 +632,99 @@ class Simulator:
         """Operands of the (alike) bodies of a group of chains, read from DRAM now.
 
         Returns ``None`` when the bodies differ in shape or use an operand whose source
-        the walk ahead could not tell; else the per-op operands (VRF constants stacked
-        over the group's blocks, AUX blocks per chain) and each chain's snapshots.
+        the walk ahead could not tell; else the blocks per chain, the body's op table,
+        its VRF constants stacked over the group's blocks, each chain's AUX blocks, and
+        each chain's snapshots (VRF entries, AUX span) to check before use.
         """
         st, cfg = self.state, self.cfg
         n = cfg.native_dim
         shape = [tuple((o.op, o.args.get("src")) for o in body) for body, *_ in plans]
         if len(set(shape)) != 1 or any(v < 0 for *_, vs, _ in plans for _, v in vs):
             return None
-        if any(o.op not in ("v_relu", "vv_add", "vv_max", "vv_mul") for o in plans[0][0]):
+        body0 = plans[0][0]
+        if any(o.op not in vector.OP_CODES for o in body0):
             return None
+        table = _ops_table(body0)
         cnts = [ocnt for _, _, _, ocnt, _ in group]
+        blocks = sum(cnts)
+        const_q = np.zeros((max(len(body0), 1), blocks, n), np.int64)
+        const_e = np.zeros((max(len(body0), 1), blocks), np.int64)
         vrf_snaps: list[list] = [[] for _ in group]
+        aux: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(group)
         aux_spans: list = [None] * len(group)
-        operands: dict[int, list] = {}  # body op index -> per chain operand
+        b0 = 0
         for j, (body, _sig, vsrcs, regs) in enumerate(plans):
             vs = iter(vsrcs)
-            for k, o in enumerate(body):
-                if o.op == "v_relu":
+            b1 = b0 + cnts[j]
+            for k in range(len(body)):
+                if table[k, 0] == vector.OP_RELU:
                     continue
-                if o.args.get("src", Operand.VRF) == Operand.VRF:
+                if table[k, 1] == vector.SRC_VRF:
                     slot, addr = next(vs)
                     cq, ce = layout.unpack_consts(st.mem, addr, cnts[j], n)
                     vrf_snaps[j].append((slot, cq, ce))
-                    operands.setdefault(k, []).append((cq, ce))
-                else:
-                    q, e = self._aux_view(regs, cnts[j])
+                    const_q[k, b0:b1], const_e[k, b0:b1] = cq, ce
+                elif aux[j] is None:
+                    aux[j] = self._aux_view(regs, cnts[j])
                     lo = int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF
                     oh, ow, acb = (int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.AUX_CB))
                     aux_spans[j] = (lo, lo + layout.tensor_bytes(oh, ow, acb, n, cfg.mantissa_bits))
-                    p = q.shape[0] * q.shape[1]
-                    operands.setdefault(k, []).append((q.reshape(p, -1), e.reshape(p, -1)))
-        ops = []
-        for k, o in enumerate(plans[0][0]):
-            if o.op == "v_relu":
-                ops.append((o.op, None))
-            elif o.args.get("src", Operand.VRF) == Operand.VRF:
-                cq = np.concatenate([c for c, _ in operands[k]]).astype(kernels.W32)
-                ce = np.concatenate([e for _, e in operands[k]])
-                ops.append((o.op, (cq.T[:, :, None], ce[:, None])))
-            else:
-                ops.append((o.op, operands[k]))  # AUX: per chain [P, cnt*N], [P, cnt]
-        return cnts, ops, vrf_snaps, aux_spans
+            b0 = b1
+        return cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans
 
     def _run_bodies(self, group, plans, cols, wg, prep, out: dict[int, _Prefetched]):
         """Products and bodies of a group of chains on their stacked vectors, a band of
         output pixels at a time (every step is per pixel, so the bands are independent)
         to keep each band's working set in cache."""
         cfg = self.cfg
-        n, m, big = cfg.native_dim, cfg.mantissa_bits, cfg.mfu_mantissa_bits
-        cnts, ops, vrf_snaps, aux_spans = prep
+        n, m = cfg.native_dim, cfg.mantissa_bits
+        cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans = prep
         blocks = sum(cnts)
         oh, ow = cols.out_hw
         p = oh * ow
         floor = int(self._cols_key[1]) - cfg.act_exp_window
-        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
-        # Pixel-major results (as the chains write them), transposed in the bands.
-        sq_all = np.empty((p, blocks, n), layout.mantissa_dtype(m))
+        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[None, :]
+        sq_all = np.empty((p, blocks * n), layout.mantissa_dtype(m))
         se_all = np.empty((p, blocks), np.int8)
-        fns = {"vv_add": kernels.lm_wide_add, "vv_max": kernels.lm_wide_max}
-        fns["vv_mul"] = kernels.lm_wide_mul
+        has_aux = aux[0] is not None
         workers = kernels.parallel_workers()
         step = max(64, min((1 << 17) // (blocks * n), -(-p // workers)))
         step = max(1, -(-step // ow))  # whole output rows
+        # Few output rows (late layers): split the output blocks too, so every worker
+        # has a share.
+        splits = max(1, min(blocks, workers // -(-oh // step)))
+        cuts = [blocks * i // splits for i in range(splits + 1)]
 
-        def band(y0: int) -> None:
+        def band(item: tuple[int, int, int]) -> None:
+            y0, b0, b1 = item
             y1 = min(oh, y0 + step)
             p0, p1 = y0 * ow, y1 * ow
-            acc = wg @ cols.rows(y0, y1).T
-            vq, ve, va = kernels.lm_normalize(acc.reshape(n, blocks, p1 - p0), lsb, big)
-            for op, opnd in ops:
-                if op == "v_relu":
-                    vq, ve, va = kernels.lm_wide_relu(vq, ve, big)
-                    continue
-                if isinstance(opnd, tuple):  # VRF constants, broadcast over pixels
-                    yq, ye = opnd
-                else:  # AUX blocks of each chain, to lane-major
-                    yq = np.empty((n, blocks, p1 - p0), kernels.W32)
-                    ye = np.empty((blocks, p1 - p0), np.int64)
-                    b0 = 0
-                    for (aq, ae), c in zip(opnd, cnts, strict=True):
-                        yq[:, b0 : b0 + c] = aq[p0:p1].reshape(-1, c, n).transpose(2, 1, 0)
-                        ye[b0 : b0 + c] = ae[p0:p1].T
-                        b0 += c
-                vq, ve, va = fns[op](vq, ve, yq, ye, big)
-            sq, se = kernels.lm_to_storage(vq, ve, m, va)
-            sq_all[p0:p1] = sq.transpose(2, 1, 0)
-            se_all[p0:p1] = se.T  # storage exponents fit int8
+            c0, c1 = b0 * n, b1 * n
+            acc = kernels.gemm_exact(cols.rows(y0, y1), wg[c0:c1], skip_zero=False)
+            if has_aux:  # each chain's AUX blocks side by side, as the stacked vectors
+                aq = np.empty((p1 - p0, blocks * n), sq_all.dtype)
+                ae = np.empty((p1 - p0, blocks), np.int8)
+                a0 = 0
+                for (q, e), c in zip(aux, cnts, strict=True):
+                    aq[:, a0 * n : (a0 + c) * n], ae[:, a0 : a0 + c] = q[p0:p1], e[p0:p1]
+                    a0 += c
+                aq, ae = aq[:, c0:c1], ae[:, b0:b1]
+            else:
+                aq, ae = _NO_AUX
+            vector.chain_vectors(
+                acc, lsb[:, b0:b1], True, cfg.mfu_mantissa_bits, m, table,
+                const_q[:, b0:b1], const_e[:, b0:b1], aq, ae,
+                sq_all[p0:p1, c0:c1], se_all[p0:p1, b0:b1],
+            )  # fmt: skip
 
-        kernels.run_parallel(band, range(0, oh, step))
+        items = [(y0, lo, hi) for y0 in range(0, oh, step) for lo, hi in itertools.pairwise(cuts)]
+        kernels.run_parallel(band, items)
         b0 = 0
         for j, (cpc, *_rest) in enumerate(group):
             b1 = b0 + cnts[j]
             pf = out[cpc]
             pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
-            pf.sq, pf.se = sq_all[:, b0:b1], se_all[:, b0:b1]
+            pf.sq, pf.se = sq_all[:, b0 * n : b1 * n], se_all[:, b0:b1]
             b0 = b1
 
     def _group_weights(self, group):
@@ -746,8 +759,8 @@ class Simulator:
         if not parts:
             return None, None, []
         # Tiles are [output block][kernel position][input block] of [row][col]; the grid
-        # is built in its final layout: rows [lane (tile row)][block], columns [kernel
-        # position][input channel], as weight_grid() then lane_outer() would give.
+        # is built in weight_grid()'s layout: rows [output block][lane (tile row)],
+        # columns [kernel position][input channel].
         icnt = parts[0][0].shape[0] // parts[0][2] // kpos
         blocks = sum(ocnt for _, _, ocnt, _ in parts)
         # Input channels whose weights are all zero (channel padding) add nothing: drop
@@ -758,19 +771,19 @@ class Simulator:
         nz = nz.ravel()
         chans = np.flatnonzero(nz) if nz.mean() < 0.75 else None
         width = icnt * n if chans is None else len(chans)
-        out = np.empty((n, blocks, kpos, width))
+        out = np.empty((blocks, n, kpos, width))
         b0 = 0
         for tq, te, ocnt, wfloor in parts:
-            q5 = tq.reshape(ocnt, kpos, icnt, n, n).transpose(3, 0, 1, 2, 4)
+            q5 = tq.reshape(ocnt, kpos, icnt, n, n).transpose(0, 3, 1, 2, 4)
             scale = kernels.pow2(te.astype(np.int64) - wfloor)
-            s5 = scale.reshape(ocnt, kpos, icnt, n, 1).transpose(3, 0, 1, 2, 4)
-            dst = out[:, b0 : b0 + ocnt]
+            s5 = scale.reshape(ocnt, kpos, icnt, n, 1).transpose(0, 3, 1, 2, 4)
+            dst = out[b0 : b0 + ocnt]
             if chans is None:
-                np.multiply(q5, s5, out=dst.reshape(n, ocnt, kpos, icnt, n))
+                np.multiply(q5, s5, out=dst.reshape(ocnt, n, kpos, icnt, n))
             else:
-                dst[...] = (q5 * s5).reshape(n, ocnt, kpos, icnt * n)[..., chans]
+                dst[...] = (q5 * s5).reshape(ocnt, n, kpos, icnt * n)[..., chans]
             b0 += ocnt
-        wg = out.reshape(n * blocks, kpos * width)
+        wg = out.reshape(blocks * n, kpos * width)
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
         _WEIGHTS[key] = (snaps, wg, chans)
         total = sum(v[1].nbytes for v in _WEIGHTS.values())
@@ -779,33 +792,42 @@ class Simulator:
             total -= old[1].nbytes
         return wg, chans, snaps
 
-    def _vrf(self, base: int, cnt: int) -> tuple[np.ndarray, np.ndarray]:
-        """VRF entries ``base..base+cnt`` lane-major: mantissas [N, cnt, 1], exponents [cnt, 1]."""
-        st = self.state
-        cq = st.vrf_q[base : base + cnt].astype(kernels.W32).T[:, :, None]
-        return cq, st.vrf_e[base : base + cnt][:, None]
+    def _vector_path(self, x, e_in, first: bool, body: list[Instr], ocnt: int):
+        """A chain's MFU ops and its re-blocking to storage, on pixel-major vectors ``x``
+        [P, ocnt*N] at exponents ``e_in`` (see :func:`tessera.sim.vector.chain_vectors`).
 
-    def mfu(self, ins: Instr, vq, ve, ocnt: int, out_hw: tuple[int, int], bits: int):
-        st, n = self.state, self.cfg.native_dim
-        a = ins.args
-        if ins.op == "v_relu":
-            return kernels.lm_wide_relu(vq, ve, bits)
-        if ins.op == "vv_mul":
-            cq, ce = self._vrf(a["vrf"], ocnt)
-            return kernels.lm_wide_mul(vq, ve, cq, ce, bits)
-        if ins.op in ("vv_add", "vv_max"):
-            if a["src"] == Operand.VRF:
-                yq, ye = self._vrf(a["vrf"], ocnt)
+        Returns the storage blocks (mantissas [P, ocnt*N], exponents [P, ocnt]), computed
+        in bands of pixels on the thread pool.
+        """
+        st, cfg = self.state, self.cfg
+        n, m = cfg.native_dim, cfg.mantissa_bits
+        table = _ops_table(body)
+        const_q = np.zeros((max(len(body), 1), ocnt, n), np.int64)
+        const_e = np.zeros((max(len(body), 1), ocnt), np.int64)
+        aq, ae = _NO_AUX
+        for k, ins in enumerate(body):
+            if table[k, 0] == vector.OP_RELU:
+                continue
+            if table[k, 1] == vector.SRC_VRF:
+                base = ins.args["vrf"]
+                if base + ocnt > st.vrf_q.shape[0]:
+                    raise SimulationError(f"{ins.op} reads beyond the vector register file")
+                const_q[k], const_e[k] = st.vrf_q[base : base + ocnt], st.vrf_e[base : base + ocnt]
             else:
-                oh, ow = out_hw
-                acb, aoff = st.reg(Reg.AUX_CB), st.reg(Reg.AUX_CB_OFF)
-                if aoff + ocnt > acb:
-                    raise SimulationError("AUX block range exceeds its tensor")
-                q, e = self._tensor(st.addr(Reg.AUX_ADDR), oh, ow, acb)
-                p = oh * ow
-                yq = q.reshape(p, acb * n)[:, aoff * n : (aoff + ocnt) * n]
-                yq = kernels.to_lane_major(yq, n)
-                ye = e[:, :, aoff : aoff + ocnt].reshape(p, ocnt).T.astype(np.int64, order="C")
-            fn = kernels.lm_wide_add if ins.op == "vv_add" else kernels.lm_wide_max
-            return fn(vq, ve, yq, ye, bits)
-        raise SimulationError(f"{ins.op} cannot follow the chain head here")
+                aq, ae = self._aux_view(st.regs, ocnt)
+        p = x.shape[0]
+        sq = np.empty((p, ocnt * n), layout.mantissa_dtype(m))
+        se = np.empty((p, ocnt), np.int8)
+        per_pixel = e_in.shape[0] > 1
+        step = max(256, -(-p // kernels.parallel_workers()))
+
+        def band(p0: int) -> None:
+            p1 = min(p, p0 + step)
+            vector.chain_vectors(
+                x[p0:p1], e_in[p0:p1] if per_pixel else e_in, first, cfg.mfu_mantissa_bits,
+                m, table, const_q, const_e, aq[p0:p1] if aq.shape[0] == p else aq,
+                ae[p0:p1] if ae.shape[0] == p else ae, sq[p0:p1], se[p0:p1],
+            )  # fmt: skip
+
+        kernels.run_parallel(band, range(0, p, step))
+        return sq, se

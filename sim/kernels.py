@@ -7,11 +7,11 @@ guarantees every partial sum stays below ``2**53`` (``numerics.accumulator_bound
 the same integers (each product of two grid values has at most 16 significant bits, so
 it is exact too, fused or not).
 
-The first part (int64, pixel-major) is what the reference executor uses. The second
-part is the instruction simulator's fast path: the same numerics on exact float
-integers in a lane-major layout (``lm_*``, with the exactness argument next to them),
-window unrolling band by band (:class:`Windows`), and a small thread pool for
-independent bands (:func:`run_parallel`).
+The first part (int64 grids) is what the reference executor uses. The second part is
+the instruction simulator's fast path: grids as exact float64 integers, window
+unrolling band by band (:class:`Windows`), and a small thread pool for independent
+bands (:func:`run_parallel`); the simulator's per-vector arithmetic after the product is
+compiled, in :mod:`tessera.sim.vector`.
 
 Why not int8 or float32 products: the grid values are up to 24-bit (8-bit mantissas
 shifted by up to the activation window) and the weight grid up to 16-bit, and sums run
@@ -80,13 +80,18 @@ def im2col(
     return np.ascontiguousarray(win.reshape(out_hw[0] * out_hw[1], -1))
 
 
-def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray) -> np.ndarray:
-    """Exact integer accumulators [P, O] of ``cols @ weight_grid.T`` (see module doc)."""
-    wg = weight_grid.astype(np.float64)
-    used = np.any(wg != 0, axis=0)
-    if used.mean() < 0.75:  # skip all-zero columns (channel padding): same exact sums
-        return (cols[:, used] @ wg[:, used].T).astype(np.int64)
-    return (cols @ wg.T).astype(np.int64)
+def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True) -> np.ndarray:
+    """Exact integer accumulators [P, O] of ``cols @ weight_grid.T``, as float64 (see the
+    module doc); a transposed view of ``weight_grid @ cols.T``, the orientation OpenBLAS
+    runs up to twice as fast for these shapes (few pixels, many outputs). With
+    ``skip_zero``, all-zero weight columns (channel padding) are left out: they add nothing.
+    """
+    wg = weight_grid.astype(np.float64, copy=False)
+    if skip_zero:
+        used = np.flatnonzero(np.any(wg != 0, axis=0))
+        if used.size < 0.75 * wg.shape[1]:
+            return (wg[:, used] @ cols[:, used].T).T
+    return (wg @ cols.T).T
 
 
 def mvu(
@@ -102,7 +107,8 @@ def mvu(
 
     Returns int64 accumulators [OH*OW, O].
     """
-    return gemm_exact(im2col(grid, kernel, stride, pads_tl, dilation, out_hw), weight_grid)
+    cols = im2col(grid, kernel, stride, pads_tl, dilation, out_hw)
+    return gemm_exact(cols, weight_grid).astype(np.int64)
 
 
 def pool(
@@ -138,31 +144,13 @@ def read_clamped_grid(
     return g.reshape(h, w, cb * n), floor
 
 
-# --------------------------------------------------------------------------- lane-major
+# --------------------------------------------------------------------------- simulator
 #
-# The instruction simulator's fast path. Wide vectors are held *lane-major*: mantissas
-# ``[N, B, P]`` (lane, output block, pixel) and exponents ``[B, P]`` (int64), so that every
-# per-vector reduction runs over the leading axis with one long contiguous inner loop
-# (an order of magnitude faster in numpy than reducing a short last axis), and
-# per-vector factors broadcast along the leading axis. Wide mantissas are float32;
-# accumulators, grids and ``vv_mul`` products are float64.
-#
-# Why this is exact. (1) Every value is an integer that its float type represents
-# exactly: accumulators and grids are < 2**53 (the compiler bounds the accumulator, see
-# the module doc), wide mantissas have at most 24 bits (``mfu_mantissa_bits <= 24``,
-# stored constants 16), an aligned sum of two of them is < 2**24 in magnitude, and a
-# ``vv_mul`` product (< 2**47) is formed in float64. Sums and maxima of such values are
-# therefore exact. (2) Multiplying by ``2**-s`` only moves the binary point: the product
-# is exact unless it falls below the smallest normal number, and then it is < 0.5, whose
-# RNE result 0 is what any rounding of it gives too. (3) ``np.rint`` rounds half to even,
-# so ``rint(x * 2**-s)`` is exactly :func:`tessera.numerics.rne_shift` ``(x, s)`` (which
-# caps ``s`` at 62; every ``s >= 54`` gives 0 both ways). Roundings are always done in
-# the input's float type before a narrowing store, never by the float32 cast itself.
-# (4) ``np.frexp`` of an exact integer gives its bit length. Each function below is the
-# same formula as its :mod:`tessera.numerics` counterpart step for step, with work
-# skipped only where it is provably a no-op.
-
-W32 = np.float32  #: dtype of wide mantissas
+# The instruction simulator's fast path: grids and accumulators as exact float64
+# integers, pixel-major ([P, B*N], one vector's N lanes contiguous) so that the vector
+# path after the product (:func:`tessera.sim.vector.chain_vectors`) reads each
+# accumulator once. Every grid value and every product of two is below ``2**53`` and so
+# exact in float64 (the compiler bounds the accumulator, see the module doc).
 
 
 def pow2(e: np.ndarray | int, dtype=np.float64) -> np.ndarray:
@@ -170,140 +158,13 @@ def pow2(e: np.ndarray | int, dtype=np.float64) -> np.ndarray:
     return np.ldexp(dtype(1), np.asarray(e, dtype=np.int32))
 
 
-def _neg_pow2(s: np.ndarray, dtype) -> np.ndarray:
-    """``2**-s`` for integer ``s >= 0``, built from its exponent bits.
-
-    ``s`` is capped (at 1000 for float64, 100 for float32) where that keeps the factor a
-    normal number: every value scaled here is below ``2**53`` (float64) or ``2**25``
-    (float32), so any shift from 54 (26) up rounds it to 0 whether capped or not.
-    """
-    if dtype == np.float64:
-        return ((1023 - np.minimum(s, 1000)) << 52).view(np.float64)
-    return ((127 - np.minimum(s, 100)).astype(np.int32) << 23).view(np.float32)
-
-
-def _bit_length(amax: np.ndarray) -> np.ndarray:
-    """Bit length of non-negative exact float integers (garbage <= 0 for 0), from the
-    float's exponent field: ``x = 1.f * 2**(E - bias)`` has ``E - bias + 1`` bits."""
-    if amax.dtype == np.float64:
-        return (amax.view(np.int64) >> 52) - 1022
-    return (amax.view(np.int32) >> 23).astype(np.int64) - 126
-
-
-def _mark_zero(e: np.ndarray, amax: np.ndarray) -> None:
-    """All-zero vectors get ``E_ZERO`` (in place)."""
-    if amax.min() == 0:
-        e[amax == 0] = numerics.E_ZERO
-
-
-def lm_normalize(
-    x: np.ndarray, lsb: np.ndarray | int, bits: int, amax: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`numerics.normalize` on lane-major ``x`` [N, B, P] -> (q, e [B, P], max |q|).
-
-    ``x`` is float64 or float32 (exact integers) and is consumed (it may be overwritten or
-    returned); ``q`` is float32 (``bits <= 24``). ``amax``, the lane-wise maximum
-    magnitude [B, P] of ``x``, may be passed when the caller has it; the one of ``q`` is
-    returned for the next step.
-    """
-    if amax is None:
-        amax = np.abs(x).max(axis=0)
-    lsb = np.asarray(lsb, dtype=np.int64)
-    if amax.max() < 1 << (bits - 1):
-        # Every vector fits: nothing to shift, round or saturate.
-        e = np.array(np.broadcast_to(lsb, amax.shape))
-        _mark_zero(e, amax)
-        return (x if x.dtype == W32 else x.astype(W32)), e, amax.astype(W32)
-    shift = np.maximum(_bit_length(amax) - (bits - 1), 0)
-    e = lsb + shift
-    _mark_zero(e, amax)
-    f = _neg_pow2(shift, x.dtype)
-    np.multiply(x, f, out=x)
-    q = x if x.dtype == W32 else np.empty(x.shape, W32)
-    np.rint(x, out=q)  # rounded in x's type, then stored (exactly) as float32
-    lim = numerics.sat_limit(bits)
-    # RNE is monotone and odd, so a vector's largest |q| is rint(amax * f); it exceeds
-    # lim = 2**(bits-1) - 1 exactly when amax * f >= lim + 1/2 (a tie rounds to even).
-    qmax = np.rint(amax * f)
-    if qmax.max() > lim:
-        np.clip(q, -lim, lim, out=q)
-        np.minimum(qmax, lim, out=qmax)
-    return q, e, qmax.astype(W32)
-
-
-def lm_shift(x: np.ndarray, s: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """``numerics.rne_shift(x, s)`` for lane-major float32 ``x``, per-vector ``s >= 0``."""
-    if s.max() == 0:
-        return x
-    f = _neg_pow2(s, W32)
-    q = np.multiply(x, f, out=x) if inplace else x * f
-    return np.rint(q, out=q)
-
-
-def lm_align(xq, xe, yq, ye):
-    """:func:`numerics.align`; consumes ``xq``; ``yq`` may be [N, B, 1] (a constant
-    broadcast over pixels) and is left alone."""
-    e = np.maximum(xe, ye)
-    return lm_shift(xq, e - xe, inplace=True), lm_shift(yq, e - ye), e
-
-
-def lm_wide_add(xq, xe, yq, ye, bits: int):
-    """:func:`numerics.wide_add`; consumes ``xq`` (full shape), ``yq`` may broadcast."""
-    xa, ya, e = lm_align(xq, xe, yq, ye)
-    return lm_normalize(np.add(xa, ya, out=xa), e, bits)
-
-
-def lm_wide_max(xq, xe, yq, ye, bits: int):
-    xa, ya, e = lm_align(xq, xe, yq, ye)
-    return lm_normalize(np.maximum(xa, ya, out=xa), e, bits)
-
-
-def lm_wide_mul(xq, xe, cq, ce, bits: int):
-    return lm_normalize(np.multiply(xq, cq, dtype=np.float64), xe + ce, bits)
-
-
-def lm_wide_relu(xq, xe, bits: int):
-    """:func:`numerics.wide_relu`; consumes ``xq``."""
-    r = np.maximum(xq, np.zeros((1, 1, xq.shape[2]), xq.dtype), out=xq)
-    return lm_normalize(r, xe, bits, amax=r.max(axis=0))
-
-
-def lm_to_storage(
-    q: np.ndarray, e: np.ndarray, bits: int, amax: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`numerics.to_storage`, lane-major; consumes ``q`` (``amax``: its max |q|)."""
-    q, e, _ = lm_normalize(q, e, bits, amax)
-    lim = numerics.sat_limit(bits)
-    if e.max() > numerics.E_MAX:
-        over = e > numerics.E_MAX
-        up = np.where(over, np.clip(e - numerics.E_MAX, 0, 40), 0)
-        q = np.clip(q * pow2(up, W32), -lim, lim)
-        e = np.where(over, numerics.E_MAX, e)
-    under = (e < numerics.E_MIN) & (e != numerics.E_ZERO) if e.min() < numerics.E_MIN else None
-    if under is not None and under.any():
-        q = lm_shift(q, np.where(under, numerics.E_MIN - e, 0))
-        e = np.where(under, numerics.E_MIN, e)
-        # Only a shift can zero a normalized non-zero vector.
-        e = np.where(~np.any(q != 0, axis=0), numerics.E_ZERO, e)
-    return q, e
-
-
-def to_lane_major(x: np.ndarray, n: int, dtype=W32, rows: int = 128) -> np.ndarray:
-    """Pixel-major blocks [P, B*N] -> lane-major [N, B, P] in ``dtype``, transposed in
-    row blocks (cache-friendly)."""
-    p = x.shape[0]
-    x = x.reshape(p, -1, n)
-    out = np.empty((n, x.shape[1], p), dtype)
-    for i in range(0, p, rows):
-        out[:, :, i : i + rows] = x[i : i + rows].transpose(2, 1, 0)
-    return out
-
-
 def grid_f64(q: np.ndarray, e: np.ndarray, floor: int) -> np.ndarray:
     """:func:`numerics.to_grid` on storage blocks ``q`` [..., N] (any int dtype), ``e`` [...].
 
     ``rint(q * 2**(e - floor))``: exact for ``e >= floor``, and for ``e < floor`` it is the
-    clamp's ``rne_shift(q, floor - e)`` (the clamped block then sits at shift 0).
+    clamp's ``rne_shift(q, floor - e)`` (the clamped block then sits at shift 0): ``np.rint``
+    rounds half to even, and scaling by a power of two only moves the binary point (a
+    result below the smallest normal float is < 0.5 and rounds to 0 either way).
     """
     g = q.astype(np.float64)
     g *= pow2(e.astype(np.int64) - floor)[..., None]
@@ -324,34 +185,6 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
         out=out,
     )
     return out.reshape(ob * n, k * n)
-
-
-def used_columns(wg: np.ndarray) -> np.ndarray | None:
-    """Indices of the weight-grid columns that are not all zero, if worth skipping the rest."""
-    used = np.flatnonzero(np.any(wg != 0, axis=0))
-    return used if used.size < 0.75 * wg.shape[1] else None
-
-
-def lane_outer(wg: np.ndarray, n: int) -> np.ndarray:
-    """Weight-grid rows reordered from [block][lane] to [lane][block], so the product
-    ``wg @ cols.T`` comes out as lane-major vectors [N, B, P]."""
-    o, k = wg.shape
-    return np.ascontiguousarray(wg.reshape(o // n, n, k).transpose(1, 0, 2)).reshape(o, k)
-
-
-def gemm_exact_t(
-    cols: np.ndarray, wg: np.ndarray, used: np.ndarray | bool | None = True
-) -> np.ndarray:
-    """Exact accumulators transposed, ``wg @ cols.T`` [O, P], as float64 (see module doc).
-
-    ``used``: columns to keep (all-zero weight columns, i.e. channel padding, add nothing);
-    ``True`` finds them, ``None`` keeps all.
-    """
-    if used is True:
-        used = used_columns(wg)
-    if used is not None:
-        return wg[:, used] @ cols[:, used].T
-    return wg @ cols.T
 
 
 class Windows:

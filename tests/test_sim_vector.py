@@ -1,0 +1,87 @@
+"""The simulator's compiled vector path equals tessera.numerics, op for op."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tessera import numerics
+from tessera.sim import vector
+
+N = 16
+
+
+def _numerics_chain(x, e_in, normalize_first, wide, store, ops, cq, ce, aq, ae):
+    """The same chain written with tessera.numerics on [P, B, N] arrays."""
+    p, b = ae.shape
+    v = x.reshape(p, b, N).astype(np.int64)
+    e = np.broadcast_to(e_in, (p, b)).astype(np.int64)
+    if normalize_first:
+        v, e = numerics.normalize(v, e, wide)
+    for k, (code, src) in enumerate(ops):
+        if code == vector.OP_RELU:
+            v, e = numerics.wide_relu(v, e, wide)
+            continue
+        if src == vector.SRC_VRF:
+            yq, ye = np.broadcast_to(cq[k], (p, b, N)), np.broadcast_to(ce[k], (p, b))
+        else:
+            yq, ye = aq.reshape(p, b, N), ae
+        fn = {vector.OP_ADD: numerics.wide_add, vector.OP_MAX: numerics.wide_max}
+        fn[vector.OP_MUL] = numerics.wide_mul
+        v, e = fn[code](v, e, yq, ye, wide)
+    return numerics.to_storage(v, e, store)
+
+
+def _case(rng, p, b, kind):
+    """Random chain inputs; ``kind`` picks the value range that stresses one path."""
+    if kind == "acc":  # exact accumulators up to 2**52, float64 as the MVU gives them
+        mag = 2.0 ** rng.integers(0, 53, size=(p, b * N))
+        x = np.rint(rng.uniform(-1, 1, size=(p, b * N)) * mag)
+        e_in = rng.integers(-160, 100, size=(1, b))
+        first = True
+    else:  # stored blocks read as they are (int8 mantissas, int8 exponents)
+        x = rng.integers(-127, 128, size=(p, b * N)).astype(np.int8)
+        e_in = rng.integers(-128, 128, size=(p, b))
+        first = False
+    x[rng.random(x.shape) < 0.2] = 0
+    zero_rows = rng.random((p, b)) < 0.1
+    x.reshape(p, b, N)[zero_rows] = 0
+    k = rng.integers(0, 5)
+    ops = np.stack([rng.integers(0, 4, size=k), rng.integers(0, 2, size=k)], axis=1)
+    ops = ops.reshape(-1, 2).astype(np.int64)
+    cq = rng.integers(-(2**15) + 1, 2**15, size=(max(k, 1), b, N)).astype(np.int64)
+    ce = rng.integers(-140, 60, size=(max(k, 1), b)).astype(np.int64)
+    ce[rng.random(ce.shape) < 0.1] = numerics.E_ZERO
+    aq = rng.integers(-127, 128, size=(p, b * N)).astype(np.int8)
+    ae = rng.integers(-128, 128, size=(p, b)).astype(np.int8)
+    return x, e_in.astype(np.int64), first, ops, cq, ce, aq, ae
+
+
+@pytest.mark.parametrize("kind", ["acc", "stored"])
+@pytest.mark.parametrize("seed", range(40))
+def test_chain_vectors_equals_numerics(kind: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p, b = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+    wide, store = (24, 8) if seed % 3 else (16, 6)
+    x, e_in, first, ops, cq, ce, aq, ae = _case(rng, p, b, kind)
+    out_q = np.empty((p, b * N), np.int8)
+    out_e = np.empty((p, b), np.int8)
+    vector.chain_vectors(x, e_in, first, wide, store, ops, cq, ce, aq, ae, out_q, out_e)
+    want_q, want_e = _numerics_chain(x, e_in, first, wide, store, ops, cq, ce, aq, ae)
+    np.testing.assert_array_equal(out_e, want_e)
+    np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
+
+
+def test_rounding_ties_and_saturation() -> None:
+    """Ties round to even and a rounded-up maximum saturates, as numerics says."""
+    x = np.array([[255.0, 253.0, -255.0, 1.0] + [0.0] * (N - 4)])
+    out_q, out_e = np.empty((1, N), np.int8), np.empty((1, 1), np.int8)
+    no_ops = np.zeros((0, 2), np.int64)
+    dummy_c, dummy_e = np.zeros((1, 1, N), np.int64), np.zeros((1, 1), np.int64)
+    vector.chain_vectors(
+        x, np.zeros((1, 1), np.int64), True, 8, 8, no_ops, dummy_c, dummy_e,
+        np.zeros((1, N), np.int8), np.zeros((1, 1), np.int8), out_q, out_e,
+    )  # fmt: skip
+    # 255/2 = 127.5 -> 128 (even) -> saturates to 127; 253/2 = 126.5 -> 126; 1/2 -> 0.
+    assert out_q[0, :4].tolist() == [127, 126, -127, 0]
+    assert out_e[0, 0] == 1
