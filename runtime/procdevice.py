@@ -24,9 +24,10 @@ Thread limits: every worker gets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` a
 (the simulator's band-parallel pool sizes itself from the affinity, see
 ``tessera.sim.kernels.parallel_workers``), so N workers on C cores run about C threads
 between them instead of N x C. Workers also keep freed memory for reuse (glibc's
-``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, unless already set): the
-simulator's per-layer arrays of a few MB would otherwise be mapped and faulted in afresh on
-every request, which doubles the run time of a small model.
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, unless already set, see
+:mod:`tessera.runtime.memory`): the simulator's per-layer arrays of a few MB would
+otherwise be mapped and faulted in afresh on every request, which doubles the run time of
+a small model.
 
 Workers are started with ``subprocess`` (a fresh interpreter, never ``fork``: the server
 has gRPC threads running), ignore SIGINT and SIGTERM (the server drains and then stops
@@ -56,15 +57,11 @@ from typing import Any
 import numpy as np
 
 from tessera.errors import TesseraError
+from tessera.runtime.memory import MALLOC_ENV
 
 #: Seconds a worker may take to start and load its package before it counts as failed.
 DEFAULT_START_TIMEOUT_S = 120.0
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-#: glibc malloc settings of a worker (unless the environment sets them): blocks up to 32 MiB
-#: come from the heap, and freed memory stays mapped. The simulator allocates and frees
-#: arrays of a few MB per layer; by default each of them is a fresh mmap whose pages fault
-#: in again on every request, which costs about as much as the simulation of a small model.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 class WorkerCrashedError(TesseraError):
@@ -264,7 +261,7 @@ class WorkerProcess:
         env = dict(os.environ)
         for key in _THREAD_ENV:
             env[key] = str(self.threads)
-        for key, value in _MALLOC_ENV.items():
+        for key, value in MALLOC_ENV.items():
             env.setdefault(key, value)
         try:
             self._proc = subprocess.Popen(
