@@ -114,7 +114,7 @@ class PredictionClient:
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Send an encoded image file (JPEG/PNG) as a DT_STRING [1] tensor."""
         data = Path(path).read_bytes()
-        return self.score_tensors({input_name: tfs_protos.from_ndarray([data])}, outputs, timeout)
+        return self._score({input_name: [data]}, outputs, timeout)
 
     def score_image_bytes(
         self,
@@ -124,7 +124,7 @@ class PredictionClient:
         timeout: float = 10.0,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Send encoded image bytes as a DT_STRING [1] tensor."""
-        return self.score_tensors({input_name: tfs_protos.from_ndarray([data])}, outputs, timeout)
+        return self._score({input_name: [data]}, outputs, timeout)
 
     def score_numpy_arrays(
         self,
@@ -133,8 +133,7 @@ class PredictionClient:
         timeout: float = 10.0,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Send preprocessed float arrays (e.g. ``{"images": x}`` with x [1,224,224,3])."""
-        tensors = {k: tfs_protos.from_ndarray(np.asarray(v)) for k, v in input_map.items()}
-        return self.score_tensors(tensors, outputs, timeout)
+        return self._score({k: np.asarray(v) for k, v in input_map.items()}, outputs, timeout)
 
     def score_tensors(
         self,
@@ -143,13 +142,33 @@ class PredictionClient:
         timeout: float = 10.0,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Send ``TensorProto`` inputs; one output name gives its array, else a dict."""
-        p = self._protos
-        request = p.predict_pb2.PredictRequest()
-        request.model_spec.name = self.service_name
+        request = self._request(outputs)
         for name, tensor in input_map.items():
             request.inputs[name].CopyFrom(tensor)
-        wanted = [outputs] if isinstance(outputs, str) else list(outputs or [])
-        request.output_filter.extend(wanted)
+        return self._predict(request, outputs, timeout)
+
+    def _score(
+        self,
+        values: Mapping[str, np.ndarray | list[bytes]],
+        outputs: str | Sequence[str] | None,
+        timeout: float,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Arrays or lists of encoded images, written straight into the request's tensors
+        (one copy of each tensor fewer than building ``TensorProto`` s and copying them in)."""
+        request = self._request(outputs)
+        for name, value in values.items():
+            tfs_protos.from_ndarray(value, into=request.inputs[name])
+        return self._predict(request, outputs, timeout)
+
+    def _request(self, outputs: str | Sequence[str] | None) -> Any:
+        request = self._protos.predict_pb2.PredictRequest()
+        request.model_spec.name = self.service_name
+        request.output_filter.extend([outputs] if isinstance(outputs, str) else outputs or [])
+        return request
+
+    def _predict(
+        self, request: Any, outputs: str | Sequence[str] | None, timeout: float
+    ) -> np.ndarray | dict[str, np.ndarray]:
         response = self._call(self._stub.Predict, request, timeout)
         result = {k: np.asarray(tfs_protos.to_ndarray(v)) for k, v in response.outputs.items()}
         if isinstance(outputs, str):

@@ -117,7 +117,7 @@ def _predict(service: ModelService, request: Any, context: grpc.ServicerContext)
     response = p.predict_pb2.PredictResponse()
     _fill_spec(service, response.model_spec)
     for name, value in result.outputs.items():
-        response.outputs[name].CopyFrom(tfs_protos.from_ndarray(value))
+        tfs_protos.from_ndarray(value, into=response.outputs[name])
     cycles = sum(r.cycles for r in result.runs)
     context.set_trailing_metadata((("x-npu-cycles", str(cycles)),))
     return response
