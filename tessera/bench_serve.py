@@ -2,9 +2,10 @@
 
 What a service adds on top of the device is what this measures, so every figure comes from
 the same process and package, with the latency runs interleaved (direct, gRPC, REST,
-direct, ...) and medians and 99th percentiles kept. The server and its clients share the
-process (and so the GIL and the machine's two cores): the overhead figures are an upper
-bound of what a separate client would see.
+direct, ...; each round starting one path later) after a few untimed rounds, and medians
+and 99th percentiles kept. The server and its clients share the process (and so the GIL
+and the machine's two cores): the overhead figures are an upper bound of what a separate
+client would see.
 
 The default package is a small classifier with the seeds' 224x224x3 input (a strided conv,
 global pool, FC head on the host), so request payloads have their real size (600 KB of
@@ -107,6 +108,10 @@ def _sample_jpeg(size: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+#: Untimed rounds before the latency samples.
+_WARMUP = 3
+
+
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
@@ -147,13 +152,17 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
         "REST :predict (JPEG, b64)": lambda: rest_post(image_body),
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():  # warm-up: connections, caches
-        fn()
-    end = time.monotonic() + max_s
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
+    for _ in range(_WARMUP):  # connections, HTTP/2 flow-control windows, caches
+        for fn in calls.values():
             fn()
+    names = list(calls)
+    end = time.monotonic() + max_s
+    for r in range(repeat):
+        # Each round starts one path later, so no path always runs right after the same
+        # other one (after the 3 MB JSON body, say, whose memory traffic it would inherit).
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
         if time.monotonic() > end:
             break
