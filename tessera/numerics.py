@@ -60,6 +60,19 @@ def rne_shift(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     return (x + bias + lsb) >> s
 
 
+def _block_absmax(x: np.ndarray) -> np.ndarray:
+    """Largest magnitude of each block (last axis), by halving the axis: numpy reduces a
+    short last axis an order of magnitude slower than it takes elementwise maxima."""
+    a = np.abs(x)
+    while a.shape[-1] > 1:
+        half = a.shape[-1] // 2
+        top = np.maximum(a[..., :half], a[..., half : 2 * half])
+        if a.shape[-1] % 2:
+            top[..., 0] = np.maximum(top[..., 0], a[..., -1])
+        a = top
+    return a[..., 0]
+
+
 def bit_length(a: np.ndarray) -> np.ndarray:
     """Bits needed for non-negative integers ``a`` (0 for 0), exact for all int64."""
     a = np.asarray(a, dtype=np.int64)
@@ -87,14 +100,16 @@ def quantize_float(
     x = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError("cannot quantize non-finite values (NaN or Inf) to BFP")
-    amax = np.max(np.abs(x), axis=-1)
+    amax = _block_absmax(x)
     _, k = np.frexp(amax)  # amax < 2**k
     e = k.astype(np.int64) - (bits - 1)
     if min_exp is not None:
         e = np.maximum(e, min_exp)
     e = np.clip(e, E_MIN, E_MAX)
     lim = sat_limit(bits)
-    q = np.clip(np.rint(np.ldexp(x, -e[..., None])), -lim, lim).astype(np.int64)
+    # x * 2**-e is the exact product, rounded once, as ldexp would give it (2**-e is a
+    # normal float for every storage exponent), at a fraction of ldexp's cost.
+    q = np.clip(np.rint(x * np.ldexp(1.0, -e)[..., None]), -lim, lim).astype(np.int64)
     zero = ~np.any(q != 0, axis=-1)
     if min_exp is None:
         e = np.where(zero, E_ZERO, e)
@@ -116,7 +131,7 @@ def normalize(x: np.ndarray, lsb_exp: np.ndarray | int, bits: int) -> tuple[np.n
     """
     x = np.asarray(x, dtype=np.int64)
     lsb = np.broadcast_to(np.asarray(lsb_exp, dtype=np.int64), x.shape[:-1])
-    amax = np.max(np.abs(x), axis=-1)
+    amax = _block_absmax(x)
     shift = np.maximum(bit_length(amax) - (bits - 1), 0)
     lim = sat_limit(bits)
     q = np.clip(rne_shift(x, shift[..., None]), -lim, lim)
