@@ -30,14 +30,31 @@ that fits the ring and was read by the previous ``mv_mul`` / ``v_pool`` chain is
 and not loaded again.
 
 **DRAM bus** (``hdl/arbiter.py``): one beat of ``dram_bytes_per_cycle`` bytes per cycle,
-shared by the writer, the AUX reader, the activation loader and the load unit (in that
-priority). A chain cannot end before its own beats have moved: activation segments,
-the AUX reader's mantissa burst and exponent beat per block, the writer's mantissa beats
-and coalesced exponent bursts. Loads (``m_rd``, ``c_rd``) are held while the activation
-loader streams and get the bus after the chain's traffic.
+two bursts queued, a burst's data two cycles after its command, granted in the priority
+writer, AUX reader, activation loader, load unit. A chain cannot end before its beats have
+moved (activation segments; the AUX reader's mantissa burst and exponent beat per block;
+the writer's mantissa runs of up to ``RUN_MAX`` blocks and exponent flushes of up to
+``EXP_BUF`` bytes) plus the state cycles between the bursts of the unit that has the most
+of them (the others' beats fill the rest). The activation loader keeps two bursts queued,
+so between two of its bursts one of the writer's or the AUX reader's gets in: a row lands
+that much later. Once it is done, the AUX reader's round trip per block (it asks for the
+exponent beat when the mantissas have come) is left unfilled.
+
+**Writer and AUX reader** (``hdl/writer.py``, ``hdl/auxreader.py``) are serial engines,
+one burst at a time: the writer cannot finish before its bursts, one after the other,
+from the first block (and the last row's blocks from that row); the AUX reader reads a
+block per ``beats + AUX_BLOCK_STATES`` cycles, at most its FIFO ahead of the sweep.
+
+**Loads** (``m_rd``, ``c_rd``) are held while the activation loader streams, then share
+the bus with the running chain: they wait for its writer's and AUX reader's beats, and
+each of those bursts waits behind up to two load bursts while the load lasts, which can
+make the chain end later.
 
 **Drain**: after the last beat, the reducer pipeline, the vector pipeline, the writer's
 FIFO, its last mantissa burst and its exponent flush.
+
+Not charged: ``s_ld`` takes five cycles (its two beats), the model one, as for any scalar
+instruction (the simulator does not say which one it issued).
 """
 
 from __future__ import annotations
@@ -50,7 +67,7 @@ from tessera import layout
 from tessera.config import NPUConfig
 from tessera.isa import Reg
 
-#: Set-up stage cycles before the ring division: latch, reducer decode, 13 products, ring
+#: Set-up stage cycles besides the ring division: latch, reducer decode, 13 products, ring
 #: product, the staged state (``hdl/chain.py``, states IDLE, S0, P0..P12, RING, READY).
 SETUP_FIXED = 17
 #: Cycles from a chain's launch to its first ``ROW_WRAP`` (IDLE -> LAUNCH -> ROW_WRAP) and
@@ -65,7 +82,7 @@ ROW_LOAD_STATES = 1
 #: Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``: normalize,
 #: two per MFU slot, re-block).
 VECTOR_LATENCY = 10
-#: Products of the set-up stage, and the MVU's multiplier latency (``hdl/mvu.py``).
+#: The MVU multipliers' latency (``hdl/multiplier.py``).
 MUL_LATENCY = 2
 #: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
 #: (NEXT, REQ before a burst; NEXT after the last one), the exponent flush's command cycle
@@ -100,12 +117,14 @@ def act_entries(cfg: NPUConfig) -> int:
 
 
 def setup_cycles(cfg: NPUConfig) -> int:
-    """Set-up stage cycles: fixed states plus one per bit of the ring division."""
+    """Set-up stage cycles: fixed states plus the ring division (``DIV``), one cycle per
+    bit of an activation-buffer entry index plus two."""
     return SETUP_FIXED + max(1, (act_entries(cfg) - 1).bit_length()) + 2
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
-    """MVU cycles from an operand beat to its block leaving the accumulator."""
+    """MVU cycles from an operand beat to its block leaving the accumulator: operand
+    registers, the multiplier, the adder tree, the accumulate stage, the output register."""
     return 1 + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1
 
 
@@ -295,10 +314,11 @@ class CycleModel:
         in_bytes = 0 if resident else ih * iw * icnt * (self.mant_bytes + 1)
         return sw, oh * ow * per_pixel, in_bytes, macs
 
-    def _row_loads(self, sw: _Sweep) -> tuple[list[int], int]:
-        """Cycles the activation loader spends per input row, and all its bus beats."""
+    def _row_loads(self, sw: _Sweep) -> tuple[list[int], int, int]:
+        """Cycles the activation loader spends per input row, all its bus beats, and its
+        bursts per row (mantissa bursts of up to LOADER_CHUNK beats, an exponent burst)."""
         if sw.resident:
-            return [], 0
+            return [], 0, 0
         costs = []
         beats = 0
         if sw.icnt == sw.icb:  # the full depth: a row is one segment
@@ -308,14 +328,14 @@ class CycleModel:
                 b = mant + self._train(sw.exp_addr + y * rowblocks, 0, 1, rowblocks)
                 costs.append(ROW_LOAD_STATES + b + SEGMENT_STATES)
                 beats += b
-            return costs, beats
-        mant = sw.iw * self._beats(sw.icnt * self.mant_bytes)  # a segment per pixel
+            return costs, beats, math.ceil(mant / LOADER_CHUNK) + 1
+        seg = self._beats(sw.icnt * self.mant_bytes)  # a segment per pixel
         for y in range(sw.ih):
             e0 = sw.exp_addr + y * sw.iw * sw.icb
-            b = mant + self._train(e0, sw.icb, sw.iw, sw.icnt)
+            b = sw.iw * seg + self._train(e0, sw.icb, sw.iw, sw.icnt)
             costs.append(ROW_LOAD_STATES + b + sw.iw * SEGMENT_STATES)
             beats += b
-        return costs, beats
+        return costs, beats, sw.iw * (math.ceil(seg / LOADER_CHUNK) + 1)
 
     def _writer_traffic(self, sw: _Sweep) -> tuple[int, int]:
         """The writer's bus beats and bursts: mantissa runs of up to RUN_MAX contiguous
@@ -343,7 +363,7 @@ class CycleModel:
         rowblocks = max(1, sw.iw * sw.icnt)
         ring_rows = self.entries // rowblocks
         ring = ring_rows * rowblocks
-        costs, act_beats = self._row_loads(sw)
+        costs, act_beats, row_bursts = self._row_loads(sw)
         writer_beats, writer_bursts = writer
         aux_beats = sw.blocks * (self.mant_beats + 1) if sw.aux else 0
         # the loader's timeline: row y lands (rows_loaded > y visible) at landed[y]
@@ -352,13 +372,19 @@ class CycleModel:
         need_lo_at: list[tuple[int, int]] = []  # (cycle need_lo is visible, need_lo)
         pause: list[int | None] = [None]  # first cycle the loader waits for ring space
         row_runs: list[int] = []
-        # The writer and the AUX reader have priority on the bus: the beats of the output
-        # rows swept so far are served before the loader's next row lands.
+        # The writer and the AUX reader have priority on the bus, but the loader keeps two
+        # bursts queued: between two of its bursts at most one of theirs gets in. So a row
+        # lands later by the output beats swept meanwhile, up to one of their bursts (of
+        # the average length) per loader burst.
         out_row_beats = (writer_beats + aux_beats) / max(1, sw.oh)
-        pending = 0.0
+        foreign = (writer_beats + aux_beats) / max(
+            1, writer_bursts + (2 * sw.blocks if sw.aux else 0)
+        )
+        served = 0  # output rows swept before the loader's timeline
+        pending = 0.0  # their beats not yet interleaved with the loader's
 
         def load_until(y_max: int) -> None:
-            nonlocal row_start, pending
+            nonlocal row_start, served, pending
             while len(landed) <= y_max:
                 y = len(landed)
                 permit = row_start
@@ -367,9 +393,15 @@ class CycleModel:
                 if permit > row_start and pause[0] is None:
                     pause[0] = row_start  # the ring is full: the loader stops streaming
                 start = max(row_start, permit)
-                landed.append(start + costs[y] + round(pending))
-                pending = 0.0
-                row_start = landed[-1]
+                end = start + costs[y]
+                while served < len(row_runs) and row_runs[served] < end:
+                    pending += out_row_beats
+                    served += 1
+                taken = min(pending, row_bursts * foreign)
+                pending -= taken
+                end += round(taken)
+                landed.append(end)
+                row_start = end
 
         t = launch + LAUNCH_TO_SWEEP
         ring_addr = ring - sw.pt * rowblocks
@@ -389,7 +421,6 @@ class CycleModel:
                 ready = max(ready, landed[need])
             run = ready + 1
             row_runs.append(run)
-            pending += out_row_beats
             t = run + sw.beats_per_row + ROW_STATES - 1  # ROW_NEXT, then the next ROW_WRAP
             ring_addr += sh_rb
         last_beat = t - ROW_STATES
@@ -403,10 +434,20 @@ class CycleModel:
         # fill as far as they reach.
         writer_states = writer_bursts * WRITER_BURST_STATES
         idle = max(sum(costs) - act_beats, writer_states)
-        bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats + idle
+        bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats
+        if sw.aux and bus + idle > loader_idle:
+            # Once the activation loader is done, only the writer and the AUX reader are
+            # left: the AUX reader asks for a block's exponent beat only when its mantissas
+            # have come, a round trip per block that no queued burst fills.
+            late = (bus + idle - loader_idle) / (bus + idle - launch)
+            idle = max(idle, round(late * sw.blocks * BUS_LATENCY))
+        bus += idle
         # the writer and the AUX reader are serial engines: one burst at a time
         first_out = row_runs[0] + reducer_latency + VECTOR_LATENCY + 2 if row_runs else launch
         serial = first_out + writer_beats + writer_states
+        if row_runs:  # the last row's blocks queue up when the writer is slower than the sweep
+            last_out = row_runs[-1] + reducer_latency + VECTOR_LATENCY + 2
+            serial = max(serial, last_out + math.ceil((writer_beats + writer_states) / sw.oh))
         if sw.aux:
             aux_end = launch + 1 + sw.blocks * (self.mant_beats + 1 + AUX_BLOCK_STATES)
             serial = max(serial, aux_end + VECTOR_LATENCY + DRAIN_FIXED + tail)

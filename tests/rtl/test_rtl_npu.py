@@ -86,15 +86,23 @@ def test_random_chains_bit_exact(runs):
     assert _check(runs, "random #") == RANDOM_PROGRAMS
 
 
-#: Measured: +18 % over these tiny programs (start-of-chain row latency and pipeline drain,
-#: which the model does not charge, dominate chains of a few hundred cycles). A regression
-#: guard until the 2 % target of docs/hardware.md is met.
-RANDOM_CYCLE_BOUND = 0.25
+#: docs/hardware.md: the cycle model agrees with the RTL within 2 % over each group of
+#: programs (the single-kind ones, the random ones). A single program of a few hundred
+#: cycles may differ by more: where a burst lands in the arbiter's queue moves it by tens of
+#: cycles (measured: up to 12 %, 2.4 % on average).
+CYCLE_TOLERANCE = 0.02
+PROGRAM_TOLERANCE = 0.15
 
 
-def test_cycle_counts_near_the_cycle_model(runs):
-    _, expected, results = runs
-    rtl = sum(r.cycles for r in results)
-    model = sum(c for _, c in expected)
-    print(f"RTL {rtl} cycles, model {model}: {100 * (rtl - model) / model:+.1f} %")
-    assert abs(rtl - model) <= RANDOM_CYCLE_BOUND * model
+@pytest.mark.parametrize("group", ["kinds", "random"])
+def test_cycle_counts_match_the_cycle_model(runs, group):
+    cases, expected, results = runs
+    rtl = model = 0
+    for (name, _), (_, cycles), r in zip(cases, expected, results, strict=True):
+        if name.startswith("random #") != (group == "random"):
+            continue
+        assert abs(r.cycles - cycles) <= PROGRAM_TOLERANCE * cycles, (name, r.cycles, cycles)
+        rtl += r.cycles
+        model += cycles
+    print(f"{group}: RTL {rtl} cycles, model {model}: {100 * (rtl - model) / model:+.2f} %")
+    assert abs(rtl - model) <= CYCLE_TOLERANCE * model
