@@ -55,21 +55,45 @@ def register(bsub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_bench_serve)
 
 
-def small_classifier(size: int = 224, classes: int = 10, seed: int = 0) -> Any:
-    """NHWC [1,size,size,3] -> conv 8x8 stride 8 (16) -> relu -> global pool -> FC -> softmax."""
+def small_classifier(
+    size: int = 224,
+    classes: int = 10,
+    seed: int = 0,
+    *,
+    channels: int = 16,
+    kernel: int = 8,
+    stride: int = 8,
+    weight_scale: float = 0.01,
+    name: str = "bench_small",
+) -> Any:
+    """NHWC [1,size,size,3] -> conv ``kernel`` x ``kernel``, ``stride``, ``channels`` filters
+    (padded by (kernel - stride) / 2 a side) -> relu -> global pool -> FC -> softmax.
+
+    The defaults are this benchmark's model: the seeds' 224x224x3 input, so payloads have
+    their real size, yet a simulator run of milliseconds. The serving tests build their
+    16x16 model (3x3 stride 1, 8 filters) here too, so both stay one real compiled network.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     arrays = {
-        "w": rng.standard_normal((16, 3, 8, 8)) * 0.01,
-        "b": rng.standard_normal(16) * 0.5,
-        "fw": rng.standard_normal((16, classes)) * 0.5,
+        "w": rng.standard_normal((channels, 3, kernel, kernel)) * weight_scale,
+        "b": rng.standard_normal(channels) * 0.5,
+        "fw": rng.standard_normal((channels, classes)) * 0.5,
         "fb": rng.standard_normal(classes) * 0.1,
     }
     inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    pad = (kernel - stride) // 2
     nodes = [
         helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node(
+            "Conv",
+            ["nchw", "w", "b"],
+            ["conv"],
+            kernel_shape=[kernel, kernel],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+        ),
         helper.make_node("Relu", ["conv"], ["relu"]),
         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
         helper.make_node("Flatten", ["pool"], ["flat"]),
@@ -78,7 +102,7 @@ def small_classifier(size: int = 224, classes: int = 10, seed: int = 0) -> Any:
     ]
     graph = helper.make_graph(
         nodes,
-        "bench_small",
+        name,
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, size, size, 3])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, classes])],
         inits,

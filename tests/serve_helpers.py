@@ -1,10 +1,11 @@
 """Shared pieces of the serving tests: a tiny real classifier, certificates, free ports.
 
 The classifier is a real compiled program (conv, relu, global pool, FC, softmax on a
-16x16 RGB input) so the service tests exercise the true simulator path, but small enough
-that one inference takes milliseconds. :class:`TinyPackage` follows the agreed
-``tessera.package.Package`` API (name, kind, preprocess, program, labels, input_name,
-output_names, preprocess_image, run) for tests of the layers below the package format.
+16x16 RGB input, built by :func:`tessera.bench_serve.small_classifier`) so the service
+tests exercise the true simulator path, but small enough that one inference takes
+milliseconds. :class:`TinyPackage` follows the agreed ``tessera.package.Package`` API
+(name, kind, preprocess, program, labels, input_name, output_names, preprocess_image, run)
+for tests of the layers below the package format.
 """
 
 from __future__ import annotations
@@ -20,50 +21,21 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from tessera.bench_serve import small_classifier
 from tessera.config import get_config
 from tessera.preprocess import PreprocessSpec, preprocess
 from tessera.program import Program
 
 SIZE = 16
 CLASSES = 10
-OPSET = 17
-IR_VERSION = 8
 
 
 def tiny_classifier_onnx(seed: int = 0) -> onnx.ModelProto:
     """NHWC [1,16,16,3] -> conv 3x3 (8) -> relu -> global average pool -> FC 10 -> softmax."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((8, 3, 3, 3)) * 0.05).astype(np.float32)
-    b = (rng.standard_normal(8) * 0.5).astype(np.float32)
-    fw = (rng.standard_normal((8, CLASSES)) * 0.5).astype(np.float32)
-    fb = (rng.standard_normal(CLASSES) * 0.1).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(w, "w"),
-        numpy_helper.from_array(b, "b"),
-        numpy_helper.from_array(fw, "fw"),
-        numpy_helper.from_array(fb, "fb"),
-    ]
-    nodes = [
-        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"], kernel_shape=[3, 3], pads=[1] * 4),
-        helper.make_node("Relu", ["conv"], ["relu"]),
-        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
-        helper.make_node("Flatten", ["pool"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, SIZE, SIZE, 3])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])],
-        inits,
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    return small_classifier(
+        SIZE, CLASSES, seed, channels=8, kernel=3, stride=1, weight_scale=0.05, name="tiny"
     )
 
 
