@@ -12,6 +12,8 @@ Two levels of expensive cases, each skipped unless the run asks for it:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,3 +29,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_huge)
         elif "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+# --------------------------------------------------------------------------- serving tests
+# Shared by the device, service and client tests (``tests/serve_helpers.py`` has the pieces);
+# imported inside the fixtures so that other tests do not load them.
+
+
+@pytest.fixture(scope="module")
+def pkg() -> Any:
+    """The tiny classifier as a real :class:`tessera.package.Package` (head on the host)."""
+    from serve_helpers import real_tiny_package
+
+    return real_tiny_package()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A self-signed CA and a server chain and key for localhost, as PEM files."""
+    from serve_helpers import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def gated() -> Iterator[None]:
+    """The ``gated`` backend registered with a fresh, closed gate; opened afterwards, so no
+    run of a failed test stays blocked (``pytestmark = pytest.mark.usefixtures("gated")``)."""
+    from serve_helpers import GatedBackend, register_gated
+
+    register_gated()
+    GatedBackend.reset()
+    yield
+    GatedBackend.gate.set()

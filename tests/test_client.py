@@ -11,10 +11,7 @@ import pytest
 from serve_helpers import (
     GatedBackend,
     float_input,
-    make_certs,
     png_bytes,
-    real_tiny_package,
-    register_gated,
     running_server,
 )
 
@@ -25,23 +22,7 @@ from tessera.runtime import PredictionClient, PredictionError, tfs_protos
 
 KEY = "client-test-key-0123456789"
 
-
-@pytest.fixture(scope="module")
-def pkg():
-    return real_tiny_package()
-
-
-@pytest.fixture(autouse=True)
-def _gate():
-    register_gated()
-    GatedBackend.reset()
-    yield
-    GatedBackend.gate.set()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
+pytestmark = pytest.mark.usefixtures("gated")
 
 
 @pytest.fixture(scope="module")

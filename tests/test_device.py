@@ -18,7 +18,6 @@ from serve_helpers import (
     GatedBackend,
     float_input,
     real_tiny_package,
-    register_gated,
     tiny_package,
 )
 
@@ -38,13 +37,7 @@ from tessera.runtime.device import (
 from tessera.runtime.procdevice import cpu_share, default_threads
 from tessera.sim.run import run_program
 
-
-@pytest.fixture(autouse=True)
-def _gate():
-    register_gated()
-    GatedBackend.reset()
-    yield
-    GatedBackend.gate.set()
+pytestmark = pytest.mark.usefixtures("gated")
 
 
 def direct(pkg, x: np.ndarray) -> np.ndarray:

@@ -47,8 +47,6 @@ from serve_helpers import (
     float_input,
     make_certs,
     png_bytes,
-    real_tiny_package,
-    register_gated,
     running_server,
 )
 
@@ -62,29 +60,13 @@ KEY1 = "primary-key-0123456789abcdef"
 KEY2 = "secondary-key-0123456789abcdef"
 TIMEOUT = 20
 
-
-@pytest.fixture(scope="module")
-def pkg():
-    return real_tiny_package()
-
-
-@pytest.fixture(autouse=True)
-def _gate():
-    register_gated()
-    GatedBackend.reset()
-    yield
-    GatedBackend.gate.set()
+pytestmark = pytest.mark.usefixtures("gated")
 
 
 @pytest.fixture(scope="module")
 def server(pkg):
     with running_server(pkg, devices=2) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")
