@@ -354,8 +354,8 @@ class Simulator:
     def chain(self, ops: list[Instr], pc: int | None = None) -> None:
         """Execute one chain over the whole output map.
 
-        Vectors are pixel-major: the reducer gives exact integer lanes [pixels,
-        blocks*N] (float64 accumulators or sums, or the stored mantissas of a plain
+        Vectors are lane-major: the reducer gives exact integer lanes [blocks*N,
+        pixels] (float64 accumulators or sums, or the stored mantissas of a plain
         read), which :meth:`_vector_path` takes through the body to storage blocks.
         """
         cfg, st = self.cfg, self.state
@@ -397,7 +397,7 @@ class Simulator:
             if isinstance(acc, tuple):
                 stored = acc
             else:
-                x, e_in, first = acc, np.full((1, ocnt), floor + wfloor, np.int64), True
+                x, e_in, first = acc, np.full((ocnt, 1), floor + wfloor, np.int64), True
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -405,7 +405,8 @@ class Simulator:
             grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
             is_max = ops[1].args["op"] == PoolOp.MAX
             red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
-            x, e_in, first = red.reshape(p, ocnt * n), np.full((1, ocnt), floor, np.int64), True
+            x = np.ascontiguousarray(red.reshape(p, ocnt * n).T)
+            e_in, first = np.full((ocnt, 1), floor, np.int64), True
         else:
             if icnt != ocnt:
                 raise SimulationError("an elementwise chain needs IN_CB_CNT == OUT_CB_CNT")
@@ -413,7 +414,8 @@ class Simulator:
                 q.reshape(ih, iw, -1), (1, 1), stride, pads, (1, 1), (oh, ow)
             )
             we = kernels.gather_windows(e, (1, 1), stride, pads, (1, 1), (oh, ow), numerics.E_ZERO)
-            x, e_in, first = wq.reshape(p, ocnt * n), we.reshape(p, ocnt).astype(np.int64), False
+            x = np.ascontiguousarray(wq.reshape(p, ocnt * n).T)
+            e_in, first = np.ascontiguousarray(we.reshape(p, ocnt).T, dtype=np.int64), False
         if stored is None:
             sq, se = self._vector_path(x, e_in, first, body, ocnt)
         else:
@@ -442,7 +444,7 @@ class Simulator:
         return (regs[Reg.IN_ADDR] & 0xFFFFFFFF, regs[ereg], *_WINDOW_REGS(regs))
 
     def _mv_mul(self, pc: int | None, ops: list[Instr], ocnt: int, k: int):
-        """The current chain's exact accumulators [P, ocnt*N] (float64), or its storage
+        """The current chain's exact accumulators [ocnt*N, P] (float64), or its storage
         blocks ``(sq, se)`` when they were computed ahead and are still valid."""
         st = self.state
         t = ocnt * k
@@ -624,7 +626,7 @@ class Simulator:
         acc = kernels.gemm_exact(cols.rows(0, cols.out_hw[0]), wg, skip_zero=False)
         b0 = 0
         for cpc, _addr, _t, ocnt, _wf in group:
-            out[cpc].acc = acc[:, b0 * n : (b0 + ocnt) * n]
+            out[cpc].acc = acc[b0 * n : (b0 + ocnt) * n]
             b0 += ocnt
         return out
 
@@ -683,7 +685,7 @@ class Simulator:
         oh, ow = cols.out_hw
         p = oh * ow
         floor = int(self._cols_key[1]) - cfg.act_exp_window
-        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[None, :]
+        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
         sq_all = np.empty((p, blocks * n), layout.mantissa_dtype(m))
         se_all = np.empty((p, blocks), np.int8)
         has_aux = aux[0] is not None
@@ -708,11 +710,12 @@ class Simulator:
                 for (q, e), c in zip(aux, cnts, strict=True):
                     aq[:, a0 * n : (a0 + c) * n], ae[:, a0 : a0 + c] = q[p0:p1], e[p0:p1]
                     a0 += c
-                aq, ae = aq[:, c0:c1], ae[:, b0:b1]
+                aq = np.ascontiguousarray(aq[:, c0:c1].T)  # lane-major, as the vectors
+                ae = np.ascontiguousarray(ae[:, b0:b1].T)
             else:
                 aq, ae = _NO_AUX
             vector.chain_vectors(
-                acc, lsb[:, b0:b1], True, cfg.mfu_mantissa_bits, m, table,
+                acc, lsb[b0:b1], True, cfg.mfu_mantissa_bits, m, table,
                 const_q[:, b0:b1], const_e[:, b0:b1], aq, ae,
                 sq_all[p0:p1, c0:c1], se_all[p0:p1, b0:b1],
             )  # fmt: skip
@@ -793,8 +796,9 @@ class Simulator:
         return wg, chans, snaps
 
     def _vector_path(self, x, e_in, first: bool, body: list[Instr], ocnt: int):
-        """A chain's MFU ops and its re-blocking to storage, on pixel-major vectors ``x``
-        [P, ocnt*N] at exponents ``e_in`` (see :func:`tessera.sim.vector.chain_vectors`).
+        """A chain's MFU ops and its re-blocking to storage, on lane-major vectors ``x``
+        [ocnt*N, P] at exponents ``e_in`` [ocnt, P or 1] (see
+        :func:`tessera.sim.vector.chain_vectors`).
 
         Returns the storage blocks (mantissas [P, ocnt*N], exponents [P, ocnt]), computed
         in bands of pixels on the thread pool.
@@ -814,19 +818,19 @@ class Simulator:
                     raise SimulationError(f"{ins.op} reads beyond the vector register file")
                 const_q[k], const_e[k] = st.vrf_q[base : base + ocnt], st.vrf_e[base : base + ocnt]
             else:
-                aq, ae = self._aux_view(st.regs, ocnt)
-        p = x.shape[0]
+                aq, ae = (np.ascontiguousarray(a.T) for a in self._aux_view(st.regs, ocnt))
+        p = x.shape[1]
         sq = np.empty((p, ocnt * n), layout.mantissa_dtype(m))
         se = np.empty((p, ocnt), np.int8)
-        per_pixel = e_in.shape[0] > 1
         step = max(256, -(-p // kernels.parallel_workers()))
 
         def band(p0: int) -> None:
             p1 = min(p, p0 + step)
             vector.chain_vectors(
-                x[p0:p1], e_in[p0:p1] if per_pixel else e_in, first, cfg.mfu_mantissa_bits,
-                m, table, const_q, const_e, aq[p0:p1] if aq.shape[0] == p else aq,
-                ae[p0:p1] if ae.shape[0] == p else ae, sq[p0:p1], se[p0:p1],
+                x[:, p0:p1], e_in[:, p0:p1] if e_in.shape[1] > 1 else e_in, first,
+                cfg.mfu_mantissa_bits, m, table, const_q, const_e,
+                aq[:, p0:p1] if aq.shape[1] == p else aq,
+                ae[:, p0:p1] if ae.shape[1] == p else ae, sq[p0:p1], se[p0:p1],
             )  # fmt: skip
 
         kernels.run_parallel(band, range(0, p, step))

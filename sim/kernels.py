@@ -81,17 +81,18 @@ def im2col(
 
 
 def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True) -> np.ndarray:
-    """Exact integer accumulators [P, O] of ``cols @ weight_grid.T``, as float64 (see the
-    module doc); a transposed view of ``weight_grid @ cols.T``, the orientation OpenBLAS
-    runs up to twice as fast for these shapes (few pixels, many outputs). With
-    ``skip_zero``, all-zero weight columns (channel padding) are left out: they add nothing.
+    """Exact integer accumulators [O, P] of ``weight_grid @ cols.T``, as float64 (see the
+    module doc): one row per output channel, the orientation OpenBLAS runs up to twice
+    as fast for these shapes (few pixels, many outputs) and the simulator's vector path
+    reads lane-major. With ``skip_zero``, all-zero weight columns (channel padding) are
+    left out: they add nothing.
     """
     wg = weight_grid.astype(np.float64, copy=False)
     if skip_zero:
         used = np.flatnonzero(np.any(wg != 0, axis=0))
         if used.size < 0.75 * wg.shape[1]:
-            return (wg[:, used] @ cols[:, used].T).T
-    return (wg @ cols.T).T
+            return wg[:, used] @ cols[:, used].T
+    return wg @ cols.T
 
 
 def mvu(
@@ -108,7 +109,7 @@ def mvu(
     Returns int64 accumulators [OH*OW, O].
     """
     cols = im2col(grid, kernel, stride, pads_tl, dilation, out_hw)
-    return gemm_exact(cols, weight_grid).astype(np.int64)
+    return gemm_exact(cols, weight_grid).T.astype(np.int64)
 
 
 def pool(
@@ -147,10 +148,10 @@ def read_clamped_grid(
 # --------------------------------------------------------------------------- simulator
 #
 # The instruction simulator's fast path: grids and accumulators as exact float64
-# integers, pixel-major ([P, B*N], one vector's N lanes contiguous) so that the vector
-# path after the product (:func:`tessera.sim.vector.chain_vectors`) reads each
-# accumulator once. Every grid value and every product of two is below ``2**53`` and so
-# exact in float64 (the compiler bounds the accumulator, see the module doc).
+# integers; accumulators lane-major ([B*N, P], a row per output channel), as the vector
+# path after the product (:func:`tessera.sim.vector.chain_vectors`) reads them. Every
+# grid value and every product of two is below ``2**53`` and so exact in float64 (the
+# compiler bounds the accumulator, see the module doc).
 
 
 def pow2(e: np.ndarray | int, dtype=np.float64) -> np.ndarray:

@@ -41,62 +41,64 @@ _E_ZERO, _E_MIN, _E_MAX = numerics.E_ZERO, numerics.E_MIN, numerics.E_MAX
 #: ``2.0**-s`` for the shifts that can leave anything of a value below ``2**53``; any
 #: larger shift rounds it to 0, as the last entry (2**-64) does too.
 _NEG_POW2 = np.ldexp(1.0, -np.arange(65))
-#: ``2.0**k`` for the left shifts of :func:`_to_storage` (at most 40).
+#: ``2.0**k`` for the left shifts of the re-blocking to storage (at most 40).
 _POS_POW2 = np.ldexp(1.0, np.arange(41))
 #: Adding and subtracting 1.5 * 2**52 rounds a float below 2**51 to an integer, half to
-#: even (the FPU's rounding mode), in two vectorisable instructions.
+#: even (the FPU's rounding mode), in two vectorisable instructions; an integer is left
+#: as it is, so a factor of 1.0 makes it a no-op.
 _RINT_MAGIC = 6755399441055744.0
 
 
 @njit(cache=True, inline="always")
-def _rne_shift(v: np.ndarray, s: int) -> None:
-    """:func:`tessera.numerics.rne_shift` of the vector ``v`` in place (``s >= 0``)."""
-    if s > 0:
-        f = _NEG_POW2[min(s, 64)]
-        for i in range(v.size):
-            v[i] = (v[i] * f + _RINT_MAGIC) - _RINT_MAGIC
+def _fmax(a: float, b: float) -> float:
+    """max without NaN handling (there are none), a select the compiler can vectorise."""
+    return a if a > b else b
 
 
 @njit(cache=True, inline="always")
-def _normalize(v: np.ndarray, lsb: int, bits: int, cell: np.ndarray, word: np.ndarray) -> int:
-    """:func:`tessera.numerics.normalize` of the vector ``v`` in place; returns its exponent.
+def _fmin(a: float, b: float) -> float:
+    return a if a < b else b
 
-    ``cell`` is a one-element float64 scratch array and ``word`` its int64 view: they
-    read a float's exponent field (an exact integer's bit length) without a libm call.
+
+@njit(cache=True, inline="always")
+def _shift_factor(s: int) -> float:
+    """The factor whose product, rounded, is ``rne_shift(x, s)`` (``s >= 0``)."""
+    return _NEG_POW2[min(s, 64)]
+
+
+@njit(cache=True, inline="always")
+def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float) -> None:
+    """``v[l, p] = clip(round(v[l, p] * f[p]))`` and ``amax[p]`` = the new largest |v|."""
+    amax[:] = 0.0
+    for lane in range(v.shape[0]):
+        for p in range(v.shape[1]):
+            q = _fmin(_fmax((v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC, -lim), lim)
+            v[lane, p] = q
+            amax[p] = _fmax(amax[p], abs(q))
+
+
+@njit(cache=True, inline="always")
+def _normalize(v, amax, e, bits: int, f, amax_bits) -> None:
+    """:func:`tessera.numerics.normalize` of the vectors ``v`` [N, P] in place.
+
+    ``amax`` [P] holds each vector's largest magnitude on entry and on exit (every pass
+    over the lanes also finds it for the next step); ``e`` [P] their LSB exponents on
+    entry, their exponents on exit. ``f`` [P] is scratch; ``amax_bits`` is ``amax``'s
+    int64 view, whose exponent field is an exact integer's bit length (no libm call).
     """
-    amax = 0.0
-    for i in range(v.size):
-        amax = max(amax, abs(v[i]))
-    if amax == 0.0:
-        return _E_ZERO
-    cell[0] = amax
-    shift = ((word[0] >> 52) & 0x7FF) - 1022 - (bits - 1)
-    if shift <= 0:
-        return lsb
-    _rne_shift(v, shift)
-    lim = float((1 << (bits - 1)) - 1)
-    for i in range(v.size):
-        v[i] = min(max(v[i], -lim), lim)
-    return lsb + shift
-
-
-@njit(cache=True, inline="always")
-def _to_storage(v: np.ndarray, e: int, bits: int, cell: np.ndarray, word: np.ndarray) -> int:
-    """:func:`tessera.numerics.to_storage` of ``v`` in place; returns the exponent."""
-    e = _normalize(v, e, bits, cell, word)
-    lim = float((1 << (bits - 1)) - 1)
-    if e > _E_MAX:
-        f = _POS_POW2[min(e - _E_MAX, 40)]
-        for i in range(v.size):
-            v[i] = min(max(v[i] * f, -lim), lim)
-        e = _E_MAX
-    elif e < _E_MIN and e != _E_ZERO:
-        _rne_shift(v, _E_MIN - e)
-        e = _E_MIN
-    for i in range(v.size):
-        if v[i] != 0.0:
-            return e
-    return _E_ZERO
+    shifted = False
+    for p in range(v.shape[1]):
+        f[p] = 1.0
+        if amax[p] == 0.0:
+            e[p] = _E_ZERO
+            continue
+        s = ((amax_bits[p] >> 52) & 0x7FF) - 1022 - (bits - 1)
+        if s > 0:
+            f[p] = _shift_factor(s)
+            e[p] += s
+            shifted = True
+    if shifted:
+        _scale(v, f, amax, float((1 << (bits - 1)) - 1))
 
 
 @njit(cache=True, nogil=True)
@@ -114,65 +116,103 @@ def chain_vectors(
     out_q: np.ndarray,
     out_e: np.ndarray,
 ) -> None:
-    """Run a chain's vector path on pixel-major vectors; results into ``out_q``/``out_e``.
+    """Run a chain's vector path; results into ``out_q``/``out_e``.
 
-    ``x`` [P, B*N]: the reducer's exact integer lanes (vector ``b`` of pixel ``p`` is
-    ``x[p, b*N:(b+1)*N]``), at exponent ``e_in`` [P or 1, B] (one row: the same for every
-    pixel). With ``normalize_first`` they are normalized to ``wide_bits`` (accumulators,
-    pool sums); without, they are already wide vectors (a plain read of stored blocks).
-    ``ops`` [K, 2]: the body's MFU ops in order, (``OP_*``, ``SRC_*``); op ``k`` with a
-    VRF operand reads ``const_q[k, b]`` [N] and ``const_e[k, b]``, an AUX operand reads
-    ``aux_q[p, b*N:(b+1)*N]`` and ``aux_e[p, b]``. The result is re-blocked to
-    ``store_bits``: ``out_q`` [P, B*N], ``out_e`` [P, B].
+    ``x`` [B*N, P] holds the reducer's exact integer lanes lane-major (lane ``l`` of
+    block ``b`` of every pixel is row ``b*N + l``, so every inner loop runs over pixels),
+    at exponents ``e_in`` [B, P or 1] (one column: the same for every pixel). With
+    ``normalize_first`` they are normalized to ``wide_bits`` (accumulators, pool sums);
+    without, they are already wide vectors (a plain read of stored blocks). ``ops``
+    [K, 2]: the body's MFU ops in order, (``OP_*``, ``SRC_*``); op ``k`` with a VRF
+    operand reads ``const_q[k, b]`` [N] and ``const_e[k, b]``, an AUX operand reads
+    ``aux_q`` [B*N, P] and ``aux_e`` [B, P] (lane-major too). The result is re-blocked to
+    ``store_bits`` and written pixel-major, as stored: ``out_q`` [P, B*N], ``out_e``
+    [P, B].
     """
     p_count, blocks = out_e.shape
-    n = x.shape[1] // blocks
-    per_pixel_e = e_in.shape[0] > 1
-    v = np.empty(n, np.float64)
-    y = np.empty(n, np.float64)
-    cell = np.empty(1, np.float64)
-    word = cell.view(np.int64)
-    for p in range(p_count):
-        er = p if per_pixel_e else 0
-        for b in range(blocks):
-            c0 = b * n
-            for i in range(n):
-                v[i] = x[p, c0 + i]
-            e = np.int64(e_in[er, b])
-            if normalize_first:
-                e = _normalize(v, e, wide_bits, cell, word)
-            for k in range(ops.shape[0]):
-                code = ops[k, 0]
-                if code == OP_RELU:
-                    for i in range(n):
-                        v[i] = max(v[i], 0.0)
-                    e = _normalize(v, e, wide_bits, cell, word)
-                    continue
-                if ops[k, 1] == SRC_VRF:
-                    for i in range(n):
-                        y[i] = const_q[k, b, i]
-                    ye = np.int64(const_e[k, b])
+    n = x.shape[0] // blocks
+    per_pixel_e = e_in.shape[1] > 1
+    v = np.empty((n, p_count))
+    y = np.empty(p_count)
+    amax = np.empty(p_count)
+    amax_bits = amax.view(np.int64)
+    e = np.empty(p_count, np.int64)
+    ye = np.empty(p_count, np.int64)
+    f = np.empty(p_count)
+    fy = np.empty(p_count)
+    lim = float((1 << (store_bits - 1)) - 1)
+    for b in range(blocks):
+        r0 = b * n
+        amax[:] = 0.0
+        for lane in range(n):
+            for p in range(p_count):
+                v[lane, p] = x[r0 + lane, p]
+                amax[p] = _fmax(amax[p], abs(v[lane, p]))
+        for p in range(p_count):
+            e[p] = e_in[b, p if per_pixel_e else 0]
+        if normalize_first:
+            _normalize(v, amax, e, wide_bits, f, amax_bits)
+        for k in range(ops.shape[0]):
+            code = ops[k, 0]
+            aux = ops[k, 1] == SRC_AUX
+            if code == OP_RELU:
+                amax[:] = 0.0
+                for lane in range(n):
+                    for p in range(p_count):
+                        v[lane, p] = _fmax(v[lane, p], 0.0)
+                        amax[p] = _fmax(amax[p], v[lane, p])
+                _normalize(v, amax, e, wide_bits, f, amax_bits)
+                continue
+            for p in range(p_count):
+                ye[p] = aux_e[b, p] if aux else const_e[k, b]
+            if code == OP_MUL:
+                amax[:] = 0.0
+                for lane in range(n):
+                    c = float(const_q[k, b, lane])
+                    for p in range(p_count):
+                        v[lane, p] *= float(aux_q[r0 + lane, p]) if aux else c
+                        amax[p] = _fmax(amax[p], abs(v[lane, p]))
+                for p in range(p_count):
+                    e[p] += ye[p]
+                _normalize(v, amax, e, wide_bits, f, amax_bits)
+                continue
+            # vv_add / vv_max: both operands to the larger exponent, then combine.
+            for p in range(p_count):
+                ea = max(e[p], ye[p])
+                f[p] = _shift_factor(ea - e[p])
+                fy[p] = _shift_factor(ea - ye[p])
+                e[p] = ea
+            amax[:] = 0.0
+            for lane in range(n):
+                c = float(const_q[k, b, lane])
+                if aux:
+                    for p in range(p_count):
+                        y[p] = aux_q[r0 + lane, p]
                 else:
-                    for i in range(n):
-                        y[i] = aux_q[p, c0 + i]
-                    ye = np.int64(aux_e[p, b])
-                if code == OP_MUL:
-                    for i in range(n):
-                        v[i] = v[i] * y[i]
-                    e = _normalize(v, e + ye, wide_bits, cell, word)
-                    continue
-                # vv_add / vv_max: both operands to the larger exponent, then combine.
-                ea = max(e, ye)
-                _rne_shift(v, ea - e)
-                _rne_shift(y, ea - ye)
-                if code == OP_ADD:
-                    for i in range(n):
-                        v[i] += y[i]
-                else:
-                    for i in range(n):
-                        v[i] = max(v[i], y[i])
-                e = _normalize(v, ea, wide_bits, cell, word)
-            e = _to_storage(v, e, store_bits, cell, word)
-            for i in range(n):
-                out_q[p, c0 + i] = v[i]
-            out_e[p, b] = e
+                    y[:] = c
+                for p in range(p_count):
+                    xa = (v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC
+                    ya = (y[p] * fy[p] + _RINT_MAGIC) - _RINT_MAGIC
+                    r = xa + ya if code == OP_ADD else _fmax(xa, ya)
+                    v[lane, p] = r
+                    amax[p] = _fmax(amax[p], abs(r))
+            _normalize(v, amax, e, wide_bits, f, amax_bits)
+        # tessera.numerics.to_storage: normalize, then clamp the exponent to int8.
+        _normalize(v, amax, e, store_bits, f, amax_bits)
+        for p in range(p_count):
+            if e[p] > _E_MAX:
+                g = _POS_POW2[min(e[p] - _E_MAX, 40)]
+                for lane in range(n):
+                    v[lane, p] = _fmin(_fmax(v[lane, p] * g, -lim), lim)
+                e[p] = _E_MAX
+            elif e[p] < _E_MIN and e[p] != _E_ZERO:
+                g = _shift_factor(_E_MIN - e[p])
+                top = 0.0
+                for lane in range(n):
+                    v[lane, p] = (v[lane, p] * g + _RINT_MAGIC) - _RINT_MAGIC
+                    top = _fmax(top, abs(v[lane, p]))
+                e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
+            out_e[p, b] = e[p]
+        for p in range(p_count):
+            for lane in range(n):
+                out_q[p, r0 + lane] = v[lane, p]

@@ -66,7 +66,7 @@ def test_chain_vectors_equals_numerics(kind: str, seed: int) -> None:
     x, e_in, first, ops, cq, ce, aq, ae = _case(rng, p, b, kind)
     out_q = np.empty((p, b * N), np.int8)
     out_e = np.empty((p, b), np.int8)
-    vector.chain_vectors(x, e_in, first, wide, store, ops, cq, ce, aq, ae, out_q, out_e)
+    vector.chain_vectors(x.T, e_in.T, first, wide, store, ops, cq, ce, aq.T, ae.T, out_q, out_e)
     want_q, want_e = _numerics_chain(x, e_in, first, wide, store, ops, cq, ce, aq, ae)
     np.testing.assert_array_equal(out_e, want_e)
     np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
@@ -79,7 +79,7 @@ def test_rounding_ties_and_saturation() -> None:
     no_ops = np.zeros((0, 2), np.int64)
     dummy_c, dummy_e = np.zeros((1, 1, N), np.int64), np.zeros((1, 1), np.int64)
     vector.chain_vectors(
-        x, np.zeros((1, 1), np.int64), True, 8, 8, no_ops, dummy_c, dummy_e,
+        x.T, np.zeros((1, 1), np.int64), True, 8, 8, no_ops, dummy_c, dummy_e,
         np.zeros((1, N), np.int8), np.zeros((1, 1), np.int8), out_q, out_e,
     )  # fmt: skip
     # 255/2 = 127.5 -> 128 (even) -> saturates to 127; 253/2 = 126.5 -> 126; 1/2 -> 0.
