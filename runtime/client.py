@@ -31,6 +31,7 @@ from tessera.runtime import tfs_protos
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 DEFAULT_GRPC_PORT = 50051
+PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 
 
 class PredictionError(TesseraError):
@@ -97,6 +98,12 @@ class PredictionClient:
             self._channel = grpc.insecure_channel(target, options=options)
         self._protos = tfs_protos.protos()
         self._stub = self._protos.prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        # Predict as the stock stub calls it, but taking requests already serialised.
+        self._predict_bytes = self._channel.unary_unary(
+            PREDICT_METHOD,
+            request_serializer=None,
+            response_deserializer=self._protos.predict_pb2.PredictResponse.FromString,
+        )
         #: gRPC status of the last call's attempts, for diagnostics and tests.
         self.last_attempts = 0
 
@@ -145,7 +152,7 @@ class PredictionClient:
         request = self._request(outputs)
         for name, tensor in input_map.items():
             request.inputs[name].CopyFrom(tensor)
-        return self._predict(request, outputs, timeout)
+        return self._predict(request.SerializeToString(), outputs, timeout)
 
     def _score(
         self,
@@ -153,12 +160,17 @@ class PredictionClient:
         outputs: str | Sequence[str] | None,
         timeout: float,
     ) -> np.ndarray | dict[str, np.ndarray]:
-        """Arrays or lists of encoded images, written straight into the request's tensors
-        (one copy of each tensor fewer than building ``TensorProto`` s and copying them in)."""
+        """Lists of encoded images go into the request's tensors; arrays are serialised
+        around their own data, copied once (see ``tfs_protos.serialize_predict_request``)."""
         request = self._request(outputs)
+        arrays = {}
         for name, value in values.items():
-            tfs_protos.from_ndarray(value, into=request.inputs[name])
-        return self._predict(request, outputs, timeout)
+            if isinstance(value, list):
+                tfs_protos.from_ndarray(value, into=request.inputs[name])
+            else:
+                arrays[name] = value
+        data = tfs_protos.serialize_predict_request(request, arrays)
+        return self._predict(data, outputs, timeout)
 
     def _request(self, outputs: str | Sequence[str] | None) -> Any:
         request = self._protos.predict_pb2.PredictRequest()
@@ -167,9 +179,10 @@ class PredictionClient:
         return request
 
     def _predict(
-        self, request: Any, outputs: str | Sequence[str] | None, timeout: float
+        self, request: bytes, outputs: str | Sequence[str] | None, timeout: float
     ) -> np.ndarray | dict[str, np.ndarray]:
-        response = self._call(self._stub.Predict, request, timeout)
+        """Send a serialised ``PredictRequest``; the outputs as arrays."""
+        response = self._call(self._predict_bytes, request, timeout)
         result = {k: np.asarray(tfs_protos.to_ndarray(v)) for k, v in response.outputs.items()}
         if isinstance(outputs, str):
             return result[outputs]

@@ -189,20 +189,27 @@ def from_ndarray(value: np.ndarray | list[bytes] | bytes, into: Any = None) -> A
 
     Floats travel as little-endian ``tensor_content`` (what ``tf.make_tensor_proto`` does
     for arrays), the compact form; bytes become a ``DT_STRING`` tensor of shape [n].
-    ``into``: an empty ``TensorProto`` inside a message (``request.inputs[name]``) to fill
+    ``into``: an empty ``TensorProto`` inside a message (``response.outputs[name]``) to fill
     in place: building a separate tensor and ``CopyFrom``-ing it would copy the content
     once more, and every copy of a large tensor is a fresh allocation of its size.
     """
     p = protos()
-    t = p.types_pb2
     tp = p.tensor_pb2.TensorProto() if into is None else into
     if isinstance(value, (bytes, bytearray)):
         value = [bytes(value)]
     if isinstance(value, list):
-        tp.dtype = t.DT_STRING
+        tp.dtype = p.types_pb2.DT_STRING
         tp.tensor_shape.dim.add(size=len(value))
         tp.string_val.extend(bytes(v) for v in value)
         return tp
+    tp.tensor_content = _numeric_header(value, tp).tobytes()
+    return tp
+
+
+def _numeric_header(value: np.ndarray, tp: Any) -> np.ndarray:
+    """Set ``tp``'s dtype and shape for ``value``; the data as a contiguous little-endian
+    array (``value`` itself when it is one already), other dtypes as float32."""
+    t = protos().types_pb2
     arr = np.asarray(value)
     kinds = {"f4": t.DT_FLOAT, "f8": t.DT_DOUBLE, "f2": t.DT_HALF, "i4": t.DT_INT32}
     kinds.update({"i8": t.DT_INT64, "u1": t.DT_UINT8})
@@ -213,5 +220,52 @@ def from_ndarray(value: np.ndarray | list[bytes] | bytes, into: Any = None) -> A
     tp.dtype = kinds[key]
     for d in arr.shape:
         tp.tensor_shape.dim.add(size=int(d))
-    tp.tensor_content = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-    return tp
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+
+
+# --------------------------------------------------------------------------- wire format
+#: Field numbers of the stock protos: ``PredictRequest.inputs`` (a map, sent as entries
+#: with the key as field 1 and the value as field 2) and ``TensorProto.tensor_content``.
+_PREDICT_INPUTS = 2
+_MAP_KEY = 1
+_MAP_VALUE = 2
+_TENSOR_CONTENT = 4
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_prefix(field: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def serialize_predict_request(request: Any, arrays: dict[str, np.ndarray]) -> bytes:
+    """``request`` (a ``PredictRequest`` without these inputs) serialised with ``arrays`` as
+    its inputs, the same bytes a ``PredictRequest`` holding them would parse from.
+
+    Each array's data is copied once, straight into the message. Filling the request's
+    tensors and serialising it copies a 600 kB input four times (``tobytes``, into the
+    message, the encoder's buffer, the result), ~0.1 ms on the critical path of every
+    float request. The protobuf wire format is a specification: a message is its fields
+    one after another, a map entry a small message of key and value, so the input tensors
+    are written around the array's own buffer.
+    """
+    parts: list[bytes | memoryview] = [request.SerializeToString()]
+    tensor_cls = protos().tensor_pb2.TensorProto
+    for name, value in arrays.items():
+        header = tensor_cls()
+        data = memoryview(_numeric_header(value, header).reshape(-1)).cast("B")
+        tensor = [header.SerializeToString(), _length_prefix(_TENSOR_CONTENT, data.nbytes), data]
+        key = name.encode()
+        tensor_len = sum(len(x) for x in tensor)
+        entry = [_length_prefix(_MAP_KEY, len(key)), key, _length_prefix(_MAP_VALUE, tensor_len)]
+        entry_len = sum(len(x) for x in entry) + tensor_len
+        parts += [_length_prefix(_PREDICT_INPUTS, entry_len), *entry, *tensor]
+    return b"".join(parts)

@@ -153,6 +153,31 @@ def test_tensor_conversion_round_trip_and_val_fields() -> None:
         tfs_protos.to_ndarray(tp)
 
 
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"images": float_input(2)},
+        {"images": np.zeros((0, 3), np.float32)},
+        {"a": np.arange(300, dtype=np.int64).reshape(3, 100), "b": np.float16([[1.5]])},
+        {"images": np.arange(24, dtype=">f4").reshape(2, 3, 4)[:, ::2]},  # big-endian, strided
+        {"long name " * 20: np.ones(70_000, np.float64)},  # multi-byte varint lengths
+    ],
+)
+def test_serialized_request_equals_the_stock_one(arrays) -> None:
+    """The client's wire encoding parses to the request protobuf itself would build."""
+    request = predict_request([png_bytes(3)], name="jpeg", outputs=("output_alias",))
+    want = P.predict_pb2.PredictRequest()
+    want.CopyFrom(request)
+    for name, value in arrays.items():
+        want.inputs[name].CopyFrom(tfs_protos.from_ndarray(value))
+    got = P.predict_pb2.PredictRequest.FromString(
+        tfs_protos.serialize_predict_request(request, arrays)
+    )
+    assert got == want
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(tfs_protos.to_ndarray(got.inputs[name]), value)
+
+
 # --------------------------------------------------------------------------- gRPC
 def test_grpc_string_and_float_inputs(server, pkg) -> None:
     stub, ch = stub_for(server)
