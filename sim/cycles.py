@@ -193,6 +193,9 @@ class _Running:
 
 @dataclass
 class CycleModel:
+    """Cycle accounting fed the instruction stream: ``issue`` per scalar instruction,
+    ``load`` per ``m_rd`` / ``c_rd``, ``chain`` per chain, ``finish`` after ``halt``."""
+
     cfg: NPUConfig
     t_issue: int = 0
     loader_free: int = 0  # the load unit is idle from this cycle
@@ -210,7 +213,7 @@ class CycleModel:
         cfg = self.cfg
         self.bus = cfg.dram_bytes_per_cycle  # bytes per beat
         # byte lanes of a beat, for where a burst of exponent bytes starts (0: not integral)
-        self.lanes = round(self.bus) if float(self.bus).is_integer() else 0
+        self.beat_lanes = round(self.bus) if float(self.bus).is_integer() else 0
         self.mant_bytes = cfg.native_dim * layout.mantissa_dtype(cfg.mantissa_bits).itemsize
         self.mant_beats = self._beats(self.mant_bytes)
         self.setup = setup_cycles(cfg)
@@ -226,9 +229,9 @@ class CycleModel:
         a burst starts in a beat repeats with a short period, so one period is summed."""
         if count <= 0:
             return 0
-        if not self.lanes:
+        if not self.beat_lanes:
             return count * self._beats(nbytes)
-        lanes = self.lanes
+        lanes = self.beat_lanes
         period = lanes // math.gcd(step % lanes, lanes)
         one = [self._beats(nbytes, (addr + i * step) % lanes) for i in range(min(period, count))]
         whole, rest = divmod(count, len(one))
