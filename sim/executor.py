@@ -690,11 +690,11 @@ class Simulator:
         se_all = np.empty((p, blocks), np.int8)
         has_aux = aux[0] is not None
         workers = kernels.parallel_workers()
-        step = max(64, min((1 << 17) // (blocks * n), -(-p // workers)))
+        step = max(64, min((1 << 17) // (blocks * n), -(-p // (2 * workers))))
         step = max(1, -(-step // ow))  # whole output rows
-        # Few output rows (late layers): split the output blocks too, so every worker
-        # has a share.
-        splits = max(1, min(blocks, workers // -(-oh // step)))
+        # Few output rows (late layers): split the output blocks too, so there are a
+        # few items per worker to balance.
+        splits = max(1, min(blocks, -(-2 * workers // -(-oh // step))))
         cuts = [blocks * i // splits for i in range(splits + 1)]
 
         def band(item: tuple[int, int, int]) -> None:
@@ -822,7 +822,7 @@ class Simulator:
         p = x.shape[1]
         sq = np.empty((p, ocnt * n), layout.mantissa_dtype(m))
         se = np.empty((p, ocnt), np.int8)
-        step = max(256, -(-p // kernels.parallel_workers()))
+        step = max(256, -(-p // (2 * kernels.parallel_workers())))
 
         def band(p0: int) -> None:
             p1 = min(p, p0 + step)

@@ -230,7 +230,7 @@ class Windows:
             np.rint(dst, out=dst)
 
         # Parallel row bands only when each is worth a thread hand-off.
-        rows_per = h if h * w * c < 1 << 18 else max(1, -(-h // parallel_workers()))
+        rows_per = h if h * w * c < 1 << 18 else max(1, -(-h // (2 * parallel_workers())))
         run_parallel(fill, range(0, h, rows_per))
         self.grid = xp
         s0, s1, s2 = xp.strides
@@ -319,12 +319,20 @@ def blas_single_thread():
                 put(_BLAS_HOLD[1])
 
 
+_IN_PARALLEL = threading.local()
+
+
 def run_parallel(fn, items) -> None:
-    """``fn(item)`` for every item, on the thread pool when that can help."""
+    """``fn(item)`` for every item, on the thread pool when that can help.
+
+    The caller works through the items too, beside ``workers - 1`` pool threads, each
+    taking the next item when it is free: on a shared machine a thread that is not
+    scheduled for a while then delays only its current item, not a fixed share.
+    """
     global _POOL
     items = list(items)
     workers = parallel_workers()
-    nested = threading.current_thread().name.startswith("tessera-sim")  # never wait on itself
+    nested = getattr(_IN_PARALLEL, "active", False)  # never wait on the pool from it
     if len(items) < 2 or workers < 2 or nested:
         for it in items:
             fn(it)
@@ -335,6 +343,28 @@ def run_parallel(fn, items) -> None:
                 fn(it)
             return
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-sim")
-        for f in [_POOL.submit(fn, it) for it in items]:
-            f.result()
+            _POOL = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="tessera-sim")
+        queue = iter(items)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            _IN_PARALLEL.active = True
+            try:
+                while True:
+                    with lock:
+                        item = next(queue, _DONE)
+                    if item is _DONE:
+                        return
+                    fn(item)
+            finally:
+                _IN_PARALLEL.active = False
+
+        helpers = [_POOL.submit(drain) for _ in range(min(workers, len(items)) - 1)]
+        try:
+            drain()
+        finally:
+            for f in helpers:
+                f.result()
+
+
+_DONE = object()
