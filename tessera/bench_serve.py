@@ -25,6 +25,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import statistics
 import threading
 import time
@@ -269,6 +270,14 @@ def _throughput_cell(
     }
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average: the overhead figures depend on what else the machine runs."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
+
+
 def _ints(text: str, what: str) -> list[int]:
     from tessera.errors import TesseraError
 
@@ -304,8 +313,10 @@ def _bench_serve(args: argparse.Namespace) -> int:
         protos()
     with console.status("latency: direct vs gRPC vs REST"):
         opts = ServeOptions(grpc_port=0, rest_port=0, devices=1, queue_depth=8)
+        load = [_load_average()]
         with Server(pkg, opts) as server:
             lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
+        load.append(_load_average())
     cells = []
     for devices in devices_list:  # modes innermost: compared cells run back to back
         for clients in clients_list:
@@ -325,6 +336,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
         "latency": {k: {"p50_ms": a * 1e3, "p99_ms": b * 1e3} for k, (a, b) in lat["rows"].items()},
         "samples": lat["samples"],
         "payload_bytes": lat["payload_bytes"],
+        "load_average_1min": load,
+        "cpus": os.cpu_count(),
         "throughput": cells,
     }
     if args.json:
@@ -358,6 +371,12 @@ def _bench_serve(args: argparse.Namespace) -> int:
         f"payloads: float {pb['float_grpc'] / 1e3:.0f} kB as gRPC tensor_content, "
         f"{pb['float_json'] / 1e6:.2f} MB as JSON; JPEG {pb['jpeg'] / 1e3:.1f} kB"
     )
+    if None not in load:
+        console.print(
+            f"load average (1 min) before/after the latency runs: {load[0]:.2f}/{load[1]:.2f} "
+            f"on {os.cpu_count()} CPUs (other processes' load delays the thread wake-ups of "
+            "the protocol paths more than the direct call)"
+        )
     tp = Table(title="throughput over gRPC (float inputs, bounded load on loopback)")
     for col in ("devices", "mode", "clients", "requests", "errors", "req/s", "p50", "p99"):
         tp.add_column(col, justify="right")
