@@ -163,7 +163,7 @@ class PredictionClient:
         """Lists of encoded images go into the request's tensors; arrays are serialised
         around their own data, copied once (see ``tfs_protos.serialize_predict_request``)."""
         request = self._request(outputs)
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for name, value in values.items():
             if isinstance(value, list):
                 tfs_protos.from_ndarray(value, into=request.inputs[name])
