@@ -4,6 +4,7 @@ and devices in worker processes (bit-exact, crash handling, concurrency, CPU sha
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from tessera.runtime.device import (
     open_device,
     register_backend,
 )
+from tessera.runtime.memory import MALLOC_ENV, keep_freed_memory
 from tessera.runtime.procdevice import cpu_share, default_threads
 from tessera.sim.run import run_program
 
@@ -425,11 +427,18 @@ def test_process_workers_share_the_cpus_instead_of_oversubscribing() -> None:
             )
             for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 assert env[key] == str(threads)
+            for key, value in MALLOC_ENV.items():  # freed memory kept for the next request
+                assert env[key] == os.environ.get(key, value)
             # The simulator's band pool sizes itself from the affinity.
             assert sorted(os.sched_getaffinity(s.worker_pid)) == cpu_share(i, threads)
             assert len(cpu_share(i, threads)) == min(threads, len(os.sched_getaffinity(0)))
     assert default_process("sim", 2) and default_process("reference", 3)
     assert not default_process("sim", 1) and not default_process("gated", 2)
+
+
+def test_server_process_keeps_freed_memory() -> None:
+    """glibc takes the thresholds the server sets at start; other C libraries are left be."""
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_process_device_close_drains_queued_requests_then_stops_the_worker() -> None:
