@@ -9,8 +9,13 @@ client would see.
 
 The default package is a small classifier with the seeds' 224x224x3 input (a strided conv,
 global pool, FC head on the host), so request payloads have their real size (600 KB of
-floats, ~1.9 MB as JSON text) while a simulator run stays in milliseconds; ``--package``
+floats, ~3 MB as JSON text) while a simulator run stays in milliseconds; ``--package``
 benchmarks any ``.tpkg`` (ResNet-50 takes seconds per inference on the simulator).
+
+A "bare gRPC floor" row sends the float input's bytes (``tobytes()``: the one copy any
+client makes) to a gRPC method with none of the service's code (no protobuf, no checks, no
+metrics) that makes the same direct call: what it adds is grpcio's own cost on this
+machine, which the Predict overhead cannot go below.
 
 Devices run as the server would run them (``--device-mode auto``: threads for one device,
 worker processes for more, see :func:`tessera.runtime.device.default_process`);
@@ -29,6 +34,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -143,6 +149,36 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), p99
 
 
+def _bare_grpc(run: Callable[[], object]) -> tuple[Any, Any, Any]:
+    """A gRPC method with none of the service's code: the request stays raw bytes (not
+    parsed), the handler makes the direct device call and answers two bytes.
+
+    What it adds over the direct call is what gRPC itself costs on this machine (HTTP/2 on
+    loopback, grpcio's hand-offs between its threads): the floor under the Predict overhead.
+    Returns the server, the channel and the callable.
+    """
+    from concurrent import futures
+
+    import grpc
+
+    size = 64 << 20
+    options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+    def handler(request: bytes, context: Any) -> bytes:
+        run()
+        return b"ok"
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    method = grpc.unary_unary_rpc_method_handler(handler)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tessera.bench.Bare", {"Run": method}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+    return server, channel, channel.unary_unary("/tessera.bench.Bare/Run")
+
+
 def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str, Any]:
     import requests
 
@@ -158,6 +194,9 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
     session = requests.Session()
     client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
     headers = {"Content-Type": "application/json"}
+    bare_server, bare_channel, bare = _bare_grpc(
+        lambda: device.run({pkg.input_name: x}, timeout=60)
+    )
 
     def rest_post(body: str) -> None:
         r = session.post(url, data=body, headers=headers, timeout=60)
@@ -167,6 +206,7 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
     calls = {
         "direct device call (float)": lambda: device.run({pkg.input_name: x}, timeout=60),
         "gRPC Predict (float)": lambda: client.score_numpy_arrays({pkg.input_name: x}, timeout=60),
+        "bare gRPC floor (same bytes, no service)": lambda: bare(x.tobytes(), timeout=60),
         "REST :predict (float, JSON)": lambda: rest_post(float_body),
         "direct: preprocess + device (JPEG)": lambda: device.run(
             {pkg.input_name: pkg.preprocess_image(jpeg)}, timeout=60
@@ -193,6 +233,8 @@ def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str
             break
     client.close()
     session.close()
+    bare_channel.close()
+    bare_server.stop(0)
     return {
         "samples": len(next(iter(times.values()))),
         "payload_bytes": {
