@@ -711,12 +711,14 @@ def test_bench_serve_runs_bounded_and_reports_every_path(capsys) -> None:
     assert set(out["latency"]) == {
         "direct device call (float)",
         "gRPC Predict (float)",
+        "bare gRPC floor (same bytes, no service)",
         "REST :predict (float, JSON)",
         "direct: preprocess + device (JPEG)",
         "gRPC Predict (JPEG)",
         "REST :predict (JPEG, b64)",
     }
     assert all(v["p99_ms"] >= v["p50_ms"] > 0 for v in out["latency"].values())
+    assert len(out["load_average_1min"]) == 2 and out["cpus"] >= 1
     cells = {(c["devices"], c["clients"]): c for c in out["throughput"]}
     assert set(cells) == {(1, 1), (1, 2)}
     assert all(c["requests"] == 4 and c["errors"] == 0 for c in cells.values())
