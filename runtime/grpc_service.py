@@ -101,7 +101,13 @@ def _handle(
 
 
 def _predict(service: ModelService, request: Any, context: grpc.ServicerContext) -> Any:
+    """``request``: a :class:`~tessera.runtime.tfs_protos.ParsedPredict` (as this server
+    registers Predict) or a plain ``PredictRequest``."""
     p = tfs_protos.protos()
+    if not isinstance(request, tfs_protos.ParsedPredict):
+        request = tfs_protos.ParsedPredict(request, {})
+    contents = request.contents
+    request = request.request
     spec = request.model_spec
     version = spec.version.value if spec.HasField("version") else None
     service.check_model(spec.name, version)
@@ -109,7 +115,7 @@ def _predict(service: ModelService, request: Any, context: grpc.ServicerContext)
     inputs = {}
     for name, tp in request.inputs.items():
         try:
-            inputs[name] = tfs_protos.to_ndarray(tp)
+            inputs[name] = tfs_protos.to_ndarray(tp, contents.get(name))
         except ValueError as exc:
             raise ServiceError(Code.INVALID_ARGUMENT, f"input {name!r}: {exc}") from None
     remaining = context.time_remaining()
@@ -178,6 +184,14 @@ def build_server(
     RESOURCE_EXHAUSTED before any of our code runs.
     """
     p = tfs_protos.protos()
+    # Predict with the request parsed around its tensor data (no copies of it); the stock
+    # registration below serves the other methods (generic handlers answer in order).
+    predict = grpc.unary_unary_rpc_method_handler(
+        servicer.Predict,
+        request_deserializer=tfs_protos.parse_predict_request,
+        response_serializer=p.predict_pb2.PredictResponse.SerializeToString,
+    )
+    service_name = "tensorflow.serving.PredictionService"
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-grpc"),
         options=[
@@ -185,6 +199,9 @@ def build_server(
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service_name, {"Predict": predict}),)
     )
     p.prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
