@@ -218,6 +218,13 @@ def test_request_parsed_around_tensor_data_equals_the_stock_parse() -> None:
                     tfs_protos.parse_predict_request(bytes(bad))
             else:
                 assert _with_contents(tfs_protos.parse_predict_request(bytes(bad))) == want
+    # Values sent unpacked (a field each): too many fields for the reader, the stock parser
+    # takes the request.
+    value = bytes([0x08, 0x01]) + (bytes([0x2D]) + np.float32(1.5).tobytes()) * 5000
+    entry = bytes([0x0A, 6]) + b"images" + bytes([0x12]) + tfs_protos._varint(len(value)) + value
+    data = bytes([0x12]) + tfs_protos._varint(len(entry)) + entry
+    parsed = tfs_protos.parse_predict_request(data)
+    assert parsed.contents == {} and list(parsed.request.inputs["images"].float_val) == [1.5] * 5000
     parsed = tfs_protos.parse_predict_request(a.SerializeToString())
     np.testing.assert_array_equal(
         tfs_protos.to_ndarray(parsed.request.inputs["images"], parsed.contents["images"]),
