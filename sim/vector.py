@@ -131,6 +131,28 @@ def chain_vectors(
     """
     p_count, blocks = out_e.shape
     n = x.shape[0] // blocks
+    # Nothing here is bounds-checked: a caller's shape mistake must fail, not write
+    # past an array.
+    uses_aux = False
+    for k in range(ops.shape[0]):
+        uses_aux |= ops[k, 0] != OP_RELU and ops[k, 1] == SRC_AUX
+    if (
+        x.shape[0] != blocks * n
+        or x.shape[1] != p_count
+        or out_q.shape[0] != p_count
+        or out_q.shape[1] != blocks * n
+        or e_in.shape[0] != blocks
+        or (e_in.shape[1] != 1 and e_in.shape[1] != p_count)
+        or ops.shape[1] != 2
+        or const_q.shape[0] < ops.shape[0]
+        or const_q.shape[1] != blocks
+        or const_q.shape[2] != n
+        or const_e.shape[0] < ops.shape[0]
+        or const_e.shape[1] != blocks
+        or (uses_aux and (aux_q.shape[0] != blocks * n or aux_q.shape[1] != p_count))
+        or (uses_aux and (aux_e.shape[0] != blocks or aux_e.shape[1] != p_count))
+    ):
+        raise ValueError("chain_vectors: operand shapes do not match the output")
     per_pixel_e = e_in.shape[1] > 1
     v = np.empty((n, p_count))
     y = np.empty(p_count)

@@ -57,12 +57,6 @@ class NPUConfig:
     dram_bytes_per_s: float = 200e6
     #: Core clock in Hz.
     clock_hz: float = 100e6
-    #: Cycles of MVU pipeline fill and drain charged once per chain.
-    mvu_pipeline_depth: int = 12
-    #: Cycles of MFU pipeline charged once per chain.
-    mfu_pipeline_depth: int = 6
-    #: Fixed cycles to issue and start one chain (decode, scalar set-up, DMA start).
-    chain_overhead_cycles: int = 16
     #: FPGA resources the preset is sized for (informational; synthesis reports the truth).
     device: str = "LFE5U-85F"
     dsp_blocks: int = 156

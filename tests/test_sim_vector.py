@@ -85,3 +85,31 @@ def test_rounding_ties_and_saturation() -> None:
     # 255/2 = 127.5 -> 128 (even) -> saturates to 127; 253/2 = 126.5 -> 126; 1/2 -> 0.
     assert out_q[0, :4].tolist() == [127, 126, -127, 0]
     assert out_e[0, 0] == 1
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    """The compiled loop has no bounds checks, so it checks its operands' shapes first."""
+    x = np.zeros((2 * N, 5))
+    ok = dict(
+        e_in=np.zeros((2, 1), np.int64), ops=np.zeros((0, 2), np.int64),
+        cq=np.zeros((1, 2, N), np.int64), ce=np.zeros((1, 2), np.int64),
+        aq=np.zeros((1, 1), np.int8), ae=np.zeros((1, 1), np.int8),
+        out_q=np.empty((5, 2 * N), np.int8), out_e=np.empty((5, 2), np.int8),
+    )  # fmt: skip
+
+    def run(**changes: np.ndarray) -> None:
+        a = {**ok, **changes}
+        vector.chain_vectors(
+            x, a["e_in"], True, 24, 8, a["ops"], a["cq"], a["ce"], a["aq"], a["ae"],
+            a["out_q"], a["out_e"],
+        )  # fmt: skip
+
+    run()
+    with pytest.raises(ValueError, match="shapes"):
+        run(out_q=np.empty((5, 3 * N), np.int8), out_e=np.empty((5, 3), np.int8))
+    with pytest.raises(ValueError, match="shapes"):
+        run(out_q=np.empty((6, 2 * N), np.int8), out_e=np.empty((6, 2), np.int8))
+    with pytest.raises(ValueError, match="shapes"):  # an AUX op without its operand
+        run(ops=np.array([[vector.OP_ADD, vector.SRC_AUX]], np.int64))
+    with pytest.raises(ValueError, match="shapes"):  # a VRF op without its constants
+        run(ops=np.array([[vector.OP_ADD, vector.SRC_VRF]] * 2, np.int64))
