@@ -3,6 +3,10 @@
 The machine is shared and noisy, so every figure is measured in the same process, with
 the runs interleaved (ORT, simulator, reference, ORT, ...) and the median kept; the
 ratios are what to read.
+
+Each timed run starts after a short pause: OpenBLAS's and onnxruntime's worker threads
+keep spinning for a while after they finish, and a run that follows them gets about half
+the CPU (measured here: onnxruntime 58 ms alone, 133 ms right after a numpy product).
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_serve(bsub)
 
 
+#: Seconds to wait before each timed run, for the previous run's spinning worker threads
+#: to go idle (OpenBLAS's time out after about 0.1 s).
+_SETTLE_S = 0.3
+
+
 def _median_time(fn, times: list[float]) -> None:
+    time.sleep(_SETTLE_S)
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
