@@ -398,7 +398,7 @@ def _load(kind: str, data: bytes) -> Any:
 
 
 def _serve(conn: Connection, shm_fd: int) -> int:
-    from tessera.runtime.device import _make_backend, model_cycles
+    from tessera.runtime.device import _make_backend, _prepare, model_cycles
 
     try:
         op, kind, backend_name, path, cpus, size = conn.recv()
@@ -415,6 +415,7 @@ def _serve(conn: Connection, shm_fd: int) -> int:
             os.sched_setaffinity(0, cpus)
         package = _load(kind, data)
         backend = _make_backend(backend_name)
+        _prepare(backend, package.program)
     except BaseException as exc:
         conn.send(("error", *_pack_error(exc)))
         return 1

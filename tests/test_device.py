@@ -90,6 +90,36 @@ def test_sim_device_outputs_cycles_and_latency() -> None:
     assert stats.model == "tiny" and stats.backend == "sim"
 
 
+def test_sim_device_runs_the_program_once_on_zeros_when_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading warms the simulator up (its compiled kernels load on first use), so the
+    first request does not pay for it; the warm-up is not a request."""
+    import tessera.sim.run
+
+    calls: list[tuple[Any, dict, str]] = []
+    real = tessera.sim.run.run_program
+
+    def spy(program: Any, feed: dict, backend: str = "sim", **kw: Any) -> Any:
+        calls.append((program, feed, backend))
+        return real(program, feed, backend, **kw)
+
+    monkeypatch.setattr(tessera.sim.run, "run_program", spy)
+    pkg = tiny_package()
+    with open_device("sim") as dev:
+        dev.load(pkg)
+        assert len(calls) == 1
+        program, feed, backend = calls[0]
+        assert program is pkg.program and backend == "sim"
+        (info,) = pkg.program.manifest["inputs"]
+        assert list(feed) == [info["name"]] and not feed[info["name"]].any()
+        assert list(feed[info["name"]].shape) == list(info["shape"])
+        assert dev.stats().runs == 0
+    with open_device("reference") as dev:
+        dev.load(pkg)
+    assert len(calls) == 1  # the reference needs no warm-up
+
+
 def test_reference_backend_reports_cycle_model_cycles() -> None:
     pkg = tiny_package()
     with open_device("reference") as dev:
