@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import abc
 import argparse
-import hashlib
 import importlib
 import json
 import os
@@ -69,8 +68,15 @@ from tessera.errors import ProgramFormatError, TesseraError
 from tessera.heads import LinearHead, head_labels, merge_featurizer_and_head, split_classifier
 from tessera.preprocess import PRESETS as PREPROCESS_PRESETS
 from tessera.preprocess import PreprocessSpec, get_preset, preprocess
-from tessera.program import ALIGN, Program, pack_container, read_container, write_atomically
 from tessera.program import HEADER as HEADER  # the container header, re-exported for tests
+from tessera.program import (
+    Program,
+    layout_sections,
+    pack_container,
+    read_container,
+    read_sections,
+    write_atomically,
+)
 
 MAGIC = b"TSRPKG\0\0"
 FORMAT_VERSION = 1
@@ -438,19 +444,7 @@ class Package:
                 "arrays": arrays,
                 "programs": programs,
             }
-        payload: list[bytes] = []
-        sections: dict[str, dict[str, Any]] = {}
-        pos = 0
-        for name, body in bodies.items():
-            payload.append(bytes(_align(pos) - pos))
-            pos = _align(pos)
-            sections[name] = {
-                "offset": pos,
-                "length": len(body),
-                "sha256": hashlib.sha256(body).hexdigest(),
-            }
-            payload.append(body)
-            pos += len(body)
+        sections, payload, size = layout_sections(bodies)
         import tessera
 
         manifest = {
@@ -472,7 +466,7 @@ class Package:
             ).encode("ascii")
         except (TypeError, ValueError) as exc:
             raise TesseraError(f"package manifest is not JSON-serialisable: {exc}") from None
-        return pack_container(MAGIC, FORMAT_VERSION, text, payload, pos)
+        return pack_container(MAGIC, FORMAT_VERSION, text, payload, size)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (a temporary file renamed into place), like ``Program.save``."""
@@ -536,10 +530,6 @@ def load_package(path: str | os.PathLike[str]) -> Package:
     return Package.load(path)
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def _is_uint(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -568,34 +558,11 @@ def _unpack(data: bytes, source: str) -> Package:
     sections = manifest["sections"]
     if not isinstance(sections, dict) or "program" not in sections:
         raise fail("corrupted: the manifest has no section table with a program")
-    for name, entry in sections.items():
-        if not (
-            isinstance(entry, dict)
-            and set(entry) == {"offset", "length", "sha256"}
-            and _is_uint(entry["offset"])
-            and _is_uint(entry["length"])
-        ):
-            raise fail(f"corrupted: malformed entry for section {name!r}")
-    payload = view[start:size]
-    bodies: dict[str, bytes] = {}
-    pos = 0
-    for name, entry in sorted(sections.items(), key=lambda item: item[1]["offset"]):
-        if entry["offset"] != _align(pos):
-            raise fail(
-                f"corrupted: section {name!r} at offset {entry['offset']}, expected {_align(pos)}"
-            )
-        if any(payload[pos : entry["offset"]]):
-            raise fail(f"corrupted: nonzero padding before section {name!r}")
-        end = entry["offset"] + entry["length"]
-        if end > len(payload):
-            raise fail(f"truncated: section {name!r} runs past the end of the file")
-        body = payload[entry["offset"] : end]
-        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
-            raise fail(f"corrupted: section {name!r} sha256 mismatch")
-        bodies[name] = bytes(body)
-        pos = end
-    if pos != len(payload):
-        raise fail(f"corrupted: {len(payload) - pos} bytes after the last section")
+    labels = {name: f"section {name!r}" for name in sections}
+    bodies = {
+        name: bytes(body)
+        for name, body in read_sections(view[start:size], sections, labels, fail).items()
+    }
 
     try:
         program = Program.from_bytes(bodies["program"], source=f"{source} (program section)")

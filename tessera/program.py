@@ -44,7 +44,7 @@ import operator
 import os
 import struct
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,20 +149,7 @@ class Program:
             "instructions": words.astype("<u8").tobytes(),
             "dram": b"".join(data for _, data in segments),
         }
-        payload: list[bytes] = []
-        sections: dict[str, dict[str, Any]] = {}
-        pos = 0
-        for name in SECTIONS:
-            body = bodies[name]
-            payload.append(bytes(_align(pos) - pos))
-            pos = _align(pos)
-            sections[name] = {
-                "offset": pos,
-                "length": len(body),
-                "sha256": hashlib.sha256(body).hexdigest(),
-            }
-            payload.append(body)
-            pos += len(body)
+        sections, payload, size = layout_sections(bodies)
         table = []
         offset = 0
         for address, data in segments:
@@ -181,7 +168,7 @@ class Program:
             raise ProgramFormatError(
                 f"{source}: manifest is not JSON-serialisable: {exc}"
             ) from None
-        return pack_container(MAGIC, FORMAT_VERSION, manifest, payload, pos)
+        return pack_container(MAGIC, FORMAT_VERSION, manifest, payload, size)
 
 
 def _align(n: int) -> int:
@@ -287,6 +274,73 @@ def _check_contents(
         previous, end_of_previous = i, address + len(data)
 
 
+def layout_sections(
+    bodies: Mapping[str, bytes],
+) -> tuple[dict[str, dict[str, Any]], list[bytes], int]:
+    """Sections back to back in the given order, each at an ``ALIGN`` boundary after zero
+    padding and checksummed: the manifest's section table, the payload pieces and the
+    payload size (shared by programs and packages; :func:`read_sections` reads it)."""
+    sections: dict[str, dict[str, Any]] = {}
+    payload: list[bytes] = []
+    pos = 0
+    for name, body in bodies.items():
+        payload.append(bytes(_align(pos) - pos))
+        pos = _align(pos)
+        sections[name] = {
+            "offset": pos,
+            "length": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+        payload.append(body)
+        pos += len(body)
+    return sections, payload, pos
+
+
+def read_sections(
+    payload: memoryview,
+    sections: Mapping[str, Any],
+    labels: Mapping[str, str],
+    fail: Callable[[str], Exception],
+) -> dict[str, memoryview]:
+    """Check and cut out the sections :func:`layout_sections` laid out.
+
+    ``labels`` names the sections to read (with how messages call them); every entry must
+    be well formed and the sections must sit back to back in offset order, aligned, with
+    zero padding, inside the payload, checksums right and nothing after the last.
+    """
+    for name, label in labels.items():
+        entry = sections.get(name)
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"offset", "length", "sha256"}
+            and _is_uint(entry["offset"])
+            and _is_uint(entry["length"])
+            and isinstance(entry["sha256"], str)
+        ):
+            raise fail(f"corrupted: malformed manifest entry for the {label}")
+    bodies: dict[str, memoryview] = {}
+    pos = 0
+    for name in sorted(labels, key=lambda n: sections[n]["offset"]):
+        entry, label = sections[name], labels[name]
+        if entry["offset"] != _align(pos):
+            raise fail(
+                f"corrupted: the {label} is at payload offset {entry['offset']},"
+                f" expected {_align(pos)}"
+            )
+        if any(payload[pos : entry["offset"]]):
+            raise fail(f"corrupted: nonzero padding before the {label}")
+        pos = entry["offset"] + entry["length"]
+        if pos > len(payload):
+            raise fail(f"truncated: the {label} runs past the end of the file")
+        body = payload[entry["offset"] : pos]
+        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+            raise fail(f"corrupted: {label} sha256 mismatch")
+        bodies[name] = body
+    if pos != len(payload):
+        raise fail(f"corrupted: {len(payload) - pos} bytes after the last section")
+    return bodies
+
+
 def pack_container(
     magic: bytes, version: int, manifest: bytes, payload: list[bytes], payload_size: int
 ) -> bytes:
@@ -387,33 +441,7 @@ def _unpack(data: bytes, source: str) -> tuple[dict[str, Any], np.ndarray, list[
     sections = manifest.pop("sections", None)
     if not isinstance(sections, dict) or set(sections) != set(SECTIONS):
         raise fail(f"corrupted: the manifest's section table must describe {list(SECTIONS)}")
-    bodies: dict[str, memoryview] = {}
-    pos = 0
-    for name, label in SECTIONS.items():
-        entry = sections[name]
-        if not (
-            isinstance(entry, dict)
-            and _is_uint(entry.get("offset"))
-            and _is_uint(entry.get("length"))
-            and isinstance(entry.get("sha256"), str)
-        ):
-            raise fail(f"corrupted: malformed manifest entry for the {label}")
-        if entry["offset"] != _align(pos):
-            raise fail(
-                f"corrupted: the {label} is at payload offset {entry['offset']},"
-                f" expected {_align(pos)}"
-            )
-        if any(view[start + pos : start + entry["offset"]]):
-            raise fail(f"corrupted: nonzero padding before the {label}")
-        pos = entry["offset"] + entry["length"]
-        if start + pos > size:
-            raise fail(f"corrupted: the {label} runs past the end of the file")
-        body = view[start + entry["offset"] : start + pos]
-        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
-            raise fail(f"corrupted: {label} sha256 mismatch")
-        bodies[name] = body
-    if start + pos != size:
-        raise fail(f"corrupted: {size - start - pos} bytes after the last section")
+    bodies = read_sections(view[start:size], sections, SECTIONS, fail)
 
     code = bodies["instructions"]
     if len(code) % 8:
