@@ -32,15 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("package", type=Path, help="package file (.tpkg)")
     _serve_options(s)
     s.add_argument("--name", help="model name clients use (default: the package's name)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    s.add_argument("--backend", default="sim", help="device backend (default: sim)")
-    s.add_argument(
-        "--device",
-        action="append",
-        dest="device_ids",
-        metavar="ID",
-        help="device id to claim (repeatable; default BACKEND:0..N-1)",
-    )
     s.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     s.set_defaults(func=_cmd_serve)
 
@@ -53,9 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("package", type=Path, help="package file (.tpkg)")
     d.add_argument("--name", required=True, help="service and model name")
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    d.add_argument("--backend", default="sim", help="device backend (default: sim)")
-    d.add_argument("--device", action="append", dest="device_ids", metavar="ID")
     _serve_options(d)
     d.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait")
     d.set_defaults(func=_cmd_deploy)
@@ -103,6 +91,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--backend", default="sim", help="device backend (default: sim)")
+    p.add_argument(
+        "--device",
+        action="append",
+        dest="device_ids",
+        metavar="ID",
+        help="device id to claim (repeatable; default BACKEND:0..N-1)",
+    )
     p.add_argument("--grpc-port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--rest-port", type=int, default=8501, help="0 picks a free port")
     p.add_argument("--devices", type=int, default=1, help="devices behind the model")
