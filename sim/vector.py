@@ -50,17 +50,6 @@ _RINT_MAGIC = 6755399441055744.0
 
 
 @njit(cache=True, inline="always")
-def _fmax(a: float, b: float) -> float:
-    """max without NaN handling (there are none), a select the compiler can vectorise."""
-    return a if a > b else b
-
-
-@njit(cache=True, inline="always")
-def _fmin(a: float, b: float) -> float:
-    return a if a < b else b
-
-
-@njit(cache=True, inline="always")
 def _shift_factor(s: int) -> float:
     """The factor whose product, rounded, is ``rne_shift(x, s)`` (``s >= 0``)."""
     return _NEG_POW2[min(s, 64)]
@@ -72,9 +61,9 @@ def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float) -> None:
     amax[:] = 0.0
     for lane in range(v.shape[0]):
         for p in range(v.shape[1]):
-            q = _fmin(_fmax((v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC, -lim), lim)
+            q = min(max((v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC, -lim), lim)
             v[lane, p] = q
-            amax[p] = _fmax(amax[p], abs(q))
+            amax[p] = max(amax[p], abs(q))
 
 
 @njit(cache=True, inline="always")
@@ -169,7 +158,7 @@ def chain_vectors(
         for lane in range(n):
             for p in range(p_count):
                 v[lane, p] = x[r0 + lane, p]
-                amax[p] = _fmax(amax[p], abs(v[lane, p]))
+                amax[p] = max(amax[p], abs(v[lane, p]))
         for p in range(p_count):
             e[p] = e_in[b, p if per_pixel_e else 0]
         if normalize_first:
@@ -181,8 +170,8 @@ def chain_vectors(
                 amax[:] = 0.0
                 for lane in range(n):
                     for p in range(p_count):
-                        v[lane, p] = _fmax(v[lane, p], 0.0)
-                        amax[p] = _fmax(amax[p], v[lane, p])
+                        v[lane, p] = max(v[lane, p], 0.0)
+                        amax[p] = max(amax[p], v[lane, p])
                 _normalize(v, amax, e, wide_bits, f, amax_bits)
                 continue
             for p in range(p_count):
@@ -193,7 +182,7 @@ def chain_vectors(
                     c = float(const_q[k, b, lane])
                     for p in range(p_count):
                         v[lane, p] *= float(aux_q[r0 + lane, p]) if aux else c
-                        amax[p] = _fmax(amax[p], abs(v[lane, p]))
+                        amax[p] = max(amax[p], abs(v[lane, p]))
                 for p in range(p_count):
                     e[p] += ye[p]
                 _normalize(v, amax, e, wide_bits, f, amax_bits)
@@ -215,9 +204,9 @@ def chain_vectors(
                 for p in range(p_count):
                     xa = (v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC
                     ya = (y[p] * fy[p] + _RINT_MAGIC) - _RINT_MAGIC
-                    r = xa + ya if code == OP_ADD else _fmax(xa, ya)
+                    r = xa + ya if code == OP_ADD else max(xa, ya)
                     v[lane, p] = r
-                    amax[p] = _fmax(amax[p], abs(r))
+                    amax[p] = max(amax[p], abs(r))
             _normalize(v, amax, e, wide_bits, f, amax_bits)
         # tessera.numerics.to_storage: normalize, then clamp the exponent to int8.
         _normalize(v, amax, e, store_bits, f, amax_bits)
@@ -225,14 +214,14 @@ def chain_vectors(
             if e[p] > _E_MAX:
                 g = _POS_POW2[min(e[p] - _E_MAX, 40)]
                 for lane in range(n):
-                    v[lane, p] = _fmin(_fmax(v[lane, p] * g, -lim), lim)
+                    v[lane, p] = min(max(v[lane, p] * g, -lim), lim)
                 e[p] = _E_MAX
             elif e[p] < _E_MIN and e[p] != _E_ZERO:
                 g = _shift_factor(_E_MIN - e[p])
                 top = 0.0
                 for lane in range(n):
                     v[lane, p] = (v[lane, p] * g + _RINT_MAGIC) - _RINT_MAGIC
-                    top = _fmax(top, abs(v[lane, p]))
+                    top = max(top, abs(v[lane, p]))
                 e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
             out_e[p, b] = e[p]
         for p in range(p_count):
