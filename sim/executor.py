@@ -703,15 +703,17 @@ class Simulator:
             p0, p1 = y0 * ow, y1 * ow
             c0, c1 = b0 * n, b1 * n
             acc = kernels.gemm_exact(cols.rows(y0, y1), wg[c0:c1], skip_zero=False)
-            if has_aux:  # each chain's AUX blocks side by side, as the stacked vectors
-                aq = np.empty((p1 - p0, blocks * n), sq_all.dtype)
-                ae = np.empty((p1 - p0, blocks), np.int8)
+            if has_aux:  # the chains' AUX blocks of this item, lane-major as the vectors
+                aq = np.empty((c1 - c0, p1 - p0), sq_all.dtype)
+                ae = np.empty((b1 - b0, p1 - p0), np.int8)
                 a0 = 0
                 for (q, e), c in zip(aux, cnts, strict=True):
-                    aq[:, a0 * n : (a0 + c) * n], ae[:, a0 : a0 + c] = q[p0:p1], e[p0:p1]
+                    lo, hi = max(a0, b0), min(a0 + c, b1)  # blocks of this chain in the item
+                    if lo < hi:
+                        src = q[p0:p1, (lo - a0) * n : (hi - a0) * n]
+                        aq[(lo - b0) * n : (hi - b0) * n] = src.T
+                        ae[lo - b0 : hi - b0] = e[p0:p1, lo - a0 : hi - a0].T
                     a0 += c
-                aq = np.ascontiguousarray(aq[:, c0:c1].T)  # lane-major, as the vectors
-                ae = np.ascontiguousarray(ae[:, b0:b1].T)
             else:
                 aq, ae = _NO_AUX
             vector.chain_vectors(
