@@ -1,11 +1,13 @@
 """``tessera bench serve``: direct device call vs gRPC vs REST, and throughput, in one run.
 
 What a service adds on top of the device is what this measures, so every figure comes from
-the same process and package, with the latency runs interleaved (direct, gRPC, REST,
-direct, ...; each round starting one path later) after a few untimed rounds, and medians
-and 99th percentiles kept. The server and its clients share the process (and so the GIL
-and the machine's two cores): the overhead figures are an upper bound of what a separate
-client would see.
+one run and package, with the latency runs interleaved (direct, gRPC, REST, direct, ...;
+each round starting one path later) after a few untimed rounds, and medians and 99th
+percentiles kept. The direct calls run in the server's process; the protocol paths run in
+a client process, as a real client would, and are timed there, one call at a time, over a
+pipe (``--same-process-client`` runs them in the server's process instead, where client and
+server take turns on one GIL: an upper bound). The throughput cells' clients are threads
+of the server's process.
 
 The default package is a small classifier with the seeds' 224x224x3 input (a strided conv,
 global pool, FC head on the host), so request payloads have their real size (600 KB of
@@ -56,6 +58,12 @@ def register(bsub: argparse._SubParsersAction) -> None:
         "--device-mode",
         default="auto",
         help="comma-separated device modes for throughput: auto, process, thread",
+    )
+    s.add_argument(
+        "--same-process-client",
+        action="store_true",
+        help="run the latency phase's client in the server's process (default: its own "
+        "process, as a real client)",
     )
     s.add_argument("--max-seconds", type=float, default=60.0, help="time cap per phase")
     s.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -149,13 +157,13 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), p99
 
 
-def _bare_grpc(run: Callable[[], object]) -> tuple[Any, Any, Any]:
+def _bare_grpc(run: Callable[[], object]) -> tuple[Any, int]:
     """A gRPC method with none of the service's code: the request stays raw bytes (not
     parsed), the handler makes the direct device call and answers two bytes.
 
     What it adds over the direct call is what gRPC itself costs on this machine (HTTP/2 on
     loopback, grpcio's hand-offs between its threads): the floor under the Predict overhead.
-    Returns the server, the channel and the callable.
+    Returns the server and its port.
     """
     from concurrent import futures
 
@@ -175,71 +183,187 @@ def _bare_grpc(run: Callable[[], object]) -> tuple[Any, Any, Any]:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
-    return server, channel, channel.unary_unary("/tessera.bench.Bare/Run")
+    return server, port
 
 
-def _latency_phase(server: Any, pkg: Any, repeat: int, max_s: float) -> dict[str, Any]:
+#: The rows a client runs, in the order of the table.
+_PROTOCOL_ROWS = (
+    "gRPC Predict (float)",
+    "bare gRPC floor (same bytes, no service)",
+    "REST :predict (float, JSON)",
+    "gRPC Predict (JPEG)",
+    "REST :predict (JPEG, b64)",
+)
+
+
+def _client_calls(
+    grpc_port: int,
+    rest_port: int,
+    model: str,
+    input_name: str,
+    x: np.ndarray,
+    jpeg: bytes,
+    bare_port: int,
+) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """The protocol paths as a client runs them, keyed by row name, and a closer.
+
+    Built in whichever process plays the client, so the same calls run in-process or in
+    the client process of :func:`_client_process`.
+    """
+    import grpc
     import requests
 
     from tessera.runtime.client import PredictionClient
 
-    x = np.random.default_rng(1).standard_normal(pkg.preprocess.output_shape).astype(np.float32)
-    x *= 60
-    jpeg = _sample_jpeg(pkg.preprocess.size)
-    device = server.pool.devices[0]
-    url = f"http://127.0.0.1:{server.rest_port}/v1/models/{server.service.name}:predict"
+    url = f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict"
     float_body = json.dumps({"inputs": x.tolist()})
     image_body = json.dumps({"instances": [{"b64": base64.b64encode(jpeg).decode()}]})
     session = requests.Session()
-    client = PredictionClient("127.0.0.1", server.grpc_port, max_attempts=1)
+    client = PredictionClient("127.0.0.1", grpc_port, max_attempts=1)
     headers = {"Content-Type": "application/json"}
-    bare_server, bare_channel, bare = _bare_grpc(
-        lambda: device.run({pkg.input_name: x}, timeout=60)
+    size = 64 << 20
+    bare_channel = grpc.insecure_channel(
+        f"127.0.0.1:{bare_port}",
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ],
     )
+    bare = bare_channel.unary_unary("/tessera.bench.Bare/Run")
 
     def rest_post(body: str) -> None:
         r = session.post(url, data=body, headers=headers, timeout=60)
         r.raise_for_status()
         r.json()
 
-    calls = {
-        "direct device call (float)": lambda: device.run({pkg.input_name: x}, timeout=60),
-        "gRPC Predict (float)": lambda: client.score_numpy_arrays({pkg.input_name: x}, timeout=60),
+    calls: dict[str, Callable[[], object]] = {
+        "gRPC Predict (float)": lambda: client.score_numpy_arrays({input_name: x}, timeout=60),
         "bare gRPC floor (same bytes, no service)": lambda: bare(x.tobytes(), timeout=60),
         "REST :predict (float, JSON)": lambda: rest_post(float_body),
-        "direct: preprocess + device (JPEG)": lambda: device.run(
-            {pkg.input_name: pkg.preprocess_image(jpeg)}, timeout=60
-        ),
         "gRPC Predict (JPEG)": lambda: client.score_image_bytes(
-            jpeg, input_name=pkg.input_name, timeout=60
+            jpeg, input_name=input_name, timeout=60
         ),
         "REST :predict (JPEG, b64)": lambda: rest_post(image_body),
     }
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(_WARMUP):  # connections, HTTP/2 flow-control windows, caches
-        for fn in calls.values():
-            fn()
-    names = list(calls)
-    end = time.monotonic() + max_s
-    for r in range(repeat):
-        # Each round starts one path later, so no path always runs right after the same
-        # other one (after the 3 MB JSON body, say, whose memory traffic it would inherit).
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+
+    def close() -> None:
+        client.close()
+        session.close()
+        bare_channel.close()
+
+    return calls, close
+
+
+def _client_process(conn: Any, spec: dict[str, Any]) -> None:
+    """Client side of the latency phase in its own process: answers each row name received
+    with the seconds that call took, until it receives ``None``.
+
+    A real client is another process; here it has its own interpreter and GIL, so the
+    figures are the server's cost, not the server and client taking turns on one GIL.
+    """
+    calls, close = _client_calls(**spec)
+    try:
+        while (name := conn.recv()) is not None:
             t0 = time.perf_counter()
             calls[name]()
-            times[name].append(time.perf_counter() - t0)
-        if time.monotonic() > end:
-            break
-    client.close()
-    session.close()
-    bare_channel.close()
-    bare_server.stop(0)
+            conn.send(time.perf_counter() - t0)
+    finally:
+        close()
+        conn.close()
+
+
+class _RemoteCalls:
+    """The protocol paths run by a client process, one call at a time, timed there."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no forked grpcio state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_client_process, args=(child, spec), daemon=True)
+        self._proc.start()
+        child.close()
+
+    def time(self, name: str) -> float:
+        self._conn.send(name)
+        if not self._conn.poll(120):
+            raise TimeoutError(f"the client process did not answer {name!r} within 120 s")
+        return float(self._conn.recv())
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except OSError:  # the process has gone already
+            pass
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _latency_phase(
+    server: Any, pkg: Any, repeat: int, max_s: float, client_process: bool = True
+) -> dict[str, Any]:
+    x = np.random.default_rng(1).standard_normal(pkg.preprocess.output_shape).astype(np.float32)
+    x *= 60
+    jpeg = _sample_jpeg(pkg.preprocess.size)
+    device = server.pool.devices[0]
+    bare_server, bare_port = _bare_grpc(lambda: device.run({pkg.input_name: x}, timeout=60))
+    spec = {
+        "grpc_port": server.grpc_port,
+        "rest_port": server.rest_port,
+        "model": server.service.name,
+        "input_name": pkg.input_name,
+        "x": x,
+        "jpeg": jpeg,
+        "bare_port": bare_port,
+    }
+    direct: dict[str, Callable[[], object]] = {
+        "direct device call (float)": lambda: device.run({pkg.input_name: x}, timeout=60),
+        "direct: preprocess + device (JPEG)": lambda: device.run(
+            {pkg.input_name: pkg.preprocess_image(jpeg)}, timeout=60
+        ),
+    }
+    timers: dict[str, Callable[[], float]] = {
+        name: (lambda fn=fn: _timed(fn)) for name, fn in direct.items()
+    }
+    if client_process:
+        remote = _RemoteCalls(spec)
+        close = remote.close
+        timers.update({name: (lambda name=name: remote.time(name)) for name in _PROTOCOL_ROWS})
+    else:
+        calls, close = _client_calls(**spec)
+        timers.update({name: (lambda fn=fn: _timed(fn)) for name, fn in calls.items()})
+    float_direct, jpeg_direct = direct
+    order = [float_direct, *_PROTOCOL_ROWS[:3], jpeg_direct, *_PROTOCOL_ROWS[3:]]
+    times: dict[str, list[float]] = {k: [] for k in order}
+    try:
+        for _ in range(_WARMUP):  # connections, HTTP/2 flow-control windows, caches
+            for name in order:
+                timers[name]()
+        end = time.monotonic() + max_s
+        for r in range(repeat):
+            # Each round starts one path later, so no path always runs right after the same
+            # other one (after the 3 MB JSON body, say, whose memory traffic it would inherit).
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                times[name].append(timers[name]())
+            if time.monotonic() > end:
+                break
+    finally:
+        close()
+        bare_server.stop(0)
     return {
-        "samples": len(next(iter(times.values()))),
+        "samples": len(times[order[0]]),
+        "client": "separate process" if client_process else "server's process",
         "payload_bytes": {
             "float_grpc": x.nbytes,
-            "float_json": len(float_body),
+            "float_json": len(json.dumps({"inputs": x.tolist()})),
             "jpeg": len(jpeg),
         },
         "rows": {k: _percentiles(v) for k, v in times.items()},
@@ -357,7 +481,9 @@ def _bench_serve(args: argparse.Namespace) -> int:
         opts = ServeOptions(grpc_port=0, rest_port=0, devices=1, queue_depth=8)
         load = [_load_average()]
         with Server(pkg, opts) as server:
-            lat = _latency_phase(server, pkg, args.repeat, args.max_seconds)
+            lat = _latency_phase(
+                server, pkg, args.repeat, args.max_seconds, not args.same_process_client
+            )
         load.append(_load_average())
     cells = []
     for devices in devices_list:  # modes innermost: compared cells run back to back
@@ -377,6 +503,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         "config": cfg.name,
         "latency": {k: {"p50_ms": a * 1e3, "p99_ms": b * 1e3} for k, (a, b) in lat["rows"].items()},
         "samples": lat["samples"],
+        "latency_client": lat["client"],
         "payload_bytes": lat["payload_bytes"],
         "load_average_1min": load,
         "cpus": os.cpu_count(),
@@ -388,7 +515,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     rows = lat["rows"]
     table = Table(
         title=f"tessera bench serve: {pkg.name} on the simulator ({cfg.name}), "
-        f"{lat['samples']} interleaved samples, server and clients in one process"
+        f"{lat['samples']} interleaved samples, client in the {lat['client']}"
     )
     for col, just in (
         ("path", "left"),

@@ -772,6 +772,7 @@ def test_bench_serve_runs_bounded_and_reports_every_path(capsys) -> None:
         "REST :predict (JPEG, b64)",
     }
     assert all(v["p99_ms"] >= v["p50_ms"] > 0 for v in out["latency"].values())
+    assert out["latency_client"] == "separate process"
     assert len(out["load_average_1min"]) == 2 and out["cpus"] >= 1
     cells = {(c["devices"], c["clients"]): c for c in out["throughput"]}
     assert set(cells) == {(1, 1), (1, 2)}
