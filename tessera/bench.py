@@ -28,9 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_bench_sim)
+    from tessera.bench_rtl import register as register_rtl
     from tessera.bench_serve import register as register_serve
 
     register_serve(bsub)
+    register_rtl(bsub)
 
 
 #: Seconds to wait before each timed run, for the previous run's spinning worker threads

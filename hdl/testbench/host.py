@@ -32,6 +32,25 @@ class CycleMonitor:
         self.count += 1
 
 
+async def load_program(dut, words: np.ndarray) -> None:
+    """Writes the program into the NPU's instruction memory, one word a cycle."""
+    for i, w in enumerate(words.tolist()):
+        await FallingEdge(dut.clk)
+        dut.prog_we.value = 1
+        dut.prog_addr.value = i
+        dut.prog_data.value = int(w)
+    await FallingEdge(dut.clk)
+    dut.prog_we.value = 0
+
+
+async def pulse_start(dut) -> None:
+    """One cycle of ``start``, driven between clock edges as the host bus would."""
+    await FallingEdge(dut.clk)
+    dut.start.value = 1
+    await FallingEdge(dut.clk)
+    dut.start.value = 0
+
+
 class HostDriver:
     """Drives the control/status port of the NPU top as a CPU would over its bus."""
 
@@ -39,25 +58,12 @@ class HostDriver:
         self.dut = dut
         self.dram = dram
 
-    async def load_program(self, words: np.ndarray) -> None:
-        dut = self.dut
-        for i, w in enumerate(words.tolist()):
-            await FallingEdge(dut.clk)
-            dut.prog_we.value = 1
-            dut.prog_addr.value = i
-            dut.prog_data.value = int(w)
-        await FallingEdge(dut.clk)
-        dut.prog_we.value = 0
-
     async def run(self, words: np.ndarray, image: np.ndarray, max_cycles: int) -> RunOutcome:
         dut = self.dut
         self.dram.load(image)
         r0, w0 = self.dram.beats_read, self.dram.beats_written
-        await self.load_program(words)
-        await FallingEdge(dut.clk)
-        dut.start.value = 1
-        await FallingEdge(dut.clk)
-        dut.start.value = 0
+        await load_program(dut, words)
+        await pulse_start(dut)
         mon = CycleMonitor()
         chains: list[tuple[int, int]] = []
         try:

@@ -44,3 +44,28 @@ def test_network_bit_exact(runs, name):
     rel = (r.cycles - cycles) / cycles
     print(f"{name}: RTL {r.cycles} cycles, model {cycles} ({100 * rel:+.1f} %)")
     assert abs(rel) <= 0.02  # the cycle model's contract (docs/hardware.md)
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_network_same_with_the_dram_inside_the_simulation(runs, name):
+    """``npu_dram`` (what ``tessera run --backend rtl`` and whole networks use) times its
+    Verilog DRAM exactly as the cocotb DramModel: the same memory and the same cycles."""
+    from tessera.hdl.rtlrun import run_in_simulated_dram
+
+    (_, prog, mem, ref, _), r = runs[name]
+    inside = run_in_simulated_dram(RTL_TEST_CFG, prog.instructions, mem)
+    assert inside.error == 0
+    assert inside.cycles == r.cycles
+    assert np.array_equal(inside.mem, ref)
+
+
+def test_dram_inside_the_simulation_reports_an_access_outside_it():
+    from tessera import isa
+    from tessera.hdl.rtlrun import run_in_simulated_dram
+
+    words = np.array(
+        [isa.encode("s_ld", reg=isa.EXP_REG_BASE, addr=3 << 20), isa.encode("halt")],
+        dtype=np.uint64,
+    )
+    with pytest.raises(AssertionError, match=r"byte 0x300000: outside the 1048576 bytes"):
+        run_in_simulated_dram(RTL_TEST_CFG, words, np.zeros(1024, np.uint8), max_cycles=10_000)
