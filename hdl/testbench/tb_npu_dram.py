@@ -15,9 +15,9 @@ from pathlib import Path
 
 import cocotb
 import numpy as np
-from cocotb.triggers import ClockCycles, FallingEdge, First, RisingEdge, Timer
+from cocotb.triggers import FallingEdge, First, RisingEdge, Timer
 
-from tessera.hdl.testbench.host import load_program, pulse_start
+from tessera.hdl.testbench.host import load_program, pulse_start, reset
 
 #: The clock period of ``npu_dram`` (``always #5 clk = ~clk``).
 PERIOD_NS = 10
@@ -29,13 +29,8 @@ async def run_program(dut):
     job = np.load(job_path)
     max_cycles = int(job["max_cycles"])
     chunk = int(os.environ.get("TESSERA_RTL_PROGRESS_CYCLES", "1000000"))
-    dut.start.value = 0
-    dut.prog_we.value = 0
     dut.dump.value = 0
-    dut.rst.value = 1
-    await ClockCycles(dut.clk, 3)
-    await FallingEdge(dut.clk)
-    dut.rst.value = 0
+    await reset(dut)
     await load_program(dut, job["words"])
     await pulse_start(dut)
     t0 = time.perf_counter()
