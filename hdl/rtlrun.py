@@ -106,12 +106,14 @@ def simulated_dram_bytes(cfg: NPUConfig, image_bytes: int) -> int:
     return min(size, cfg.dram_bytes)
 
 
-def build_npu_dram(cfg: NPUConfig, imem_depth: int, dram_bytes: int) -> rtlsim.Build:
+def build_npu_dram(
+    cfg: NPUConfig, imem_depth: int, dram_bytes: int, threads: int = 1
+) -> rtlsim.Build:
     from tessera.hdl.npu import NPU
     from tessera.hdl.testbench.dram_top import TOPLEVEL, wrapper_verilog
 
     wrapper = (TOPLEVEL, wrapper_verilog(imem_depth, dram_bytes))
-    return rtlsim.build(NPU(cfg, imem_depth=imem_depth), "npu", wrapper=wrapper)
+    return rtlsim.build(NPU(cfg, imem_depth=imem_depth), "npu", wrapper=wrapper, threads=threads)
 
 
 def run_in_simulated_dram(
@@ -120,12 +122,14 @@ def run_in_simulated_dram(
     image: np.ndarray,
     max_cycles: int = 2_000_000_000,
     progress_cycles: int = 1_000_000,
+    threads: int = 1,
 ) -> DramRunResult:
     """Run one program on the RTL of ``cfg`` with the DRAM inside the simulation.
 
     ``image`` is the DRAM image (at most the configuration's DRAM); the result holds the
     image after the run. Raises :class:`AssertionError` when the NPU is not done after
-    ``max_cycles`` or touched memory outside the DRAM.
+    ``max_cycles`` or touched memory outside the DRAM. ``threads`` > 1 runs a
+    multi-threaded Verilator model (whole networks on an otherwise idle machine).
     """
     from tessera.hdl.testbench.dram_top import read_hex, write_hex
 
@@ -135,7 +139,7 @@ def run_in_simulated_dram(
             f"DRAM image of {image.size} bytes exceeds the {cfg.dram_bytes} bytes of {cfg.name}"
         )
     dram_bytes = simulated_dram_bytes(cfg, image.size)
-    b = build_npu_dram(cfg, imem_depth_for(len(words)), dram_bytes)
+    b = build_npu_dram(cfg, imem_depth_for(len(words)), dram_bytes, threads)
     with tempfile.TemporaryDirectory(prefix="tessera-rtl-") as tmp:
         folder = Path(tmp)
         n_words = write_hex(image, folder / "dram_in.hex")

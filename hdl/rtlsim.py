@@ -83,12 +83,14 @@ def build(
     cache: Path | None = None,
     sim: Simulator | None = None,
     wrapper: tuple[str, str] | None = None,
+    threads: int = 1,
 ) -> Build:
     """Convert ``component`` to Verilog (module ``name``) and compile it for cocotb.
 
     ``wrapper`` is ``(toplevel, verilog)``: hand-written modules around the component, the
     simulation's top being ``toplevel`` (see :mod:`tessera.hdl.testbench.dram_top`). Its
-    delays are honoured (Verilator gets ``--timing``).
+    delays are honoured (Verilator gets ``--timing``). ``threads`` > 1 builds a
+    multi-threaded Verilator model (a separate cached build).
     """
     from cocotb_tools.runner import get_runner
 
@@ -102,6 +104,8 @@ def build(
         # (The model's C++ stays at Verilator's -Os: gcc -O2 spent over 27 minutes on one
         # file of the 85F build.)
         args += ["-j", "2"]
+        if threads > 1:
+            args += ["--threads", str(threads)]
         if extra:
             # Wrappers generate their clock with delays (see dram_top). The wheel's
             # verilated.mk leaves the C++20 coroutine flags --timing needs empty.

@@ -34,6 +34,12 @@ def register(bsub: argparse._SubParsersAction) -> None:
         default=2_000_000,
         help="print a progress line every this many simulated cycles",
     )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="Verilator model threads (a separate build; for an otherwise idle machine)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object instead")
     s.set_defaults(func=_bench_rtl)
 
@@ -47,6 +53,7 @@ class RtlComparison:
     model_cycles: int
     rtl_cycles: int
     rtl_error: int
+    threads: int
     bit_exact: bool
     bytes_differing: int
     #: wall seconds of the RTL simulation from start to done (no build, no image I/O)
@@ -66,7 +73,11 @@ class RtlComparison:
 
 
 def compare_network(
-    model: str | Path, config: str, seed: int = 0, progress_cycles: int = 2_000_000
+    model: str | Path,
+    config: str,
+    seed: int = 0,
+    progress_cycles: int = 2_000_000,
+    threads: int = 1,
 ) -> RtlComparison:
     """Compile ``model`` (zoo name or ONNX path) for ``config`` and run one seeded input on
     the instruction simulator and on the RTL, from the same DRAM image."""
@@ -102,6 +113,7 @@ def compare_network(
         model_cycles=int(model_cycles),
         rtl_cycles=rtl.cycles,
         rtl_error=rtl.error,
+        threads=threads,
         bit_exact=differing == 0,
         bytes_differing=differing,
         rtl_seconds=rtl.wall,
@@ -121,7 +133,7 @@ def _bench_rtl(args: argparse.Namespace) -> int:
         f"RTL simulator: {find_simulator().describe()}; progress lines come from the "
         "simulation every --progress-cycles cycles"
     )
-    r = compare_network(args.model, args.config, args.seed, args.progress_cycles)
+    r = compare_network(args.model, args.config, args.seed, args.progress_cycles, args.threads)
     if args.json:
         print(
             json.dumps(
@@ -133,7 +145,9 @@ def _bench_rtl(args: argparse.Namespace) -> int:
             )
         )
         return 0 if r.bit_exact and not r.rtl_error else 1
-    table = Table(title=f"tessera bench rtl: {r.model} on {r.config}")
+    table = Table(
+        title=f"tessera bench rtl: {r.model} on {r.config}, Verilator threads: {r.threads}"
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("instructions / DRAM image", f"{r.instructions} / {r.dram_bytes:,} bytes")
