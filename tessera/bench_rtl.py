@@ -12,8 +12,12 @@ cached after). ``tests/rtl/test_rtl_resnet50.py`` (marker ``huge``) asserts the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,6 +126,21 @@ def compare_network(
     )
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Sends file descriptor 1 to stderr: the Verilator build and cocotb write their logs
+    to the inherited stdout, which ``--json`` keeps for the one JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _bench_rtl(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -133,7 +152,8 @@ def _bench_rtl(args: argparse.Namespace) -> int:
         f"RTL simulator: {find_simulator().describe()}; progress lines come from the "
         "simulation every --progress-cycles cycles"
     )
-    r = compare_network(args.model, args.config, args.seed, args.progress_cycles, args.threads)
+    with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+        r = compare_network(args.model, args.config, args.seed, args.progress_cycles, args.threads)
     if args.json:
         print(
             json.dumps(
