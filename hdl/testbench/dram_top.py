@@ -182,9 +182,14 @@ for _digit in b"0123456789abcdef":
 
 def read_hex(path: Path, nbytes: int) -> np.ndarray:
     """The first ``nbytes`` of a ``$writememh`` dump of 16-bit words, as bytes."""
-    lines = [ln for ln in path.read_bytes().split() if not ln.startswith((b"//", b"@"))]
-    if any(len(ln) != 4 for ln in lines):
+    raw = path.read_bytes()
+    if b"/" in raw or b"@" in raw:  # comments or addresses: drop those lines first
+        lines = [ln.strip() for ln in raw.splitlines()]
+        raw = b"".join(ln + b"\n" for ln in lines if ln and not ln.startswith((b"//", b"@")))
+    # One "xxxx\n" line per word: 16 M words are reshaped, not split into 16 M strings.
+    rows = np.frombuffer(raw, dtype=np.uint8)
+    if rows.size % 5 or np.any(rows.reshape(-1, 5)[:, 4] != ord("\n")):
         raise ValueError(f"{path}: expected one 4-digit hex word per line")
-    digits = _NIBBLE[np.frombuffer(b"".join(lines), dtype=np.uint8)].reshape(-1, 4)
+    digits = _NIBBLE[rows.reshape(-1, 5)[:, :4]]
     words = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
     return words.astype("<u2").view(np.uint8)[:nbytes].copy()
