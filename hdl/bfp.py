@@ -38,23 +38,6 @@ def bit_length(m: Module, a: Value, name: str) -> Signal:
     return bl
 
 
-def maximum(m: Module, values: list[Value], name: str) -> Value:
-    """Largest of unsigned ``values`` as a balanced comparator tree."""
-    level = list(values)
-    k = 0
-    while len(level) > 1:
-        nxt = []
-        for i in range(0, len(level) - 1, 2):
-            s = Signal(len(level[i]), name=f"{name}_{k}")
-            k += 1
-            m.d.comb += s.eq(Mux(level[i] > level[i + 1], level[i], level[i + 1]))
-            nxt.append(s)
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
-
-
 def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
     """Bits ``i < s - 1`` of a ``width``-bit word: the sticky-bit mask of a right shift by s.
 
@@ -68,30 +51,38 @@ def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
     return mask
 
 
-def rne_shift(m: Module, x: Value, s: Value, name: str, mask: Value | None = None) -> Signal:
+def rne_shift(
+    m: Module,
+    x: Value,
+    s: Value,
+    name: str,
+    mask: Value | None = None,
+    out_bits: int | None = None,
+) -> Signal:
     """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``.
 
     A shift of ``len(x)`` or more gives the same result as ``len(x)`` (the value is below
     half an LSB), so the shift is clamped there to keep the shifter small. ``mask`` is
-    :func:`below_mask` of ``s`` when the caller shares one across lanes.
+    :func:`below_mask` of ``s`` when the caller shares one across lanes. ``out_bits``: the
+    caller guarantees ``x >> s`` fits that many signed bits (a normalize knows it from its
+    shift), so the shifter builds only those output bits instead of ``len(x)`` of them.
     """
     w = len(x)
+    ob = w if out_bits is None else min(out_bits, w)
     xs = x.as_signed()
     sc = Signal(range(w + 1), name=f"{name}_s")
     m.d.comb += sc.eq(Mux(s > w, w, s))
-    q = Signal(signed(w), name=f"{name}_q")
-    m.d.comb += q.eq(xs >> sc)
-    sm1 = Signal(range(w + 1), name=f"{name}_sm1")
-    m.d.comb += sm1.eq(sc - 1)
-    rnd = Signal(name=f"{name}_r")
-    m.d.comb += rnd.eq((xs >> sm1)[0])
+    # One shifter gives the quotient and the round bit: bit 0 of (x << 1) >> s is bit
+    # s - 1 of x (0 when s == 0, where no rounding happens).
+    r = Signal(signed(ob + 1), name=f"{name}_r")
+    m.d.comb += r.eq(((xs << 1) >> sc)[: ob + 1])
+    q = r[1:].as_signed()
     if mask is None:
         mask = below_mask(m, sc, w, f"{name}_mask")
     sticky = Signal(name=f"{name}_st")
     m.d.comb += sticky.eq((x.as_unsigned() & mask[:w]).any())
-    out = Signal(signed(w + 1), name=name)
-    up = (sc != 0) & rnd & (sticky | q[0])
-    m.d.comb += out.eq(q + up)
+    out = Signal(signed(ob + 1), name=name)
+    m.d.comb += out.eq(q + (r[0] & (sticky | q[0])))
     return out
 
 
@@ -104,6 +95,44 @@ def saturate(m: Module, x: Value, bits: int, name: str) -> Signal:
     return out
 
 
+def magnitude_union(m: Module, xs: list[Value], name: str) -> Signal:
+    """Bitwise OR of the lanes' magnitudes: its bit length is the largest magnitude's.
+
+    An OR tree instead of a comparator tree, and it can be built up over several cycles
+    when a vector arrives a few lanes at a time.
+    """
+    mags = [absolute(m, x, f"{name}_abs{i}") for i, x in enumerate(xs)]
+    union = Signal(max(len(x) for x in xs), name=f"{name}_or")
+    acc = mags[0]
+    for mag in mags[1:]:
+        acc = acc | mag
+    m.d.comb += union.eq(acc)
+    return union
+
+
+def normalize_by_union(
+    m: Module, xs: list[Value], union: Value, lsb: Value, bits: int, name: str
+) -> tuple[list[Signal], Signal]:
+    """The lanes ``xs`` of a vector whose :func:`magnitude_union` is ``union`` -> mantissas
+    of ``bits`` and the vector's exponent (numerics.normalize).
+
+    After the shift every lane fits ``bits`` signed bits (|x| <= max), so the shifters
+    build only those.
+    """
+    width = len(union)
+    bl = bit_length(m, union, f"{name}_bl")
+    shift = Signal(range(width + 1), name=f"{name}_shift")
+    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
+    mask = below_mask(m, shift, width, f"{name}_mask")
+    qs = [
+        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}", mask, bits), bits, f"{name}_q{i}")
+        for i, x in enumerate(xs)
+    ]
+    e = Signal(signed(EXP_BITS), name=f"{name}_e")
+    m.d.comb += e.eq(Mux(union == 0, numerics.E_ZERO, lsb + shift))
+    return qs, e
+
+
 def normalize(
     m: Module, xs: list[Value], lsb: Value, bits: int, name: str
 ) -> tuple[list[Signal], Signal]:
@@ -112,42 +141,34 @@ def normalize(
     numerics.normalize: shift right just enough for the largest magnitude to fit
     ``bits - 1`` magnitude bits, round half to even, saturate; all-zero -> E_ZERO.
     """
-    mags = [absolute(m, x, f"{name}_abs{i}") for i, x in enumerate(xs)]
-    amax = maximum(m, mags, f"{name}_max")
-    bl = bit_length(m, amax, f"{name}_bl")
-    shift = Signal(range(len(amax) + 1), name=f"{name}_shift")
-    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
-    width = max(len(x) for x in xs)
-    mask = below_mask(m, shift, width, f"{name}_mask")
-    qs = [
-        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}", mask), bits, f"{name}_q{i}")
-        for i, x in enumerate(xs)
-    ]
-    e = Signal(signed(EXP_BITS), name=f"{name}_e")
-    m.d.comb += e.eq(Mux(amax == 0, numerics.E_ZERO, lsb + shift))
-    return qs, e
+    union = magnitude_union(m, xs, name)
+    return normalize_by_union(m, xs, union, lsb, bits, name)
 
 
-def to_storage(
-    m: Module, xs: list[Value], e_in: Value, bits: int, name: str
+def clamp_exponent(
+    m: Module, q1: list[Value], e1: Value, bits: int, name: str
 ) -> tuple[list[Signal], Signal]:
-    """numerics.to_storage: normalize to ``bits``, then clamp the exponent to int8."""
-    lim = sat_limit(bits)
-    q1, e1 = normalize(m, xs, e_in, bits, f"{name}_n")
+    """The int8 exponent clamp of numerics.to_storage on normalized lanes ``q1``, ``e1``.
+
+    Returns the lanes and the clamped exponent; an all-zero result still needs ``E_ZERO``,
+    which the caller decides once it has seen every lane.
+    """
     over = Signal(name=f"{name}_over")
     under = Signal(name=f"{name}_under")
     m.d.comb += [
         over.eq(e1 > numerics.E_MAX),
         under.eq((e1 < numerics.E_MIN) & (e1 != numerics.E_ZERO)),
     ]
-    up = Signal(range(41), name=f"{name}_up")
-    m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > 40, 40, e1 - numerics.E_MAX))
+    # Any non-zero mantissa shifted up by ``bits`` or more saturates, as it would by the
+    # reference's up-to-40 bits: clamping there keeps the shifter ``bits`` wide.
+    up = Signal(range(bits + 1), name=f"{name}_up")
+    m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > bits, bits, e1 - numerics.E_MAX))
     down = Signal(unsigned(EXP_BITS), name=f"{name}_down")
     m.d.comb += down.eq(numerics.E_MIN - e1)
     lo_mask = below_mask(m, down, bits, f"{name}_lomask")
     qs = []
     for i, q in enumerate(q1):
-        shifted_up = Signal(signed(bits + 41), name=f"{name}_up{i}")
+        shifted_up = Signal(signed(2 * bits + 1), name=f"{name}_up{i}")
         m.d.comb += shifted_up.eq(q << up)
         hi = saturate(m, shifted_up, bits, f"{name}_hi{i}")
         lo = rne_shift(m, q, down, f"{name}_lo{i}", lo_mask)
@@ -155,15 +176,18 @@ def to_storage(
         m.d.comb += out.eq(Mux(over, hi, Mux(under, lo, q)))
         qs.append(out)
     e = Signal(signed(8), name=f"{name}_e")
-    allzero = ~Cat(*[q.any() for q in qs]).any()
-    m.d.comb += e.eq(
-        Mux(
-            allzero,
-            numerics.E_ZERO,
-            Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)),
-        )
-    )
-    del lim
+    m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))
+    return qs, e
+
+
+def to_storage(
+    m: Module, xs: list[Value], e_in: Value, bits: int, name: str
+) -> tuple[list[Signal], Signal]:
+    """numerics.to_storage: normalize to ``bits``, then clamp the exponent to int8."""
+    q1, e1 = normalize(m, xs, e_in, bits, f"{name}_n")
+    qs, ec = clamp_exponent(m, q1, e1, bits, name)
+    e = Signal(signed(8), name=f"{name}_ez")
+    m.d.comb += e.eq(Mux(Cat(*[q.any() for q in qs]).any(), ec, numerics.E_ZERO))
     return qs, e
 
 

@@ -72,11 +72,11 @@ class VectorPipe(wiring.Component):
         n, big = cfg.native_dim, cfg.mfu_mantissa_bits
         ops = self.ops
 
-        # Stage 0: the reducer's integers (or a raw block) -> a wide vector.
-        mq, me = bfp.normalize(
-            m, [self.mvu_acc[i] for i in range(n)], self.floor + self.wfloor, big, "nm"
-        )
-        pq, pe = bfp.normalize(m, [self.pool_acc[i] for i in range(n)], self.floor, big, "np")
+        # Stage 0: the reducer's integers (or a raw block) -> a wide vector. A chain has one
+        # reducer, so the MVU's accumulators and the pool sums share one normalizer.
+        is_mvu = ops.reducer == Reducer.MVU
+        acc = [Mux(is_mvu, self.mvu_acc[i], self.pool_acc[i]) for i in range(n)]
+        nq, ne = bfp.normalize(m, acc, self.floor + Mux(is_mvu, self.wfloor, 0), big, "n0")
         v = Signal()
         q = [Signal(signed(big), name=f"s0q{i}") for i in range(n)]
         e = Signal(signed(bfp.EXP_BITS), name="s0e")
@@ -96,19 +96,12 @@ class VectorPipe(wiring.Component):
             m.d.comb += self.aux_pop.eq(1)
             m.d.sync += [xq.eq(self.aux_q), xe.eq(self.aux_e)]
         m.d.sync += v.eq(0)
-        with m.Switch(ops.reducer):
-            with m.Case(Reducer.MVU):
-                with m.If(self.mvu_valid):
-                    m.d.sync += [v.eq(1), e.eq(me)] + [q[i].eq(mq[i]) for i in range(n)]
-            with m.Case(Reducer.POOL):
-                with m.If(self.pool_valid):
-                    m.d.sync += [v.eq(1), e.eq(pe)] + [q[i].eq(pq[i]) for i in range(n)]
-            with m.Default():
-                with m.If(self.raw_valid):
-                    m.d.sync += [v.eq(1), e.eq(self.raw_e)]
-                    m.d.sync += [
-                        q[i].eq(self.raw_q.word_select(i, 8).as_signed()) for i in range(n)
-                    ]
+        with m.If(ops.reducer == Reducer.NONE):
+            with m.If(self.raw_valid):
+                m.d.sync += [v.eq(1), e.eq(self.raw_e)]
+                m.d.sync += [q[i].eq(self.raw_q.word_select(i, 8).as_signed()) for i in range(n)]
+        with m.Elif(Mux(is_mvu, self.mvu_valid, self.pool_valid)):
+            m.d.sync += [v.eq(1), e.eq(ne)] + [q[i].eq(nq[i]) for i in range(n)]
 
         ports = [getattr(self, f"vrf{p}") for p in range(VRF_PORTS)]
         for p in ports:
@@ -144,24 +137,26 @@ class VectorPipe(wiring.Component):
                 m.d.comb += [ye.eq(word.word_select(n, 16).as_signed())]
                 m.d.comb += [yq[i].eq(word.word_select(i, 16).as_signed()) for i in range(n)]
 
+            # Alignment: only the operand with the smaller exponent moves, so one shifter per
+            # lane serves both (ADD and MAX are symmetric in their operands).
+            y_big = Signal(name=f"yb{s}")
+            m.d.comb += y_big.eq(ye > ea)
             emax = Signal(signed(bfp.EXP_BITS), name=f"em{s}")
-            m.d.comb += emax.eq(Mux(ea > ye, ea, ye))
-            dx = Signal(unsigned(bfp.EXP_BITS), name=f"dx{s}")
-            dy = Signal(unsigned(bfp.EXP_BITS), name=f"dy{s}")
-            m.d.comb += [dx.eq(emax - ea), dy.eq(emax - ye)]
-            wide = 2 * big + 1
+            dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{s}")
+            m.d.comb += [emax.eq(Mux(y_big, ye, ea)), dist.eq(Mux(y_big, ye - ea, ea - ye))]
+            # Only slot 0 multiplies; the others' results are one bit above their operands.
+            wide = 2 * big + 1 if s == 0 else big + 2
             pre = [Signal(signed(wide), name=f"pre{s}_{i}") for i in range(n)]
             lsb = Signal(signed(bfp.EXP_BITS), name=f"lsb{s}")
-            mx = bfp.below_mask(m, dx, big, f"mx{s}")
-            my = bfp.below_mask(m, dy, big, f"my{s}")
+            mask = bfp.below_mask(m, dist, big, f"mk{s}")
             for i in range(n):
-                xa = bfp.rne_shift(m, qa[i], dx, f"xa{s}_{i}", mx)
-                ya = bfp.rne_shift(m, yq[i], dy, f"ya{s}_{i}", my)
+                kept = Mux(y_big, yq[i], qa[i])
+                moved = bfp.rne_shift(m, Mux(y_big, qa[i], yq[i]), dist, f"al{s}_{i}", mask)
                 with m.Switch(cfg_s.op):
                     with m.Case(MfuOp.ADD):
-                        m.d.comb += pre[i].eq(xa + ya)
+                        m.d.comb += pre[i].eq(kept + moved)
                     with m.Case(MfuOp.MAX):
-                        m.d.comb += pre[i].eq(Mux(xa > ya, xa, ya))
+                        m.d.comb += pre[i].eq(Mux(kept > moved, kept, moved))
                     with m.Case(MfuOp.RELU):
                         m.d.comb += pre[i].eq(Mux(qa[i] > 0, qa[i], 0))
                     if s == 0:
