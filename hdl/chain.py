@@ -130,7 +130,7 @@ class ChainEngine(wiring.Component):
             "pix_in": 32, "in_plane": 32, "pix_out": 32, "out_plane": 32, "aux_plane": 32,
             "total": 32, "rowblocks": 32, "dh_rb": 32, "sh_rb": 32, "pt_rb": 32, "dw_c": 32,
             "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32, "kh": 8, "kw": 8,
-            "dh": 8, "dw": 8, "cbn": 16, "gn": range(groups + 1), "is_mvu": 1, "is_pool": 1,
+            "dh": 8, "dw": 8, "cbn": 16, "is_mvu": 1, "is_pool": 1,
             "in_ereg": 4, "out_ereg": 4, "halves": 4,
         }  # fmt: skip
         act_s, stg = {}, {}
@@ -142,7 +142,7 @@ class ChainEngine(wiring.Component):
         pt_rb, dw_c, sw_c, pl_c = act_s["pt_rb"], act_s["dw_c"], act_s["sw_c"], act_s["pl_c"]
         span, ring_rows, ring = act_s["span"], act_s["ring_rows"], act_s["ring"]
         kh, kw, dh, dw = act_s["kh"], act_s["kw"], act_s["dh"], act_s["dw"]
-        cbn, gn, is_mvu, is_pool = act_s["cbn"], act_s["gn"], act_s["is_mvu"], act_s["is_pool"]
+        cbn, is_mvu, is_pool = act_s["cbn"], act_s["is_mvu"], act_s["is_pool"]
         m.d.comb += [
             self.done_ereg.eq(act_s["out_ereg"]),
             self.emax_idx.eq(stg["in_ereg"]),
@@ -301,11 +301,17 @@ class ChainEngine(wiring.Component):
             m.d.comb += mvu.w_shift[lane].eq(te - r.wfloor)
         m.d.comb += [vec.mvu_valid.eq(mvu.out_valid), vec.mvu_acc.eq(mvu.acc)]
 
+        # Pooling and elementwise chains sweep every beat once per lane group too, so their
+        # blocks reach the vector pipeline no faster than it takes them (one per
+        # N / lanes cycles); the reducer works on the first group's beat.
+        reduce_beat = Signal()
+        m.d.comb += reduce_beat.eq(d_issue & (d_g == 0))
+
         # Pooling reducer: lane-wise max or sum of the grid values over the window.
         pacc = Signal(data.ArrayLayout(signed(POOL_BITS), n))
         pvalid = Signal()
         m.d.sync += pvalid.eq(0)
-        with m.If(d_issue & is_pool):
+        with m.If(reduce_beat & is_pool):
             for i in range(n):
                 gv = Signal(signed(GRID_BITS), name=f"grid{i}")
                 m.d.comb += gv.eq(cq[i] << shift)
@@ -320,7 +326,7 @@ class ChainEngine(wiring.Component):
             m.d.sync += pvalid.eq(d_last)
         m.d.comb += [vec.pool_valid.eq(pvalid), vec.pool_acc.eq(pacc)]
         m.d.comb += [
-            vec.raw_valid.eq(d_issue & ~is_mvu & ~is_pool),
+            vec.raw_valid.eq(reduce_beat & ~is_mvu & ~is_pool),
             vec.raw_q.eq(raw_q),
             vec.raw_e.eq(raw_e),
         ]
@@ -368,19 +374,19 @@ class ChainEngine(wiring.Component):
                 with m.If(red == Reducer.MVU):
                     m.d.sync += [
                         stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(nr.dh),
-                        stg["dw"].eq(nr.dw), stg["cbn"].eq(nr.icnt), stg["gn"].eq(groups),
+                        stg["dw"].eq(nr.dw), stg["cbn"].eq(nr.icnt),
                         stg["span"].eq((nr.kh - 1) * nr.dh),
                     ]  # fmt: skip
                 with m.Elif(red == Reducer.POOL):
                     m.d.sync += [
                         stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(1),
-                        stg["dw"].eq(1), stg["cbn"].eq(1), stg["gn"].eq(1),
+                        stg["dw"].eq(1), stg["cbn"].eq(1),
                         stg["span"].eq(nr.kh - 1),
                     ]  # fmt: skip
                 with m.Else():
                     m.d.sync += [
                         stg["kh"].eq(1), stg["kw"].eq(1), stg["dh"].eq(1), stg["dw"].eq(1),
-                        stg["cbn"].eq(1), stg["gn"].eq(1), stg["span"].eq(0),
+                        stg["cbn"].eq(1), stg["span"].eq(0),
                     ]  # fmt: skip
                 m.next = "P0"
             for i, (a, b, dst) in enumerate(setup):
@@ -500,9 +506,9 @@ class ChainEngine(wiring.Component):
                     with m.If(block_start):
                         m.d.sync += issued.eq(issued + 1)
                     with m.If(is_mvu):
-                        m.d.sync += tile.eq(Mux(g == gn - 1, tile + 1, tile))
+                        m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
                     m.d.sync += g.eq(g + 1)
-                    with m.If(g == gn - 1):
+                    with m.If(g == groups - 1):
                         m.d.sync += [g.eq(0), cb.eq(cb + 1)]
                         with m.If(cb == cbn - 1):
                             m.d.sync += [cb.eq(0), kx.eq(kx + 1), ix.eq(ix + dw)]

@@ -1,29 +1,116 @@
 """The vector pipeline: reducer output -> wide BFP -> MFU slots -> storage BFP.
 
-One wide vector (N mantissas of ``mfu_mantissa_bits`` plus an exponent) enters per cycle at
-most. Stage 0 normalizes the reducer's integers (the MVU's accumulators on the grid
+A vector (N mantissas plus an exponent) travels as ``P = N / lanes`` *phases* of ``lanes``
+mantissas on consecutive cycles, so every per-lane circuit (aligners, adders, shifters,
+saturation) is built ``lanes`` times rather than N times. That costs no throughput: the MVU
+finishes one output block per ``P`` cycles at most, and the chain engine issues pooling and
+elementwise blocks no faster (it sweeps them with the same ``P`` lane groups).
+
+Every renormalization needs the whole vector's largest magnitude before it can shift any
+lane, so it takes two steps (:func:`_normalize_phases`): the phases' magnitudes are ORed
+together as they pass, while the lanes wait ``P`` cycles in a delay line; then each phase
+is shifted, rounded and saturated with the finished OR.
+
+Stage 0 normalizes the reducer's integers (the MVU's accumulators on the grid
 ``floor + W_EXP_FLOOR``, the pool sums on ``floor``) or takes a raw storage block as is
 (elementwise chains). Then ``MFU_SLOTS`` slots, each configured per chain to one MFU op in
 program order (or to pass through): a slot registers its input while its operand is read
-from the VRF (``vrf + output block``) or taken from the AUX FIFO, then computes with the
-exponent alignment and renormalization of ``numerics.wide_*``. The last stage re-blocks to
-storage BFP (``numerics.to_storage``) for the writer. Only slot 0 multiplies (one MFU
-multiplier per lane), so ``vv_mul`` must be a chain's first MFU op.
+from the VRF (``vrf + output block``) or taken from the AUX block carried with the vector,
+computes with the exponent alignment of ``numerics.wide_*``, and renormalizes. The last
+stage re-blocks to storage BFP (``numerics.to_storage``) and collects the phases into one
+block for the writer. Only slot 0 multiplies (one MFU multiplier per lane), so ``vv_mul``
+must be a chain's first MFU op.
 """
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
 
+from tessera import numerics
 from tessera.config import NPUConfig
 from tessera.hdl import bfp
 from tessera.hdl.loader import vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, VRF_PORTS, ChainOps, MfuOp, Reducer
 
 POOL_BITS = 48
-#: Cycles from a reducer output to the writer's input.
-LATENCY = 1 + 2 * MFU_SLOTS + 1
+
+
+def phases(cfg: NPUConfig) -> int:
+    """Cycles a vector takes to pass one point of the pipeline."""
+    return cfg.native_dim // cfg.lanes
+
+
+def latency(cfg: NPUConfig) -> int:
+    """Cycles from a reducer output (its first phase) to the block at the writer's input.
+
+    Each renormalization takes ``P + 1`` cycles; stage 0 is one, each slot adds its input
+    and result registers to one, the storage stage one and its collection of the last
+    phase; the block is complete ``P - 1`` phases after its first.
+    """
+    p = phases(cfg)
+    return (p + 1) + MFU_SLOTS * (p + 3) + (p + 1) + (p - 1) + 1
+
+
+class _Stream:
+    """One point of the phase stream: valid, phase index, ``lanes`` mantissas and the
+    vector's exponent, plus the AUX block's lanes of this phase and its exponent."""
+
+    def __init__(self, cfg: NPUConfig, name: str, width: int):
+        lanes = cfg.lanes
+        self.v = Signal(name=f"{name}_v")
+        self.ph = Signal(range(max(2, phases(cfg))), name=f"{name}_ph")
+        self.q = [Signal(signed(width), name=f"{name}_q{i}") for i in range(lanes)]
+        self.e = Signal(signed(bfp.EXP_BITS), name=f"{name}_e")
+        self.xq = [Signal(signed(8), name=f"{name}_xq{i}") for i in range(lanes)]
+        self.xe = Signal(signed(8), name=f"{name}_xe")
+
+    def side(self) -> list[Value]:
+        """What travels beside the mantissas unchanged."""
+        return [self.v, self.ph, *self.xq, self.xe]
+
+
+def _normalize_phases(
+    m: Module,
+    cfg: NPUConfig,
+    src: _Stream,
+    lsb: Value,
+    keep: Value,
+    bits: int,
+    name: str,
+) -> _Stream:
+    """numerics.normalize of the vector arriving as ``src``'s phases, ``P + 1`` cycles later.
+
+    ``lsb`` is the vector's LSB exponent; ``keep`` (per vector) passes the lanes through
+    with ``lsb`` as the exponent, even when they are all zero (a raw block, a slot without
+    an op). Both are read with the vector's last phase, when its OR is complete.
+    """
+    p = phases(cfg)
+    union = bfp.magnitude_union(m, src.q, f"{name}_u")
+    acc = Signal.like(union, name=f"{name}_acc")
+    so_far = Signal.like(union, name=f"{name}_sofar")
+    m.d.comb += so_far.eq(Mux(src.ph == 0, union, acc | union))
+    whole = Signal.like(union, name=f"{name}_whole")
+    lsb_w = Signal(signed(bfp.EXP_BITS), name=f"{name}_lsb")
+    keep_w = Signal(name=f"{name}_keep")
+    with m.If(src.v):
+        m.d.sync += acc.eq(so_far)
+        with m.If(src.ph == p - 1):
+            m.d.sync += [whole.eq(so_far), lsb_w.eq(lsb), keep_w.eq(keep)]
+    # The lanes wait P cycles, until the vector's OR is whole.
+    lanes, side = src.q, src.side()
+    for k in range(p):
+        nl = [Signal.like(x, name=f"{name}_d{k}_{i}") for i, x in enumerate(lanes)]
+        ns = [Signal.like(x, name=f"{name}_ds{k}_{i}") for i, x in enumerate(side)]
+        m.d.sync += [a.eq(b) for a, b in zip(nl + ns, lanes + side, strict=True)]
+        lanes, side = nl, ns
+    qs, e = bfp.normalize_by_union(m, lanes, whole, lsb_w, bits, name)
+    out = _Stream(cfg, f"{name}_o", bits)
+    m.d.sync += [a.eq(b) for a, b in zip(out.side(), side, strict=True)]
+    m.d.sync += [a.eq(Mux(keep_w, x, q)) for a, x, q in zip(out.q, lanes, qs, strict=True)]
+    m.d.sync += out.e.eq(Mux(keep_w, lsb_w, e))
+    return out
 
 
 class VectorPipe(wiring.Component):
@@ -46,6 +133,9 @@ class VectorPipe(wiring.Component):
                 "ocnt": In(16),
                 "floor": In(signed(16)),
                 "wfloor": In(signed(16)),
+                # The reducer outputs hold for P cycles from their valid (the MVU's lane
+                # groups and the chain engine's sweep see to that); phase k reads them k
+                # cycles after it.
                 "mvu_valid": In(1),
                 "mvu_acc": In(data.ArrayLayout(signed(cfg.accumulator_bits), n)),
                 "pool_valid": In(1),
@@ -69,21 +159,52 @@ class VectorPipe(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        n, big = cfg.native_dim, cfg.mfu_mantissa_bits
+        lanes, big = cfg.lanes, cfg.mfu_mantissa_bits
+        p = phases(cfg)
         ops = self.ops
 
-        # Stage 0: the reducer's integers (or a raw block) -> a wide vector. A chain has one
-        # reducer, so the MVU's accumulators and the pool sums share one normalizer.
-        is_mvu = ops.reducer == Reducer.MVU
-        acc = [Mux(is_mvu, self.mvu_acc[i], self.pool_acc[i]) for i in range(n)]
-        nq, ne = bfp.normalize(m, acc, self.floor + Mux(is_mvu, self.wfloor, 0), big, "n0")
-        v = Signal()
-        q = [Signal(signed(big), name=f"s0q{i}") for i in range(n)]
-        e = Signal(signed(bfp.EXP_BITS), name="s0e")
-        # The AUX block of this (pixel, block) joins the vector here and travels with it, so
-        # every AUX op of the chain sees the same block.
-        xq = Signal(n * 8, name="s0xq")
-        xe = Signal(signed(8), name="s0xe")
+        s, raw_e = self._enter(m)
+        lsb = Mux(
+            ops.reducer == Reducer.MVU,
+            self.floor + self.wfloor,
+            Mux(ops.reducer == Reducer.POOL, self.floor, raw_e),
+        )
+        s = _normalize_phases(m, cfg, s, lsb, ops.reducer == Reducer.NONE, big, "n0")
+
+        ports = [getattr(self, f"vrf{k}") for k in range(VRF_PORTS)]
+        for port in ports:
+            m.d.comb += port.en.eq(1)
+        for k in range(MFU_SLOTS):
+            s = self._slot(m, k, s, ports)
+
+        # Re-block to storage BFP and collect the phases into one block for the writer.
+        st = _normalize_phases(m, cfg, s, s.e, 0, cfg.mantissa_bits, "st")
+        sq, se = bfp.clamp_exponent(m, st.q, st.e, cfg.mantissa_bits, "st_c")
+        nonzero = Signal(name="st_nz")  # a non-zero lane in this or an earlier phase
+        nonzero_before = Signal(name="st_nz_before")
+        any_now = Cat(*[q.any() for q in sq]).any()
+        m.d.comb += nonzero.eq(any_now | (nonzero_before & (st.ph != 0)))
+        m.d.sync += self.out_valid.eq(0)
+        with m.If(st.v):
+            m.d.sync += nonzero_before.eq(nonzero)
+            for ph in range(p):
+                with m.If(st.ph == ph):
+                    for i in range(lanes):
+                        m.d.sync += self.out_q.word_select(ph * lanes + i, 8).eq(sq[i])
+            with m.If(st.ph == p - 1):
+                m.d.sync += [
+                    self.out_valid.eq(1),
+                    self.out_e.eq(Mux(nonzero, se, numerics.E_ZERO)),
+                ]
+        return m
+
+    def _enter(self, m: Module) -> tuple[_Stream, Value]:
+        """Stage 0's input: the reducer's lanes of phase k, k cycles after its valid; and
+        the raw block's exponent for its LSB."""
+        cfg = self.cfg
+        n, lanes = cfg.native_dim, cfg.lanes
+        p = phases(cfg)
+        ops = self.ops
         entering = Signal()
         m.d.comb += entering.eq(
             Mux(
@@ -92,99 +213,114 @@ class VectorPipe(wiring.Component):
                 Mux(ops.reducer == Reducer.POOL, self.pool_valid, self.raw_valid),
             )
         )
+        # Phases after the first, counted down from the valid.
+        nxt = Signal(range(max(2, p)), name="ph_next")
+        ph = Signal(range(max(2, p)), name="ph0")
+        m.d.comb += ph.eq(Mux(entering, 0, nxt))
+        s = _Stream(cfg, "in", cfg.accumulator_bits)
+        m.d.comb += s.v.eq(entering | (nxt != 0))
+        m.d.comb += s.ph.eq(ph)
+        with m.If(s.v & (ph != p - 1)):
+            m.d.sync += nxt.eq(ph + 1)
+        with m.Else():
+            m.d.sync += nxt.eq(0)
+
+        # The raw block's exponent and the AUX block are read with the first phase and held
+        # for the others (the AUX FIFO pops then).
+        raw_e = Signal(signed(8), name="raw_e_hold")
+        xq = Signal(n * 8, name="aux_q_hold")
+        xe = Signal(signed(8), name="aux_e_hold")
+        with m.If(entering):
+            m.d.sync += raw_e.eq(self.raw_e)
         with m.If(entering & ops.uses_aux):
             m.d.comb += self.aux_pop.eq(1)
             m.d.sync += [xq.eq(self.aux_q), xe.eq(self.aux_e)]
-        m.d.sync += v.eq(0)
-        with m.If(ops.reducer == Reducer.NONE):
-            with m.If(self.raw_valid):
-                m.d.sync += [v.eq(1), e.eq(self.raw_e)]
-                m.d.sync += [q[i].eq(self.raw_q.word_select(i, 8).as_signed()) for i in range(n)]
-        with m.Elif(Mux(is_mvu, self.mvu_valid, self.pool_valid)):
-            m.d.sync += [v.eq(1), e.eq(ne)] + [q[i].eq(nq[i]) for i in range(n)]
+        aux_q = Mux(entering, self.aux_q, xq)
+        m.d.comb += s.xe.eq(Mux(entering, self.aux_e, xe))
+        for i in range(lanes):
+            mvu = Array(self.mvu_acc[k * lanes + i] for k in range(p))[ph]
+            pool = Array(self.pool_acc[k * lanes + i] for k in range(p))[ph]
+            raw = Array(self.raw_q.word_select(k * lanes + i, 8).as_signed() for k in range(p))
+            aux = Array(aux_q.word_select(k * lanes + i, 8).as_signed() for k in range(p))
+            m.d.comb += s.q[i].eq(
+                Mux(
+                    ops.reducer == Reducer.MVU,
+                    mvu,
+                    Mux(ops.reducer == Reducer.POOL, pool, raw[ph]),
+                )
+            )
+            m.d.comb += s.xq[i].eq(aux[ph])
+        return s, Mux(entering, self.raw_e, raw_e)
 
-        ports = [getattr(self, f"vrf{p}") for p in range(VRF_PORTS)]
-        for p in ports:
-            m.d.comb += p.en.eq(1)
-        for s in range(MFU_SLOTS):
-            cfg_s = ops.slots[s]
-            # Stage A: hold the vector while the operand is read.
-            va = Signal(name=f"va{s}")
-            qa = [Signal(signed(big), name=f"qa{s}_{i}") for i in range(n)]
-            ea = Signal(signed(bfp.EXP_BITS), name=f"ea{s}")
-            ob = Signal(16, name=f"ob{s}")
-            m.d.sync += [va.eq(v), ea.eq(e)] + [qa[i].eq(q[i]) for i in range(n)]
-            xqa = Signal(n * 8, name=f"xqa{s}")
-            xea = Signal(signed(8), name=f"xea{s}")
-            m.d.sync += [xqa.eq(xq), xea.eq(xe)]
-            with m.If(self.start):
-                m.d.sync += ob.eq(0)
-            with m.Elif(v):
-                m.d.sync += ob.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
-            uses_vrf = (cfg_s.op != MfuOp.NONE) & (cfg_s.op != MfuOp.RELU) & ~cfg_s.aux
-            for pi, p in enumerate(ports):
-                with m.If(uses_vrf & (cfg_s.port == pi)):
-                    m.d.comb += p.addr.eq(cfg_s.vrf + ob)
-            # Stage B: operand, op, renormalize.
-            yq = [Signal(signed(big), name=f"yq{s}_{i}") for i in range(n)]
-            ye = Signal(signed(bfp.EXP_BITS), name=f"ye{s}")
-            with m.If(cfg_s.aux):
-                m.d.comb += [ye.eq(xea)]
-                m.d.comb += [yq[i].eq(xqa.word_select(i, 8).as_signed()) for i in range(n)]
-            with m.Else():
-                word = Signal(vrf_word_bits(cfg), name=f"vw{s}")
-                m.d.comb += word.eq(Mux(cfg_s.port, ports[1].data, ports[0].data))
-                m.d.comb += [ye.eq(word.word_select(n, 16).as_signed())]
-                m.d.comb += [yq[i].eq(word.word_select(i, 16).as_signed()) for i in range(n)]
+    def _slot(self, m: Module, k: int, src: _Stream, ports: list) -> _Stream:
+        """MFU slot ``k``: operand read, aligned op, renormalization."""
+        cfg = self.cfg
+        n, lanes, big = cfg.native_dim, cfg.lanes, cfg.mfu_mantissa_bits
+        p = phases(cfg)
+        slot = self.ops.slots[k]
 
-            # Alignment: only the operand with the smaller exponent moves, so one shifter per
-            # lane serves both (ADD and MAX are symmetric in their operands).
-            y_big = Signal(name=f"yb{s}")
-            m.d.comb += y_big.eq(ye > ea)
-            emax = Signal(signed(bfp.EXP_BITS), name=f"em{s}")
-            dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{s}")
-            m.d.comb += [emax.eq(Mux(y_big, ye, ea)), dist.eq(Mux(y_big, ye - ea, ea - ye))]
-            # Only slot 0 multiplies; the others' results are one bit above their operands.
-            wide = 2 * big + 1 if s == 0 else big + 2
-            pre = [Signal(signed(wide), name=f"pre{s}_{i}") for i in range(n)]
-            lsb = Signal(signed(bfp.EXP_BITS), name=f"lsb{s}")
-            mask = bfp.below_mask(m, dist, big, f"mk{s}")
-            for i in range(n):
-                kept = Mux(y_big, yq[i], qa[i])
-                moved = bfp.rne_shift(m, Mux(y_big, qa[i], yq[i]), dist, f"al{s}_{i}", mask)
-                with m.Switch(cfg_s.op):
-                    with m.Case(MfuOp.ADD):
-                        m.d.comb += pre[i].eq(kept + moved)
-                    with m.Case(MfuOp.MAX):
-                        m.d.comb += pre[i].eq(Mux(kept > moved, kept, moved))
-                    with m.Case(MfuOp.RELU):
-                        m.d.comb += pre[i].eq(Mux(qa[i] > 0, qa[i], 0))
-                    if s == 0:
-                        with m.Case(MfuOp.MUL):
-                            m.d.comb += pre[i].eq(qa[i] * yq[i])
-            with m.Switch(cfg_s.op):
-                with m.Case(MfuOp.ADD, MfuOp.MAX):
-                    m.d.comb += lsb.eq(emax)
-                with m.Case(MfuOp.MUL):
-                    m.d.comb += lsb.eq(ea + ye)
+        # The operand's address: the slot's VRF base + the vector's output block, which
+        # moves on after the vector's last phase.
+        ob = Signal(16, name=f"ob{k}")
+        with m.If(self.start):
+            m.d.sync += ob.eq(0)
+        with m.Elif(src.v & (src.ph == p - 1)):
+            m.d.sync += ob.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
+        uses_vrf = (slot.op != MfuOp.NONE) & (slot.op != MfuOp.RELU) & ~slot.aux
+        for pi, port in enumerate(ports):
+            with m.If(uses_vrf & (slot.port == pi)):
+                m.d.comb += port.addr.eq(slot.vrf + ob)
+
+        # Stage A: hold the phase while the operand is read.
+        a = _Stream(cfg, f"a{k}", big)
+        m.d.sync += [x.eq(y) for x, y in zip(a.side(), src.side(), strict=True)]
+        m.d.sync += [x.eq(y) for x, y in zip(a.q, src.q, strict=True)] + [a.e.eq(src.e)]
+
+        # The operand's lanes of this phase and its exponent.
+        word = Signal(vrf_word_bits(cfg), name=f"vw{k}")
+        m.d.comb += word.eq(Mux(slot.port, ports[1].data, ports[0].data))
+        yq = [Signal(signed(big), name=f"yq{k}_{i}") for i in range(lanes)]
+        ye = Signal(signed(bfp.EXP_BITS), name=f"ye{k}")
+        with m.If(slot.aux):
+            m.d.comb += [ye.eq(a.xe)] + [yq[i].eq(a.xq[i]) for i in range(lanes)]
+        with m.Else():
+            m.d.comb += ye.eq(word.word_select(n, 16).as_signed())
+            for i in range(lanes):
+                lane = Array(word.word_select(j * lanes + i, 16).as_signed() for j in range(p))
+                m.d.comb += yq[i].eq(lane[a.ph])
+
+        # Alignment: only the operand with the smaller exponent moves, so one shifter per
+        # lane serves both (ADD and MAX are symmetric in their operands).
+        y_big = Signal(name=f"yb{k}")
+        m.d.comb += y_big.eq(ye > a.e)
+        emax = Signal(signed(bfp.EXP_BITS), name=f"em{k}")
+        dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{k}")
+        m.d.comb += [emax.eq(Mux(y_big, ye, a.e)), dist.eq(Mux(y_big, ye - a.e, a.e - ye))]
+        # Only slot 0 multiplies; the others' results are one bit above their operands.
+        wide = 2 * big + 1 if k == 0 else big + 2
+        b = _Stream(cfg, f"b{k}", wide)
+        m.d.sync += [x.eq(y) for x, y in zip(b.side(), a.side(), strict=True)]
+        mask = bfp.below_mask(m, dist, big, f"mk{k}")
+        for i in range(lanes):
+            kept = Mux(y_big, yq[i], a.q[i])
+            moved = bfp.rne_shift(m, Mux(y_big, a.q[i], yq[i]), dist, f"al{k}_{i}", mask)
+            with m.Switch(slot.op):
+                with m.Case(MfuOp.ADD):
+                    m.d.sync += b.q[i].eq(kept + moved)
+                with m.Case(MfuOp.MAX):
+                    m.d.sync += b.q[i].eq(Mux(kept > moved, kept, moved))
+                with m.Case(MfuOp.RELU):
+                    m.d.sync += b.q[i].eq(Mux(a.q[i] > 0, a.q[i], 0))
+                if k == 0:
+                    with m.Case(MfuOp.MUL):
+                        m.d.sync += b.q[i].eq(a.q[i] * yq[i])
                 with m.Default():
-                    m.d.comb += lsb.eq(ea)
-            nq, ne = bfp.normalize(m, pre, lsb, big, f"mfu{s}")
-            vb = Signal(name=f"vb{s}")
-            qb = [Signal(signed(big), name=f"qb{s}_{i}") for i in range(n)]
-            eb = Signal(signed(bfp.EXP_BITS), name=f"eb{s}")
-            m.d.sync += vb.eq(va)
-            with m.If(cfg_s.op == MfuOp.NONE):
-                m.d.sync += [eb.eq(ea)] + [qb[i].eq(qa[i]) for i in range(n)]
-            with m.Else():
-                m.d.sync += [eb.eq(ne)] + [qb[i].eq(nq[i]) for i in range(n)]
-            xqb = Signal(n * 8, name=f"xqb{s}")
-            xeb = Signal(signed(8), name=f"xeb{s}")
-            m.d.sync += [xqb.eq(xqa), xeb.eq(xea)]
-            v, q, e, xq, xe = vb, qb, eb, xqb, xeb
-
-        # Re-block to storage BFP for the writer.
-        sq, se = bfp.to_storage(m, q, e, cfg.mantissa_bits, "st")
-        m.d.sync += [self.out_valid.eq(v), self.out_e.eq(se)]
-        m.d.sync += [self.out_q.word_select(i, 8).eq(sq[i]) for i in range(n)]
-        return m
+                    m.d.sync += b.q[i].eq(a.q[i])
+        with m.Switch(slot.op):
+            with m.Case(MfuOp.ADD, MfuOp.MAX):
+                m.d.sync += b.e.eq(emax)
+            with m.Case(MfuOp.MUL):
+                m.d.sync += b.e.eq(a.e + ye)
+            with m.Default():
+                m.d.sync += b.e.eq(a.e)
+        return _normalize_phases(m, cfg, b, b.e, slot.op == MfuOp.NONE, big, f"mfu{k}")

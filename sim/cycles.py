@@ -79,9 +79,8 @@ ROW_STATES = 2
 #: command cycle, NEXT) and per row (ROW).
 SEGMENT_STATES = 4
 ROW_LOAD_STATES = 1
-#: Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``: normalize,
-#: two per MFU slot, re-block).
-VECTOR_LATENCY = 10
+#: MFU slots of the vector pipeline (``hdl/params.py``).
+MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
 MUL_LATENCY = 2
 #: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
@@ -120,6 +119,20 @@ def setup_cycles(cfg: NPUConfig) -> int:
     """Set-up stage cycles: fixed states plus the ring division (``DIV``), one cycle per
     bit of an activation-buffer entry index plus two."""
     return SETUP_FIXED + max(1, (act_entries(cfg) - 1).bit_length()) + 2
+
+
+def lane_groups(cfg: NPUConfig) -> int:
+    """Cycles a block takes through the vector pipeline, ``lanes`` of its N values per
+    cycle: the sweep spends that many beats on every block (the MVU's lane groups)."""
+    return cfg.native_dim // cfg.lanes
+
+
+def vector_latency(cfg: NPUConfig) -> int:
+    """Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``): every
+    renormalization ``P + 1`` (stage 0, each MFU slot with its two registers, the
+    re-block), then the block's other ``P - 1`` phases and the collection register."""
+    p = lane_groups(cfg)
+    return (p + 1) + MFU_SLOTS * (p + 3) + (p + 1) + (p - 1) + 1
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
@@ -294,14 +307,14 @@ class CycleModel:
         if "mv_mul" in ops:
             span = (kh - 1) * r(Reg.DIL_H)
             passes = math.ceil(kh * kw * icnt * ocnt / cfg.tile_engines)
-            per_pixel = passes * (n // cfg.lanes)
+            per_pixel = passes * lane_groups(cfg)
             macs = oh * ow * kh * kw * icnt * ocnt * n * n
         elif "v_pool" in ops:
             span = kh - 1
-            per_pixel = kh * kw * ocnt
+            per_pixel = kh * kw * ocnt * lane_groups(cfg)
         else:
             span = 0
-            per_pixel = ocnt
+            per_pixel = ocnt * lane_groups(cfg)
         key = (in_addr, r(Reg.IN_CB_OFF), icnt, ih, iw)
         rows_fit = self.entries // max(1, iw * icnt) >= ih
         resident = reads_window and key == self.resident_input
@@ -431,7 +444,8 @@ class CycleModel:
             load_until(sw.ih - 1)
         loader_idle = landed[-1] + 1 if landed else launch
         tail = self.mant_beats + self._beats(min(EXP_BUF, sw.ocnt) if sw.ocb != sw.ocnt else 1)
-        drain = 1 + reducer_latency + VECTOR_LATENCY + DRAIN_FIXED + tail
+        vec_latency = vector_latency(self.cfg)
+        drain = 1 + reducer_latency + vec_latency + DRAIN_FIXED + tail
         # One bus: beats of the activation loader, the writer and the AUX reader; each of
         # the first two has state cycles between its bursts, which the other one's bursts
         # fill as far as they reach.
@@ -446,14 +460,14 @@ class CycleModel:
             idle = max(idle, round(late * sw.blocks * BUS_LATENCY))
         bus += idle
         # the writer and the AUX reader are serial engines: one burst at a time
-        first_out = row_runs[0] + reducer_latency + VECTOR_LATENCY + 2 if row_runs else launch
+        first_out = row_runs[0] + reducer_latency + vec_latency + 2 if row_runs else launch
         serial = first_out + writer_beats + writer_states
         if row_runs:  # the last row's blocks queue up when the writer is slower than the sweep
-            last_out = row_runs[-1] + reducer_latency + VECTOR_LATENCY + 2
+            last_out = row_runs[-1] + reducer_latency + vec_latency + 2
             serial = max(serial, last_out + math.ceil((writer_beats + writer_states) / sw.oh))
         if sw.aux:
             aux_end = launch + 1 + sw.blocks * (self.mant_beats + 1 + AUX_BLOCK_STATES)
-            serial = max(serial, aux_end + VECTOR_LATENCY + DRAIN_FIXED + tail)
+            serial = max(serial, aux_end + vec_latency + DRAIN_FIXED + tail)
         if sw.resident or not landed:
             streams_until = launch
         else:

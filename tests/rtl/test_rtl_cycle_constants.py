@@ -6,7 +6,17 @@ import pytest
 from progs import RTL_TEST_CFG
 
 from tessera.config import get_config
-from tessera.hdl import actloader, arbiter, auxreader, loader, multiplier, mvu, vector, writer
+from tessera.hdl import (
+    actloader,
+    arbiter,
+    auxreader,
+    loader,
+    multiplier,
+    mvu,
+    params,
+    vector,
+    writer,
+)
 from tessera.sim import cycles
 
 pytestmark = pytest.mark.rtl
@@ -18,11 +28,13 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.LOADER_CHUNK == loader.CHUNK
     assert cycles.LOADER_QUEUE == arbiter.QUEUE
     assert cycles.AUX_FIFO == auxreader.DEPTH - 1
-    assert cycles.VECTOR_LATENCY == vector.LATENCY
+    assert cycles.MFU_SLOTS == params.MFU_SLOTS
     assert cycles.MUL_LATENCY == multiplier.LATENCY
 
 
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
 def test_per_config_terms_match_the_rtl(cfg):
     assert cycles.act_entries(cfg) == actloader.act_entries(cfg)
+    assert cycles.lane_groups(cfg) == vector.phases(cfg)
+    assert cycles.vector_latency(cfg) == vector.latency(cfg)
     assert cycles.mvu_latency(cfg) == mvu.latency(cfg) + 1  # + the output register
