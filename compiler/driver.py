@@ -55,6 +55,7 @@ def compile_model(
         model = cut_outputs(model, outputs)
     g = build_graph(model)
     passes.pack_input_columns(g, cfg.native_dim)
+    passes.subsample_strided_pointwise(g, cfg)
     low = lower(g, cfg)
     g.log.append(
         f"quantize_weights: {sum(1 for x in g.nodes if x.op == 'conv')} conv/FC layers to "

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node
+from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node, Tensor
+from tessera.config import NPUConfig
 from tessera.errors import UnsupportedModelError
 
 Pass = Callable[[Graph], None]
@@ -300,6 +301,137 @@ def pack_input_columns(g: Graph, native_dim: int) -> None:
         )
     if not packed:
         g.log.append("pack_input_columns: no few-channel input conv to pack")
+
+
+def _blocks(c: int, n: int) -> int:
+    return -(-c // n)
+
+
+def _conv_chains(cfg: NPUConfig, cin: int, cout: int, kernel: tuple[int, int]) -> int:
+    """Chains ``lower`` emits for a conv: output blocks in groups whose weight tiles fill
+    half the tile buffer and whose constants fill half the VRF (``lower._emit_layer``)."""
+    n = cfg.native_dim
+    per_ob = kernel[0] * kernel[1] * _blocks(cin, n)
+    ob_total = _blocks(cout, n)
+    group = max(1, min(cfg.tile_buffer_tiles // per_ob, cfg.vrf_depth // 2, ob_total))
+    return -(-ob_total // group)
+
+
+def _slice_fits(cfg: NPUConfig, shape: tuple[int, int, int]) -> bool:
+    """Whether a conv's whole input slice fits the activation buffer's ring, so that a
+    chain reading it right after another one reading it finds it resident (no DRAM read;
+    ``hdl/actloader.py``, ``sim/cycles.py``)."""
+    c, h, w = shape
+    entries = cfg.act_buffer_bytes // (cfg.native_dim + 1)
+    return entries // max(1, w * _blocks(c, cfg.native_dim)) >= h
+
+
+def _full_reads(
+    g: Graph, cfg: NPUConfig, shape: tuple[int, int, int], convs: list[Node], leaves: set[int]
+) -> int:
+    """How often ``convs`` read their (common) input of ``shape`` from DRAM: once per chain,
+    or, when the slice fits the activation buffer, once per conv unless the chain before
+    it (a node of ``leaves``, by id) left the slice resident."""
+    fits = _slice_fits(cfg, shape)
+    seq = [x for x in g.nodes if x.op != "concat" and not x.on_host]
+    pos = {id(x): i for i, x in enumerate(seq)}
+    reads = 0
+    for conv in convs:
+        if fits:
+            i = pos[id(conv)]
+            reads += 0 if i and id(seq[i - 1]) in leaves else 1
+        else:
+            cin = g.shape(conv.inputs[0])[0]
+            cout = g.shape(conv.outputs[0])[0]
+            reads += _conv_chains(cfg, cin, cout, conv.attrs["kernel"])
+    return reads
+
+
+def subsample_strided_pointwise(g: Graph, cfg: NPUConfig) -> None:
+    """Strided 1x1 convs: subsample their input once with a 1x1 max pool, then stride 1.
+
+    A conv's chains each stream its whole input slice from DRAM unless the slice fits the
+    activation buffer; a 1x1 conv with stride ``s`` uses only one pixel in ``sh * sw`` of
+    it. ResNet-50's downsampling bottleneck convs and projection shortcuts (1x1, stride 2)
+    read 14x14x1024 .. 56x56x256 maps in up to 22 chains. A 1x1 max pool with the conv's
+    stride reads the input once (its chains read only their own blocks) and writes the
+    1/(sh*sw) sized subsample; the conv then runs at stride 1 over it, and convs with the
+    same stride on the same tensor (ResNet v1's main branch and shortcut) share it.
+
+    Applied when the estimated DRAM traffic drops: full reads of the input by the convs
+    (per chain, or per conv when the slice fits the activation buffer and the previous
+    chain did not leave it resident) against one read plus the subsample's write and its
+    reads. Only kernel 1x1, no padding, dilation 1, and not on a graph input (the host may
+    pack it, see :func:`pack_input_columns`).
+
+    Numerics: the pool clamps the blocks to the tensor's exponent floor like any window
+    read and a 1x1 max keeps every clamped value; the conv clamps again with its input's
+    floor, which is never above the old one. So values agree with the unsubsampled
+    program up to the MFU's rounding of the accumulator at that floor.
+    """
+    graph_inputs = {i.tensor for i in g.inputs}
+    groups: dict[tuple[str, tuple[int, int]], list[Node]] = {}
+    for x in g.nodes:
+        if x.op != "conv" or x.attrs["kernel"] != (1, 1) or any(x.attrs["pads"]):
+            continue
+        stride = tuple(x.attrs["stride"])
+        t = x.inputs[0]
+        if (
+            stride == (1, 1)
+            or tuple(x.attrs["dilation"]) != (1, 1)
+            or t in graph_inputs
+            or t in x.inputs[1:]
+            or g.producer(t) is None
+        ):
+            continue
+        groups.setdefault((t, stride), []).append(x)
+    done: list[str] = []
+    served = 0
+    for (t, (sh, sw)), convs in groups.items():
+        c, h, w = g.shape(t)
+        sub_shape = (c, (h - 1) // sh + 1, (w - 1) // sw + 1)
+        before_leaves = {id(x) for x in g.consumers(t) if x.op == "conv" and x.inputs[0] == t}
+        before = _full_reads(g, cfg, (c, h, w), convs, before_leaves)
+        after = _full_reads(g, cfg, sub_shape, convs, {id(x) for x in convs})
+        full, small = h * w, sub_shape[1] * sub_shape[2]
+        if full + small * (1 + after) >= before * full:
+            continue
+        name = f"{t}__subsample{sh}x{sw}"
+        g.tensors[name] = Tensor(name, sub_shape)
+        pool = Node(
+            "pool",
+            f"{t}/subsample{sh}x{sw}",
+            [t],
+            [name],
+            {
+                "kind": "max",
+                "kernel": (1, 1),
+                "stride": (sh, sw),
+                "pads": (0, 0, 0, 0),
+                "count_include_pad": False,
+                "pad_semantics": "onnx",
+            },
+            {},
+            source=", ".join(x.source for x in convs),
+        )
+        g.nodes.insert(g.nodes.index(convs[0]), pool)
+        for x in convs:
+            x.inputs[0] = name
+            x.attrs["stride"] = (1, 1)
+        served += len(convs)
+        done.append(
+            f"{t!r} {c}x{h}x{w} -> {c}x{sub_shape[1]}x{sub_shape[2]} for "
+            f"{', '.join(x.name for x in convs)}: {before} reads -> 1 + {after} of 1/{sh * sw}"
+        )
+    skipped = sum(len(v) for v in groups.values()) - served
+    rest = f"; {skipped} left alone (no DRAM saving)" if skipped else ""
+    if done:
+        g.log.append(
+            f"subsample_strided_pointwise: {len(done)} inputs subsampled for {served} strided "
+            f"1x1 convs ({'; '.join(done)}){rest}"
+        )
+    else:
+        g.log.append(f"subsample_strided_pointwise: none{rest}")
 
 
 PIPELINE: tuple[Pass, ...] = (
