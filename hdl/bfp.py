@@ -51,15 +51,17 @@ def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
     return mask
 
 
-def rne_shift(
+def rne_split(
     m: Module,
     x: Value,
     s: Value,
     name: str,
     mask: Value | None = None,
     out_bits: int | None = None,
-) -> Signal:
-    """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``.
+) -> tuple[Signal, Signal]:
+    """The shifter half of :func:`rne_shift`: ``(x << 1) >> s`` (the quotient above its
+    round bit) and the sticky bit. A pipeline register may sit between it and
+    :func:`rne_round`.
 
     A shift of ``len(x)`` or more gives the same result as ``len(x)`` (the value is below
     half an LSB), so the shift is clamped there to keep the shifter small. ``mask`` is
@@ -76,14 +78,34 @@ def rne_shift(
     # s - 1 of x (0 when s == 0, where no rounding happens).
     r = Signal(signed(ob + 1), name=f"{name}_r")
     m.d.comb += r.eq(((xs << 1) >> sc)[: ob + 1])
-    q = r[1:].as_signed()
     if mask is None:
         mask = below_mask(m, sc, w, f"{name}_mask")
     sticky = Signal(name=f"{name}_st")
     m.d.comb += sticky.eq((x.as_unsigned() & mask[:w]).any())
-    out = Signal(signed(ob + 1), name=name)
+    return r, sticky
+
+
+def rne_round(m: Module, r: Value, sticky: Value, name: str) -> Signal:
+    """The rounding half of :func:`rne_shift`: up when the round bit is set and the
+    remainder is above half or the quotient odd."""
+    q = r[1:].as_signed()
+    out = Signal(signed(len(r)), name=name)
     m.d.comb += out.eq(q + (r[0] & (sticky | q[0])))
     return out
+
+
+def rne_shift(
+    m: Module,
+    x: Value,
+    s: Value,
+    name: str,
+    mask: Value | None = None,
+    out_bits: int | None = None,
+) -> Signal:
+    """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``
+    (see :func:`rne_split` for ``mask`` and ``out_bits``)."""
+    r, sticky = rne_split(m, x, s, name, mask, out_bits)
+    return rne_round(m, r, sticky, name)
 
 
 def saturate(m: Module, x: Value, bits: int, name: str) -> Signal:
@@ -110,6 +132,16 @@ def magnitude_union(m: Module, xs: list[Value], name: str) -> Signal:
     return union
 
 
+def normalize_shift(m: Module, union: Value, bits: int, name: str) -> tuple[Signal, Signal]:
+    """The right shift that fits a vector with :func:`magnitude_union` ``union`` into
+    ``bits`` signed bits, and its sticky mask."""
+    width = len(union)
+    bl = bit_length(m, union, f"{name}_bl")
+    shift = Signal(range(width + 1), name=f"{name}_shift")
+    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
+    return shift, below_mask(m, shift, width, f"{name}_mask")
+
+
 def normalize_by_union(
     m: Module, xs: list[Value], union: Value, lsb: Value, bits: int, name: str
 ) -> tuple[list[Signal], Signal]:
@@ -119,11 +151,7 @@ def normalize_by_union(
     After the shift every lane fits ``bits`` signed bits (|x| <= max), so the shifters
     build only those.
     """
-    width = len(union)
-    bl = bit_length(m, union, f"{name}_bl")
-    shift = Signal(range(width + 1), name=f"{name}_shift")
-    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
-    mask = below_mask(m, shift, width, f"{name}_mask")
+    shift, mask = normalize_shift(m, union, bits, name)
     qs = [
         saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}", mask, bits), bits, f"{name}_q{i}")
         for i, x in enumerate(xs)

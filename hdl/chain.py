@@ -307,23 +307,27 @@ class ChainEngine(wiring.Component):
         reduce_beat = Signal()
         m.d.comb += reduce_beat.eq(d_issue & (d_g == 0))
 
-        # Pooling reducer: lane-wise max or sum of the grid values over the window.
+        # Pooling reducer: lane-wise max or sum of the grid values over the window. The
+        # grid values are registered first, so the block RAM's read, the clamp and the
+        # shift are not in the cycle of the 48-bit add.
+        grid = [Signal(signed(GRID_BITS), name=f"grid{i}") for i in range(n)]
+        g_beat, g_first, g_last = Signal(), Signal(), Signal()
+        m.d.sync += [a.eq(b) for a, b in zip(grid, [c << shift for c in cq], strict=True)]
+        m.d.sync += [g_beat.eq(reduce_beat & is_pool), g_first.eq(d_first), g_last.eq(d_last)]
         pacc = Signal(data.ArrayLayout(signed(POOL_BITS), n))
         pvalid = Signal()
         m.d.sync += pvalid.eq(0)
-        with m.If(reduce_beat & is_pool):
+        with m.If(g_beat):
             for i in range(n):
-                gv = Signal(signed(GRID_BITS), name=f"grid{i}")
-                m.d.comb += gv.eq(cq[i] << shift)
                 nv = Signal(signed(POOL_BITS), name=f"pnv{i}")
-                with m.If(d_first):
-                    m.d.comb += nv.eq(gv)
+                with m.If(g_first):
+                    m.d.comb += nv.eq(grid[i])
                 with m.Elif(ops.pool_sum):
-                    m.d.comb += nv.eq(pacc[i] + gv)
+                    m.d.comb += nv.eq(pacc[i] + grid[i])
                 with m.Else():
-                    m.d.comb += nv.eq(Mux(gv > pacc[i], gv, pacc[i]))
+                    m.d.comb += nv.eq(Mux(grid[i] > pacc[i], grid[i], pacc[i]))
                 m.d.sync += pacc[i].eq(nv)
-            m.d.sync += pvalid.eq(d_last)
+            m.d.sync += pvalid.eq(g_last)
         m.d.comb += [vec.pool_valid.eq(pvalid), vec.pool_acc.eq(pacc)]
         m.d.comb += [
             vec.raw_valid.eq(reduce_beat & ~is_mvu & ~is_pool),

@@ -9,8 +9,9 @@ accumulator, exactly as ``numerics.to_grid`` / ``kernels.weight_grid`` define th
 integer sum is order-independent, so the hardware's order gives the simulator's bits.
 
 Pipeline: operand registers (the distribution stage, duplicated per lane so one register
-never fans out to every DSP) -> registered multipliers -> a registered adder tree -> shift
-and accumulate. ``first`` starts a row's sum, ``last`` publishes it on ``acc``.
+never fans out to every DSP) -> registered multipliers -> a registered adder tree -> a
+registered shift onto the grid -> accumulate. ``first`` starts a row's sum, ``last``
+publishes it on ``acc``.
 """
 
 from amaranth import Module, Signal, signed, unsigned
@@ -30,7 +31,7 @@ def tree_levels(n: int) -> int:
 
 def latency(cfg: NPUConfig) -> int:
     """Cycles from an operand beat to its contribution landing in the accumulator."""
-    return 1 + MUL_LATENCY + tree_levels(cfg.native_dim) + 1
+    return 1 + MUL_LATENCY + tree_levels(cfg.native_dim) + 2
 
 
 class MVU(wiring.Component):
@@ -60,8 +61,9 @@ class MVU(wiring.Component):
         n, lanes, mb, ab = cfg.native_dim, cfg.lanes, cfg.mantissa_bits, cfg.accumulator_bits
         levels = tree_levels(n)
 
-        # Control travels beside the data, delayed to the accumulate stage.
-        depth = 1 + MUL_LATENCY + levels
+        # Control travels beside the data, delayed to the accumulate stage (after the
+        # shift stage).
+        depth = 1 + MUL_LATENCY + levels + 1
         ctrl = [Signal(4 + SHIFT_BITS + 8, name=f"ctrl{i}") for i in range(depth)]
         m.d.sync += ctrl[0].eq(
             (self.valid | (self.first << 1) | (self.last << 2)) | (self.group << 3)
@@ -70,9 +72,9 @@ class MVU(wiring.Component):
             m.d.sync += ctrl[i].eq(ctrl[i - 1])
         shifts = []
         for lane in range(lanes):
-            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth)]
+            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 1)]
             m.d.sync += sh[0].eq(self.act_shift + self.w_shift[lane])
-            for i in range(1, depth):
+            for i in range(1, depth - 1):
                 m.d.sync += sh[i].eq(sh[i - 1])
             shifts.append(sh[-1])
 
@@ -100,7 +102,11 @@ class MVU(wiring.Component):
                         m.d.sync += s.eq(level[i])
                     nxt.append(s)
                 level = nxt
-            dots.append(level[0])
+            # Shift stage: the lane's dot product onto the accumulator grid, registered so
+            # the shifter and the 54-bit add are in different cycles.
+            term = Signal(signed(ab), name=f"term{lane}")
+            m.d.sync += term.eq(level[0] << shifts[lane])
+            dots.append(term)
 
         c = ctrl[-1]
         valid, first, last, group = c[0], c[1], c[2], c[3:]
@@ -112,13 +118,11 @@ class MVU(wiring.Component):
                 with m.If(group == g):
                     for lane in range(lanes):
                         r = g * lanes + lane
-                        term = Signal(signed(ab), name=f"term{r}")
-                        m.d.comb += term.eq(dots[lane] << shifts[lane])
                         nv = Signal(signed(ab), name=f"nv{r}")
                         with m.If(first):
-                            m.d.comb += nv.eq(term)
+                            m.d.comb += nv.eq(dots[lane])
                         with m.Else():
-                            m.d.comb += nv.eq(accs[r] + term)
+                            m.d.comb += nv.eq(accs[r] + dots[lane])
                         m.d.sync += accs[r].eq(nv)
                         with m.If(last):
                             m.d.sync += self.acc[r].eq(nv)

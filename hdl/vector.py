@@ -45,12 +45,12 @@ def phases(cfg: NPUConfig) -> int:
 def latency(cfg: NPUConfig) -> int:
     """Cycles from a reducer output (its first phase) to the block at the writer's input.
 
-    Each renormalization takes ``P + 1`` cycles; stage 0 is one, each slot adds its input
-    and result registers to one, the storage stage one and its collection of the last
-    phase; the block is complete ``P - 1`` phases after its first.
+    Each renormalization takes ``P + 3`` cycles; stage 0 is one, each slot adds its input,
+    alignment and result registers to one, the storage stage one and its collection of the
+    last phase; the block is complete ``P - 1`` phases after its first.
     """
     p = phases(cfg)
-    return (p + 1) + MFU_SLOTS * (p + 3) + (p + 1) + (p - 1) + 1
+    return (p + 3) + MFU_SLOTS * (p + 6) + (p + 3) + (p - 1) + 1
 
 
 class _Stream:
@@ -80,11 +80,13 @@ def _normalize_phases(
     bits: int,
     name: str,
 ) -> _Stream:
-    """numerics.normalize of the vector arriving as ``src``'s phases, ``P + 1`` cycles later.
+    """numerics.normalize of the vector arriving as ``src``'s phases, ``P + 3`` cycles later.
 
-    ``lsb`` is the vector's LSB exponent; ``keep`` (per vector) passes the lanes through
-    with ``lsb`` as the exponent, even when they are all zero (a raw block, a slot without
-    an op). Both are read with the vector's last phase, when its OR is complete.
+    ``lsb`` is the vector's LSB exponent; ``keep`` (per vector) keeps ``lsb`` as the
+    exponent even when the lanes are all zero (a raw block, a slot without an op: their
+    lanes fit ``bits`` already, so the shift is 0 and they pass unchanged). Both are read
+    with the vector's last phase, when its OR is complete. Then one cycle turns the OR into
+    the shift, one shifts the lanes (and finds their sticky bits), one rounds and saturates.
     """
     p = phases(cfg)
     union = bfp.magnitude_union(m, src.q, f"{name}_u")
@@ -98,18 +100,36 @@ def _normalize_phases(
         m.d.sync += acc.eq(so_far)
         with m.If(src.ph == p - 1):
             m.d.sync += [whole.eq(so_far), lsb_w.eq(lsb), keep_w.eq(keep)]
-    # The lanes wait P cycles, until the vector's OR is whole.
+    shift, mask = bfp.normalize_shift(m, whole, bits, name)
+    shift_r = Signal.like(shift, name=f"{name}_shift_r")
+    mask_r = Signal.like(mask, name=f"{name}_mask_r")
+    e_r = Signal(signed(bfp.EXP_BITS), name=f"{name}_e_r")
+    m.d.sync += [
+        shift_r.eq(shift),
+        mask_r.eq(mask),
+        e_r.eq(Mux(keep_w, lsb_w, Mux(whole == 0, numerics.E_ZERO, lsb_w + shift))),
+    ]
+    # The lanes wait P + 1 cycles, until the vector's shift is known.
     lanes, side = src.q, src.side()
-    for k in range(p):
+    for k in range(p + 1):
         nl = [Signal.like(x, name=f"{name}_d{k}_{i}") for i, x in enumerate(lanes)]
         ns = [Signal.like(x, name=f"{name}_ds{k}_{i}") for i, x in enumerate(side)]
         m.d.sync += [a.eq(b) for a, b in zip(nl + ns, lanes + side, strict=True)]
         lanes, side = nl, ns
-    qs, e = bfp.normalize_by_union(m, lanes, whole, lsb_w, bits, name)
+    # Shift (the exponent goes with the lanes: the next vector's may follow in e_r) ...
+    split = _Stream(cfg, f"{name}_s", bits + 1)
+    sticky = [Signal(name=f"{name}_st{i}") for i in range(len(lanes))]
+    m.d.sync += [a.eq(b) for a, b in zip(split.side(), side, strict=True)] + [split.e.eq(e_r)]
+    for i, x in enumerate(lanes):
+        r, st = bfp.rne_split(m, x, shift_r, f"{name}_rs{i}", mask_r, bits)
+        m.d.sync += [split.q[i].eq(r), sticky[i].eq(st)]
+    # ... then round and saturate.
     out = _Stream(cfg, f"{name}_o", bits)
-    m.d.sync += [a.eq(b) for a, b in zip(out.side(), side, strict=True)]
-    m.d.sync += [a.eq(Mux(keep_w, x, q)) for a, x, q in zip(out.q, lanes, qs, strict=True)]
-    m.d.sync += out.e.eq(Mux(keep_w, lsb_w, e))
+    m.d.sync += [a.eq(b) for a, b in zip(out.side(), split.side(), strict=True)]
+    m.d.sync += out.e.eq(split.e)
+    for i in range(len(lanes)):
+        rounded = bfp.rne_round(m, split.q[i], sticky[i], f"{name}_rr{i}")
+        m.d.sync += out.q[i].eq(bfp.saturate(m, rounded, bits, f"{name}_sat{i}"))
     return out
 
 
@@ -290,37 +310,57 @@ class VectorPipe(wiring.Component):
                 m.d.comb += yq[i].eq(lane[a.ph])
 
         # Alignment: only the operand with the smaller exponent moves, so one shifter per
-        # lane serves both (ADD and MAX are symmetric in their operands).
+        # lane serves both (ADD and MAX are symmetric in their operands). Registered after
+        # the shift, before the rounding.
         y_big = Signal(name=f"yb{k}")
         m.d.comb += y_big.eq(ye > a.e)
-        emax = Signal(signed(bfp.EXP_BITS), name=f"em{k}")
         dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{k}")
-        m.d.comb += [emax.eq(Mux(y_big, ye, a.e)), dist.eq(Mux(y_big, ye - a.e, a.e - ye))]
-        # Only slot 0 multiplies; the others' results are one bit above their operands.
+        m.d.comb += dist.eq(Mux(y_big, ye - a.e, a.e - ye))
+        mask = bfp.below_mask(m, dist, big, f"mk{k}")
+        al = _Stream(cfg, f"al{k}", big)  # q: this slot's input lanes, e: their exponent
+        m.d.sync += [x.eq(y) for x, y in zip(al.side(), a.side(), strict=True)]
+        m.d.sync += [x.eq(y) for x, y in zip(al.q, a.q, strict=True)] + [al.e.eq(a.e)]
+        kept = [Signal(signed(big), name=f"kp{k}_{i}") for i in range(lanes)]
+        moved = [Signal(signed(big + 1), name=f"mv{k}_{i}") for i in range(lanes)]
+        moved_st = [Signal(name=f"mvs{k}_{i}") for i in range(lanes)]
+        yq_r = [Signal(signed(big), name=f"yr{k}_{i}") for i in range(lanes)]
+        emax = Signal(signed(bfp.EXP_BITS), name=f"em{k}")
+        ye_r = Signal(signed(bfp.EXP_BITS), name=f"yer{k}")
+        m.d.sync += [emax.eq(Mux(y_big, ye, a.e)), ye_r.eq(ye)]
+        for i in range(lanes):
+            r, st = bfp.rne_split(m, Mux(y_big, a.q[i], yq[i]), dist, f"al{k}_{i}", mask)
+            m.d.sync += [
+                kept[i].eq(Mux(y_big, yq[i], a.q[i])),
+                moved[i].eq(r),
+                moved_st[i].eq(st),
+                yq_r[i].eq(yq[i]),
+            ]
+
+        # The op. Only slot 0 multiplies; the others' results are one bit above their
+        # operands.
         wide = 2 * big + 1 if k == 0 else big + 2
         b = _Stream(cfg, f"b{k}", wide)
-        m.d.sync += [x.eq(y) for x, y in zip(b.side(), a.side(), strict=True)]
-        mask = bfp.below_mask(m, dist, big, f"mk{k}")
+        m.d.sync += [x.eq(y) for x, y in zip(b.side(), al.side(), strict=True)]
         for i in range(lanes):
-            kept = Mux(y_big, yq[i], a.q[i])
-            moved = bfp.rne_shift(m, Mux(y_big, a.q[i], yq[i]), dist, f"al{k}_{i}", mask)
+            aligned = bfp.rne_round(m, moved[i], moved_st[i], f"ar{k}_{i}")
+            x = al.q[i]
             with m.Switch(slot.op):
                 with m.Case(MfuOp.ADD):
-                    m.d.sync += b.q[i].eq(kept + moved)
+                    m.d.sync += b.q[i].eq(kept[i] + aligned)
                 with m.Case(MfuOp.MAX):
-                    m.d.sync += b.q[i].eq(Mux(kept > moved, kept, moved))
+                    m.d.sync += b.q[i].eq(Mux(kept[i] > aligned, kept[i], aligned))
                 with m.Case(MfuOp.RELU):
-                    m.d.sync += b.q[i].eq(Mux(a.q[i] > 0, a.q[i], 0))
+                    m.d.sync += b.q[i].eq(Mux(x > 0, x, 0))
                 if k == 0:
                     with m.Case(MfuOp.MUL):
-                        m.d.sync += b.q[i].eq(a.q[i] * yq[i])
+                        m.d.sync += b.q[i].eq(x * yq_r[i])
                 with m.Default():
-                    m.d.sync += b.q[i].eq(a.q[i])
+                    m.d.sync += b.q[i].eq(x)
         with m.Switch(slot.op):
             with m.Case(MfuOp.ADD, MfuOp.MAX):
                 m.d.sync += b.e.eq(emax)
             with m.Case(MfuOp.MUL):
-                m.d.sync += b.e.eq(a.e + ye)
+                m.d.sync += b.e.eq(al.e + ye_r)
             with m.Default():
-                m.d.sync += b.e.eq(a.e)
+                m.d.sync += b.e.eq(al.e)
         return _normalize_phases(m, cfg, b, b.e, slot.op == MfuOp.NONE, big, f"mfu{k}")

@@ -79,6 +79,9 @@ ROW_STATES = 2
 #: command cycle, NEXT) and per row (ROW).
 SEGMENT_STATES = 4
 ROW_LOAD_STATES = 1
+#: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the grid values
+#: register, the accumulator).
+POOL_LATENCY = 2
 #: MFU slots of the vector pipeline (``hdl/params.py``).
 MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
@@ -129,16 +132,17 @@ def lane_groups(cfg: NPUConfig) -> int:
 
 def vector_latency(cfg: NPUConfig) -> int:
     """Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``): every
-    renormalization ``P + 1`` (stage 0, each MFU slot with its two registers, the
+    renormalization ``P + 3`` (stage 0, each MFU slot with its three registers, the
     re-block), then the block's other ``P - 1`` phases and the collection register."""
     p = lane_groups(cfg)
-    return (p + 1) + MFU_SLOTS * (p + 3) + (p + 1) + (p - 1) + 1
+    return (p + 3) + MFU_SLOTS * (p + 6) + (p + 3) + (p - 1) + 1
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
     """MVU cycles from an operand beat to its block leaving the accumulator: operand
-    registers, the multiplier, the adder tree, the accumulate stage, the output register."""
-    return 1 + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1
+    registers, the multiplier, the adder tree, the shift stage, the accumulate stage, the
+    output register."""
+    return 1 + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1 + 1
 
 
 @dataclass
@@ -484,7 +488,7 @@ class CycleModel:
         if "mv_mul" in ops:
             latency = mvu_latency(self.cfg)
         elif "v_pool" in ops:
-            latency = 1
+            latency = POOL_LATENCY
         else:
             latency = 0
         writer = self._writer_traffic(sw)
