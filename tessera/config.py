@@ -112,13 +112,16 @@ class NPUConfig:
 #: Named presets. The ECP5 ones are sized by the DSP and block-RAM budget of their device:
 #: MVU multipliers plus one MFU multiplier per lane must fit the MULT18X18D count.
 PRESETS: dict[str, NPUConfig] = {
-    # 128 MVU + 16 MFU multipliers = 144 of 156 MULT18X18D; 32 MB 16-bit SDRAM.
+    # 128 MVU + 16 MFU multipliers = 144 of 156 MULT18X18D; 32 MB 16-bit SDRAM. Block RAM:
+    # the tile buffer (2 x 384 tiles: a 3x3 conv over 512 channels needs 288 per output
+    # block) takes 102 DP16KD, so the activation buffer gets 7 rows of 1K-entry blocks
+    # (7168 entries of 16 mantissas + 1 exponent, 56 + 4 DP16KD): 200 of 208 in all.
     "ulx3s-85f": NPUConfig(
         name="ulx3s-85f",
         native_dim=16,
         lanes=8,
         tile_buffer_tiles=384,
-        act_buffer_bytes=224 * 1024,
+        act_buffer_bytes=7168 * 17,
         dram_bytes=32 * 1024 * 1024,
         dram_bytes_per_s=200e6,
         clock_hz=100e6,
