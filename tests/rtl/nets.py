@@ -108,8 +108,22 @@ def concat_fc_net(seed: int = 3) -> onnx.ModelProto:
     return n.model([1, 4, 9, 9], [y])
 
 
+def downsample_net(seed: int = 4) -> onnx.ModelProto:
+    """A ResNet v1 downsampling bottleneck: the main branch's 1x1 stride-2 conv and the
+    projection shortcut read one input, which the compiler subsamples once (a 1x1 max pool
+    of stride 2) because the input does not stay in the activation buffer."""
+    n = Net(seed)
+    x = n.relu(n.conv("x", 8, 16, 3))
+    y = n.relu(n.conv(x, 16, 16, 1, stride=2, pad=0))
+    y = n.conv(y, 16, 32, 3)
+    s = n.conv(x, 16, 32, 1, stride=2, pad=0)
+    y = n.relu(n.op("Add", [y, s]))
+    return n.model([1, 8, 12, 12], [y])
+
+
 NETWORKS = {
     "conv_pool": conv_pool_net,
     "residual": residual_net,
     "concat_fc": concat_fc_net,
+    "downsample": downsample_net,
 }

@@ -1,8 +1,9 @@
 """Compiled small networks run on the NPU RTL bit for bit like the instruction simulator.
 
 Conv with stride, padding and dilation, fused ReLU, max/average/global pooling, residual
-add, channel concat and a fully connected layer, compiled by ``compile_model`` for the
-RTL test configuration; the whole DRAM after the run must equal the simulator's.
+add, channel concat, a fully connected layer and a subsampled strided 1x1 conv pair,
+compiled by ``compile_model`` for the RTL test configuration; the whole DRAM after the run
+must equal the simulator's.
 """
 
 import numpy as np
