@@ -78,6 +78,10 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
         str(seed),
         "--report",
         "nextpnr-report.json",
+        # router1 had routed about 20 k of the 85F's 225 k arcs after 13 minutes (timing far
+        # from met); router2 is nextpnr's router for large designs.
+        "--router",
+        "router2",
     ]
     report: dict = {"device": cfg.device, "config": cfg.name}
     try:
