@@ -29,13 +29,24 @@ def absolute(m: Module, x: Value, name: str) -> Signal:
 
 
 def bit_length(m: Module, a: Value, name: str) -> Signal:
-    """Bits needed for the unsigned ``a`` (0 for 0): a priority encoder."""
-    w = len(a)
-    bl = Signal(range(w + 1), name=name)
-    for i in range(w):
-        with m.If(a[i]):
-            m.d.comb += bl.eq(i + 1)
+    """Bits needed for the unsigned ``a`` (0 for 0): a priority encoder.
+
+    Built as a tree (the upper half's bit length if it has a set bit, else the lower
+    half's), log2(width) levels deep; a chain of ``m.If`` per bit would leave a mux per bit
+    in series, which on a 54-bit accumulator is the slowest path of the NPU.
+    """
+    bl = Signal(range(len(a) + 1), name=name)
+    m.d.comb += bl.eq(_bit_length_tree(a))
     return bl
+
+
+def _bit_length_tree(a: Value) -> Value:
+    w = len(a)
+    if w == 1:
+        return a[0]
+    lo_w = 1 << ((w - 1).bit_length() - 1)  # the largest power of two below w
+    lo, hi = a[:lo_w], a[lo_w:]
+    return Mux(hi.any(), _bit_length_tree(hi) + lo_w, _bit_length_tree(lo))
 
 
 def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from amaranth import Module, signed
+from amaranth import Module, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
@@ -68,5 +68,26 @@ def test_normalize_and_to_storage_match_numerics(width):
             assert ctx.get(dut.se) == int(e[0]), (x, lsb)
 
     sim = Simulator(dut)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+@pytest.mark.parametrize("width", [1, 3, 16, 18, 33, 54])
+def test_bit_length_tree_matches_python(width):
+    m = Module()
+    a = Signal(width)
+    bl = bfp.bit_length(m, a, "bl")
+    rng = np.random.default_rng(width)
+    values = [0, 1, (1 << width) - 1] + [
+        int(rng.integers(0, 1 << 62)) % (1 << width) >> int(rng.integers(0, width))
+        for _ in range(200)
+    ]
+
+    async def bench(ctx):
+        for v in values:
+            ctx.set(a, v)
+            assert ctx.get(bl) == v.bit_length(), v
+
+    sim = Simulator(m)
     sim.add_testbench(bench)
     sim.run()
