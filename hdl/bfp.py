@@ -153,37 +153,6 @@ def normalize_shift(m: Module, union: Value, bits: int, name: str) -> tuple[Sign
     return shift, below_mask(m, shift, width, f"{name}_mask")
 
 
-def normalize_by_union(
-    m: Module, xs: list[Value], union: Value, lsb: Value, bits: int, name: str
-) -> tuple[list[Signal], Signal]:
-    """The lanes ``xs`` of a vector whose :func:`magnitude_union` is ``union`` -> mantissas
-    of ``bits`` and the vector's exponent (numerics.normalize).
-
-    After the shift every lane fits ``bits`` signed bits (|x| <= max), so the shifters
-    build only those.
-    """
-    shift, mask = normalize_shift(m, union, bits, name)
-    qs = [
-        saturate(m, rne_shift(m, x, shift, f"{name}_rne{i}", mask, bits), bits, f"{name}_q{i}")
-        for i, x in enumerate(xs)
-    ]
-    e = Signal(signed(EXP_BITS), name=f"{name}_e")
-    m.d.comb += e.eq(Mux(union == 0, numerics.E_ZERO, lsb + shift))
-    return qs, e
-
-
-def normalize(
-    m: Module, xs: list[Value], lsb: Value, bits: int, name: str
-) -> tuple[list[Signal], Signal]:
-    """Integer lanes at LSB exponent ``lsb`` -> (mantissas of ``bits``, exponent).
-
-    numerics.normalize: shift right just enough for the largest magnitude to fit
-    ``bits - 1`` magnitude bits, round half to even, saturate; all-zero -> E_ZERO.
-    """
-    union = magnitude_union(m, xs, name)
-    return normalize_by_union(m, xs, union, lsb, bits, name)
-
-
 def clamp_exponent(
     m: Module, q1: list[Value], e1: Value, bits: int, name: str
 ) -> tuple[list[Signal], Signal]:
@@ -216,17 +185,6 @@ def clamp_exponent(
         qs.append(out)
     e = Signal(signed(8), name=f"{name}_e")
     m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))
-    return qs, e
-
-
-def to_storage(
-    m: Module, xs: list[Value], e_in: Value, bits: int, name: str
-) -> tuple[list[Signal], Signal]:
-    """numerics.to_storage: normalize to ``bits``, then clamp the exponent to int8."""
-    q1, e1 = normalize(m, xs, e_in, bits, f"{name}_n")
-    qs, ec = clamp_exponent(m, q1, e1, bits, name)
-    e = Signal(signed(8), name=f"{name}_ez")
-    m.d.comb += e.eq(Mux(Cat(*[q.any() for q in qs]).any(), ec, numerics.E_ZERO))
     return qs, e
 
 
