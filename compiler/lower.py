@@ -412,6 +412,15 @@ def tensor_desc(views: dict[str, View], buffers: list[Buffer], t: str) -> dict:
     }
 
 
+def conv_group(cfg: NPUConfig, tiles_per_ob: int, ob_total: int) -> int:
+    """Output blocks per conv chain: as many as fit half the tile buffer (the other half
+    loads the next group's tiles meanwhile) and half the VRF (the constants likewise).
+
+    Compiler passes that weigh a conv's DRAM reads count its chains with this too.
+    """
+    return max(1, min(cfg.tile_buffer_tiles // tiles_per_ob, cfg.vrf_depth // 2, ob_total))
+
+
 def _emit_layer(
     em: _Emitter,
     g: Graph,
@@ -445,8 +454,7 @@ def _emit_layer(
 
     ob_total = dst["cb_cnt"]
     if x.op == "conv":
-        per_ob = info["tiles_per_ob"]
-        group = max(1, min(tile_half // per_ob, vrf_half, ob_total))
+        group = conv_group(cfg, info["tiles_per_ob"], ob_total)
         macs = oc * oh * ow * ic * kh * kw
     elif x.op == "pool":
         # Pool chains read only their own blocks: size the group so the kernel rows fit

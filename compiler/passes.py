@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tessera.compiler.ir import HOST_OPS, NPU_OPS, Graph, Node, Tensor
+from tessera.compiler.lower import conv_group
 from tessera.config import NPUConfig
 from tessera.errors import UnsupportedModelError
 
@@ -308,13 +309,10 @@ def _blocks(c: int, n: int) -> int:
 
 
 def _conv_chains(cfg: NPUConfig, cin: int, cout: int, kernel: tuple[int, int]) -> int:
-    """Chains ``lower`` emits for a conv: output blocks in groups whose weight tiles fill
-    half the tile buffer and whose constants fill half the VRF (``lower._emit_layer``)."""
+    """Chains ``lower`` emits for a conv (:func:`lower.conv_group` output blocks each)."""
     n = cfg.native_dim
-    per_ob = kernel[0] * kernel[1] * _blocks(cin, n)
     ob_total = _blocks(cout, n)
-    group = max(1, min(cfg.tile_buffer_tiles // per_ob, cfg.vrf_depth // 2, ob_total))
-    return -(-ob_total // group)
+    return -(-ob_total // conv_group(cfg, kernel[0] * kernel[1] * _blocks(cin, n), ob_total))
 
 
 def _slice_fits(cfg: NPUConfig, shape: tuple[int, int, int]) -> bool:
