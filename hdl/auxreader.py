@@ -78,27 +78,34 @@ class AuxReader(wiring.Component):
             with m.State("MANT"):
                 m.d.comb += [bus.req.eq(1), bus.addr.eq(pix_m + ob * n), bus.len.eq(n // 2)]
                 with m.If(bus.grant):
-                    m.next = "MANT_DATA"
-            with m.State("MANT_DATA"):
-                with m.If(bus.rvalid):
-                    m.d.sync += [buf.word_select(k, 16).eq(bus.rdata), k.eq(k + 1)]
-                with m.If(bus.done):
                     m.next = "EXP"
+            # The exponent's burst is asked for right after the mantissas' (the arbiter
+            # queues both), so lower-priority bursts cannot come between them.
             with m.State("EXP"):
                 m.d.comb += [bus.req.eq(1), bus.addr.eq(ea & ~1), bus.len.eq(1)]
                 with m.If(bus.grant):
-                    m.next = "EXP_DATA"
-            with m.State("EXP_DATA"):
-                m.d.comb += ebyte.eq(bus.rdata.word_select(ea[0], 8))
-                with m.If(bus.rvalid):
-                    m.d.comb += [fifo.w_en.eq(1), fifo.w_data.eq(Cat(buf, ebyte))]
-                    m.d.sync += [self.queued.eq(self.queued + 1), ob.eq(ob + 1)]
-                    with m.If(ob + 1 == self.ocnt):
-                        m.d.sync += [
-                            ob.eq(0),
-                            pix_m.eq(pix_m + self.pixel_mstep),
-                            pix_e.eq(pix_e + self.pixel_estep),
-                        ]
-                with m.If(bus.done):
+                    m.next = "DATA"
+            with m.State("DATA"):
+                with m.If(bus.rvalid & (k == n // 2)):
                     m.next = "NEXT"
+        # The block's beats: N / 2 mantissa beats, then the exponent's.
+        with m.If(bus.rvalid):
+            with m.If(k < n // 2):
+                m.d.sync += [
+                    buf.word_select(k[: max(1, (n // 2 - 1).bit_length())], 16).eq(bus.rdata),
+                    k.eq(k + 1),
+                ]
+            with m.Else():
+                m.d.comb += [
+                    ebyte.eq(bus.rdata.word_select(ea[0], 8)),
+                    fifo.w_en.eq(1),
+                    fifo.w_data.eq(Cat(buf, ebyte)),
+                ]
+                m.d.sync += [self.queued.eq(self.queued + 1), ob.eq(ob + 1)]
+                with m.If(ob + 1 == self.ocnt):
+                    m.d.sync += [
+                        ob.eq(0),
+                        pix_m.eq(pix_m + self.pixel_mstep),
+                        pix_e.eq(pix_e + self.pixel_estep),
+                    ]
         return m

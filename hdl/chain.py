@@ -30,8 +30,10 @@ from tessera.hdl.vector import POOL_BITS, VectorPipe
 from tessera.hdl.writer import DEPTH as WRITER_DEPTH
 from tessera.hdl.writer import Writer
 
-#: Extra cycles a chain spends before its first beat (set-up multiplies, the ring division).
 GRID_BITS = 40
+#: Registered stages between the block RAMs' answer and the reducers: the words, then the
+#: clamp's shift and mask.
+BEAT_STAGES = 2
 
 
 class ChainError:
@@ -239,9 +241,14 @@ class ChainEngine(wiring.Component):
             self.act_mant_rd.en.eq(1),
             self.act_exp_rd0.en.eq(1),
             self.act_exp_rd1.en.eq(1),
-            self.tile_rd.addr.eq((tile << lg(groups)) | g if groups > 1 else tile),
             self.tile_rd.en.eq(1),
         ]
+        # The tile read goes out BEAT_STAGES cycles after the activation read, so that its
+        # word meets the clamped block at the MVU's operand registers.
+        tile_addr = [Signal.like(self.tile_rd.addr, name=f"tile_a{i}") for i in range(BEAT_STAGES)]
+        m.d.sync += tile_addr[0].eq((tile << lg(groups)) | g if groups > 1 else tile)
+        m.d.sync += [a.eq(b) for a, b in zip(tile_addr[1:], tile_addr, strict=False)]
+        m.d.comb += self.tile_rd.addr.eq(tile_addr[-1])
         # One cycle later the memories answer; the beat's control follows in registers.
         d_issue = Signal()
         d_first = Signal()
@@ -257,9 +264,16 @@ class ChainEngine(wiring.Component):
             d_inwin.eq(inwin),
             d_odd.eq(ent[0]),
         ]
+        # Beat stage B: the block RAMs' words, registered (their clock-to-output is most of
+        # a cycle), with the beat's control.
+        b_issue, b_first, b_last, b_g = Signal(), Signal(), Signal(), Signal.like(g)
         raw_q = Signal(n * 8)
         raw_e = Signal(signed(8))
-        m.d.comb += [
+        m.d.sync += [
+            b_issue.eq(d_issue),
+            b_first.eq(d_first),
+            b_last.eq(d_last),
+            b_g.eq(d_g),
             raw_q.eq(Mux(d_inwin, self.act_mant_rd.data, 0)),
             raw_e.eq(
                 Mux(
@@ -269,27 +283,41 @@ class ChainEngine(wiring.Component):
                 )
             ),
         ]
-        # Clamp to the tensor grid: blocks below floor are shifted (rounded) onto it.
+        # Beat stage C: the clamp to the tensor grid (blocks below floor are shifted and
+        # rounded onto it) worked out from the exponent, registered before the lanes move.
+        c_issue, c_first, c_last, c_g = Signal(), Signal(), Signal(), Signal.like(g)
+        c_q = Signal(n * 8)
+        c_e = Signal(signed(8))
         below = Signal()
         down = Signal(unsigned(16))
-        upsh = Signal(unsigned(16))
-        m.d.comb += [below.eq(raw_e < floor), down.eq(floor - raw_e), upsh.eq(raw_e - floor)]
         shift = Signal(SHIFT_BITS)
-        m.d.comb += shift.eq(Mux(below, 0, Mux(upsh > 63, 63, upsh)))
+        upsh = Signal(unsigned(16))
+        m.d.comb += upsh.eq(raw_e - floor)
+        m.d.sync += [
+            c_issue.eq(b_issue),
+            c_first.eq(b_first),
+            c_last.eq(b_last),
+            c_g.eq(b_g),
+            c_q.eq(raw_q),
+            c_e.eq(raw_e),
+            below.eq(raw_e < floor),
+            down.eq(floor - raw_e),
+            shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
+        ]
         cq = []
         clamp_mask = bfp.below_mask(m, down, 8, "clamp_mask")
         for i in range(n):
-            qi = raw_q.word_select(i, 8).as_signed()
+            qi = c_q.word_select(i, 8).as_signed()
             rq = bfp.rne_shift(m, qi, down, f"clamp{i}", clamp_mask)
             c = Signal(signed(8), name=f"cq{i}")
             m.d.comb += c.eq(Mux(below, rq, qi))
             cq.append(c)
         tw = self.tile_rd.data
         m.d.comb += [
-            mvu.valid.eq(d_issue & is_mvu),
-            mvu.first.eq(d_first),
-            mvu.last.eq(d_last),
-            mvu.group.eq(d_g),
+            mvu.valid.eq(c_issue & is_mvu),
+            mvu.first.eq(c_first),
+            mvu.last.eq(c_last),
+            mvu.group.eq(c_g),
             mvu.act_shift.eq(shift),
         ]
         for i in range(n):
@@ -305,7 +333,7 @@ class ChainEngine(wiring.Component):
         # blocks reach the vector pipeline no faster than it takes them (one per
         # N / lanes cycles); the reducer works on the first group's beat.
         reduce_beat = Signal()
-        m.d.comb += reduce_beat.eq(d_issue & (d_g == 0))
+        m.d.comb += reduce_beat.eq(c_issue & (c_g == 0))
 
         # Pooling reducer: lane-wise max or sum of the grid values over the window. The
         # grid values are registered first, so the block RAM's read, the clamp and the
@@ -313,7 +341,7 @@ class ChainEngine(wiring.Component):
         grid = [Signal(signed(GRID_BITS), name=f"grid{i}") for i in range(n)]
         g_beat, g_first, g_last = Signal(), Signal(), Signal()
         m.d.sync += [a.eq(b) for a, b in zip(grid, [c << shift for c in cq], strict=True)]
-        m.d.sync += [g_beat.eq(reduce_beat & is_pool), g_first.eq(d_first), g_last.eq(d_last)]
+        m.d.sync += [g_beat.eq(reduce_beat & is_pool), g_first.eq(c_first), g_last.eq(c_last)]
         pacc = Signal(data.ArrayLayout(signed(POOL_BITS), n))
         pvalid = Signal()
         m.d.sync += pvalid.eq(0)
@@ -331,8 +359,8 @@ class ChainEngine(wiring.Component):
         m.d.comb += [vec.pool_valid.eq(pvalid), vec.pool_acc.eq(pacc)]
         m.d.comb += [
             vec.raw_valid.eq(reduce_beat & ~is_mvu & ~is_pool),
-            vec.raw_q.eq(raw_q),
-            vec.raw_e.eq(raw_e),
+            vec.raw_q.eq(c_q),
+            vec.raw_e.eq(c_e),
         ]
 
         # ---------------------------------------------------------------- control

@@ -8,6 +8,7 @@ rtl`` on many programs for one NPU configuration, compiles the model only once.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -127,16 +128,20 @@ def build(
     runner = get_runner(sim.name)
     stamp = build_dir / ".built"
     build_dir.touch()  # most recently used
-    if not stamp.exists():
-        runner.build(
-            sources=sources,
-            hdl_toplevel=toplevel,
-            build_dir=build_dir,
-            build_args=args,
-            timescale=TIMESCALE,
-            always=True,
-        )
-        stamp.write_text(text[:0] + "ok\n")
+    # Test workers (pytest -n) may ask for the same build at once: one compiles, the
+    # others wait for it instead of compiling into the same folder.
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists():
+            runner.build(
+                sources=sources,
+                hdl_toplevel=toplevel,
+                build_dir=build_dir,
+                build_args=args,
+                timescale=TIMESCALE,
+                always=True,
+            )
+            stamp.write_text("ok\n")
     _prune(build_dir.parent, toplevel, keep=4)
     return Build(sim, toplevel, build_dir, sources[0])
 

@@ -35,6 +35,14 @@ from tessera.hdl.loader import vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, VRF_PORTS, ChainOps, MfuOp, Reducer
 
 POOL_BITS = 48
+#: Registers in front of stage 0 (the reducer select and the phase mux, then the 54-bit
+#: magnitudes, are a cycle of their own).
+ENTRY = 1
+#: Registers an MFU slot adds before its renormalization: input, operand, alignment
+#: distance, aligned operand, result.
+SLOT_REGS = 5
+#: The storage stage's register after the exponent clamp.
+CLAMP = 1
 
 
 def phases(cfg: NPUConfig) -> int:
@@ -45,12 +53,13 @@ def phases(cfg: NPUConfig) -> int:
 def latency(cfg: NPUConfig) -> int:
     """Cycles from a reducer output (its first phase) to the block at the writer's input.
 
-    Each renormalization takes ``P + 3`` cycles; stage 0 is one, each slot adds its input,
-    alignment and result registers to one, the storage stage one and its collection of the
-    last phase; the block is complete ``P - 1`` phases after its first.
+    The entry register; each renormalization takes ``P + 3`` cycles; stage 0 is one, each
+    slot adds its input, operand, alignment-distance, aligned-operand and result registers
+    to one, the storage stage one, its clamp register and its collection of the last phase;
+    the block is complete ``P - 1`` phases after its first.
     """
     p = phases(cfg)
-    return (p + 3) + MFU_SLOTS * (p + 6) + (p + 3) + (p - 1) + 1
+    return ENTRY + (p + 3) + MFU_SLOTS * (p + 3 + SLOT_REGS) + (p + 3) + CLAMP + (p - 1) + 1
 
 
 class _Stream:
@@ -199,19 +208,28 @@ class VectorPipe(wiring.Component):
 
         # Re-block to storage BFP and collect the phases into one block for the writer.
         st = _normalize_phases(m, cfg, s, s.e, 0, cfg.mantissa_bits, "st")
-        sq, se = bfp.clamp_exponent(m, st.q, st.e, cfg.mantissa_bits, "st_c")
+        cq, ce = bfp.clamp_exponent(m, st.q, st.e, cfg.mantissa_bits, "st_c")
+        clamped = _Stream(cfg, "cl", cfg.mantissa_bits)
+        any_now = Signal(name="cl_any")  # a non-zero lane in this phase
+        m.d.sync += [
+            clamped.v.eq(st.v),
+            clamped.ph.eq(st.ph),
+            clamped.e.eq(ce),
+            any_now.eq(Cat(*[q.any() for q in cq]).any()),
+        ]
+        m.d.sync += [a.eq(b) for a, b in zip(clamped.q, cq, strict=True)]
+        sq, se = clamped.q, clamped.e
         nonzero = Signal(name="st_nz")  # a non-zero lane in this or an earlier phase
         nonzero_before = Signal(name="st_nz_before")
-        any_now = Cat(*[q.any() for q in sq]).any()
-        m.d.comb += nonzero.eq(any_now | (nonzero_before & (st.ph != 0)))
+        m.d.comb += nonzero.eq(any_now | (nonzero_before & (clamped.ph != 0)))
         m.d.sync += self.out_valid.eq(0)
-        with m.If(st.v):
+        with m.If(clamped.v):
             m.d.sync += nonzero_before.eq(nonzero)
             for ph in range(p):
-                with m.If(st.ph == ph):
+                with m.If(clamped.ph == ph):
                     for i in range(lanes):
                         m.d.sync += self.out_q.word_select(ph * lanes + i, 8).eq(sq[i])
-            with m.If(st.ph == p - 1):
+            with m.If(clamped.ph == p - 1):
                 m.d.sync += [
                     self.out_valid.eq(1),
                     self.out_e.eq(Mux(nonzero, se, numerics.E_ZERO)),
@@ -270,7 +288,13 @@ class VectorPipe(wiring.Component):
                 )
             )
             m.d.comb += s.xq[i].eq(aux[ph])
-        return s, Mux(entering, self.raw_e, raw_e)
+        # The entry register: stage 0's OR of magnitudes starts from registered lanes.
+        reg = _Stream(cfg, "in_r", cfg.accumulator_bits)
+        reg_raw_e = Signal(signed(8), name="raw_e_r")
+        m.d.sync += [a.eq(b) for a, b in zip(reg.side(), s.side(), strict=True)]
+        m.d.sync += [a.eq(b) for a, b in zip(reg.q, s.q, strict=True)]
+        m.d.sync += reg_raw_e.eq(Mux(entering, self.raw_e, raw_e))
+        return reg, reg_raw_e
 
     def _slot(self, m: Module, k: int, src: _Stream, ports: list) -> _Stream:
         """MFU slot ``k``: operand read, aligned op, renormalization."""
@@ -296,44 +320,67 @@ class VectorPipe(wiring.Component):
         m.d.sync += [x.eq(y) for x, y in zip(a.side(), src.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(a.q, src.q, strict=True)] + [a.e.eq(src.e)]
 
-        # The operand's lanes of this phase and its exponent.
+        # Stage O: the operand's lanes of this phase and its exponent, registered off the
+        # block RAM.
         word = Signal(vrf_word_bits(cfg), name=f"vw{k}")
         m.d.comb += word.eq(Mux(slot.port, ports[1].data, ports[0].data))
-        yq = [Signal(signed(big), name=f"yq{k}_{i}") for i in range(lanes)]
-        ye = Signal(signed(bfp.EXP_BITS), name=f"ye{k}")
+        o = _Stream(cfg, f"o{k}", big)
+        oq = [Signal(signed(big), name=f"oq{k}_{i}") for i in range(lanes)]
+        oe = Signal(signed(bfp.EXP_BITS), name=f"oe{k}")
+        m.d.sync += [x.eq(y) for x, y in zip(o.side(), a.side(), strict=True)]
+        m.d.sync += [x.eq(y) for x, y in zip(o.q, a.q, strict=True)] + [o.e.eq(a.e)]
         with m.If(slot.aux):
-            m.d.comb += [ye.eq(a.xe)] + [yq[i].eq(a.xq[i]) for i in range(lanes)]
+            m.d.sync += [oe.eq(a.xe)] + [oq[i].eq(a.xq[i]) for i in range(lanes)]
         with m.Else():
-            m.d.comb += ye.eq(word.word_select(n, 16).as_signed())
+            m.d.sync += oe.eq(word.word_select(n, 16).as_signed())
             for i in range(lanes):
                 lane = Array(word.word_select(j * lanes + i, 16).as_signed() for j in range(p))
-                m.d.comb += yq[i].eq(lane[a.ph])
+                m.d.sync += oq[i].eq(lane[a.ph])
 
-        # Alignment: only the operand with the smaller exponent moves, so one shifter per
-        # lane serves both (ADD and MAX are symmetric in their operands). Registered after
-        # the shift, before the rounding.
+        # Stage D: which operand has the smaller exponent (only it moves, so one shifter
+        # per lane serves both: ADD and MAX are symmetric) and by how much.
         y_big = Signal(name=f"yb{k}")
-        m.d.comb += y_big.eq(ye > a.e)
+        m.d.comb += y_big.eq(oe > o.e)
+        d = _Stream(cfg, f"d{k}", big)
         dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{k}")
-        m.d.comb += dist.eq(Mux(y_big, ye - a.e, a.e - ye))
+        to_move = [Signal(signed(big), name=f"tm{k}_{i}") for i in range(lanes)]
+        kept_d = [Signal(signed(big), name=f"kd{k}_{i}") for i in range(lanes)]
+        yq_d = [Signal(signed(big), name=f"yd{k}_{i}") for i in range(lanes)]
+        emax_d = Signal(signed(bfp.EXP_BITS), name=f"emd{k}")
+        ye_d = Signal(signed(bfp.EXP_BITS), name=f"yed{k}")
+        m.d.sync += [x.eq(y) for x, y in zip(d.side(), o.side(), strict=True)]
+        m.d.sync += [x.eq(y) for x, y in zip(d.q, o.q, strict=True)] + [d.e.eq(o.e)]
+        m.d.sync += [
+            dist.eq(Mux(y_big, oe - o.e, o.e - oe)),
+            emax_d.eq(Mux(y_big, oe, o.e)),
+            ye_d.eq(oe),
+        ]
+        for i in range(lanes):
+            m.d.sync += [
+                to_move[i].eq(Mux(y_big, o.q[i], oq[i])),
+                kept_d[i].eq(Mux(y_big, oq[i], o.q[i])),
+                yq_d[i].eq(oq[i]),
+            ]
+
+        # Stage AL: the aligned operand, registered after the shift, before the rounding.
         mask = bfp.below_mask(m, dist, big, f"mk{k}")
         al = _Stream(cfg, f"al{k}", big)  # q: this slot's input lanes, e: their exponent
-        m.d.sync += [x.eq(y) for x, y in zip(al.side(), a.side(), strict=True)]
-        m.d.sync += [x.eq(y) for x, y in zip(al.q, a.q, strict=True)] + [al.e.eq(a.e)]
+        m.d.sync += [x.eq(y) for x, y in zip(al.side(), d.side(), strict=True)]
+        m.d.sync += [x.eq(y) for x, y in zip(al.q, d.q, strict=True)] + [al.e.eq(d.e)]
         kept = [Signal(signed(big), name=f"kp{k}_{i}") for i in range(lanes)]
         moved = [Signal(signed(big + 1), name=f"mv{k}_{i}") for i in range(lanes)]
         moved_st = [Signal(name=f"mvs{k}_{i}") for i in range(lanes)]
         yq_r = [Signal(signed(big), name=f"yr{k}_{i}") for i in range(lanes)]
         emax = Signal(signed(bfp.EXP_BITS), name=f"em{k}")
         ye_r = Signal(signed(bfp.EXP_BITS), name=f"yer{k}")
-        m.d.sync += [emax.eq(Mux(y_big, ye, a.e)), ye_r.eq(ye)]
+        m.d.sync += [emax.eq(emax_d), ye_r.eq(ye_d)]
         for i in range(lanes):
-            r, st = bfp.rne_split(m, Mux(y_big, a.q[i], yq[i]), dist, f"al{k}_{i}", mask)
+            r, st = bfp.rne_split(m, to_move[i], dist, f"al{k}_{i}", mask)
             m.d.sync += [
-                kept[i].eq(Mux(y_big, yq[i], a.q[i])),
+                kept[i].eq(kept_d[i]),
                 moved[i].eq(r),
                 moved_st[i].eq(st),
-                yq_r[i].eq(yq[i]),
+                yq_r[i].eq(yq_d[i]),
             ]
 
         # The op. Only slot 0 multiplies; the others' results are one bit above their

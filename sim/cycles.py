@@ -38,7 +38,7 @@ the writer's mantissa runs of up to ``RUN_MAX`` blocks and exponent flushes of u
 of them (the others' beats fill the rest). The activation loader keeps two bursts queued,
 so between two of its bursts one of the writer's or the AUX reader's gets in: a row lands
 that much later. Once it is done, the AUX reader's round trip per block (it asks for the
-exponent beat when the mantissas have come) is left unfilled.
+next block's bursts when the last one's beats have come) is left unfilled.
 
 **Writer and AUX reader** (``hdl/writer.py``, ``hdl/auxreader.py``) are serial engines,
 one burst at a time: the writer cannot finish before its bursts, one after the other,
@@ -79,6 +79,9 @@ ROW_STATES = 2
 #: command cycle, NEXT) and per row (ROW).
 SEGMENT_STATES = 4
 ROW_LOAD_STATES = 1
+#: Registered beat stages between the activation buffer's answer and every reducer (the
+#: words, then the clamp's shift and mask: ``hdl/chain.py`` BEAT_STAGES).
+BEAT_STAGES = 2
 #: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the grid values
 #: register, the accumulator).
 POOL_LATENCY = 2
@@ -103,9 +106,10 @@ BUS_LATENCY = 2
 #: Writer cycles per mantissa burst and per exponent flush besides their beats: the bus
 #: latency (the next burst's command goes out with the last beat).
 WRITER_BURST_STATES = BUS_LATENCY
-#: AUX reader cycles per block besides its beats: NEXT, then two bursts (mantissas, the
-#: exponent beat), each a command and the bus latency (``hdl/auxreader.py``).
-AUX_BLOCK_STATES = 1 + 2 * BUS_LATENCY + 1
+#: AUX reader cycles per block besides its beats: NEXT, then the mantissa burst's command
+#: and the bus latency; the exponent beat's command follows at once, so its beat comes
+#: right after the mantissas (``hdl/auxreader.py``).
+AUX_BLOCK_STATES = 1 + BUS_LATENCY
 #: Blocks the AUX reader runs ahead of the sweep (its FIFO's depth minus one).
 AUX_FIFO = 7
 #: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
@@ -131,11 +135,12 @@ def lane_groups(cfg: NPUConfig) -> int:
 
 
 def vector_latency(cfg: NPUConfig) -> int:
-    """Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``): every
-    renormalization ``P + 3`` (stage 0, each MFU slot with its three registers, the
-    re-block), then the block's other ``P - 1`` phases and the collection register."""
+    """Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``): the entry
+    register, every renormalization ``P + 3`` (stage 0, each MFU slot with its five
+    registers, the re-block), the clamp register, then the block's other ``P - 1`` phases
+    and the collection register."""
     p = lane_groups(cfg)
-    return (p + 3) + MFU_SLOTS * (p + 6) + (p + 3) + (p - 1) + 1
+    return 1 + (p + 3) + MFU_SLOTS * (p + 8) + (p + 3) + 1 + (p - 1) + 1
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
@@ -458,7 +463,7 @@ class CycleModel:
         bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats
         if sw.aux and bus + idle > loader_idle:
             # Once the activation loader is done, only the writer and the AUX reader are
-            # left: the AUX reader asks for a block's exponent beat only when its mantissas
+            # left: the AUX reader asks for a block's bursts only when the last block's beats
             # have come, a round trip per block that no queued burst fills.
             late = (bus + idle - loader_idle) / (bus + idle - launch)
             idle = max(idle, round(late * sw.blocks * BUS_LATENCY))
@@ -486,11 +491,11 @@ class CycleModel:
         accept = max(self.t_issue + len(ops) - 1, self.setup_free, self.loader_free)
         launch = max(accept + self.setup, self.engine_done + 1)
         if "mv_mul" in ops:
-            latency = mvu_latency(self.cfg)
+            latency = BEAT_STAGES + mvu_latency(self.cfg)
         elif "v_pool" in ops:
-            latency = POOL_LATENCY
+            latency = BEAT_STAGES + POOL_LATENCY
         else:
-            latency = 0
+            latency = BEAT_STAGES
         writer = self._writer_traffic(sw)
         done, self.hold_until, row_runs = self._run(sw, launch, latency, writer)
         self.setup_free = launch + 1

@@ -10,6 +10,7 @@ from tessera.hdl import (
     actloader,
     arbiter,
     auxreader,
+    chain,
     loader,
     multiplier,
     mvu,
@@ -30,6 +31,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.AUX_FIFO == auxreader.DEPTH - 1
     assert cycles.MFU_SLOTS == params.MFU_SLOTS
     assert cycles.MUL_LATENCY == multiplier.LATENCY
+    assert cycles.BEAT_STAGES == chain.BEAT_STAGES
 
 
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
