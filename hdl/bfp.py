@@ -6,6 +6,8 @@ mirrors the function of :mod:`tessera.numerics` with the same name, and the unit
 check them against it on random data.
 """
 
+from dataclasses import dataclass
+
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.hdl import Value
 
@@ -153,14 +155,26 @@ def normalize_shift(m: Module, union: Value, bits: int, name: str) -> tuple[Sign
     return shift, below_mask(m, shift, width, f"{name}_mask")
 
 
-def clamp_exponent(
-    m: Module, q1: list[Value], e1: Value, bits: int, name: str
-) -> tuple[list[Signal], Signal]:
-    """The int8 exponent clamp of numerics.to_storage on normalized lanes ``q1``, ``e1``.
+@dataclass
+class Clamp:
+    """The int8 exponent clamp's decision for one vector (:func:`clamp_decision`)."""
 
-    Returns the lanes and the clamped exponent; an all-zero result still needs ``E_ZERO``,
-    which the caller decides once it has seen every lane.
-    """
+    over: Signal  # the exponent is above E_MAX: lanes shift up by ``up`` and saturate
+    under: Signal  # below E_MIN (and not E_ZERO): lanes shift down by ``down``, rounded
+    up: Signal
+    down: Signal
+    lo_mask: Signal  # the sticky-bit mask of the shift down
+    e: Signal  # the clamped exponent
+
+    def signals(self) -> list[Signal]:
+        return [self.over, self.under, self.up, self.down, self.lo_mask, self.e]
+
+
+def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
+    """The first half of numerics.to_storage's int8 exponent clamp on normalized lanes of
+    exponent ``e1``: what happens to the lanes (:func:`clamp_lanes` does it) and the
+    clamped exponent. An all-zero result still needs ``E_ZERO``, which the caller decides
+    once it has seen every lane."""
     over = Signal(name=f"{name}_over")
     under = Signal(name=f"{name}_under")
     m.d.comb += [
@@ -174,18 +188,23 @@ def clamp_exponent(
     down = Signal(unsigned(EXP_BITS), name=f"{name}_down")
     m.d.comb += down.eq(numerics.E_MIN - e1)
     lo_mask = below_mask(m, down, bits, f"{name}_lomask")
+    e = Signal(signed(8), name=f"{name}_e")
+    m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))
+    return Clamp(over, under, up, down, lo_mask, e)
+
+
+def clamp_lanes(m: Module, q1: list[Value], c: Clamp, bits: int, name: str) -> list[Signal]:
+    """The second half of the clamp: each lane shifted as ``c`` decided."""
     qs = []
     for i, q in enumerate(q1):
         shifted_up = Signal(signed(2 * bits + 1), name=f"{name}_up{i}")
-        m.d.comb += shifted_up.eq(q << up)
+        m.d.comb += shifted_up.eq(q << c.up)
         hi = saturate(m, shifted_up, bits, f"{name}_hi{i}")
-        lo = rne_shift(m, q, down, f"{name}_lo{i}", lo_mask)
+        lo = rne_shift(m, q, c.down, f"{name}_lo{i}", c.lo_mask)
         out = Signal(signed(bits), name=f"{name}_q{i}")
-        m.d.comb += out.eq(Mux(over, hi, Mux(under, lo, q)))
+        m.d.comb += out.eq(Mux(c.over, hi, Mux(c.under, lo, q)))
         qs.append(out)
-    e = Signal(signed(8), name=f"{name}_e")
-    m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))
-    return qs, e
+    return qs
 
 
 def const_signed(v: int, width: int) -> Const:

@@ -336,12 +336,17 @@ class ChainEngine(wiring.Component):
         m.d.comb += reduce_beat.eq(c_issue & (c_g == 0))
 
         # Pooling reducer: lane-wise max or sum of the grid values over the window. The
-        # grid values are registered first, so the block RAM's read, the clamp and the
-        # shift are not in the cycle of the 48-bit add.
+        # clamped mantissas are registered, then their grid values, so the clamp, the
+        # shift onto the grid and the 48-bit add each have a cycle.
+        pool_q = [Signal(signed(8), name=f"pq{i}") for i in range(n)]
+        pool_shift = Signal(SHIFT_BITS)
+        p_beat, p_first, p_last = Signal(), Signal(), Signal()
+        m.d.sync += [a.eq(b) for a, b in zip(pool_q, cq, strict=True)] + [pool_shift.eq(shift)]
+        m.d.sync += [p_beat.eq(reduce_beat & is_pool), p_first.eq(c_first), p_last.eq(c_last)]
         grid = [Signal(signed(GRID_BITS), name=f"grid{i}") for i in range(n)]
         g_beat, g_first, g_last = Signal(), Signal(), Signal()
-        m.d.sync += [a.eq(b) for a, b in zip(grid, [c << shift for c in cq], strict=True)]
-        m.d.sync += [g_beat.eq(reduce_beat & is_pool), g_first.eq(c_first), g_last.eq(c_last)]
+        m.d.sync += [a.eq(q << pool_shift) for a, q in zip(grid, pool_q, strict=True)]
+        m.d.sync += [g_beat.eq(p_beat), g_first.eq(p_first), g_last.eq(p_last)]
         pacc = Signal(data.ArrayLayout(signed(POOL_BITS), n))
         pvalid = Signal()
         m.d.sync += pvalid.eq(0)

@@ -33,6 +33,10 @@ from tessera.isa import Reg
 #: Instruction memory words (the host loads the program here before ``start``).
 IMEM_DEPTH = 4096
 CTRL_REGS = 32
+#: Fetched instruction words queued ahead of the sequencer (four keep it at one per cycle:
+#: the one retiring, the one in the memory's output register, the one the memory is
+#: reading, the one asked for).
+FETCH_QUEUE = 4
 
 
 class Error:
@@ -119,15 +123,36 @@ class NPU(wiring.Component):
             return ctrl[int(reg)]
 
         # ------------------------------------------------------------ sequencer
-        pc = Signal(range(self.imem_depth + 1))
-        advance = Signal()
+        # Fetch runs ahead of the sequencer into a queue of FETCH_QUEUE registered words, so
+        # neither the instruction memory's clock-to-output nor its address set-up is in the
+        # cycle that decodes an instruction and decides whether it retires (the program has
+        # no jumps: fetch is sequential).
+        pc = Signal(range(self.imem_depth + 1))  # the address of the word in queue[0]
+        advance = Signal()  # queue[0] retires this cycle
+        fpc = Signal(range(self.imem_depth + 1))
+        fetching = Signal()
+        inflight = Signal()  # the memory answers a read of the last cycle
+        queue = [Signal(isa.WORD_BITS, name=f"iq{i}") for i in range(FETCH_QUEUE)]
+        count = Signal(range(FETCH_QUEUE + 1), name="iq_count")
         m.d.comb += [
-            ir.addr.eq(Mux(advance, pc + 1, pc)),
+            ir.addr.eq(fpc),
             ir.en.eq(1),
-            dec.word.eq(ir.data),
+            dec.word.eq(queue[0]),
             self.pc.eq(pc),
         ]
-        m.d.sync += pc.eq(Mux(advance, pc + 1, pc))
+        fetch = Signal()
+        arriving = Signal()  # ``word`` holds the answer to the read before last
+        word = Signal(isa.WORD_BITS, name="fetched")
+        m.d.comb += fetch.eq(fetching & (count + inflight + arriving < FETCH_QUEUE))
+        m.d.sync += [inflight.eq(fetch), arriving.eq(inflight), fpc.eq(fpc + fetch)]
+        m.d.sync += word.eq(ir.data)
+        kept = Signal.like(count)
+        m.d.comb += kept.eq(count - advance)
+        for i in range(FETCH_QUEUE):
+            nxt = queue[i + 1] if i + 1 < FETCH_QUEUE else queue[i]
+            shifted = Mux(advance, nxt, queue[i])
+            m.d.sync += queue[i].eq(Mux(arriving & (kept == i), word, shifted))
+        m.d.sync += [count.eq(kept + arriving), pc.eq(pc + advance)]
         d = dec.out
         ops = Signal(ChainOps)
         slot = Signal(range(MFU_SLOTS + 1))
@@ -199,6 +224,11 @@ class NPU(wiring.Component):
                 with m.If(self.start):
                     m.d.sync += [
                         pc.eq(0),
+                        fpc.eq(0),
+                        count.eq(0),
+                        inflight.eq(0),
+                        arriving.eq(0),
+                        fetching.eq(1),
                         self.busy.eq(1),
                         self.done.eq(0),
                         self.error.eq(0),
@@ -208,10 +238,13 @@ class NPU(wiring.Component):
                     m.d.sync += [ctrl[i].eq(0) for i in range(CTRL_REGS)]
                     m.next = "FETCH"
             with m.State("FETCH"):
-                m.next = "EXEC"
+                with m.If(arriving):  # the first word is in the queue next cycle
+                    m.next = "EXEC"
             with m.State("EXEC"):
                 with m.If(self.error != 0):
                     m.next = "STOP"
+                with m.Elif(count == 0):
+                    pass  # the next word is still on its way
                 with m.Elif(~d.valid):
                     m.d.sync += fail(Error.BAD_INSTRUCTION)
                     m.next = "STOP"
@@ -281,7 +314,9 @@ class NPU(wiring.Component):
                     m.next = "EXEC"
             with m.State("CHAIN"):
                 s = ops.slots[slot[:2]]
-                with m.If(~d.valid):
+                with m.If(count == 0):
+                    pass  # the next word is still on its way
+                with m.Elif(~d.valid):
                     m.d.sync += fail(Error.BAD_INSTRUCTION)
                     m.next = "STOP"
                 with m.Else():
@@ -356,10 +391,10 @@ class NPU(wiring.Component):
                             m.next = "STOP"
             with m.State("DRAIN"):
                 with m.If(~running & ~loader.busy):
-                    m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                    m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
             with m.State("STOP"):
                 with m.If(~running & ~loader.busy):
-                    m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                    m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
         return m

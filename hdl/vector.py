@@ -41,8 +41,8 @@ ENTRY = 1
 #: Registers an MFU slot adds before its renormalization: input, operand, alignment
 #: distance, aligned operand, result.
 SLOT_REGS = 5
-#: The storage stage's register after the exponent clamp.
-CLAMP = 1
+#: The storage stage's registers of the exponent clamp: its decision, then the lanes.
+CLAMP = 2
 
 
 def phases(cfg: NPUConfig) -> int:
@@ -55,8 +55,8 @@ def latency(cfg: NPUConfig) -> int:
 
     The entry register; each renormalization takes ``P + 3`` cycles; stage 0 is one, each
     slot adds its input, operand, alignment-distance, aligned-operand and result registers
-    to one, the storage stage one, its clamp register and its collection of the last phase;
-    the block is complete ``P - 1`` phases after its first.
+    to one, the storage stage one, its two clamp registers and its collection of the last
+    phase; the block is complete ``P - 1`` phases after its first.
     """
     p = phases(cfg)
     return ENTRY + (p + 3) + MFU_SLOTS * (p + 3 + SLOT_REGS) + (p + 3) + CLAMP + (p - 1) + 1
@@ -208,19 +208,21 @@ class VectorPipe(wiring.Component):
 
         # Re-block to storage BFP and collect the phases into one block for the writer.
         st = _normalize_phases(m, cfg, s, s.e, 0, cfg.mantissa_bits, "st")
-        cq, ce = bfp.clamp_exponent(m, st.q, st.e, cfg.mantissa_bits, "st_c")
+        # The int8 exponent clamp: its decision, registered, then the lanes' shifts.
+        decision = bfp.clamp_decision(m, st.e, cfg.mantissa_bits, "st_c")
+        held = _Stream(cfg, "ch", cfg.mantissa_bits)
+        held_clamp = bfp.Clamp(*[Signal.like(x, name=f"ch_{x.name}") for x in decision.signals()])
+        m.d.sync += [held.v.eq(st.v), held.ph.eq(st.ph)]
+        m.d.sync += [a.eq(b) for a, b in zip(held.q, st.q, strict=True)]
+        m.d.sync += [a.eq(b) for a, b in zip(held_clamp.signals(), decision.signals(), strict=True)]
+        cq = bfp.clamp_lanes(m, held.q, held_clamp, cfg.mantissa_bits, "st_c")
         clamped = _Stream(cfg, "cl", cfg.mantissa_bits)
-        any_now = Signal(name="cl_any")  # a non-zero lane in this phase
-        m.d.sync += [
-            clamped.v.eq(st.v),
-            clamped.ph.eq(st.ph),
-            clamped.e.eq(ce),
-            any_now.eq(Cat(*[q.any() for q in cq]).any()),
-        ]
+        m.d.sync += [clamped.v.eq(held.v), clamped.ph.eq(held.ph), clamped.e.eq(held_clamp.e)]
         m.d.sync += [a.eq(b) for a, b in zip(clamped.q, cq, strict=True)]
         sq, se = clamped.q, clamped.e
         nonzero = Signal(name="st_nz")  # a non-zero lane in this or an earlier phase
         nonzero_before = Signal(name="st_nz_before")
+        any_now = Cat(*[q.any() for q in sq]).any()
         m.d.comb += nonzero.eq(any_now | (nonzero_before & (clamped.ph != 0)))
         m.d.sync += self.out_valid.eq(0)
         with m.If(clamped.v):

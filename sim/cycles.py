@@ -82,9 +82,9 @@ ROW_LOAD_STATES = 1
 #: Registered beat stages between the activation buffer's answer and every reducer (the
 #: words, then the clamp's shift and mask: ``hdl/chain.py`` BEAT_STAGES).
 BEAT_STAGES = 2
-#: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the grid values
-#: register, the accumulator).
-POOL_LATENCY = 2
+#: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the clamped
+#: mantissas' register, the grid values' register, the accumulator).
+POOL_LATENCY = 3
 #: MFU slots of the vector pipeline (``hdl/params.py``).
 MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
@@ -112,6 +112,9 @@ WRITER_BURST_STATES = BUS_LATENCY
 AUX_BLOCK_STATES = 1 + BUS_LATENCY
 #: Blocks the AUX reader runs ahead of the sweep (its FIFO's depth minus one).
 AUX_FIFO = 7
+#: Cycles the sequencer waits after ``start`` for its fetch queue's first word
+#: (``hdl/npu.py`` FETCH state: the read, the word's register, then the queue register).
+FETCH_WAIT = 2
 #: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
 #: DRAIN state), and the host sees it one cycle later.
 HALT_TO_DONE = 2
@@ -137,10 +140,10 @@ def lane_groups(cfg: NPUConfig) -> int:
 def vector_latency(cfg: NPUConfig) -> int:
     """Vector pipeline cycles, reducer output to the writer (``hdl/vector.py``): the entry
     register, every renormalization ``P + 3`` (stage 0, each MFU slot with its five
-    registers, the re-block), the clamp register, then the block's other ``P - 1`` phases
-    and the collection register."""
+    registers, the re-block), the clamp's two registers, then the block's other ``P - 1``
+    phases and the collection register."""
     p = lane_groups(cfg)
-    return 1 + (p + 3) + MFU_SLOTS * (p + 8) + (p + 3) + 1 + (p - 1) + 1
+    return 1 + (p + 3) + MFU_SLOTS * (p + 8) + (p + 3) + 2 + (p - 1) + 1
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
@@ -219,7 +222,7 @@ class CycleModel:
     ``load`` per ``m_rd`` / ``c_rd``, ``chain`` per chain, ``finish`` after ``halt``."""
 
     cfg: NPUConfig
-    t_issue: int = 0
+    t_issue: int = FETCH_WAIT
     loader_free: int = 0  # the load unit is idle from this cycle
     hold_until: int = 0  # the activation loader streams (loads are held) until then
     running: _Running | None = None  # the last chain handed to the engine
