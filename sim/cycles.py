@@ -37,8 +37,8 @@ the writer's mantissa runs of up to ``RUN_MAX`` blocks and exponent flushes of u
 ``EXP_BUF`` bytes) plus the state cycles between the bursts of the unit that has the most
 of them (the others' beats fill the rest). The activation loader keeps two bursts queued,
 so between two of its bursts one of the writer's or the AUX reader's gets in: a row lands
-that much later. Once it is done, the AUX reader's round trip per block (it asks for the
-next block's bursts when the last one's beats have come) is left unfilled.
+that much later. The AUX reader's round trip between blocks (it asks for the next block's
+bursts when the last one's beats have come) is filled by the writer's bursts.
 
 **Writer and AUX reader** (``hdl/writer.py``, ``hdl/auxreader.py``) are serial engines,
 one burst at a time: the writer cannot finish before its bursts, one after the other,
@@ -463,14 +463,9 @@ class CycleModel:
         # fill as far as they reach.
         writer_states = writer_bursts * WRITER_BURST_STATES
         idle = max(sum(costs) - act_beats, writer_states)
-        bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats
-        if sw.aux and bus + idle > loader_idle:
-            # Once the activation loader is done, only the writer and the AUX reader are
-            # left: the AUX reader asks for a block's bursts only when the last block's beats
-            # have come, a round trip per block that no queued burst fills.
-            late = (bus + idle - loader_idle) / (bus + idle - launch)
-            idle = max(idle, round(late * sw.blocks * BUS_LATENCY))
-        bus += idle
+        # (The AUX reader's round trip between two blocks is filled by the writer's
+        # bursts: it asks for a block's exponent burst right after its mantissas'.)
+        bus = launch + LAUNCH_TO_SWEEP + act_beats + writer_beats + aux_beats + idle
         # the writer and the AUX reader are serial engines: one burst at a time
         first_out = row_runs[0] + reducer_latency + vec_latency + 2 if row_runs else launch
         serial = first_out + writer_beats + writer_states
