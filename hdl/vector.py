@@ -109,15 +109,16 @@ def _normalize_phases(
         m.d.sync += acc.eq(so_far)
         with m.If(src.ph == p - 1):
             m.d.sync += [whole.eq(so_far), lsb_w.eq(lsb), keep_w.eq(keep)]
-    shift, mask = bfp.normalize_shift(m, whole, bits, name)
+    shift = bfp.normalize_shift(m, whole, bits, name)
     shift_r = Signal.like(shift, name=f"{name}_shift_r")
-    mask_r = Signal.like(mask, name=f"{name}_mask_r")
+    lsb_r = Signal.like(lsb_w, name=f"{name}_lsb_r")
+    keep_r = Signal(name=f"{name}_keep_r")
+    zero_r = Signal(name=f"{name}_zero_r")
+    m.d.sync += [shift_r.eq(shift), lsb_r.eq(lsb_w), keep_r.eq(keep_w), zero_r.eq(whole == 0)]
+    # The sticky mask and the exponent come from the registered shift, beside the shifter.
+    mask_r = bfp.below_mask(m, shift_r, len(src.q[0]), f"{name}_mask")
     e_r = Signal(signed(bfp.EXP_BITS), name=f"{name}_e_r")
-    m.d.sync += [
-        shift_r.eq(shift),
-        mask_r.eq(mask),
-        e_r.eq(Mux(keep_w, lsb_w, Mux(whole == 0, numerics.E_ZERO, lsb_w + shift))),
-    ]
+    m.d.comb += e_r.eq(Mux(keep_r, lsb_r, Mux(zero_r, numerics.E_ZERO, lsb_r + shift_r)))
     # The lanes wait P + 1 cycles, until the vector's shift is known.
     lanes, side = src.q, src.side()
     for k in range(p + 1):

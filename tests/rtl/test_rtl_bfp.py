@@ -30,7 +30,8 @@ def normalize_by_union(
     After the shift every lane fits ``bits`` signed bits (|x| <= max), so the shifters
     build only those.
     """
-    shift, mask = bfp.normalize_shift(m, union, bits, name)
+    shift = bfp.normalize_shift(m, union, bits, name)
+    mask = bfp.below_mask(m, shift, len(union), f"{name}_mask")
     qs = [
         bfp.saturate(
             m, bfp.rne_shift(m, x, shift, f"{name}_rne{i}", mask, bits), bits, f"{name}_q{i}"

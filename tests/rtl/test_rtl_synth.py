@@ -28,6 +28,10 @@ def test_smallest_preset_synthesizes_and_reports(tmp_path, capsys):
     # the MVU's N x lanes multipliers, registered MULT18X18D instances, plus the MFU's
     assert rep["mult18"][0] >= cfg.native_dim * cfg.lanes
     assert set(rep["seconds"]) >= {"elaborate", "yosys"}
+    # the delay estimate of yosys' netlist, written before nextpnr runs
+    est = rep["logic_estimate"]
+    assert est["worst_ns"] > 0 and 0 <= est["endpoints_over"] <= est["endpoints"]
+    assert (tmp_path / "paths.txt").read_text().startswith("estimated logic delay")
     if rep["placed"]:
         assert rep["fmax_mhz"] and set(rep["target_mhz"]) == set(rep["fmax_mhz"])
         assert all(v > 0 for v in rep["fmax_mhz"].values())

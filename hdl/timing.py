@@ -1,0 +1,222 @@
+"""A quick delay estimate of a synthesized ECP5 netlist: register-to-register paths grouped
+by the signal they end in, deepest first, seconds after yosys.
+
+nextpnr takes about an hour to place and route the 85F build on this machine, and its report
+names one critical path; pipelining work needs the *list* of slow paths after every change.
+This walks yosys' JSON netlist (``synth_ecp5 -json``) once: every cell output's arrival is
+the latest input arrival plus the cell's delay plus a constant per routed connection (carry
+chains are dedicated wires), starting at the registers' clock-to-output. The delays are
+rough unit figures, not the device's timing model; routing dominates on the 85F and is far
+from constant, so the figures rank paths and show which fixes helped, they are not an
+Fmax (nextpnr's placed estimate has been about 1.8 times the worst path here).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field
+
+#: Picoseconds per routed connection between cells.
+ROUTE_PS = 700
+#: Combinational cells: inputs, outputs, delay in ps.
+COMB_CELLS = {
+    "LUT4": (("A", "B", "C", "D"), ("Z",), 150),
+    "PFUMX": (("ALUT", "BLUT", "C0"), ("Z",), 150),
+    "L6MUX21": (("D0", "D1", "SD"), ("Z",), 150),
+}
+#: Clock-to-output of the sequential cells (block RAM outputs unregistered: ~4 ns) ...
+CLOCK_TO_OUT_PS = {"TRELLIS_FF": 400, "DP16KD": 4000, "MULT18X18D": 1000, "TRELLIS_DPR16X4": 400}
+#: ... and their set-up time.
+SETUP_PS = {"TRELLIS_FF": 100, "DP16KD": 200, "MULT18X18D": 200, "TRELLIS_DPR16X4": 200}
+_CARRY_IN = "CIN"
+_CLOCKS = ("CLK", "CLKA", "CLKB", "CLK0", "CLK1", "CLK2", "CLK3", "WCK")
+
+
+def _arcs(cell_type: str) -> list[tuple[str, str, int]]:
+    """(input port, output port, delay ps) of a combinational cell."""
+    if cell_type in COMB_CELLS:
+        ins, outs, delay = COMB_CELLS[cell_type]
+        return [(i, o, delay) for i in ins for o in outs]
+    if cell_type == "CCU2C":  # two bits of a carry chain
+        arcs = [(i, o, 300) for i in ("A0", "B0", "C0", "D0") for o in ("S0", "COUT")]
+        arcs += [(i, "S1", 350) for i in ("A0", "B0", "C0", "D0")]
+        arcs += [(i, o, 300) for i in ("A1", "B1", "C1", "D1") for o in ("S1", "COUT")]
+        return [*arcs, (_CARRY_IN, "S0", 250), (_CARRY_IN, "S1", 280), (_CARRY_IN, "COUT", 60)]
+    if cell_type == "TRELLIS_DPR16X4":  # distributed RAM: the read is combinational
+        return [("RAD", "DO", 400)]
+    return []
+
+
+@dataclass
+class PathGroup:
+    """The endpoints whose register names differ only in indices, with their worst path."""
+
+    name: str
+    worst_ns: float
+    failing: int  # endpoints of the group over the period
+    path: list[tuple[str, str, float]] = field(default_factory=list)  # (cell, net, ns)
+
+
+@dataclass
+class TimingEstimate:
+    period_ns: float
+    endpoints: int
+    failing: int
+    worst_ns: float
+    groups: list[PathGroup]
+
+
+def _net_names(module: dict) -> dict[int, str]:
+    """A readable name per net bit: a user-visible one if there is, else the shortest."""
+    names: dict[int, str] = {}
+    for name, info in module["netnames"].items():
+        bits = info["bits"]
+        visible = not info.get("hide_name", 0)
+        for i, b in enumerate(bits):
+            if not isinstance(b, int):
+                continue
+            label = f"{name}[{i}]" if len(bits) > 1 else name
+            old = names.get(b)
+            if old is None or (visible and (old.startswith("$") or len(label) < len(old))):
+                names[b] = label
+    return names
+
+
+def _source_name(name: str) -> str:
+    """A mapped net's name without the cell path yosys appends (``x_LUT4_Z_...`` -> ``x``)."""
+    return re.sub(r"_(TRELLIS_FF|LUT4|CCU2C|PFUMX|L6MUX21|DP16KD|MULT18X18D)\S*", "", name)
+
+
+def _group_name(name: str) -> str:
+    """``chain.vec.mv3_6[2]`` -> ``chain.vec.mv3_#``: one group per register array."""
+    return re.sub(r"\d+$", "#", re.sub(r"\[\d+\]", "", _source_name(name)))
+
+
+def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimate:
+    """Arrival times over ``netlist`` (yosys JSON) and the endpoint groups over the period."""
+    module = netlist["modules"][top]
+    cells = module["cells"]
+    names = _net_names(module)
+    driver: dict[int, str] = {}
+    sinks: dict[int, list[tuple[str, str]]] = collections.defaultdict(list)
+    for cname, cell in cells.items():
+        for port, bits in cell["connections"].items():
+            output = cell["port_directions"].get(port) == "output"
+            for b in bits:
+                if isinstance(b, int):
+                    if output:
+                        driver[b] = cname
+                    else:
+                        sinks[b].append((cname, port))
+
+    arrival: dict[int, float] = {}
+    came_from: dict[int, tuple[int, str]] = {}
+    for cell in cells.values():
+        t = cell["type"]
+        if t not in CLOCK_TO_OUT_PS:
+            continue
+        for port, bits in cell["connections"].items():
+            # a distributed RAM's read data is combinational from its read address
+            if cell["port_directions"].get(port) == "output" and (t, port) != (
+                "TRELLIS_DPR16X4",
+                "DO",
+            ):
+                arrival.update((b, CLOCK_TO_OUT_PS[t]) for b in bits if isinstance(b, int))
+
+    # Cells in topological order: a cell is ready once every combinational driver of its
+    # timed inputs is done (Kahn's algorithm).
+    arcs = {c: _arcs(cell["type"]) for c, cell in cells.items()}
+    arcs = {c: a for c, a in arcs.items() if a}
+    timed_inputs = {
+        c: {b for i, _, _ in a for b in cells[c]["connections"].get(i, []) if isinstance(b, int)}
+        for c, a in arcs.items()
+    }
+    waiting = {c: sum(1 for b in bits if driver.get(b) in arcs) for c, bits in timed_inputs.items()}
+    ready = collections.deque(c for c, n in waiting.items() if n == 0)
+    while ready:
+        cname = ready.popleft()
+        conns = cells[cname]["connections"]
+        for port_in, port_out, delay in arcs[cname]:
+            hop = 0 if port_in == _CARRY_IN else ROUTE_PS
+            for b_in in conns.get(port_in, []):
+                if not isinstance(b_in, int):
+                    continue
+                t = arrival.get(b_in, 0.0) + hop + delay
+                for b_out in conns.get(port_out, []):
+                    if isinstance(b_out, int) and t > arrival.get(b_out, -1.0):
+                        arrival[b_out] = t
+                        came_from[b_out] = (b_in, cname)
+        outputs = {o for _, o, _ in arcs[cname]}
+        for port_out in outputs:
+            for b_out in conns.get(port_out, []):
+                if not isinstance(b_out, int):
+                    continue
+                for sink, port in sinks.get(b_out, []):
+                    if sink in waiting and any(port == i for i, _, _ in arcs[sink]):
+                        waiting[sink] -= 1
+                        if waiting[sink] == 0:
+                            ready.append(sink)
+
+    ends: list[tuple[float, str, int]] = []
+    for cname, cell in cells.items():
+        t = cell["type"]
+        if t not in SETUP_PS:
+            continue
+        for port, bits in cell["connections"].items():
+            if cell["port_directions"].get(port) != "input" or port in _CLOCKS:
+                continue
+            if (t, port) == ("TRELLIS_DPR16X4", "RAD"):
+                continue
+            for b in bits:
+                if isinstance(b, int) and b in arrival:
+                    ends.append(((arrival[b] + ROUTE_PS + SETUP_PS[t]) / 1000, cname, b))
+    ends.sort(key=lambda e: -e[0])
+
+    def endpoint_name(cname: str, b: int) -> str:
+        cell = cells[cname]
+        if cell["type"] == "TRELLIS_FF":
+            return names.get(cell["connections"]["Q"][0], cname)
+        return f"{names.get(b, cname)} ({cell['type']})"
+
+    def trace(b: int) -> list[tuple[str, str, float]]:
+        steps = []
+        while b in came_from:
+            b_in, cname = came_from[b]
+            steps.append((cells[cname]["type"], names.get(b, "?"), arrival[b] / 1000))
+            b = b_in
+        src = driver.get(b)
+        first = cells[src]["type"] if src else "input"
+        steps.append((first, names.get(b, "?"), arrival.get(b, 0.0) / 1000))
+        return steps[::-1]
+
+    groups: dict[str, PathGroup] = {}
+    for ns, cname, b in ends:
+        key = _group_name(endpoint_name(cname, b))
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = PathGroup(key, ns, 0, trace(b))
+        g.failing += ns > period_ns
+    failing = sum(1 for ns, _, _ in ends if ns > period_ns)
+    return TimingEstimate(
+        period_ns, len(ends), failing, ends[0][0] if ends else 0.0, list(groups.values())
+    )
+
+
+def format_estimate(est: TimingEstimate, top: int = 30) -> str:
+    """The worst ``top`` endpoint groups over the period, each with its worst path."""
+    lines = [
+        f"estimated logic delay (unit delays, before place and route): worst "
+        f"{est.worst_ns:.1f} ns; {est.failing} of {est.endpoints} endpoints over "
+        f"{est.period_ns:.1f} ns"
+    ]
+    for g in [g for g in est.groups if g.worst_ns > est.period_ns][:top]:
+        lines.append(f"\n{g.worst_ns:6.1f} ns  {g.failing:5d} over  {g.name}")
+        last = None
+        for cell_type, net, ns in g.path:
+            short = _source_name(net)
+            if short == last:  # along a carry chain or inside one signal's logic
+                continue
+            last = short
+            lines.append(f"    {ns:6.1f}  {cell_type:10s} {short}")
+    return "\n".join(lines)

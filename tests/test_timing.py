@@ -1,0 +1,48 @@
+"""The netlist delay estimate (``hdl/timing.py``) on a hand-made yosys netlist: arrival
+times add up as documented, carry chains cost no routing hop, endpoints group by register."""
+
+from tessera.hdl import timing
+
+
+def _cell(kind: str, **ports: tuple[str, list[int]]) -> dict:
+    return {
+        "type": kind,
+        "port_directions": {p: d for p, (d, _) in ports.items()},
+        "connections": {p: bits for p, (_, bits) in ports.items()},
+    }
+
+
+def _netlist() -> dict:
+    """acc[0] -> LUT4 -> CCU2C (A0 -> COUT) -> CCU2C (CIN -> S0) -> acc[1]; and short
+    paths acc[0] -> acc[2] -> acc[0] (other bits of the same register array)."""
+    i, o = "input", "output"
+    cells = {
+        "ff0": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [7]), Q=(o, [2])),
+        "lut": _cell("LUT4", A=(i, [2]), B=(i, ["0"]), C=(i, ["0"]), D=(i, ["0"]), Z=(o, [3])),
+        "c0": _cell("CCU2C", A0=(i, [3]), CIN=(i, ["0"]), S0=(o, [8]), COUT=(o, [4])),
+        "c1": _cell("CCU2C", A0=(i, ["0"]), CIN=(i, [4]), S0=(o, [5]), COUT=(o, [9])),
+        "ff1": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [5]), Q=(o, [6])),
+        "ff2": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [2]), Q=(o, [7])),
+    }
+    names = {"clk": [1], "acc": [2, 6, 7], "sum": [3], "carry": [4], "s": [5], "x": [8, 9]}
+    netnames = {k: {"bits": v, "hide_name": 0} for k, v in names.items()}
+    return {"modules": {"npu": {"cells": cells, "netnames": netnames}}}
+
+
+def test_arrival_adds_cell_and_route_delays_and_carry_chains_are_free():
+    est = timing.estimate(_netlist(), period_ns=3.0)
+    # clk->Q 400, hop 700 + LUT 150, hop 700 + A0->COUT 300, CIN->S0 250 (no hop),
+    # hop 700 + set-up 100
+    assert est.worst_ns == (400 + 700 + 150 + 700 + 300 + 250 + 700 + 100) / 1000
+    assert est.endpoints == 3 and est.failing == 1
+    (group,) = est.groups
+    assert group.name == "acc" and group.failing == 1
+    assert [cell for cell, _, _ in group.path] == ["TRELLIS_FF", "LUT4", "CCU2C", "CCU2C"]
+    text = timing.format_estimate(est)
+    assert "worst 3.3 ns; 1 of 3 endpoints over 3.0 ns" in text
+
+
+def test_nothing_over_a_long_period():
+    est = timing.estimate(_netlist(), period_ns=10.0)
+    assert est.failing == 0
+    assert len(timing.format_estimate(est).splitlines()) == 1  # no path groups listed
