@@ -25,7 +25,7 @@ from tessera.hdl.actloader import act_entries
 from tessera.hdl.arbiter import Arbiter
 from tessera.hdl.bus import MemBus
 from tessera.hdl.chain import ChainEngine
-from tessera.hdl.decoder import Decoder, Opcode
+from tessera.hdl.decoder import Decoded, Decoder, Opcode
 from tessera.hdl.loader import Loader, LoadKind, tile_word_bits, vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, ChainOps, ChainRegs, MfuOp, Reducer
 from tessera.isa import Reg
@@ -92,7 +92,8 @@ class NPU(wiring.Component):
         m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
         m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
 
-        m.submodules.dec = dec = Decoder()
+        m.submodules.dec_next = dec_next = Decoder()
+        m.submodules.dec_in = dec_in = Decoder()
         m.submodules.loader = loader = Loader(cfg)
         m.submodules.chain = chain = ChainEngine(cfg, ecp5=self.ecp5)
         m.submodules.arb = arb = Arbiter(5)
@@ -134,12 +135,7 @@ class NPU(wiring.Component):
         inflight = Signal()  # the memory answers a read of the last cycle
         queue = [Signal(isa.WORD_BITS, name=f"iq{i}") for i in range(FETCH_QUEUE)]
         count = Signal(range(FETCH_QUEUE + 1), name="iq_count")
-        m.d.comb += [
-            ir.addr.eq(fpc),
-            ir.en.eq(1),
-            dec.word.eq(queue[0]),
-            self.pc.eq(pc),
-        ]
+        m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), self.pc.eq(pc)]
         fetch = Signal()
         arriving = Signal()  # ``word`` holds the answer to the read before last
         word = Signal(isa.WORD_BITS, name="fetched")
@@ -152,8 +148,17 @@ class NPU(wiring.Component):
             nxt = queue[i + 1] if i + 1 < FETCH_QUEUE else queue[i]
             shifted = Mux(advance, nxt, queue[i])
             m.d.sync += queue[i].eq(Mux(arriving & (kept == i), word, shifted))
-        m.d.sync += [count.eq(kept + arriving), pc.eq(pc + advance)]
-        d = dec.out
+        pc_next = Signal.like(pc)
+        m.d.comb += pc_next.eq(pc + 1)
+        m.d.sync += [count.eq(kept + arriving), pc.eq(Mux(advance, pc_next, pc))]
+        # The word in queue[0] is kept decoded: the words that can follow it (queue[1], the
+        # arriving one) are decoded beside it, so the retire decision only selects.
+        d = Signal(Decoded, name="decoded")
+        m.d.comb += [dec_next.word.eq(queue[1]), dec_in.word.eq(word)]
+        with m.If(advance):
+            m.d.sync += d.eq(Mux(count > 1, dec_next.out, dec_in.out))
+        with m.Elif(count == 0):
+            m.d.sync += d.eq(dec_in.out)
         ops = Signal(ChainOps)
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
