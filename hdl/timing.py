@@ -8,7 +8,7 @@ the latest input arrival plus the cell's delay plus a constant per routed connec
 chains are dedicated wires), starting at the registers' clock-to-output. The delays are
 rough unit figures, not the device's timing model; routing dominates on the 85F and is far
 from constant, so the figures rank paths and show which fixes helped, they are not an
-Fmax (nextpnr's placed estimate has been about 1.8 times the worst path here).
+Fmax (nextpnr's placed estimate has been 1.6 - 1.8 times the worst path here).
 """
 
 from __future__ import annotations
