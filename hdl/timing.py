@@ -99,16 +99,10 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
     cells = module["cells"]
     names = _net_names(module)
     driver: dict[int, str] = {}
-    sinks: dict[int, list[tuple[str, str]]] = collections.defaultdict(list)
     for cname, cell in cells.items():
         for port, bits in cell["connections"].items():
-            output = cell["port_directions"].get(port) == "output"
-            for b in bits:
-                if isinstance(b, int):
-                    if output:
-                        driver[b] = cname
-                    else:
-                        sinks[b].append((cname, port))
+            if cell["port_directions"].get(port) == "output":
+                driver.update((b, cname) for b in bits if isinstance(b, int))
 
     arrival: dict[int, float] = {}
     came_from: dict[int, tuple[int, str]] = {}
@@ -132,7 +126,15 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
         c: {b for i, _, _ in a for b in cells[c]["connections"].get(i, []) if isinstance(b, int)}
         for c, a in arcs.items()
     }
-    waiting = {c: sum(1 for b in bits if driver.get(b) in arcs) for c, bits in timed_inputs.items()}
+    # A cell waits for each of its timed input bits that a combinational cell drives, once
+    # per bit even where the bit reaches several of its ports.
+    readers: dict[int, list[str]] = collections.defaultdict(list)
+    waiting: dict[str, int] = {}
+    for c, bits in timed_inputs.items():
+        comb_bits = [b for b in bits if driver.get(b) in arcs]
+        waiting[c] = len(comb_bits)
+        for b in comb_bits:
+            readers[b].append(c)
     ready = collections.deque(c for c, n in waiting.items() if n == 0)
     while ready:
         cname = ready.popleft()
@@ -147,16 +149,12 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
                     if isinstance(b_out, int) and t > arrival.get(b_out, -1.0):
                         arrival[b_out] = t
                         came_from[b_out] = (b_in, cname)
-        outputs = {o for _, o, _ in arcs[cname]}
-        for port_out in outputs:
+        for port_out in {o for _, o, _ in arcs[cname]}:
             for b_out in conns.get(port_out, []):
-                if not isinstance(b_out, int):
-                    continue
-                for sink, port in sinks.get(b_out, []):
-                    if sink in waiting and any(port == i for i, _, _ in arcs[sink]):
-                        waiting[sink] -= 1
-                        if waiting[sink] == 0:
-                            ready.append(sink)
+                for reader in readers.get(b_out, []) if isinstance(b_out, int) else []:
+                    waiting[reader] -= 1
+                    if waiting[reader] == 0:
+                        ready.append(reader)
 
     ends: list[tuple[float, str, int]] = []
     for cname, cell in cells.items():
