@@ -133,7 +133,7 @@ class ChainEngine(wiring.Component):
             "total": 32, "rowblocks": 32, "dh_rb": 32, "sh_rb": 32, "pt_rb": 32, "dw_c": 32,
             "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32, "kh": 8, "kw": 8,
             "dh": 8, "dw": 8, "cbn": 16, "is_mvu": 1, "is_pool": 1,
-            "in_ereg": 4, "out_ereg": 4, "halves": 4,
+            "in_ereg": 4, "out_ereg": 4, "out_mask": 16, "halves": 4,
         }  # fmt: skip
         act_s, stg = {}, {}
         for k, shape in shapes.items():
@@ -289,10 +289,13 @@ class ChainEngine(wiring.Component):
         c_q = Signal(n * 8)
         c_e = Signal(signed(8))
         below = Signal()
-        down = Signal(unsigned(16))
+        # A shift down by 8 or more rounds every int8 lane to 0, as 8 does: saturated in
+        # the register, the lanes' shifters and sticky masks see 4 bits.
+        down = Signal(range(9))
         shift = Signal(SHIFT_BITS)
         upsh = Signal(unsigned(16))
-        m.d.comb += upsh.eq(raw_e - floor)
+        downsh = Signal(signed(17))
+        m.d.comb += [upsh.eq(raw_e - floor), downsh.eq(floor - raw_e)]
         m.d.sync += [
             c_issue.eq(b_issue),
             c_first.eq(b_first),
@@ -301,7 +304,7 @@ class ChainEngine(wiring.Component):
             c_q.eq(raw_q),
             c_e.eq(raw_e),
             below.eq(raw_e < floor),
-            down.eq(floor - raw_e),
+            down.eq(Mux(downsh > 8, 8, downsh[:4])),
             shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
         ]
         cq = []
@@ -389,6 +392,8 @@ class ChainEngine(wiring.Component):
             (nr.sw, nr.icnt, "sw_c"),
             (nr.pl, nr.icnt, "pl_c"),
         ]
+        # The E registers in use as one-hot masks, so the sequencer's hazard check is an AND.
+        stg_in_mask = Signal(16)
         m.d.comb += self.ready.eq(0)
         with m.FSM(name="setup") as setup_fsm:
             with m.State("IDLE"):
@@ -399,6 +404,8 @@ class ChainEngine(wiring.Component):
                         nops.eq(self.ops),
                         stg["in_ereg"].eq(self.in_ereg),
                         stg["out_ereg"].eq(self.out_ereg),
+                        stg["out_mask"].eq(1 << self.out_ereg),
+                        stg_in_mask.eq(1 << self.in_ereg),
                         stg["halves"].eq(self.halves),
                     ]
                     m.next = "S0"
@@ -598,8 +605,7 @@ class ChainEngine(wiring.Component):
         run_busy = ~run_fsm.ongoing("IDLE")
         staged = ~setup_fsm.ongoing("IDLE")
         m.d.comb += self.eregs_in_use.eq(
-            Mux(run_busy, 1 << act_s["out_ereg"], 0)
-            | Mux(staged, (1 << stg["out_ereg"]) | (1 << stg["in_ereg"]), 0)
+            Mux(run_busy, act_s["out_mask"], 0) | Mux(staged, stg["out_mask"] | stg_in_mask, 0)
         )
         m.d.comb += [
             self.busy.eq(run_busy | ~setup_fsm.ongoing("IDLE")),

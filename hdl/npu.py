@@ -151,14 +151,26 @@ class NPU(wiring.Component):
         pc_next = Signal.like(pc)
         m.d.comb += pc_next.eq(pc + 1)
         m.d.sync += [count.eq(kept + arriving), pc.eq(Mux(advance, pc_next, pc))]
+
+        def ereg_ok(v):
+            return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
+
         # The word in queue[0] is kept decoded: the words that can follow it (queue[1], the
         # arriving one) are decoded beside it, so the retire decision only selects.
         d = Signal(Decoded, name="decoded")
+        # E register ``d.reg`` as a one-hot mask (0 if ``d.reg`` is not one), decoded with
+        # ``d``: the hazard check against the chains' E registers is then an AND.
+        d_ereg = Signal(isa.EXP_REG_COUNT)
+
+        def ereg_mask(dec: Decoded) -> Mux:
+            return Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)
+
         m.d.comb += [dec_next.word.eq(queue[1]), dec_in.word.eq(word)]
         with m.If(advance):
             m.d.sync += d.eq(Mux(count > 1, dec_next.out, dec_in.out))
+            m.d.sync += d_ereg.eq(Mux(count > 1, ereg_mask(dec_next.out), ereg_mask(dec_in.out)))
         with m.Elif(count == 0):
-            m.d.sync += d.eq(dec_in.out)
+            m.d.sync += [d.eq(dec_in.out), d_ereg.eq(ereg_mask(dec_in.out))]
         ops = Signal(ChainOps)
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
@@ -219,9 +231,6 @@ class NPU(wiring.Component):
             chain.ops.eq(ops),
         ]
 
-        def ereg_ok(v):
-            return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
-
         tiles_half = cfg.tile_buffer_tiles
         vrf_half = cfg.vrf_depth // 2
         with m.FSM():
@@ -265,7 +274,7 @@ class NPU(wiring.Component):
                         with m.Case(Opcode.S_WR):
                             # An E register an in-flight chain still reads or updates is
                             # written only after that chain (program order).
-                            e_busy = ereg_ok(d.reg) & chain.eregs_in_use.bit_select(d.reg[:4], 1)
+                            e_busy = (chain.eregs_in_use & d_ereg).any()
                             with m.If(~e_busy):
                                 m.d.comb += advance.eq(1)
                             with m.If(d.reg < CTRL_REGS):
@@ -273,7 +282,7 @@ class NPU(wiring.Component):
                             with m.Elif(ereg_ok(d.reg) & ~e_busy):
                                 m.d.sync += eregs[d.reg[:4]].eq(d.value)
                         with m.Case(Opcode.S_LD):
-                            e_busy = ereg_ok(d.reg) & chain.eregs_in_use.bit_select(d.reg[:4], 1)
+                            e_busy = (chain.eregs_in_use & d_ereg).any()
                             with m.If(~loader.busy & ~e_busy):
                                 m.d.comb += [
                                     loader.start.eq(1),

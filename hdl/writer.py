@@ -66,36 +66,37 @@ class Writer(wiring.Component):
         q = fifo.r_data[: n * 8]
         e = fifo.r_data[n * 8 :].as_signed()
 
-        # Position of the next block to write.
-        pix_m = Signal(32)
+        # The next block to write: its DRAM addresses and what is left of the chain and of
+        # its pixel are registers stepped with each block, so the burst decision compares
+        # registers only (no 32-bit adds or compares of the chain's fields in its cycle).
+        pix_m = Signal(32)  # first mantissa / exponent address of the current pixel
         pix_e = Signal(32)
-        ob = Signal(16)
-        mant = Signal(32)
+        mant = Signal(32)  # the next block's mantissa / exponent address
         ea = Signal(32)
-        m.d.comb += [mant.eq(pix_m + ob * n), ea.eq(pix_e + ob)]
-        full_depth = Signal()
-        m.d.comb += full_depth.eq(self.pixel_mstep == self.ocnt * n)
+        left_pix = Signal(16)  # blocks left in the current pixel, this one included
+        full_depth = Signal()  # the chain writes whole pixels: runs may cross pixels
+        # min(left, RUN_MAX) of the chain and of the pixel: small, so the run length and
+        # "everything is written" are cheap.
+        chain_sat = Signal(range(RUN_MAX + 1))
+        pix_sat = Signal(range(RUN_MAX + 1))
+        left_chain = Signal(32)
 
         # ------------------------------------------------------------ exponent engine
         ebuf = Signal(8 * EXP_BUF)  # byte i at bits 8i..8i+7
         ebase = Signal(32)
+        eend = Signal(32)  # ebase + ecount: where the next byte must go to join
         ecount = Signal(range(EXP_BUF + 1))
         eflush = Signal()  # a flush burst is requested or moving
-        ebeat = Signal(32)  # byte address of the beat being written
-        eleft = Signal(range(EXP_BUF // 2 + 2))
+        rel = Signal(signed(6))  # byte offset of the beat being written from ebase
         push = Signal()
-        push_addr = Signal(32)
-        push_byte = Signal(8)
         fits = Signal()
-        m.d.comb += fits.eq((ecount == 0) | ((push_addr == ebase + ecount) & (ecount < EXP_BUF)))
+        m.d.comb += fits.eq((ecount == 0) | ((ea == eend) & (ecount < EXP_BUF)))
         eb = self.ebus
         m.d.comb += [
             eb.write.eq(1),
             eb.addr.eq(ebase & ~1),
             eb.len.eq((ecount + ebase[0] + 1) >> 1),
         ]
-        rel = Signal(signed(34))
-        m.d.comb += rel.eq(ebeat.as_signed() - ebase.as_signed())
         lo_ok = (rel >= 0) & (rel < ecount)
         hi_ok = (rel + 1 >= 0) & (rel + 1 < ecount)
         m.d.comb += [
@@ -106,14 +107,12 @@ class Writer(wiring.Component):
         with m.FSM(name="exp"):
             with m.State("COLLECT"):
                 with m.If(push & fits):
-                    m.d.sync += ebuf.word_select(ecount[: (EXP_BUF - 1).bit_length()], 8).eq(
-                        push_byte
-                    )
-                    m.d.sync += ecount.eq(ecount + 1)
+                    m.d.sync += ebuf.word_select(ecount[: (EXP_BUF - 1).bit_length()], 8).eq(e)
+                    m.d.sync += [ecount.eq(ecount + 1), eend.eq(eend + 1)]
                     with m.If(ecount == 0):
-                        m.d.sync += ebase.eq(push_addr)
+                        m.d.sync += [ebase.eq(ea), eend.eq(ea + 1)]
                 with m.If(start_flush & (ecount != 0)):
-                    m.d.sync += ebeat.eq(ebase & ~1)
+                    m.d.sync += rel.eq(-ebase[0])  # the first beat starts at an even byte
                     m.next = "REQ"
             with m.State("REQ"):
                 m.d.comb += [eb.req.eq(1), eflush.eq(1)]
@@ -122,33 +121,35 @@ class Writer(wiring.Component):
             with m.State("DATA"):
                 m.d.comb += eflush.eq(1)
                 with m.If(eb.wtake):
-                    m.d.sync += ebeat.eq(ebeat + 2)
+                    m.d.sync += rel.eq(rel + 2)
                 with m.If(eb.done):
                     m.d.sync += ecount.eq(0)
                     m.next = "COLLECT"
-        del eleft
 
         # ------------------------------------------------------------ mantissa engine
         run = Signal(range(RUN_MAX + 1))  # blocks in the current burst
         k = Signal(range(gran + 1))  # beat inside the block
-        left_in_run = Signal(32)
-        m.d.comb += left_in_run.eq(Mux(full_depth, self.total - self.written, self.ocnt - ob))
         level = fifo.level
         bus = self.bus
         m.d.comb += [bus.write.eq(1), bus.wstrb.eq(0b11), bus.wdata.eq(q.word_select(k, 16))]
         pop = Signal()
-        m.d.comb += [
-            push.eq(pop),
-            push_addr.eq(ea),
-            push_byte.eq(e),
-        ]
+        m.d.comb += push.eq(pop)
+
+        def saturated(count: Signal) -> Mux:
+            return Mux(count > RUN_MAX, RUN_MAX, count)
 
         def advance():
+            pixel_ends = left_pix == 1
             return [
                 self.written.eq(self.written + 1),
-                ob.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1)),
-                pix_m.eq(Mux(ob + 1 == self.ocnt, pix_m + self.pixel_mstep, pix_m)),
-                pix_e.eq(Mux(ob + 1 == self.ocnt, pix_e + self.pixel_estep, pix_e)),
+                left_chain.eq(left_chain - 1),
+                chain_sat.eq(saturated(left_chain - 1)),
+                left_pix.eq(Mux(pixel_ends, self.ocnt, left_pix - 1)),
+                pix_sat.eq(Mux(pixel_ends, saturated(self.ocnt), saturated(left_pix - 1))),
+                pix_m.eq(Mux(pixel_ends, pix_m + self.pixel_mstep, pix_m)),
+                pix_e.eq(Mux(pixel_ends, pix_e + self.pixel_estep, pix_e)),
+                mant.eq(Mux(pixel_ends, pix_m + self.pixel_mstep, mant + n)),
+                ea.eq(Mux(pixel_ends, pix_e + self.pixel_estep, ea + 1)),
                 self.emax.eq(Mux(e > self.emax, e, self.emax)),
             ]
 
@@ -158,27 +159,33 @@ class Writer(wiring.Component):
                     m.d.sync += [
                         pix_m.eq(self.mant_addr),
                         pix_e.eq(self.exp_addr),
-                        ob.eq(0),
+                        mant.eq(self.mant_addr),
+                        ea.eq(self.exp_addr),
+                        left_pix.eq(self.ocnt),
+                        pix_sat.eq(saturated(self.ocnt)),
+                        left_chain.eq(self.total),
+                        chain_sat.eq(saturated(self.total)),
+                        full_depth.eq(self.pixel_mstep == self.ocnt * n),
                         self.written.eq(0),
                         self.emax.eq(-128),
                     ]
                     m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(self.written == self.total):
+                with m.If(chain_sat == 0):
                     m.d.comb += start_flush.eq(1)
                     with m.If(~eflush & (ecount == 0)):
                         m.next = "IDLE"
                 with m.Elif(fifo.r_rdy & (level != 0)):
+                    left = Mux(full_depth, chain_sat, pix_sat)
                     cap1 = Mux(level < RUN_MAX, level, RUN_MAX)
                     nrun = Signal(range(RUN_MAX + 1))
-                    m.d.comb += nrun.eq(Mux(left_in_run < cap1, left_in_run, cap1))
+                    m.d.comb += nrun.eq(Mux(left < cap1, left, cap1))
                     # The run's exponents (contiguous among themselves) must join the
                     # exponent buffer; otherwise flush it first. A burst cannot pause.
                     joins = Signal()
                     m.d.comb += joins.eq(
-                        ~eflush
-                        & ((ecount == 0) | ((ea == ebase + ecount) & (ecount + nrun <= EXP_BUF)))
+                        ~eflush & ((ecount == 0) | ((ea == eend) & (ecount + nrun <= EXP_BUF)))
                     )
                     with m.If(joins):
                         m.d.sync += [run.eq(nrun), k.eq(0)]
