@@ -115,13 +115,20 @@ def _normalize_phases(
     keep_r = Signal(name=f"{name}_keep_r")
     zero_r = Signal(name=f"{name}_zero_r")
     m.d.sync += [shift_r.eq(shift), lsb_r.eq(lsb_w), keep_r.eq(keep_w), zero_r.eq(whole == 0)]
-    # The sticky mask and the exponent come from the registered shift, beside the shifter.
-    mask_r = bfp.below_mask(m, shift_r, len(src.q[0]), f"{name}_mask")
+    # The exponent comes from the registered shift, beside the shifter.
     e_r = Signal(signed(bfp.EXP_BITS), name=f"{name}_e_r")
     m.d.comb += e_r.eq(Mux(keep_r, lsb_r, Mux(zero_r, numerics.E_ZERO, lsb_r + shift_r)))
-    # The lanes wait P + 1 cycles, until the vector's shift is known.
+    # The lanes wait P + 1 cycles, until the vector's shift is known; on their last wait
+    # each registers where its sticky bit starts, so the shift stage only compares.
     lanes, side = src.q, src.side()
+    limits = []
     for k in range(p + 1):
+        if k == p:
+            limits = [Signal(range(len(x) + 2), name=f"{name}_lim{i}") for i, x in enumerate(lanes)]
+            m.d.sync += [
+                lim.eq(bfp.sticky_limit(m, x, f"{name}_lim{i}_w"))
+                for i, (lim, x) in enumerate(zip(limits, lanes, strict=True))
+            ]
         nl = [Signal.like(x, name=f"{name}_d{k}_{i}") for i, x in enumerate(lanes)]
         ns = [Signal.like(x, name=f"{name}_ds{k}_{i}") for i, x in enumerate(side)]
         m.d.sync += [a.eq(b) for a, b in zip(nl + ns, lanes + side, strict=True)]
@@ -131,7 +138,7 @@ def _normalize_phases(
     sticky = [Signal(name=f"{name}_st{i}") for i in range(len(lanes))]
     m.d.sync += [a.eq(b) for a, b in zip(split.side(), side, strict=True)] + [split.e.eq(e_r)]
     for i, x in enumerate(lanes):
-        r, st = bfp.rne_split(m, x, shift_r, f"{name}_rs{i}", mask_r, bits)
+        r, st = bfp.rne_split(m, x, shift_r, f"{name}_rs{i}", None, bits, limits[i])
         m.d.sync += [split.q[i].eq(r), sticky[i].eq(st)]
     # ... then round and saturate.
     out = _Stream(cfg, f"{name}_o", bits)

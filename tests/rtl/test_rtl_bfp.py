@@ -144,3 +144,41 @@ def test_bit_length_tree_matches_python(width):
     sim = Simulator(m)
     sim.add_testbench(bench)
     sim.run()
+
+
+@pytest.mark.parametrize("width", [1, 2, 9, 24, 54])
+def test_sticky_limit_gives_the_masks_sticky_bit(width):
+    """rne_split's sticky bit from sticky_limit (a compare) equals the one from below_mask
+    (mask and OR) for every shift that rounds (s >= 1; at 0 there is no round bit), and
+    the rounded results agree for every shift, on values with their lowest set bit
+    anywhere."""
+    m = Module()
+    x = Signal(signed(width))
+    s = Signal(range(width + 1))
+    r_mask, by_mask = bfp.rne_split(m, x, s, "m")
+    limit = bfp.sticky_limit(m, x, "lim")
+    r_limit, by_limit = bfp.rne_split(m, x, s, "l", limit=limit)
+    rounded_mask = bfp.rne_round(m, r_mask, by_mask, "rm")
+    rounded_limit = bfp.rne_round(m, r_limit, by_limit, "rl")
+    rng = np.random.default_rng(width)
+    values = {0, -1, 1, -(1 << (width - 1)), (1 << (width - 1)) - 1}
+    for low in range(width):
+        for _ in range(3):
+            v = (int(rng.integers(0, 1 << 62)) << low | 1 << low) % (1 << width)
+            values.add(v - (1 << width) if v >> (width - 1) else v)
+
+    lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+    async def bench(ctx):
+        for v in sorted(v for v in values if lo <= v <= hi):
+            ctx.set(x, v)
+            for shift in range(width + 1):
+                ctx.set(s, shift)
+                if shift:
+                    assert ctx.get(by_limit) == ctx.get(by_mask), (v, shift)
+                assert ctx.get(rounded_limit) == ctx.get(rounded_mask), (v, shift)
+                assert ctx.get(rounded_limit) == numerics.rne_shift(np.int64(v), shift), (v, shift)
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
