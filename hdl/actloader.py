@@ -21,7 +21,7 @@ from amaranth.lib.wiring import In, Out
 
 from tessera.config import NPUConfig
 from tessera.hdl.bus import BEAT_BYTES, BurstPort
-from tessera.hdl.loader import CHUNK, lg
+from tessera.hdl.loader import BurstBudget, lg
 
 
 def act_entries(cfg: NPUConfig) -> int:
@@ -96,21 +96,20 @@ class ActLoader(wiring.Component):
         m_ptr = Signal(32)
         e_ptr = Signal(32)
         req_addr = Signal(32)
-        left = Signal(32)  # beats still to request in this phase
+        budget = BurstBudget("budget")  # beats still to request in this phase
         inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
         k = Signal(range(max(2, gran)))  # granule within the block (mantissa phase)
         entry = Signal(eb + 1)
         b = Signal(32)  # byte address of the current exponent beat
 
         bus = self.bus
-        m.d.comb += [bus.write.eq(0), bus.addr.eq(req_addr), bus.len.eq(left)]
-        with m.If(left > CHUNK):
-            m.d.comb += bus.len.eq(CHUNK)
+
+        m.d.comb += [bus.write.eq(0), bus.addr.eq(req_addr), bus.len.eq(budget.chunk)]
         m.d.sync += inflight.eq(inflight + bus.grant - bus.done)
         with m.If(bus.grant):
             m.d.sync += [
-                req_addr.eq(req_addr + BEAT_BYTES * bus.len),
-                left.eq(left - bus.len),
+                req_addr.eq(req_addr + BEAT_BYTES * budget.chunk),
+                *budget.take(),
             ]
 
         mw = self.mant_wr
@@ -167,14 +166,14 @@ class ActLoader(wiring.Component):
                 m.d.comb += [self.busy.eq(1), self.streaming.eq(1)]
                 m.d.sync += [
                     req_addr.eq(m_ptr),
-                    left.eq(self.seg_blocks << lg(gran)),
+                    *budget.load(self.seg_blocks << lg(gran)),
                     entry.eq(ebase),
                     k.eq(0),
                 ]
                 m.next = "MANT"
             with m.State("MANT"):
                 m.d.comb += self.streaming.eq(1)
-                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & (inflight < 2))]
+                m.d.comb += [self.busy.eq(1), bus.req.eq((budget.chunk != 0) & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.comb += mw.en.eq(1 << k if gran > 1 else 1)
                     if gran > 1:
@@ -183,16 +182,16 @@ class ActLoader(wiring.Component):
                             m.d.sync += [k.eq(0), entry.eq(entry + 1)]
                     else:
                         m.d.sync += entry.eq(entry + 1)
-                with m.If(bus.done & (inflight == 1) & (left == 0)):
+                with m.If(bus.done & (inflight == 1) & (budget.chunk == 0)):
                     m.d.sync += [
                         req_addr.eq(e_ptr & ~1),
                         b.eq(e_ptr & ~1),
-                        left.eq((self.seg_blocks + e_ptr[0] + 1) >> 1),
+                        *budget.load((self.seg_blocks + e_ptr[0] + 1) >> 1),
                     ]
                     m.next = "EXP"
             with m.State("EXP"):
                 m.d.comb += self.streaming.eq(1)
-                m.d.comb += [self.busy.eq(1), bus.req.eq((left != 0) & (inflight < 2))]
+                m.d.comb += [self.busy.eq(1), bus.req.eq((budget.chunk != 0) & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.sync += b.eq(b + 2)
                     for byte, ok in enumerate((ok0, ok1)):
@@ -200,7 +199,7 @@ class ActLoader(wiring.Component):
                         for par in range(2):
                             with m.If(ok & (ent[0] == par)):
                                 m.d.comb += wr[par].en.eq(1)
-                with m.If(bus.done & (inflight == 1) & (left == 0)):
+                with m.If(bus.done & (inflight == 1) & (budget.chunk == 0)):
                     m.d.sync += [
                         m_ptr.eq(m_ptr + self.seg_mstep),
                         e_ptr.eq(e_ptr + self.seg_estep),

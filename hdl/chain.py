@@ -131,9 +131,12 @@ class ChainEngine(wiring.Component):
         shapes = {
             "pix_in": 32, "in_plane": 32, "pix_out": 32, "out_plane": 32, "aux_plane": 32,
             "total": 32, "rowblocks": 32, "dh_rb": 32, "sh_rb": 32, "pt_rb": 32, "dw_c": 32,
-            "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32, "kh": 8, "kw": 8,
-            "dh": 8, "dw": 8, "cbn": 16, "is_mvu": 1, "is_pool": 1,
+            "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32,
+            "dh": 8, "dw": 8, "is_mvu": 1, "is_pool": 1,
             "in_ereg": 4, "out_ereg": 4, "out_mask": 16, "halves": 4,
+            # the sweep's loop bounds less one, so its "last" tests compare registers
+            "kh_m1": signed(9), "kw_m1": signed(9), "cbn_m1": signed(17),
+            "ocnt_m1": signed(17), "ow_m1": signed(17), "oh_m1": signed(17),
         }  # fmt: skip
         act_s, stg = {}, {}
         for k, shape in shapes.items():
@@ -143,8 +146,8 @@ class ChainEngine(wiring.Component):
         rowblocks, dh_rb, sh_rb = act_s["rowblocks"], act_s["dh_rb"], act_s["sh_rb"]
         pt_rb, dw_c, sw_c, pl_c = act_s["pt_rb"], act_s["dw_c"], act_s["sw_c"], act_s["pl_c"]
         span, ring_rows, ring = act_s["span"], act_s["ring_rows"], act_s["ring"]
-        kh, kw, dh, dw = act_s["kh"], act_s["kw"], act_s["dh"], act_s["dw"]
-        cbn, is_mvu, is_pool = act_s["cbn"], act_s["is_mvu"], act_s["is_pool"]
+        dh, dw, is_mvu, is_pool = act_s["dh"], act_s["dw"], act_s["is_mvu"], act_s["is_pool"]
+        kh_m1, kw_m1, cbn_m1 = act_s["kh_m1"], act_s["kw_m1"], act_s["cbn_m1"]
         m.d.comb += [
             self.done_ereg.eq(act_s["out_ereg"]),
             self.emax_idx.eq(stg["in_ereg"]),
@@ -229,7 +232,7 @@ class ChainEngine(wiring.Component):
         inwin = Signal()
         m.d.comb += [
             first.eq((ky == 0) & (kx == 0) & (cb == 0)),
-            last.eq((ky == kh - 1) & (kx == kw - 1) & (cb == cbn - 1)),
+            last.eq((ky == kh_m1) & (kx == kw_m1) & (cb == cbn_m1)),
             entry.eq(row_addr + col_addr + Mux(is_mvu, cb, ob)),
             inwin.eq((iy >= 0) & (iy < r.ih) & (ix >= 0) & (ix < r.iw)),
         ]
@@ -414,23 +417,28 @@ class ChainEngine(wiring.Component):
                 m.d.sync += [
                     stg["is_mvu"].eq(red == Reducer.MVU),
                     stg["is_pool"].eq(red == Reducer.POOL),
+                    stg["ocnt_m1"].eq(nr.ocnt - 1),
+                    stg["ow_m1"].eq(nr.ow - 1),
+                    stg["oh_m1"].eq(nr.oh - 1),
                 ]
                 with m.If(red == Reducer.MVU):
                     m.d.sync += [
-                        stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(nr.dh),
-                        stg["dw"].eq(nr.dw), stg["cbn"].eq(nr.icnt),
+                        stg["dh"].eq(nr.dh), stg["dw"].eq(nr.dw),
                         stg["span"].eq((nr.kh - 1) * nr.dh),
+                        stg["kh_m1"].eq(nr.kh - 1), stg["kw_m1"].eq(nr.kw - 1),
+                        stg["cbn_m1"].eq(nr.icnt - 1),
                     ]  # fmt: skip
                 with m.Elif(red == Reducer.POOL):
                     m.d.sync += [
-                        stg["kh"].eq(nr.kh), stg["kw"].eq(nr.kw), stg["dh"].eq(1),
-                        stg["dw"].eq(1), stg["cbn"].eq(1),
+                        stg["dh"].eq(1), stg["dw"].eq(1),
                         stg["span"].eq(nr.kh - 1),
+                        stg["kh_m1"].eq(nr.kh - 1), stg["kw_m1"].eq(nr.kw - 1),
+                        stg["cbn_m1"].eq(0),
                     ]  # fmt: skip
                 with m.Else():
                     m.d.sync += [
-                        stg["kh"].eq(1), stg["kw"].eq(1), stg["dh"].eq(1), stg["dw"].eq(1),
-                        stg["cbn"].eq(1), stg["span"].eq(0),
+                        stg["dh"].eq(1), stg["dw"].eq(1), stg["span"].eq(0),
+                        stg["kh_m1"].eq(0), stg["kw_m1"].eq(0), stg["cbn_m1"].eq(0),
                     ]  # fmt: skip
                 m.next = "P0"
             for i, (a, b, dst) in enumerate(setup):
@@ -554,23 +562,23 @@ class ChainEngine(wiring.Component):
                     m.d.sync += g.eq(g + 1)
                     with m.If(g == groups - 1):
                         m.d.sync += [g.eq(0), cb.eq(cb + 1)]
-                        with m.If(cb == cbn - 1):
+                        with m.If(cb == cbn_m1):
                             m.d.sync += [cb.eq(0), kx.eq(kx + 1), ix.eq(ix + dw)]
                             m.d.sync += col_addr.eq(col_addr + dw_c)
-                            with m.If(kx == kw - 1):
+                            with m.If(kx == kw_m1):
                                 m.d.sync += [kx.eq(0), ix.eq(col_first)]
                                 m.d.sync += col_addr.eq(col_addr_first)
                                 m.d.sync += [ky.eq(ky + 1), iy.eq(iy + dh)]
                                 nra = row_addr + dh_rb
                                 m.d.sync += row_addr.eq(Mux(nra >= ring, nra - ring, nra))
-                                with m.If(ky == kh - 1):
+                                with m.If(ky == kh_m1):
                                     m.d.sync += [
                                         ky.eq(0),
                                         iy.eq(row_first),
                                         row_addr.eq(row_addr_first),
                                         ob.eq(ob + 1),
                                     ]
-                                    with m.If(ob == r.ocnt - 1):
+                                    with m.If(ob == act_s["ocnt_m1"]):
                                         m.d.sync += [ob.eq(0), tile.eq(ops.tile)]
                                         nxt_c = col_first + r.sw
                                         nxt_ca = col_addr_first + sw_c
@@ -581,7 +589,7 @@ class ChainEngine(wiring.Component):
                                             ix.eq(nxt_c),
                                             col_addr.eq(nxt_ca),
                                         ]
-                                        with m.If(ox == r.ow - 1):
+                                        with m.If(ox == act_s["ow_m1"]):
                                             m.next = "ROW_NEXT"
             with m.State("ROW_NEXT"):
                 m.d.comb += self.busy.eq(1)
@@ -590,7 +598,7 @@ class ChainEngine(wiring.Component):
                     row_first.eq(row_first + r.sh),
                     row_addr_first.eq(row_addr_first + sh_rb),
                 ]
-                with m.If(oy == r.oh - 1):
+                with m.If(oy == act_s["oh_m1"]):
                     m.next = "DRAIN"
                 with m.Else():
                     m.next = "ROW_WRAP"

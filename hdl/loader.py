@@ -8,7 +8,8 @@ row exponents, and tile-buffer word ``tile * N/lanes + g`` holds rows ``g*lanes 
 their exponents, so a beat's two bytes always fall into one word.
 """
 
-from amaranth import Module, Signal, signed
+from amaranth import Const, Module, Mux, Signal, signed
+from amaranth.hdl import Value
 from amaranth.lib import enum, wiring
 from amaranth.lib.memory import WritePort
 from amaranth.lib.wiring import In, Out
@@ -20,6 +21,28 @@ from tessera.hdl.bus import BEAT_BYTES, BurstPort
 #: Beats per burst the loader asks for: short enough that the chain's own traffic, which
 #: has priority, never waits long behind it.
 CHUNK = 16
+
+
+class BurstBudget:
+    """Beats still to request (``left``) and the next burst's length, ``min(left, CHUNK)``
+    (``chunk``), both registers stepped together: whether a burst is due and how long it
+    is come from ``chunk``, not from 32-bit compares in the request cycle."""
+
+    def __init__(self, name: str):
+        self.left = Signal(32, name=f"{name}_left")
+        self.chunk = Signal(range(CHUNK + 1), name=f"{name}_chunk")
+
+    def load(self, beats: Value) -> list:
+        """Statements that start a phase of ``beats`` beats."""
+        return [self.left.eq(beats), self.chunk.eq(Mux(beats > CHUNK, CHUNK, beats))]
+
+    def take(self) -> list:
+        """Statements for a granted burst of ``chunk`` beats."""
+        left = self.left
+        return [
+            left.eq(left - self.chunk),
+            self.chunk.eq(Mux(left >= 2 * CHUNK, CHUNK, Mux(left > CHUNK, left - CHUNK, 0))),
+        ]
 
 
 def lg(x: int) -> int:
@@ -88,7 +111,7 @@ class Loader(wiring.Component):
         n, lanes, groups = cfg.native_dim, cfg.lanes, self.groups
         tbytes = layout.tile_bytes(n, cfg.mantissa_bits)
         kind = Signal(LoadKind)
-        left = Signal(32)  # beats still to request
+        budget = BurstBudget("budget")
         addr = Signal(32)
         item = Signal(16)  # tile or vector being written
         off = Signal(range(max(tbytes, 2 * n + 2) + 1))  # byte offset inside the item
@@ -98,15 +121,13 @@ class Loader(wiring.Component):
         m.d.comb += [
             bus.write.eq(0),
             bus.addr.eq(addr),
-            self.busy.eq((left != 0) | (inflight != 0)),
+            self.busy.eq((budget.chunk != 0) | (inflight != 0)),
         ]
-        m.d.comb += bus.len.eq(left)
-        with m.If(left > CHUNK):
-            m.d.comb += bus.len.eq(CHUNK)
-        m.d.comb += bus.req.eq((left != 0) & (inflight < 2) & ~self.hold)
+        m.d.comb += bus.len.eq(budget.chunk)
+        m.d.comb += bus.req.eq((budget.chunk != 0) & (inflight < 2) & ~self.hold)
         with m.If(bus.grant):
-            m.d.sync += addr.eq(addr + BEAT_BYTES * bus.len)
-            m.d.sync += left.eq(left - bus.len)
+            m.d.sync += addr.eq(addr + BEAT_BYTES * budget.chunk)
+            m.d.sync += budget.take()
         m.d.sync += inflight.eq(inflight + bus.grant - bus.done)
 
         m.d.sync += self.scalar_valid.eq(0)
@@ -114,11 +135,11 @@ class Loader(wiring.Component):
             m.d.sync += [kind.eq(self.kind), item.eq(self.index), off.eq(0), addr.eq(self.addr)]
             with m.Switch(self.kind):
                 with m.Case(LoadKind.TILES):
-                    m.d.sync += left.eq(self.count * (tbytes // BEAT_BYTES))
+                    m.d.sync += budget.load(self.count * (tbytes // BEAT_BYTES))
                 with m.Case(LoadKind.CONSTS):
-                    m.d.sync += left.eq(self.count * (n + 1))
+                    m.d.sync += budget.load(self.count * (n + 1))
                 with m.Case(LoadKind.SCALAR):
-                    m.d.sync += left.eq(2)
+                    m.d.sync += budget.load(Const(2, 2))
 
         # Tile bytes: mantissa byte o -> word o // (lanes*N), lane o % (lanes*N);
         # exponent byte N*N + r -> word r // lanes, lane lanes*N + r % lanes.

@@ -129,14 +129,24 @@ class Writer(wiring.Component):
         # ------------------------------------------------------------ mantissa engine
         run = Signal(range(RUN_MAX + 1))  # blocks in the current burst
         k = Signal(range(gran + 1))  # beat inside the block
-        level = fifo.level
         bus = self.bus
         m.d.comb += [bus.write.eq(1), bus.wstrb.eq(0b11), bus.wdata.eq(q.word_select(k, 16))]
-        pop = Signal()
-        m.d.comb += push.eq(pop)
 
         def saturated(count: Signal) -> Mux:
             return Mux(count > RUN_MAX, RUN_MAX, count)
+
+        pop = Signal()
+        m.d.comb += push.eq(pop)
+        # Blocks in the FIFO (it never fills: the chain engine keeps fewer in flight), and
+        # min(that, RUN_MAX) as a register: the burst decision reads 4 bits, not the
+        # FIFO's level adder. Both successors are ready before ``pop`` picks one.
+        held = Signal(range(DEPTH + 1))
+        held_sat = Signal(range(RUN_MAX + 1))
+        arrived = held + self.in_valid
+        m.d.sync += [
+            held.eq(Mux(pop, arrived - 1, arrived)),
+            held_sat.eq(Mux(pop, saturated(arrived - 1), saturated(arrived))),
+        ]
 
         def advance():
             pixel_ends = left_pix == 1
@@ -172,23 +182,24 @@ class Writer(wiring.Component):
                     m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
+                # The next run, were it to start: min(what is left, what is held).
+                left = Mux(full_depth, chain_sat, pix_sat)
+                m.d.sync += [run.eq(Mux(left < held_sat, left, held_sat)), k.eq(0)]
                 with m.If(chain_sat == 0):
                     m.d.comb += start_flush.eq(1)
                     with m.If(~eflush & (ecount == 0)):
                         m.next = "IDLE"
-                with m.Elif(fifo.r_rdy & (level != 0)):
-                    left = Mux(full_depth, chain_sat, pix_sat)
-                    cap1 = Mux(level < RUN_MAX, level, RUN_MAX)
-                    nrun = Signal(range(RUN_MAX + 1))
-                    m.d.comb += nrun.eq(Mux(left < cap1, left, cap1))
+                with m.Elif(fifo.r_rdy & (held_sat != 0)):
                     # The run's exponents (contiguous among themselves) must join the
                     # exponent buffer; otherwise flush it first. A burst cannot pause.
+                    # The run fits the buffer's room if either of its bounds does.
+                    room = EXP_BUF - ecount
                     joins = Signal()
                     m.d.comb += joins.eq(
-                        ~eflush & ((ecount == 0) | ((ea == eend) & (ecount + nrun <= EXP_BUF)))
+                        ~eflush
+                        & ((ecount == 0) | ((ea == eend) & ((left <= room) | (held_sat <= room))))
                     )
                     with m.If(joins):
-                        m.d.sync += [run.eq(nrun), k.eq(0)]
                         m.next = "REQ"
                     with m.Else():
                         m.d.comb += start_flush.eq(1)
