@@ -218,8 +218,11 @@ def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
     # reference's up-to-40 bits: clamping there keeps the shifter ``bits`` wide.
     up = Signal(range(bits + 1), name=f"{name}_up")
     m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > bits, bits, e1 - numerics.E_MAX))
-    down = Signal(unsigned(EXP_BITS), name=f"{name}_down")
-    m.d.comb += down.eq(numerics.E_MIN - e1)
+    # Likewise a shift down by ``bits`` or more rounds every lane to 0, as ``bits`` does.
+    below = Signal(signed(EXP_BITS + 1), name=f"{name}_below")
+    m.d.comb += below.eq(numerics.E_MIN - e1)
+    down = Signal(range(bits + 1), name=f"{name}_down")
+    m.d.comb += down.eq(Mux(below > bits, bits, below))
     lo_mask = below_mask(m, down, bits, f"{name}_lomask")
     e = Signal(signed(8), name=f"{name}_e")
     m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))

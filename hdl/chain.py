@@ -137,6 +137,8 @@ class ChainEngine(wiring.Component):
             # the sweep's loop bounds less one, so its "last" tests compare registers
             "kh_m1": signed(9), "kw_m1": signed(9), "cbn_m1": signed(17),
             "ocnt_m1": signed(17), "ow_m1": signed(17), "oh_m1": signed(17),
+            # the activation loader's segments of an input row
+            "seg_blocks": 32, "segs_per_row": 16, "seg_mstep": 32, "seg_estep": 32,
         }  # fmt: skip
         act_s, stg = {}, {}
         for k, shape in shapes.items():
@@ -202,12 +204,11 @@ class ChainEngine(wiring.Component):
             act.ring.eq(ring),
             act.ring_rows.eq(ring_rows),
         ]
-        contiguous = r.icnt == r.icb
         m.d.comb += [
-            act.seg_blocks.eq(Mux(contiguous, rowblocks, r.icnt)),
-            act.segs_per_row.eq(Mux(contiguous, 1, r.iw)),
-            act.seg_mstep.eq(Mux(contiguous, r.iw * 0 + (rowblocks << lg(n)), r.icb << lg(n))),
-            act.seg_estep.eq(Mux(contiguous, rowblocks, r.icb)),
+            act.seg_blocks.eq(act_s["seg_blocks"]),
+            act.segs_per_row.eq(act_s["segs_per_row"]),
+            act.seg_mstep.eq(act_s["seg_mstep"]),
+            act.seg_estep.eq(act_s["seg_estep"]),
         ]
         m.d.comb += [
             writer.mant_addr.eq(r.out_addr + (r.ooff << lg(n))),
@@ -469,6 +470,15 @@ class ChainEngine(wiring.Component):
             with m.State("RING"):
                 m.d.comb += [mul_a.eq(stg["ring_rows"]), mul_b.eq(stg["rowblocks"])]
                 m.d.sync += stg["ring"].eq(prod)
+                # A row is one segment when the chain reads every channel block of it.
+                contiguous = nr.icnt == nr.icb
+                rb = stg["rowblocks"]
+                m.d.sync += [
+                    stg["seg_blocks"].eq(Mux(contiguous, rb, nr.icnt)),
+                    stg["segs_per_row"].eq(Mux(contiguous, 1, nr.iw)),
+                    stg["seg_mstep"].eq(Mux(contiguous, rb << lg(n), nr.icb << lg(n))),
+                    stg["seg_estep"].eq(Mux(contiguous, rb, nr.icb)),
+                ]
                 m.next = "READY"
             with m.State("READY"):
                 with m.If(launch):

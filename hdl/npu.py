@@ -15,6 +15,7 @@ the largest exponent it wrote.
 """
 
 from amaranth import Cat, Module, Mux, Signal, signed
+from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -150,7 +151,12 @@ class NPU(wiring.Component):
             m.d.sync += queue[i].eq(Mux(arriving & (kept == i), word, shifted))
         pc_next = Signal.like(pc)
         m.d.comb += pc_next.eq(pc + 1)
+        # pc >= imem_depth - 1 (no room for another word), kept as a flag beside pc so the
+        # retire decision does not compare pc.
+        pc_at_end = Signal()
         m.d.sync += [count.eq(kept + arriving), pc.eq(Mux(advance, pc_next, pc))]
+        with m.If(advance):
+            m.d.sync += pc_at_end.eq(pc_next >= self.imem_depth - 1)
 
         def ereg_ok(v):
             return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
@@ -171,6 +177,14 @@ class NPU(wiring.Component):
             m.d.sync += d_ereg.eq(Mux(count > 1, ereg_mask(dec_next.out), ereg_mask(dec_in.out)))
         with m.Elif(count == 0):
             m.d.sync += [d.eq(dec_in.out), d_ereg.eq(ereg_mask(dec_in.out))]
+
+        def write_ereg(value: Value) -> None:
+            """E[d.reg] = value if d.reg is an E register, selected by its one-hot mask (the
+            other E registers are left to whatever else updates them this cycle)."""
+            for i in range(isa.EXP_REG_COUNT):
+                with m.If(d_ereg[i]):
+                    m.d.sync += eregs[i].eq(value)
+
         ops = Signal(ChainOps)
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
@@ -238,6 +252,7 @@ class NPU(wiring.Component):
                 with m.If(self.start):
                     m.d.sync += [
                         pc.eq(0),
+                        pc_at_end.eq(self.imem_depth <= 1),
                         fpc.eq(0),
                         count.eq(0),
                         inflight.eq(0),
@@ -262,7 +277,7 @@ class NPU(wiring.Component):
                 with m.Elif(~d.valid):
                     m.d.sync += fail(Error.BAD_INSTRUCTION)
                     m.next = "STOP"
-                with m.Elif(pc >= self.imem_depth - 1):
+                with m.Elif(pc_at_end):
                     m.d.sync += fail(Error.PC_OVERFLOW)
                     m.next = "STOP"
                 with m.Else():
@@ -279,8 +294,8 @@ class NPU(wiring.Component):
                                 m.d.comb += advance.eq(1)
                             with m.If(d.reg < CTRL_REGS):
                                 m.d.sync += ctrl[d.reg[:5]].eq(d.value)
-                            with m.Elif(ereg_ok(d.reg) & ~e_busy):
-                                m.d.sync += eregs[d.reg[:4]].eq(d.value)
+                            with m.If(~e_busy):
+                                write_ereg(d.value)
                         with m.Case(Opcode.S_LD):
                             e_busy = (chain.eregs_in_use & d_ereg).any()
                             with m.If(~loader.busy & ~e_busy):
@@ -322,8 +337,7 @@ class NPU(wiring.Component):
                 with m.If(loader.scalar_valid):
                     with m.If(d.reg < CTRL_REGS):
                         m.d.sync += ctrl[d.reg[:5]].eq(loader.scalar)
-                    with m.Elif(ereg_ok(d.reg)):
-                        m.d.sync += eregs[d.reg[:4]].eq(loader.scalar)
+                    write_ereg(loader.scalar)
                     m.d.comb += advance.eq(1)
                     m.next = "EXEC"
             with m.State("CHAIN"):
