@@ -64,6 +64,15 @@ def below_mask(m: Module, s: Value, width: int, name: str) -> Signal:
     return mask
 
 
+def saturated_shift(m: Module, amount: Value, limit: int, name: str) -> Signal:
+    """``min(amount, limit)`` in ``range(limit + 1)`` (``amount`` <= 0 is the caller's don't
+    care): a shift by ``limit`` or more gives the same result as ``limit`` once the value
+    is below half an LSB or saturated, so shifters stay ``limit`` wide."""
+    out = Signal(range(limit + 1), name=name)
+    m.d.comb += out.eq(Mux(amount > limit, limit, amount))
+    return out
+
+
 def _lowest_set(bits: list[Value]) -> tuple[Value, Value]:
     """Whether any of ``bits`` is set, and the index of the lowest set one: a tree."""
     if len(bits) == 1:
@@ -216,13 +225,9 @@ def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
     ]
     # Any non-zero mantissa shifted up by ``bits`` or more saturates, as it would by the
     # reference's up-to-40 bits: clamping there keeps the shifter ``bits`` wide.
-    up = Signal(range(bits + 1), name=f"{name}_up")
-    m.d.comb += up.eq(Mux(e1 - numerics.E_MAX > bits, bits, e1 - numerics.E_MAX))
+    up = saturated_shift(m, e1 - numerics.E_MAX, bits, f"{name}_up")
     # Likewise a shift down by ``bits`` or more rounds every lane to 0, as ``bits`` does.
-    below = Signal(signed(EXP_BITS + 1), name=f"{name}_below")
-    m.d.comb += below.eq(numerics.E_MIN - e1)
-    down = Signal(range(bits + 1), name=f"{name}_down")
-    m.d.comb += down.eq(Mux(below > bits, bits, below))
+    down = saturated_shift(m, numerics.E_MIN - e1, bits, f"{name}_down")
     lo_mask = below_mask(m, down, bits, f"{name}_lomask")
     e = Signal(signed(8), name=f"{name}_e")
     m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))

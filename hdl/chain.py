@@ -298,8 +298,7 @@ class ChainEngine(wiring.Component):
         down = Signal(range(9))
         shift = Signal(SHIFT_BITS)
         upsh = Signal(unsigned(16))
-        downsh = Signal(signed(17))
-        m.d.comb += [upsh.eq(raw_e - floor), downsh.eq(floor - raw_e)]
+        m.d.comb += upsh.eq(raw_e - floor)
         m.d.sync += [
             c_issue.eq(b_issue),
             c_first.eq(b_first),
@@ -308,7 +307,7 @@ class ChainEngine(wiring.Component):
             c_q.eq(raw_q),
             c_e.eq(raw_e),
             below.eq(raw_e < floor),
-            down.eq(Mux(downsh > 8, 8, downsh[:4])),
+            down.eq(bfp.saturated_shift(m, floor - raw_e, 8, "clamp_down")),
             shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
         ]
         cq = []
