@@ -109,6 +109,9 @@ module tessera_dram #(parameter WORDS = 16) (
 endmodule
 
 module npu_dram #(parameter WORDS = 16) (
+    // What the harness drives and reads (the build turns Verilator's "every signal is
+    // writable through VPI" off, see tessera.hdl.rtlsim), up to `public_off` below.
+    /*verilator public_flat_rw_on*/
     input rst, input start,
     input prog_we, input [{addr_msb}:0] prog_addr, input [63:0] prog_data,
     input dump,
@@ -120,14 +123,28 @@ module npu_dram #(parameter WORDS = 16) (
     // edge; cocotb still sees `clk` and can wait for its edges.
     reg clk = 0;
     always #5 clk = ~clk;
+    /*verilator public_off*/
+    // The host inputs reach the core through registers, one cycle late: Verilator
+    // re-evaluates all logic that depends combinationally on a top-level input at every
+    // time step (its "ico" region), and every register's reset mux depends on `rst`.
+    reg rst_q = 1, start_q = 0, prog_we_q = 0;
+    reg [{addr_msb}:0] prog_addr_q = 0;
+    reg [63:0] prog_data_q = 0;
+    always @(posedge clk) begin
+        rst_q <= rst;
+        start_q <= start;
+        prog_we_q <= prog_we;
+        prog_addr_q <= prog_addr;
+        prog_data_q <= prog_data;
+    end
     wire cmd_valid, cmd_ready, cmd_write, rvalid, wvalid, wready;
     wire [31:0] cmd_addr;
     wire [11:0] cmd_len;
     wire [15:0] rdata, wdata;
     wire [1:0] wstrb;
     npu core (
-        .clk(clk), .rst(rst), .start(start),
-        .prog_we(prog_we), .prog_addr(prog_addr), .prog_data(prog_data),
+        .clk(clk), .rst(rst_q), .start(start_q),
+        .prog_we(prog_we_q), .prog_addr(prog_addr_q), .prog_data(prog_data_q),
         .busy(busy), .done(done), .error(error), .cycles(cycles), .pc(pc),
         .mem__cmd_valid(cmd_valid), .mem__cmd_ready(cmd_ready), .mem__cmd_write(cmd_write),
         .mem__cmd_addr(cmd_addr), .mem__cmd_len(cmd_len),
