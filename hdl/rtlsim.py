@@ -93,6 +93,7 @@ def build(
     delays are honoured (Verilator gets ``--timing``). ``threads`` > 1 builds a
     multi-threaded Verilator model (a separate cached build).
     """
+    import cocotb_tools.config
     from cocotb_tools.runner import get_runner
 
     sim = sim or find_simulator()
@@ -113,12 +114,14 @@ def build(
             args += ["--timing", "-CFLAGS", "-std=c++20", "-CFLAGS", "-fcoroutines"]
             # cocotb's runner marks every signal writable through VPI (--public-flat-rw),
             # so Verilator re-evaluates all combinational logic at every time step, as if
-            # any of it could have been written: half of a ResNet-50 run. Behind a wrapper
+            # any of it could have been written: ResNet-50 ran 12x slower. Behind a wrapper
             # the harness touches the wrapper's ports and clock only, which it marks itself.
             args += ["--no-public-flat-rw"]
-    key = hashlib.sha256(f"{sim.name}{sim.version}\n{args}\n{text}\n{extra}".encode()).hexdigest()[
-        :16
-    ]
+    # The executable finds cocotb's VPI library by an absolute path (its run path), so a
+    # build belongs to one installation: another virtual environment sharing the cache
+    # (a CI clone, say) gets its own.
+    stamp_text = f"{sim.name}{sim.version}\n{cocotb_tools.config.libs_dir}\n{args}\n{text}\n{extra}"
+    key = hashlib.sha256(stamp_text.encode()).hexdigest()[:16]
     build_dir = (cache or default_cache()) / f"{toplevel}-{sim.name}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []

@@ -6,7 +6,7 @@ and the same image runs on the instruction simulator and on the RTL (Verilator, 
 DRAM inside the simulation: :mod:`tessera.hdl.testbench.dram_top`). The whole DRAM after
 the run must match byte for byte; the cycle counts are compared with the cycle model's
 2 % contract. The first run for a configuration also builds the Verilator model (minutes;
-cached after). ``tests/rtl/test_rtl_resnet50.py`` (marker ``huge``) asserts the same.
+cached after). ``tests/rtl/test_rtl_resnet50.py`` (marker ``slow``) asserts the same.
 """
 
 from __future__ import annotations

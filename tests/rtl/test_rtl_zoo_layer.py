@@ -2,7 +2,8 @@
 
 conv1x1 256->64 + ReLU, conv3x3 64->64 + ReLU, conv1x1 64->256 + residual add + ReLU on a
 56x56x256 input (the first stage of ResNet-50), compiled for the 85F preset (N=16, 8 lanes,
-128 MVU multipliers) and run on that RTL build; bit-exact against the simulator.
+128 MVU multipliers) and run on that RTL build with the DRAM inside the simulation (the
+build whole networks use); bit-exact against the simulator.
 """
 
 import time
@@ -29,7 +30,7 @@ def bottleneck(h: int = 56, c: int = 256, mid: int = 64):
 
 
 def test_resnet50_bottleneck_full_width_bit_exact():
-    from tessera.hdl.rtlrun import run_jobs
+    from tessera.hdl.rtlrun import run_in_simulated_dram
 
     cfg = get_config("ulx3s-85f")
     prog, _, _ = compile_model(bottleneck(), cfg)
@@ -38,7 +39,7 @@ def test_resnet50_bottleneck_full_width_bit_exact():
     ref = mem.copy()
     cycles = Simulator(cfg, ref).run(prog.instructions)
     t0 = time.perf_counter()
-    (r,) = run_jobs(cfg, [(prog.instructions, mem)], max_cycles=50 * cycles)
+    r = run_in_simulated_dram(cfg, prog.instructions, mem, max_cycles=50 * cycles)
     dt = time.perf_counter() - t0
     rel = 100 * (r.cycles - cycles) / cycles
     print(f"bottleneck: RTL {r.cycles} cycles, model {cycles} ({rel:+.1f} %),")
