@@ -16,6 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="build folder (default build/synth-NAME)")
     p.add_argument("--freq", type=float, default=None, help="target MHz (default: config clock)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    p.add_argument(
+        "--no-route",
+        action="store_true",
+        help="stop after placement: nextpnr's placed Fmax estimate and the connections "
+        "placement stretched (long_nets.txt)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_synth)
 
@@ -26,7 +32,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     cfg = get_config(args.config)
     out = args.out or Path("build") / f"synth-{cfg.name}"
-    rep = synthesize(cfg, out, target_mhz=args.freq, seed=args.seed)
+    rep = synthesize(cfg, out, target_mhz=args.freq, seed=args.seed, route=not args.no_route)
     print(json.dumps(rep) if args.json else format_report(rep))
     if not args.json:
         print(f"  report: {out / 'report.json'}")

@@ -46,8 +46,20 @@ def _run(cmd: list[str], log: Path, what: str) -> float:
     return dt
 
 
-def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed: int = 1) -> dict:
-    """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict."""
+def synthesize(
+    cfg: NPUConfig,
+    out: Path,
+    target_mhz: float | None = None,
+    seed: int = 1,
+    route: bool = True,
+) -> dict:
+    """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict.
+
+    ``route=False`` stops nextpnr after placement (routing the 85F build has not finished
+    within hours here): the Fmax is then nextpnr's estimate after placement
+    (``fmax_kind``), and ``long_nets.txt`` lists the connections placement stretched
+    (:mod:`tessera.hdl.placement`).
+    """
     from tessera.hdl.npu import NPU
 
     if cfg.device not in DEVICES:
@@ -88,6 +100,8 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
         "--router",
         "router2",
     ]
+    if not route:
+        cmd += ["--no-route", "--write", "placed.json"]
     report: dict = {
         "device": cfg.device,
         "config": cfg.name,
@@ -120,12 +134,45 @@ def synthesize(cfg: NPUConfig, out: Path, target_mhz: float | None = None, seed:
     fmax = {}
     for clk, v in rep.get("fmax", {}).items():
         fmax[clk.replace("$glbnet$", "")] = round(float(v["achieved"]), 2)
+    report["fmax_kind"] = "routed"
+    if not route and report["placed"]:
+        fmax = _log_placed_fmax(out / "nextpnr.log")
+        report["fmax_kind"] = "placement estimate (not routed)"
+        report["long_connections"] = _write_long_connections(out)
     report["fmax_mhz"] = fmax
     report["target_mhz"] = {clk: target for clk in fmax}
     report["timing_met"] = all(v >= target for v in fmax.values()) if fmax else False
     report["seconds"] = seconds
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+#: Connections at least this many tiles long are listed after placement.
+LONG_SPAN = 50
+
+
+def _log_placed_fmax(log: Path) -> dict[str, float]:
+    """The last ``Max frequency for clock 'X': F MHz`` per clock of a nextpnr log: after
+    ``--no-route`` its estimate for the final placement (the report has no Fmax then)."""
+    import re
+
+    fmax = {}
+    for line in log.read_text(errors="replace").splitlines():
+        mt = re.match(r"Info: Max frequency for clock +'([^']+)': ([\d.]+) MHz", line)
+        if mt:
+            fmax[mt.group(1).replace("$glbnet$", "")] = round(float(mt.group(2)), 2)
+    return fmax
+
+
+def _write_long_connections(out: Path) -> dict:
+    """``long_nets.txt`` from the placed design; the count and the longest for the report."""
+    from tessera.hdl.placement import cell_tiles, format_long_connections, long_connections
+
+    netlist = json.loads((out / "npu.json").read_text())
+    tiles = cell_tiles(json.loads((out / "placed.json").read_text()))
+    conns = long_connections(netlist, tiles, LONG_SPAN)
+    (out / "long_nets.txt").write_text(format_long_connections(conns, LONG_SPAN) + "\n")
+    return {"min_span": LONG_SPAN, "nets": len(conns), "longest": conns[0].span if conns else 0}
 
 
 def _log_utilization(log: Path) -> dict:
@@ -150,10 +197,17 @@ def format_report(rep: dict) -> str:
         lines.append(f"  {label:10s} {used:8d} {avail:8d} {pct:6.1f}")
     if not rep.get("placed", True):
         lines.append(f"  DOES NOT FIT: {rep.get('problem', '')}")
+    kind = "" if rep.get("fmax_kind", "routed") == "routed" else f", {rep['fmax_kind']}"
     for clk, f in rep["fmax_mhz"].items():
         t = rep["target_mhz"][clk]
         lines.append(
-            f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'})"
+            f"  Fmax {clk}: {f:.1f} MHz (target {t:.0f} MHz, {'met' if f >= t else 'MISSED'}{kind})"
+        )
+    if "long_connections" in rep:
+        lc = rep["long_connections"]
+        lines.append(
+            f"  placement: {lc['nets']} nets reach {lc['min_span']}+ tiles from their driver, "
+            f"longest {lc['longest']} (long_nets.txt)"
         )
     if "logic_estimate" in rep:
         le = rep["logic_estimate"]

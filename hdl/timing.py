@@ -30,7 +30,8 @@ CLOCK_TO_OUT_PS = {"TRELLIS_FF": 400, "DP16KD": 4000, "MULT18X18D": 1000, "TRELL
 #: ... and their set-up time.
 SETUP_PS = {"TRELLIS_FF": 100, "DP16KD": 200, "MULT18X18D": 200, "TRELLIS_DPR16X4": 200}
 _CARRY_IN = "CIN"
-_CLOCKS = ("CLK", "CLKA", "CLKB", "CLK0", "CLK1", "CLK2", "CLK3", "WCK")
+#: Clock pins of the sequential cells (not data inputs of a path).
+CLOCK_PORTS = ("CLK", "CLKA", "CLKB", "CLK0", "CLK1", "CLK2", "CLK3", "WCK")
 
 
 def _arcs(cell_type: str) -> list[tuple[str, str, int]]:
@@ -67,7 +68,7 @@ class TimingEstimate:
     groups: list[PathGroup]
 
 
-def _net_names(module: dict) -> dict[int, str]:
+def net_names(module: dict) -> dict[int, str]:
     """A readable name per net bit: a user-visible one if there is, else the shortest."""
     names: dict[int, str] = {}
     for name, info in module["netnames"].items():
@@ -88,7 +89,7 @@ def _source_name(name: str) -> str:
     return re.sub(r"_(TRELLIS_FF|LUT4|CCU2C|PFUMX|L6MUX21|DP16KD|MULT18X18D)\S*", "", name)
 
 
-def _group_name(name: str) -> str:
+def group_name(name: str) -> str:
     """``chain.vec.mv3_6[2]`` -> ``chain.vec.mv3_#``: one group per register array."""
     return re.sub(r"\d+$", "#", re.sub(r"\[\d+\]", "", _source_name(name)))
 
@@ -97,7 +98,7 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
     """Arrival times over ``netlist`` (yosys JSON) and the endpoint groups over the period."""
     module = netlist["modules"][top]
     cells = module["cells"]
-    names = _net_names(module)
+    names = net_names(module)
     driver: dict[int, str] = {}
     for cname, cell in cells.items():
         for port, bits in cell["connections"].items():
@@ -162,7 +163,7 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
         if t not in SETUP_PS:
             continue
         for port, bits in cell["connections"].items():
-            if cell["port_directions"].get(port) != "input" or port in _CLOCKS:
+            if cell["port_directions"].get(port) != "input" or port in CLOCK_PORTS:
                 continue
             if (t, port) == ("TRELLIS_DPR16X4", "RAD"):
                 continue
@@ -190,7 +191,7 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
 
     groups: dict[str, PathGroup] = {}
     for ns, cname, b in ends:
-        key = _group_name(endpoint_name(cname, b))
+        key = group_name(endpoint_name(cname, b))
         g = groups.get(key)
         if g is None:
             g = groups[key] = PathGroup(key, ns, 0, trace(b))

@@ -1,0 +1,110 @@
+"""What placement stretched: connections whose driver and reader nextpnr put far apart.
+
+nextpnr's ``--report`` lists critical paths only after routing, and routing the 85F build
+does not finish within a session; its placed design (``--write`` after ``--no-route``)
+does give every cell's tile. On the 85F, routing delay grows with distance, and the
+placed estimate's slowest endpoints sit behind connections that cross much of the chip,
+so this maps the placed tiles back onto the yosys netlist (nextpnr keeps yosys' cell
+names for the cells it does not merge) and lists those connections, grouped by the
+register family or memory port that drives them: what to pipeline or floorplan next.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+
+from tessera.hdl.timing import CLOCK_PORTS, group_name, net_names
+
+_TILE = re.compile(r"X(\d+)/Y(\d+)/")
+
+
+@dataclass(frozen=True)
+class LongConnection:
+    """A net whose driver and farthest reader are ``span`` tiles apart (Manhattan)."""
+
+    span: int
+    fanout: int
+    median_span: int
+    net: str
+    driver_type: str
+    driver_tile: tuple[int, int]
+
+
+def cell_tiles(placed: dict) -> dict[str, tuple[int, int]]:
+    """Cell name -> (x, y) tile from a placed nextpnr JSON (the ``NEXTPNR_BEL`` attribute)."""
+    tiles = {}
+    for module in placed["modules"].values():
+        for name, cell in module["cells"].items():
+            bel = cell.get("attributes", {}).get("NEXTPNR_BEL", "")
+            m = _TILE.match(bel)
+            if m:
+                tiles[name] = (int(m.group(1)), int(m.group(2)))
+    return tiles
+
+
+def long_connections(
+    netlist: dict, tiles: dict[str, tuple[int, int]], min_span: int, top: str = "npu"
+) -> list[LongConnection]:
+    """Nets of ``netlist`` (yosys JSON) reaching a reader ``min_span`` or more tiles from
+    their driver, longest first. Clock pins and cells without a tile are left out."""
+    module = netlist["modules"][top]
+    cells = module["cells"]
+    names = net_names(module)
+    driver: dict[int, str] = {}
+    readers: dict[int, list[str]] = collections.defaultdict(list)
+    for cname, cell in cells.items():
+        for port, bits in cell["connections"].items():
+            output = cell["port_directions"].get(port) == "output"
+            for b in bits:
+                if not isinstance(b, int):
+                    continue
+                if output:
+                    driver[b] = cname
+                elif port not in CLOCK_PORTS:
+                    readers[b].append(cname)
+    found = []
+    for b, cnames in readers.items():
+        src = driver.get(b)
+        if src not in tiles:
+            continue
+        x, y = tiles[src]
+        spans = sorted(abs(x - tiles[c][0]) + abs(y - tiles[c][1]) for c in cnames if c in tiles)
+        if spans and spans[-1] >= min_span:
+            found.append(
+                LongConnection(
+                    spans[-1],
+                    len(cnames),
+                    spans[len(spans) // 2],
+                    names.get(b, f"net {b}"),
+                    cells[src]["type"],
+                    (x, y),
+                )
+            )
+    found.sort(key=lambda c: (-c.span, c.net))
+    return found
+
+
+def format_long_connections(conns: list[LongConnection], min_span: int, top: int = 40) -> str:
+    """Families of long connections (most nets first), then the longest nets."""
+    families: dict[str, list[LongConnection]] = collections.defaultdict(list)
+    for c in conns:
+        # every index folded: one family per register array or memory port kind
+        families[re.sub(r"\d+", "#", group_name(c.net))].append(c)
+    lines = [
+        f"{len(conns)} nets reach a reader {min_span} or more tiles from their driver "
+        "(nextpnr placement, Manhattan distance in tiles)",
+        "",
+        f"{'nets':>6s} {'longest':>8s}  family",
+    ]
+    ranked = sorted(families.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    for name, members in ranked[:top]:
+        lines.append(f"{len(members):6d} {max(c.span for c in members):8d}  {name}")
+    lines += ["", f"{'span':>5s} {'fanout':>7s} {'median':>7s}  {'driver':11s} {'at':10s} net"]
+    for c in conns[:top]:
+        at = f"{c.driver_tile[0]},{c.driver_tile[1]}"
+        lines.append(
+            f"{c.span:5d} {c.fanout:7d} {c.median_span:7d}  {c.driver_type:11s} {at:10s} {c.net}"
+        )
+    return "\n".join(lines)

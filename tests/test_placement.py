@@ -1,0 +1,79 @@
+"""The placed-design reading behind ``tessera synth --no-route``: tiles from nextpnr's
+placed JSON mapped onto the yosys netlist, long connections, the placed Fmax estimate."""
+
+from pathlib import Path
+
+from tessera.hdl.placement import cell_tiles, format_long_connections, long_connections
+from tessera.hdl.synth import _log_placed_fmax
+
+
+def _cell(kind: str, **ports: tuple[str, list[int]]) -> dict:
+    return {
+        "type": kind,
+        "port_directions": {p: d for p, (d, _) in ports.items()},
+        "connections": {p: bits for p, (_, bits) in ports.items()},
+    }
+
+
+def _netlist() -> dict:
+    # reg_a drives a LUT next to it and a far one; a far FF is clocked by net 9 (a clock
+    # pin: not a data connection, however long)
+    cells = {
+        "reg_a": _cell("TRELLIS_FF", Q=("output", [2]), CLK=("input", [9])),
+        "near_lut": _cell("LUT4", A=("input", [2]), Z=("output", [3])),
+        "far_lut": _cell("LUT4", A=("input", [2]), Z=("output", [4])),
+        "clk_buf": _cell("LUT4", A=("input", [5]), Z=("output", [9])),
+        "far_ff": _cell("TRELLIS_FF", DI=("input", [3]), CLK=("input", [9])),
+    }
+    netnames = {
+        "reg_a": {"bits": [2], "hide_name": 0},
+        "clk": {"bits": [9], "hide_name": 0},
+        "n3": {"bits": [3], "hide_name": 0},
+    }
+    return {"modules": {"npu": {"cells": cells, "netnames": netnames}}}
+
+
+def _placed(tiles: dict[str, tuple[int, int]]) -> dict:
+    cells = {
+        name: {"attributes": {"NEXTPNR_BEL": f"X{x}/Y{y}/SLICEA"}} for name, (x, y) in tiles.items()
+    }
+    cells["merged_away"] = {"attributes": {}}
+    return {"modules": {"top": {"cells": cells}}}
+
+
+def test_tiles_come_from_the_bel_names():
+    tiles = cell_tiles(_placed({"reg_a": (12, 34)}))
+    assert tiles == {"reg_a": (12, 34)}
+
+
+def test_long_connections_measure_driver_to_farthest_reader():
+    tiles = cell_tiles(
+        _placed(
+            {
+                "reg_a": (0, 0),
+                "near_lut": (3, 4),
+                "far_lut": (40, 20),
+                "clk_buf": (0, 1),
+                "far_ff": (80, 80),
+            }
+        )
+    )
+    conns = long_connections(_netlist(), tiles, min_span=50)
+    # reg_a -> far_lut is 60 tiles; near_lut -> far_ff is 153; the clock net reaches
+    # far_ff's CLK 159 tiles away but is a clock pin
+    assert [(c.net, c.span, c.fanout) for c in conns] == [("n3", 153, 1), ("reg_a", 60, 2)]
+    assert conns[1].median_span == 60 and conns[1].driver_tile == (0, 0)
+    assert long_connections(_netlist(), tiles, min_span=154) == []
+    text = format_long_connections(conns, 50)
+    assert text.startswith("2 nets reach a reader 50 or more tiles")
+    assert "reg_a" in text and "n3" in text
+
+
+def test_placed_fmax_is_the_last_estimate_per_clock(tmp_path: Path):
+    log = tmp_path / "nextpnr.log"
+    log.write_text(
+        "Info: Max frequency for clock '$glbnet$clk': 20.10 MHz (FAIL at 100.00 MHz)\n"
+        "Info: Running simulated annealing placer for refinement.\n"
+        "Info: Max frequency for clock '$glbnet$clk': 30.50 MHz (FAIL at 100.00 MHz)\n"
+    )
+    assert _log_placed_fmax(log) == {"clk": 30.5}
