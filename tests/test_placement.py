@@ -3,27 +3,21 @@ placed JSON mapped onto the yosys netlist, long connections, the placed Fmax est
 
 from pathlib import Path
 
+from netlists import cell
+
 from tessera.hdl.placement import cell_tiles, format_long_connections, long_connections
 from tessera.hdl.synth import _log_placed_fmax
-
-
-def _cell(kind: str, **ports: tuple[str, list[int]]) -> dict:
-    return {
-        "type": kind,
-        "port_directions": {p: d for p, (d, _) in ports.items()},
-        "connections": {p: bits for p, (_, bits) in ports.items()},
-    }
 
 
 def _netlist() -> dict:
     # reg_a drives a LUT next to it and a far one; a far FF is clocked by net 9 (a clock
     # pin: not a data connection, however long)
     cells = {
-        "reg_a": _cell("TRELLIS_FF", Q=("output", [2]), CLK=("input", [9])),
-        "near_lut": _cell("LUT4", A=("input", [2]), Z=("output", [3])),
-        "far_lut": _cell("LUT4", A=("input", [2]), Z=("output", [4])),
-        "clk_buf": _cell("LUT4", A=("input", [5]), Z=("output", [9])),
-        "far_ff": _cell("TRELLIS_FF", DI=("input", [3]), CLK=("input", [9])),
+        "reg_a": cell("TRELLIS_FF", Q=("output", [2]), CLK=("input", [9])),
+        "near_lut": cell("LUT4", A=("input", [2]), Z=("output", [3])),
+        "far_lut": cell("LUT4", A=("input", [2]), Z=("output", [4])),
+        "clk_buf": cell("LUT4", A=("input", [5]), Z=("output", [9])),
+        "far_ff": cell("TRELLIS_FF", DI=("input", [3]), CLK=("input", [9])),
     }
     netnames = {
         "reg_a": {"bits": [2], "hide_name": 0},

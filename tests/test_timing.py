@@ -1,15 +1,9 @@
 """The netlist delay estimate (``hdl/timing.py``) on a hand-made yosys netlist: arrival
 times add up as documented, carry chains cost no routing hop, endpoints group by register."""
 
+from netlists import cell
+
 from tessera.hdl import timing
-
-
-def _cell(kind: str, **ports: tuple[str, list[int]]) -> dict:
-    return {
-        "type": kind,
-        "port_directions": {p: d for p, (d, _) in ports.items()},
-        "connections": {p: bits for p, (_, bits) in ports.items()},
-    }
 
 
 def _netlist() -> dict:
@@ -17,12 +11,12 @@ def _netlist() -> dict:
     paths acc[0] -> acc[2] -> acc[0] (other bits of the same register array)."""
     i, o = "input", "output"
     cells = {
-        "ff0": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [7]), Q=(o, [2])),
-        "lut": _cell("LUT4", A=(i, [2]), B=(i, ["0"]), C=(i, ["0"]), D=(i, ["0"]), Z=(o, [3])),
-        "c0": _cell("CCU2C", A0=(i, [3]), CIN=(i, ["0"]), S0=(o, [8]), COUT=(o, [4])),
-        "c1": _cell("CCU2C", A0=(i, ["0"]), CIN=(i, [4]), S0=(o, [5]), COUT=(o, [9])),
-        "ff1": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [5]), Q=(o, [6])),
-        "ff2": _cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [2]), Q=(o, [7])),
+        "ff0": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [7]), Q=(o, [2])),
+        "lut": cell("LUT4", A=(i, [2]), B=(i, ["0"]), C=(i, ["0"]), D=(i, ["0"]), Z=(o, [3])),
+        "c0": cell("CCU2C", A0=(i, [3]), CIN=(i, ["0"]), S0=(o, [8]), COUT=(o, [4])),
+        "c1": cell("CCU2C", A0=(i, ["0"]), CIN=(i, [4]), S0=(o, [5]), COUT=(o, [9])),
+        "ff1": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [5]), Q=(o, [6])),
+        "ff2": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [2]), Q=(o, [7])),
     }
     names = {"clk": [1], "acc": [2, 6, 7], "sum": [3], "carry": [4], "s": [5], "x": [8, 9]}
     netnames = {k: {"bits": v, "hide_name": 0} for k, v in names.items()}
