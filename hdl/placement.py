@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tessera.hdl.timing import CLOCK_PORTS, group_name, net_names
@@ -42,6 +43,34 @@ def cell_tiles(placed: dict) -> dict[str, tuple[int, int]]:
             if m:
                 tiles[name] = (int(m.group(1)), int(m.group(2)))
     return tiles
+
+
+#: Picoseconds per unit of nextpnr-ecp5's placement-time delay estimate, speed grade 6
+#: (``Arch::predictDelay``: 120 - 22 x the grade index).
+PREDICT_UNIT_PS = 120
+
+
+def predicted_route_ps(dx: int, dy: int) -> int:
+    """nextpnr-ecp5's estimate of a connection spanning ``dx`` x ``dy`` tiles before it is
+    routed: the first 5 tiles each way cost 2 units, every further tile 1, plus 3. A
+    connection across 140 tiles is about 19 ns: a 100 MHz design cannot have one."""
+    near = min(dx, 5) + min(dy, 5)
+    return PREDICT_UNIT_PS * (3 + max(dx - 5, 0) + max(dy - 5, 0) + 2 * near)
+
+
+def placed_route_ps(tiles: dict[str, tuple[int, int]]) -> Callable[[str | None, str], float]:
+    """A ``route_ps`` for :func:`tessera.hdl.timing.estimate` from placed tiles; a cell
+    nextpnr merged away (no tile of its own) is priced as a neighbour's connection."""
+    unknown = predicted_route_ps(1, 1)
+
+    def route(driver: str | None, reader: str) -> float:
+        a = tiles.get(driver) if driver is not None else None
+        b = tiles.get(reader)
+        if a is None or b is None:
+            return unknown
+        return predicted_route_ps(abs(a[0] - b[0]), abs(a[1] - b[1]))
+
+    return route
 
 
 def long_connections(

@@ -138,7 +138,7 @@ def synthesize(
     if not route and report["placed"]:
         fmax = _log_placed_fmax(out / "nextpnr.log")
         report["fmax_kind"] = "placement estimate (not routed)"
-        report["long_connections"] = _write_long_connections(out)
+        report["long_connections"] = _write_long_connections(out, 1000.0 / target)
     report["fmax_mhz"] = fmax
     report["target_mhz"] = {clk: target for clk in fmax}
     report["timing_met"] = all(v >= target for v in fmax.values()) if fmax else False
@@ -164,15 +164,29 @@ def _log_placed_fmax(log: Path) -> dict[str, float]:
     return fmax
 
 
-def _write_long_connections(out: Path) -> dict:
-    """``long_nets.txt`` from the placed design; the count and the longest for the report."""
-    from tessera.hdl.placement import cell_tiles, format_long_connections, long_connections
+def _write_long_connections(out: Path, period_ns: float) -> dict:
+    """``long_nets.txt`` and ``placed_paths.txt`` (the delay estimate with each connection
+    priced for its placed distance) from the placed design; their headline figures."""
+    from tessera.hdl.placement import (
+        cell_tiles,
+        format_long_connections,
+        long_connections,
+        placed_route_ps,
+    )
 
     netlist = json.loads((out / "npu.json").read_text())
     tiles = cell_tiles(json.loads((out / "placed.json").read_text()))
     conns = long_connections(netlist, tiles, LONG_SPAN)
     (out / "long_nets.txt").write_text(format_long_connections(conns, LONG_SPAN) + "\n")
-    return {"min_span": LONG_SPAN, "nets": len(conns), "longest": conns[0].span if conns else 0}
+    est = estimate(netlist, period_ns, route_ps=placed_route_ps(tiles))
+    routes = "connections priced by nextpnr's estimate for their placed distance"
+    (out / "placed_paths.txt").write_text(format_estimate(est, top=40, routes=routes) + "\n")
+    return {
+        "min_span": LONG_SPAN,
+        "nets": len(conns),
+        "longest": conns[0].span if conns else 0,
+        "placed_paths_worst_ns": round(est.worst_ns, 1),
+    }
 
 
 def _log_utilization(log: Path) -> dict:
@@ -207,7 +221,8 @@ def format_report(rep: dict) -> str:
         lc = rep["long_connections"]
         lines.append(
             f"  placement: {lc['nets']} nets reach {lc['min_span']}+ tiles from their driver, "
-            f"longest {lc['longest']} (long_nets.txt)"
+            f"longest {lc['longest']} (long_nets.txt); worst path priced by placed distance "
+            f"{lc['placed_paths_worst_ns']:.1f} ns (placed_paths.txt)"
         )
     if "logic_estimate" in rep:
         le = rep["logic_estimate"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 #: Picoseconds per routed connection between cells.
@@ -94,8 +95,19 @@ def group_name(name: str) -> str:
     return re.sub(r"\d+$", "#", re.sub(r"\[\d+\]", "", _source_name(name)))
 
 
-def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimate:
-    """Arrival times over ``netlist`` (yosys JSON) and the endpoint groups over the period."""
+def estimate(
+    netlist: dict,
+    period_ns: float,
+    top: str = "npu",
+    route_ps: Callable[[str | None, str], float] | None = None,
+) -> TimingEstimate:
+    """Arrival times over ``netlist`` (yosys JSON) and the endpoint groups over the period.
+
+    ``route_ps(driver cell, reading cell)`` prices a connection (the driver is None for a
+    top-level input); by default each costs :data:`ROUTE_PS`, before placement says how
+    far apart the two are (:func:`tessera.hdl.placement.placed_route_ps`).
+    """
+    hop_ps = route_ps or (lambda _driver, _reader: ROUTE_PS)
     module = netlist["modules"][top]
     cells = module["cells"]
     names = net_names(module)
@@ -141,10 +153,11 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
         cname = ready.popleft()
         conns = cells[cname]["connections"]
         for port_in, port_out, delay in arcs[cname]:
-            hop = 0 if port_in == _CARRY_IN else ROUTE_PS
+            carry = port_in == _CARRY_IN
             for b_in in conns.get(port_in, []):
                 if not isinstance(b_in, int):
                     continue
+                hop = 0 if carry else hop_ps(driver.get(b_in), cname)
                 t = arrival.get(b_in, 0.0) + hop + delay
                 for b_out in conns.get(port_out, []):
                     if isinstance(b_out, int) and t > arrival.get(b_out, -1.0):
@@ -169,7 +182,8 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
                 continue
             for b in bits:
                 if isinstance(b, int) and b in arrival:
-                    ends.append(((arrival[b] + ROUTE_PS + SETUP_PS[t]) / 1000, cname, b))
+                    hop = hop_ps(driver.get(b), cname)
+                    ends.append(((arrival[b] + hop + SETUP_PS[t]) / 1000, cname, b))
     ends.sort(key=lambda e: -e[0])
 
     def endpoint_name(cname: str, b: int) -> str:
@@ -202,10 +216,13 @@ def estimate(netlist: dict, period_ns: float, top: str = "npu") -> TimingEstimat
     )
 
 
-def format_estimate(est: TimingEstimate, top: int = 30) -> str:
-    """The worst ``top`` endpoint groups over the period, each with its worst path."""
+def format_estimate(
+    est: TimingEstimate, top: int = 30, routes: str = "0.7 ns per connection, before placement"
+) -> str:
+    """The worst ``top`` endpoint groups over the period, each with its worst path;
+    ``routes`` says how connections were priced."""
     lines = [
-        f"estimated logic delay (unit delays, before place and route): worst "
+        f"estimated delay (unit cell delays, {routes}): worst "
         f"{est.worst_ns:.1f} ns; {est.failing} of {est.endpoints} endpoints over "
         f"{est.period_ns:.1f} ns"
     ]

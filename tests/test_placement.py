@@ -5,7 +5,13 @@ from pathlib import Path
 
 from netlists import cell
 
-from tessera.hdl.placement import cell_tiles, format_long_connections, long_connections
+from tessera.hdl.placement import (
+    cell_tiles,
+    format_long_connections,
+    long_connections,
+    placed_route_ps,
+    predicted_route_ps,
+)
 from tessera.hdl.synth import _log_placed_fmax
 
 
@@ -71,3 +77,13 @@ def test_placed_fmax_is_the_last_estimate_per_clock(tmp_path: Path):
         "Info: Max frequency for clock '$glbnet$clk': 30.50 MHz (FAIL at 100.00 MHz)\n"
     )
     assert _log_placed_fmax(log) == {"clk": 30.5}
+
+
+def test_placed_route_prices_follow_nextpnrs_estimate():
+    assert predicted_route_ps(0, 0) == 120 * 3
+    assert predicted_route_ps(5, 5) == 120 * (3 + 2 * 10)
+    # across the chip: 19 ns, two periods at 100 MHz
+    assert predicted_route_ps(140, 0) == 120 * (3 + 135 + 2 * 5)
+    route = placed_route_ps({"a": (0, 0), "b": (10, 3)})
+    assert route("a", "b") == predicted_route_ps(10, 3)
+    assert route(None, "b") == route("a", "merged") == predicted_route_ps(1, 1)

@@ -40,3 +40,14 @@ def test_nothing_over_a_long_period():
     est = timing.estimate(_netlist(), period_ns=10.0)
     assert est.failing == 0
     assert len(timing.format_estimate(est).splitlines()) == 1  # no path groups listed
+
+
+def test_connections_can_be_priced_per_driver_and_reader():
+    # the hop into ff1 (from c1) costs 5 ns, every other connection 0.1 ns; carries stay free
+    def route_ps(driver: str | None, reader: str) -> float:
+        return 5000 if (driver, reader) == ("c1", "ff1") else 100
+
+    est = timing.estimate(_netlist(), period_ns=3.0, route_ps=route_ps)
+    assert est.worst_ns == (400 + 100 + 150 + 100 + 300 + 250 + 5000 + 100) / 1000
+    text = timing.format_estimate(est, routes="test prices")
+    assert text.startswith("estimated delay (unit cell delays, test prices): worst 6.4 ns")
