@@ -115,7 +115,7 @@ def build(
             # cocotb's runner marks every signal writable through VPI (--public-flat-rw),
             # so Verilator re-evaluates all combinational logic at every time step, as if
             # any of it could have been written: ResNet-50 ran 12x slower. Behind a wrapper
-            # the harness touches the wrapper's ports and clock only, which it marks itself.
+            # the harness touches the wrapper's ports and clock only, which the wrapper marks.
             args += ["--no-public-flat-rw"]
     # The executable finds cocotb's VPI library by an absolute path (its run path), so a
     # build belongs to one installation: another virtual environment sharing the cache

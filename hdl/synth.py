@@ -57,7 +57,8 @@ def synthesize(
 
     ``route=False`` stops nextpnr after placement (routing the 85F build has not finished
     within hours here): the Fmax is then nextpnr's estimate after placement
-    (``fmax_kind``), and ``long_nets.txt`` lists the connections placement stretched
+    (``fmax_kind``), ``long_nets.txt`` lists the connections placement stretched and
+    ``placed_paths.txt`` prices each connection for its placed distance
     (:mod:`tessera.hdl.placement`).
     """
     from tessera.hdl.npu import NPU
