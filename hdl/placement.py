@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tessera.hdl.timing import CLOCK_PORTS, group_name, net_names
+from tessera.hdl.timing import CLOCK_PORTS, group_name, net_drivers, net_names
 
 _TILE = re.compile(r"X(\d+)/Y(\d+)/")
 
@@ -81,17 +81,14 @@ def long_connections(
     module = netlist["modules"][top]
     cells = module["cells"]
     names = net_names(module)
-    driver: dict[int, str] = {}
+    driver = net_drivers(cells)
     readers: dict[int, list[str]] = collections.defaultdict(list)
     for cname, cell in cells.items():
         for port, bits in cell["connections"].items():
-            output = cell["port_directions"].get(port) == "output"
+            if cell["port_directions"].get(port) == "output" or port in CLOCK_PORTS:
+                continue
             for b in bits:
-                if not isinstance(b, int):
-                    continue
-                if output:
-                    driver[b] = cname
-                elif port not in CLOCK_PORTS:
+                if isinstance(b, int):
                     readers[b].append(cname)
     found = []
     for b, cnames in readers.items():

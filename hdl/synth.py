@@ -12,6 +12,7 @@ as :mod:`tessera.hdl.timing` estimates them from yosys' netlist.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -139,7 +140,7 @@ def synthesize(
     if not route and report["placed"]:
         fmax = _log_placed_fmax(out / "nextpnr.log")
         report["fmax_kind"] = "placement estimate (not routed)"
-        report["long_connections"] = _write_long_connections(out, 1000.0 / target)
+        report["long_connections"] = _placement_reports(out, 1000.0 / target)
     report["fmax_mhz"] = fmax
     report["target_mhz"] = {clk: target for clk in fmax}
     report["timing_met"] = all(v >= target for v in fmax.values()) if fmax else False
@@ -155,8 +156,6 @@ LONG_SPAN = 50
 def _log_placed_fmax(log: Path) -> dict[str, float]:
     """The last ``Max frequency for clock 'X': F MHz`` per clock of a nextpnr log: after
     ``--no-route`` its estimate for the final placement (the report has no Fmax then)."""
-    import re
-
     fmax = {}
     for line in log.read_text(errors="replace").splitlines():
         mt = re.match(r"Info: Max frequency for clock +'([^']+)': ([\d.]+) MHz", line)
@@ -165,7 +164,7 @@ def _log_placed_fmax(log: Path) -> dict[str, float]:
     return fmax
 
 
-def _write_long_connections(out: Path, period_ns: float) -> dict:
+def _placement_reports(out: Path, period_ns: float) -> dict:
     """``long_nets.txt`` and ``placed_paths.txt`` (the delay estimate with each connection
     priced for its placed distance) from the placed design; their headline figures."""
     from tessera.hdl.placement import (
@@ -192,8 +191,6 @@ def _write_long_connections(out: Path, period_ns: float) -> dict:
 
 def _log_utilization(log: Path) -> dict:
     """``Info:  CELL: used/ avail  pct%`` lines of a nextpnr log that stopped before its report."""
-    import re
-
     util = {}
     for line in log.read_text(errors="replace").splitlines():
         mt = re.match(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", line)

@@ -85,6 +85,16 @@ def net_names(module: dict) -> dict[int, str]:
     return names
 
 
+def net_drivers(cells: dict) -> dict[int, str]:
+    """The cell driving each net bit of a yosys module's ``cells``."""
+    driver: dict[int, str] = {}
+    for cname, cell in cells.items():
+        for port, bits in cell["connections"].items():
+            if cell["port_directions"].get(port) == "output":
+                driver.update((b, cname) for b in bits if isinstance(b, int))
+    return driver
+
+
 def _source_name(name: str) -> str:
     """A mapped net's name without the cell path yosys appends (``x_LUT4_Z_...`` -> ``x``)."""
     return re.sub(r"_(TRELLIS_FF|LUT4|CCU2C|PFUMX|L6MUX21|DP16KD|MULT18X18D)\S*", "", name)
@@ -111,11 +121,7 @@ def estimate(
     module = netlist["modules"][top]
     cells = module["cells"]
     names = net_names(module)
-    driver: dict[int, str] = {}
-    for cname, cell in cells.items():
-        for port, bits in cell["connections"].items():
-            if cell["port_directions"].get(port) == "output":
-                driver.update((b, cname) for b in bits if isinstance(b, int))
+    driver = net_drivers(cells)
 
     arrival: dict[int, float] = {}
     came_from: dict[int, tuple[int, str]] = {}
