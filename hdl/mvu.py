@@ -8,10 +8,14 @@ the weight row's shift (row exponent minus ``W_EXP_FLOOR``) and added to the row
 accumulator, exactly as ``numerics.to_grid`` / ``kernels.weight_grid`` define the sum: the
 integer sum is order-independent, so the hardware's order gives the simulator's bits.
 
-Pipeline: operand registers (the distribution stage, duplicated per lane so one register
-never fans out to every DSP) -> registered multipliers -> a registered adder tree -> a
-registered shift onto the grid -> accumulate. ``first`` starts a row's sum, ``last``
-publishes it on ``acc``.
+Pipeline: operand distribution (two register stages: the activation block is copied into
+one register per region of ``LANES_PER_REGION`` lanes, then into a private copy per lane;
+each weight row passes two registers on its own way from the tile buffer to its lane's
+DSPs, so no operand crosses the die in one cycle) -> registered multipliers -> a
+registered adder tree -> a registered shift onto the grid -> accumulate. ``first`` starts
+a row's sum, ``last`` publishes it on ``acc``. The copies are
+:class:`~tessera.hdl.pipereg.DistributionRegister`, which synthesis does not merge back
+into one.
 """
 
 from amaranth import Module, Signal, signed, unsigned
@@ -21,8 +25,13 @@ from amaranth.lib.wiring import In, Out
 from tessera.config import NPUConfig
 from tessera.hdl.multiplier import LATENCY as MUL_LATENCY
 from tessera.hdl.multiplier import Multiplier
+from tessera.hdl.pipereg import DistributionRegister
 
 SHIFT_BITS = 6
+#: Register stages between the MVU's operand ports and the multipliers' inputs.
+OPERAND_STAGES = 2
+#: Lanes fed from one regional copy of the activation block (the first stage's fan-out).
+LANES_PER_REGION = 4
 
 
 def tree_levels(n: int) -> int:
@@ -31,7 +40,7 @@ def tree_levels(n: int) -> int:
 
 def latency(cfg: NPUConfig) -> int:
     """Cycles from an operand beat to its contribution landing in the accumulator."""
-    return 1 + MUL_LATENCY + tree_levels(cfg.native_dim) + 2
+    return OPERAND_STAGES + MUL_LATENCY + tree_levels(cfg.native_dim) + 2
 
 
 class MVU(wiring.Component):
@@ -63,7 +72,7 @@ class MVU(wiring.Component):
 
         # Control travels beside the data, delayed to the accumulate stage (after the
         # shift stage).
-        depth = 1 + MUL_LATENCY + levels + 1
+        depth = OPERAND_STAGES + MUL_LATENCY + levels + 1
         ctrl = [Signal(4 + SHIFT_BITS + 8, name=f"ctrl{i}") for i in range(depth)]
         m.d.sync += ctrl[0].eq(
             (self.valid | (self.first << 1) | (self.last << 2)) | (self.group << 3)
@@ -78,18 +87,34 @@ class MVU(wiring.Component):
                 m.d.sync += sh[i].eq(sh[i - 1])
             shifts.append(sh[-1])
 
+        act_bits = n * mb
+        regions = []
+        for region in range(-(-lanes // LANES_PER_REGION)):
+            reg = DistributionRegister(act_bits, ecp5=self.ecp5)
+            m.submodules[f"act_region{region}"] = reg
+            m.d.comb += reg.d.eq(self.act.as_value())
+            regions.append(reg.q)
         dots = []
         for lane in range(lanes):
-            # Distribution stage: a private copy of the activation block per lane.
-            a_reg = [Signal(signed(mb), name=f"a{lane}_{k}") for k in range(n)]
-            w_reg = [Signal(signed(mb), name=f"w{lane}_{k}") for k in range(n)]
-            for k in range(n):
-                m.d.sync += [a_reg[k].eq(self.act[k]), w_reg[k].eq(self.w[lane][k])]
+            a_lane = DistributionRegister(act_bits, ecp5=self.ecp5)
+            w_near = DistributionRegister(act_bits, ecp5=self.ecp5)
+            w_lane = DistributionRegister(act_bits, ecp5=self.ecp5)
+            m.submodules[f"act_lane{lane}"] = a_lane
+            m.submodules[f"w_near{lane}"] = w_near
+            m.submodules[f"w_lane{lane}"] = w_lane
+            m.d.comb += [
+                a_lane.d.eq(regions[lane // LANES_PER_REGION]),
+                w_near.d.eq(self.w[lane].as_value()),
+                w_lane.d.eq(w_near.q),
+            ]
             prods = []
             for k in range(n):
                 mul = Multiplier(mb, mb, ecp5=self.ecp5)
                 m.submodules[f"mul{lane}_{k}"] = mul
-                m.d.comb += [mul.a.eq(a_reg[k]), mul.b.eq(w_reg[k])]
+                m.d.comb += [
+                    mul.a.eq(a_lane.q.word_select(k, mb).as_signed()),
+                    mul.b.eq(w_lane.q.word_select(k, mb).as_signed()),
+                ]
                 prods.append(mul.p)
             level = prods
             for lv in range(levels):

@@ -89,6 +89,8 @@ POOL_LATENCY = 3
 MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
 MUL_LATENCY = 2
+#: Register stages distributing the MVU's operands to its multipliers (``hdl/mvu.py``).
+MVU_OPERAND_STAGES = 2
 #: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
 #: (NEXT, REQ before a burst; NEXT after the last one), the exponent flush's command cycle
 #: and its return to COLLECT, and the chain's DRAIN state.
@@ -147,10 +149,10 @@ def vector_latency(cfg: NPUConfig) -> int:
 
 
 def mvu_latency(cfg: NPUConfig) -> int:
-    """MVU cycles from an operand beat to its block leaving the accumulator: operand
-    registers, the multiplier, the adder tree, the shift stage, the accumulate stage, the
-    output register."""
-    return 1 + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1 + 1
+    """MVU cycles from an operand beat to its block leaving the accumulator: the operand
+    distribution registers, the multiplier, the adder tree, the shift stage, the accumulate
+    stage, the output register."""
+    return MVU_OPERAND_STAGES + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1 + 1
 
 
 @dataclass

@@ -31,6 +31,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.AUX_FIFO == auxreader.DEPTH - 1
     assert cycles.MFU_SLOTS == params.MFU_SLOTS
     assert cycles.MUL_LATENCY == multiplier.LATENCY
+    assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
 
 
