@@ -261,30 +261,34 @@ class VectorPipe(wiring.Component):
                 Mux(ops.reducer == Reducer.POOL, self.pool_valid, self.raw_valid),
             )
         )
-        # Phases after the first, counted down from the valid.
-        nxt = Signal(range(max(2, p)), name="ph_next")
+        # The phase, counted from the valid. A block enters only after the one before has
+        # had all its phases (the reducers give at most one block per ``p`` cycles), so the
+        # phase is this register, not a mux on the valid: the wide lane selections below
+        # and the holds then never wait for the reducers' valids, which come from across
+        # the die.
         ph = Signal(range(max(2, p)), name="ph0")
-        m.d.comb += ph.eq(Mux(entering, 0, nxt))
+        first_phase = Signal()
+        m.d.comb += first_phase.eq(ph == 0)
         s = _Stream(cfg, "in", cfg.accumulator_bits)
-        m.d.comb += s.v.eq(entering | (nxt != 0))
+        m.d.comb += s.v.eq(entering | ~first_phase)
         m.d.comb += s.ph.eq(ph)
         with m.If(s.v & (ph != p - 1)):
-            m.d.sync += nxt.eq(ph + 1)
+            m.d.sync += ph.eq(ph + 1)
         with m.Else():
-            m.d.sync += nxt.eq(0)
+            m.d.sync += ph.eq(0)
 
         # The raw block's exponent and the AUX block are read with the first phase and held
-        # for the others (the AUX FIFO pops then).
+        # for the others (the AUX FIFO pops as its block enters). The holds load on every
+        # first-phase cycle, idle ones included: the last load before phase 1 is the
+        # entering one.
         raw_e = Signal(signed(8), name="raw_e_hold")
         xq = Signal(n * 8, name="aux_q_hold")
         xe = Signal(signed(8), name="aux_e_hold")
-        with m.If(entering):
-            m.d.sync += raw_e.eq(self.raw_e)
-        with m.If(entering & ops.uses_aux):
-            m.d.comb += self.aux_pop.eq(1)
-            m.d.sync += [xq.eq(self.aux_q), xe.eq(self.aux_e)]
-        aux_q = Mux(entering, self.aux_q, xq)
-        m.d.comb += s.xe.eq(Mux(entering, self.aux_e, xe))
+        with m.If(first_phase):
+            m.d.sync += [raw_e.eq(self.raw_e), xq.eq(self.aux_q), xe.eq(self.aux_e)]
+        m.d.comb += self.aux_pop.eq(entering & ops.uses_aux)
+        aux_q = Mux(first_phase, self.aux_q, xq)
+        m.d.comb += s.xe.eq(Mux(first_phase, self.aux_e, xe))
         for i in range(lanes):
             mvu = Array(self.mvu_acc[k * lanes + i] for k in range(p))[ph]
             pool = Array(self.pool_acc[k * lanes + i] for k in range(p))[ph]
@@ -303,7 +307,7 @@ class VectorPipe(wiring.Component):
         reg_raw_e = Signal(signed(8), name="raw_e_r")
         m.d.sync += [a.eq(b) for a, b in zip(reg.side(), s.side(), strict=True)]
         m.d.sync += [a.eq(b) for a, b in zip(reg.q, s.q, strict=True)]
-        m.d.sync += reg_raw_e.eq(Mux(entering, self.raw_e, raw_e))
+        m.d.sync += reg_raw_e.eq(Mux(first_phase, self.raw_e, raw_e))
         return reg, reg_raw_e
 
     def _slot(self, m: Module, k: int, src: _Stream, ports: list) -> _Stream:
