@@ -118,10 +118,12 @@ class Loader(wiring.Component):
         inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
 
         bus = self.bus
+        tw, vw = self.tile_wr, self.vrf_wr
         m.d.comb += [
             bus.write.eq(0),
             bus.addr.eq(addr),
-            self.busy.eq((budget.chunk != 0) | (inflight != 0)),
+            # a write still in the buffers' port registers counts: its bytes land next cycle
+            self.busy.eq((budget.chunk != 0) | (inflight != 0) | (tw.en != 0) | (vw.en != 0)),
         ]
         m.d.comb += bus.len.eq(budget.chunk)
         m.d.comb += bus.req.eq((budget.chunk != 0) & (inflight < 2) & ~self.hold)
@@ -143,8 +145,12 @@ class Loader(wiring.Component):
 
         # Tile bytes: mantissa byte o -> word o // (lanes*N), lane o % (lanes*N);
         # exponent byte N*N + r -> word r // lanes, lane lanes*N + r % lanes.
+        # The buffers' write ports are registered (the buffers span the die; the address
+        # and byte-enable logic stays on this side of the long wires), and the beat goes to
+        # every byte pair of the word: the byte enables pick where it lands, so no barrel
+        # shifter sits in front of the block RAMs. A beat's two bytes always start at an
+        # even byte: offsets step by 2 and a row of lanes * N bytes is even.
         beat = bus.rdata
-        tw = self.tile_wr
         mant_bytes = n * n
         row_bytes = lanes * n
         word_in_tile = Signal(range(groups + 1))
@@ -155,23 +161,25 @@ class Loader(wiring.Component):
             r = Signal.like(off)
             m.d.comb += r.eq(off - mant_bytes)
             m.d.comb += [word_in_tile.eq(r >> lg(lanes)), lane.eq(row_bytes + (r & (lanes - 1)))]
-        m.d.comb += [
+        m.d.sync += [
             tw.addr.eq(item * groups + word_in_tile),
-            tw.data.eq(beat << (lane * 8)),
+            tw.data.eq(beat.replicate(len(tw.data) // 16)),
+            vw.addr.eq(item),
+            vw.data.eq(beat.replicate(len(vw.data) // 16)),
+            tw.en.eq(0),
+            vw.en.eq(0),
         ]
-        vw = self.vrf_wr
-        m.d.comb += [vw.addr.eq(item), vw.data.eq(beat << (off[1:] * 16))]
 
         with m.If(bus.rvalid):
             with m.Switch(kind):
                 with m.Case(LoadKind.TILES):
-                    m.d.comb += tw.en.eq(0b11 << lane)
+                    m.d.sync += tw.en.eq(0b11 << lane)
                     with m.If(off + 2 == tbytes):
                         m.d.sync += [off.eq(0), item.eq(item + 1)]
                     with m.Else():
                         m.d.sync += off.eq(off + 2)
                 with m.Case(LoadKind.CONSTS):
-                    m.d.comb += vw.en.eq(1 << off[1:])
+                    m.d.sync += vw.en.eq(1 << off[1:])
                     with m.If(off + 2 == 2 * n + 2):
                         m.d.sync += [off.eq(0), item.eq(item + 1)]
                     with m.Else():
