@@ -27,6 +27,16 @@ def test_smallest_preset_synthesizes_and_reports(tmp_path, capsys):
         assert 0 < used and 0 < avail, (key, rep[key])
     # the MVU's N x lanes multipliers, registered MULT18X18D instances, plus the MFU's
     assert rep["mult18"][0] >= cfg.native_dim * cfg.lanes
+    # each MVU multiplier reads its own copy of the activation: yosys merged the per-lane
+    # registers into one set driving every lane's DSPs before they were kept apart
+    netlist = json.loads((tmp_path / "npu.json").read_text())["modules"]["npu"]
+    mvu_dsps = [
+        c for name, c in netlist["cells"].items()
+        if c["type"] == "MULT18X18D" and name.startswith("chain.mvu.mul")
+    ]  # fmt: skip
+    assert len(mvu_dsps) == cfg.native_dim * cfg.lanes
+    a_nets = {c["connections"][f"A{i}"][0] for c in mvu_dsps for i in range(cfg.mantissa_bits)}
+    assert len(a_nets) == len(mvu_dsps) * cfg.mantissa_bits
     assert set(rep["seconds"]) >= {"elaborate", "yosys"}
     # the delay estimate of yosys' netlist, written before nextpnr runs
     est = rep["logic_estimate"]
