@@ -202,9 +202,11 @@ class NPU(wiring.Component):
         with m.If(chain.done):
             with m.If(chain.error != 0):
                 m.d.sync += self.error.eq(chain.error)
-            cur = eregs[chain.done_ereg]
-            with m.If(chain.emax_out > cur):
-                m.d.sync += cur.eq(chain.emax_out)
+            # each E register compares itself with the chain's maximum: no 16-way read of
+            # E[done_ereg] in front of the compare and the write back
+            for i in range(isa.EXP_REG_COUNT):
+                with m.If((chain.done_ereg == i) & (chain.emax_out > eregs[i])):
+                    m.d.sync += eregs[i].eq(chain.emax_out)
         m.d.comb += running.eq(chain.busy)
 
         with m.If(self.busy):
