@@ -11,7 +11,7 @@ integer sum is order-independent, so the hardware's order gives the simulator's 
 Pipeline: operand distribution (two register stages: the activation block is copied into
 one register per region of ``LANES_PER_REGION`` lanes, then into a private copy per lane;
 each weight row passes two registers on its own way from the tile buffer to its lane's
-DSPs, so no operand crosses the die in one cycle) -> registered multipliers -> a
+DSPs, so an operand's way across the die is split over two cycles) -> registered multipliers -> a
 registered adder tree -> a registered shift onto the grid -> accumulate. ``first`` starts
 a row's sum, ``last`` publishes it on ``acc``. The copies are
 :class:`~tessera.hdl.pipereg.DistributionRegister`, which synthesis does not merge back
@@ -87,25 +87,25 @@ class MVU(wiring.Component):
                 m.d.sync += sh[i].eq(sh[i - 1])
             shifts.append(sh[-1])
 
-        act_bits = n * mb
+        block_bits = n * mb  # an activation block or a weight row
         regions = []
         for region in range(-(-lanes // LANES_PER_REGION)):
-            reg = DistributionRegister(act_bits, ecp5=self.ecp5)
+            reg = DistributionRegister(block_bits, ecp5=self.ecp5)
             m.submodules[f"act_region{region}"] = reg
             m.d.comb += reg.d.eq(self.act.as_value())
             regions.append(reg.q)
         dots = []
         for lane in range(lanes):
-            a_lane = DistributionRegister(act_bits, ecp5=self.ecp5)
-            w_near = DistributionRegister(act_bits, ecp5=self.ecp5)
-            w_lane = DistributionRegister(act_bits, ecp5=self.ecp5)
+            a_lane = DistributionRegister(block_bits, ecp5=self.ecp5)
+            w_first = DistributionRegister(block_bits, ecp5=self.ecp5)
+            w_lane = DistributionRegister(block_bits, ecp5=self.ecp5)
             m.submodules[f"act_lane{lane}"] = a_lane
-            m.submodules[f"w_near{lane}"] = w_near
+            m.submodules[f"w_first{lane}"] = w_first
             m.submodules[f"w_lane{lane}"] = w_lane
             m.d.comb += [
                 a_lane.d.eq(regions[lane // LANES_PER_REGION]),
-                w_near.d.eq(self.w[lane].as_value()),
-                w_lane.d.eq(w_near.q),
+                w_first.d.eq(self.w[lane].as_value()),
+                w_lane.d.eq(w_first.q),
             ]
             prods = []
             for k in range(n):
