@@ -63,7 +63,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from tessera import layout
+from tessera import isa, layout
 from tessera.config import NPUConfig
 from tessera.isa import Reg
 
@@ -545,30 +545,56 @@ class _Registers:
 
 
 def estimate(words, cfg: NPUConfig) -> CycleModel:
-    """Run the cycle model over a program without computing any data (for reports)."""
-    from tessera import isa
+    """Run the cycle model over a program without computing any data (for reports).
 
+    ``s_ld`` values are data; here the registers they load keep their previous value
+    (compiled programs load only exponent registers, which the model does not read).
+    """
+    return walk([isa.decode(int(w)) for w in words], cfg, None)
+
+
+def walk(program: list, cfg: NPUConfig, loaded: tuple[tuple[int, int], ...] | None) -> CycleModel:
+    """The cycle model over decoded instructions up to ``halt``: what the NPU's timing is
+    a function of. ``loaded`` gives, in program order, the ``(register, value)`` of every
+    ``s_ld`` that loaded a register the model reads (see :func:`reads_register`); with
+    ``None`` those registers keep their previous value.
+
+    The model reads only control registers, and only ``s_wr`` and ``s_ld`` write those
+    (chains write exponent registers), so this walk gives a simulator's run exactly the
+    timing it would get fed instruction by instruction alongside the data.
+    """
     model = CycleModel(cfg)
     regs = _Registers()
+    loads = iter(loaded or ())
     chain: list = []
-    for w in words:
-        ins = isa.decode(int(w))
-        spec = isa.BY_MNEMONIC[ins.op]
-        if spec.in_chain:
+    tile_bytes = layout.tile_bytes(cfg.native_dim, cfg.mantissa_bits)
+    const_bytes = layout.const_bytes(cfg.native_dim)
+    for ins in program:
+        op = ins.op
+        if isa.BY_MNEMONIC[op].in_chain:
             chain.append(ins)
-            if ins.op == "end_chain":
+            if op == "end_chain":
                 aux = any(i.args.get("src") == isa.Operand.AUX for i in chain)
                 model.chain([i.op for i in chain], regs, aux)
                 chain = []
             continue
-        if ins.op == "halt":
+        if op == "halt":
             break
-        if ins.op == "s_wr":
+        if op == "s_wr":
             regs.values[ins.args["reg"]] = ins.args["value"]
-        elif ins.op == "m_rd":
-            nbytes = ins.args["count"] * layout.tile_bytes(cfg.native_dim, cfg.mantissa_bits)
-            model.load(nbytes, ins.args["tile"])
-        elif ins.op == "c_rd":
-            model.load(ins.args["count"] * layout.const_bytes(cfg.native_dim), None)
+        elif op == "s_ld" and loaded is not None and reads_register(ins.args["reg"]):
+            reg, value = next(loads)
+            if reg != ins.args["reg"]:
+                raise ValueError(f"s_ld of register {ins.args['reg']} given a value for {reg}")
+            regs.values[reg] = value
+        elif op == "m_rd":
+            model.load(ins.args["count"] * tile_bytes, ins.args["tile"])
+        elif op == "c_rd":
+            model.load(ins.args["count"] * const_bytes, None)
         model.issue()
     return model
+
+
+def reads_register(reg: int) -> bool:
+    """Whether the model reads register ``reg`` (every one but the exponent registers)."""
+    return not isa.EXP_REG_BASE <= reg < isa.EXP_REG_BASE + isa.EXP_REG_COUNT

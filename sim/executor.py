@@ -4,7 +4,9 @@ It sees only what the hardware sees: the instruction words and a DRAM image. Con
 registers, exponent registers, the tile buffer and the vector register file are modelled
 as state; a chain is executed as a whole (it sweeps a whole feature map) with the
 numerics of :mod:`tessera.numerics`, vectorised over pixels and blocks. The cycle model
-(:mod:`tessera.sim.cycles`) is fed the same instruction stream and register values.
+(:mod:`tessera.sim.cycles`) walks the same instruction stream with the values the run's
+``s_ld`` loaded: the timing is a function of nothing else, so it is computed once per
+program and those values, and kept.
 
 For speed, products are exact float64 matrix products (:mod:`tessera.sim.kernels`),
 everything after them per vector is compiled (:mod:`tessera.sim.vector`), and the
@@ -32,6 +34,7 @@ import numpy as np
 from tessera import isa, layout, numerics
 from tessera.config import NPUConfig
 from tessera.isa import Instr, Operand, PoolOp, Reg
+from tessera.sim import cycles as cycle_model
 from tessera.sim import kernels, vector
 from tessera.sim.cycles import CycleModel
 
@@ -46,6 +49,9 @@ _DECODED: OrderedDict[bytes, list[Instr]] = OrderedDict()
 #: checked against a snapshot of those DRAM bytes before every reuse (decoding is pure).
 _WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], np.ndarray, np.ndarray]] = OrderedDict()
 _WEIGHTS_MAX_BYTES = 384 << 20
+#: Cycle-model walks of whole programs, keyed by the program, the configuration and the
+#: values its ``s_ld`` loaded into registers the model reads (see :meth:`Simulator._timing`).
+_TIMINGS: OrderedDict[tuple, CycleModel] = OrderedDict()
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -106,8 +112,12 @@ def _ops_table(body: list[Instr]) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
+def _program_key(words: np.ndarray) -> bytes:
+    return np.ascontiguousarray(words, dtype=np.uint64).tobytes()
+
+
 def _decode_all(words: np.ndarray) -> list[Instr]:
-    key = np.ascontiguousarray(words, dtype=np.uint64).tobytes()
+    key = _program_key(words)
     hit = _DECODED.get(key)
     if hit is None:
         hit = [isa.decode(int(w)) for w in words]
@@ -151,15 +161,6 @@ class _Prefetched:
 
 
 @dataclass
-class ChainTrace:
-    """What one chain did (for reports and RTL comparison)."""
-
-    index: int
-    ops: list[str]
-    cycles: int
-
-
-@dataclass
 class NPUState:
     cfg: NPUConfig
     mem: np.ndarray
@@ -196,13 +197,15 @@ class NPUState:
 
 
 class Simulator:
-    """Runs a program on a DRAM image; ``run`` returns the cycle count."""
+    """Runs a program on a DRAM image; ``run`` returns the cycle count (the timing is in
+    ``cycles``, a :class:`~tessera.sim.cycles.CycleModel`, after the run)."""
 
     def __init__(self, cfg: NPUConfig, mem: np.ndarray) -> None:
         self.cfg = cfg
         self.state = NPUState(cfg, mem)
         self.cycles = CycleModel(cfg)
-        self.chains: list[ChainTrace] = []
+        # (register, value) of each s_ld into a register the cycle model reads.
+        self._loaded: list[tuple[int, int]] = []
         # Consecutive chains of one layer read the same input window (one per output
         # group); the unrolled windows are kept until anything writes over the input.
         self._cols_key: tuple | None = None
@@ -258,13 +261,24 @@ class Simulator:
                 continue
             if ins.op == "s_wr":  # the most frequent instruction, inlined
                 self.state.regs[ins.args["reg"]] = ins.args["value"]
-                self.cycles.issue()
             else:
                 self.scalar(ins)
             pc += 1
         else:
             raise SimulationError("program ran off its end without halt")
+        self.cycles = self._timing(words)
         return self.cycles.finish()
+
+    def _timing(self, words: np.ndarray) -> CycleModel:
+        """The cycle model's walk of this run's program (kept for later runs alike)."""
+        key = (self.cfg, _program_key(words), tuple(self._loaded))
+        model = _TIMINGS.get(key)
+        if model is None:
+            model = _TIMINGS[key] = cycle_model.walk(self._decoded, self.cfg, key[2])
+            while len(_TIMINGS) > 8:
+                _TIMINGS.popitem(last=False)
+        _TIMINGS.move_to_end(key)
+        return model
 
     # ------------------------------------------------------------------ scalar / loads
     def scalar(self, ins: Instr) -> None:
@@ -274,6 +288,8 @@ class Simulator:
             st.regs[a["reg"]] = a["value"]
         elif ins.op == "s_ld":
             st.regs[a["reg"]] = int(st.mem[a["addr"] : a["addr"] + 4].view("<i4")[0])
+            if cycle_model.reads_register(a["reg"]):
+                self._loaded.append((a["reg"], st.regs[a["reg"]]))
         elif ins.op == "m_rd":
             if a["tile"] + a["count"] > st.tiles_q.shape[0]:
                 raise SimulationError("m_rd beyond the tile buffer")
@@ -289,7 +305,6 @@ class Simulator:
                 keep.append(p)
             self._pending = [*keep, (t0, cnt, a["addr"])]
             self._tmap.load(t0, cnt, a["addr"], len(self._writes))
-            self.cycles.load(cnt * tb, t0)
         elif ins.op == "c_rd":
             if a["vrf"] + a["count"] > st.vrf_q.shape[0]:
                 raise SimulationError("c_rd beyond the vector register file")
@@ -301,12 +316,10 @@ class Simulator:
             st.vrf_q[a["vrf"] : a["vrf"] + cnt] = raw[:, :n]
             st.vrf_e[a["vrf"] : a["vrf"] + cnt] = raw[:, n]
             self._vmap.load(a["vrf"], cnt, a["addr"], len(self._writes))
-            self.cycles.load(cnt * cb, None)
         elif ins.op == "nop":
             pass
         else:
             raise SimulationError(f"{ins.op} outside a chain")
-        self.cycles.issue()
 
     def _copy_tiles(self, p: tuple[int, int, int]) -> None:
         """Copy one pending m_rd into the tile buffer (DRAM still holds its bytes)."""
@@ -430,9 +443,6 @@ class Simulator:
         oe[:, :, ooff : ooff + ocnt] = se.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
         st.regs[er] = max(st.regs[er], int(se.max()))
-        aux = any(o.args.get("src") == Operand.AUX for o in body)
-        cyc = self.cycles.chain(names, st, aux)
-        self.chains.append(ChainTrace(len(self.chains), names, cyc))
 
     # ------------------------------------------------------------------ MVU
     @staticmethod
