@@ -415,10 +415,8 @@ class Simulator:
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
             floor = emax - cfg.act_exp_window
-            grid = kernels.grid_f64(q, e, floor).reshape(ih, iw, icnt * n)
             is_max = ops[1].args["op"] == PoolOp.MAX
-            red = kernels.pool(grid, is_max, kernel, stride, pads, (oh, ow))
-            x = np.ascontiguousarray(red.reshape(p, ocnt * n).T)
+            x = kernels.pool_lanes(q, e, floor, is_max, kernel, stride, pads, (oh, ow))
             e_in, first = np.full((ocnt, 1), floor, np.int64), True
         else:
             if icnt != ocnt:

@@ -9,8 +9,9 @@ it is exact too, fused or not).
 
 The first part (int64 grids) is what the reference executor uses. The second part is
 the instruction simulator's fast path: grids as exact float64 integers, window
-unrolling band by band (:class:`Windows`), and a small thread pool for independent
-bands (:func:`run_parallel`); the simulator's per-vector arithmetic after the product is
+unrolling band by band (:class:`Windows`), pooling compiled in one pass
+(:func:`pool_lanes`), and a small thread pool for independent bands
+(:func:`run_parallel`); the simulator's per-vector arithmetic after the product is
 compiled, in :mod:`tessera.sim.vector`.
 
 Why not int8 or float32 products: the grid values are up to 24-bit (8-bit mantissas
@@ -32,6 +33,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
 from tessera import numerics
 
@@ -186,6 +188,56 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
         out=out,
     )
     return out.reshape(ob * n, k * n)
+
+
+#: Adding and subtracting 1.5 * 2**52 rounds a float below 2**51 to an integer, half to
+#: even (see :mod:`tessera.sim.vector`).
+_RINT_MAGIC = 6755399441055744.0
+
+
+def pool_lanes(
+    q: np.ndarray,
+    e: np.ndarray,
+    floor: int,
+    kind_max: bool,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pads_tl: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> np.ndarray:
+    """:func:`pool` of :func:`grid_f64` ``(q, e, floor)``, lane-major: storage blocks ``q``
+    [H, W, CB, N], ``e`` [H, W, CB] -> window maxima or exact sums [CB*N, OH*OW] (as the
+    vector path reads them), positions outside the input reading 0.
+
+    One compiled pass that scales each block as it reads it: the grid, the unrolled
+    windows and the transpose are never materialised (the network's first max pool is
+    a 112 x 112 x 64 input).
+    """
+    scale = pow2(np.arange(-128, 128) - floor)  # grid_f64's factor per int8 exponent
+    pixel_major = np.empty((out_hw[0] * out_hw[1], q.shape[2] * q.shape[3]))
+    _pool_pixels(q, e, scale, kind_max, *kernel, *stride, *pads_tl, out_hw[1], pixel_major)
+    return np.ascontiguousarray(pixel_major.T)
+
+
+@njit(cache=True, nogil=True)
+def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, out) -> None:
+    h, w, cb, n = q.shape
+    acc = np.empty(n)
+    for p in range(out.shape[0]):
+        y0, x0 = (p // ow) * sh - pt, (p % ow) * sw - pl
+        for b in range(cb):
+            # A window position outside the input reads 0.
+            outside = not (0 <= y0 and y0 + kh <= h and 0 <= x0 and x0 + kw <= w)
+            for lane in range(n):
+                acc[lane] = 0.0 if (outside or not kind_max) else -np.inf
+            for y in range(max(y0, 0), min(y0 + kh, h)):
+                for x in range(max(x0, 0), min(x0 + kw, w)):
+                    s = scale[e[y, x, b] + 128]
+                    for lane in range(n):
+                        g = (q[y, x, b, lane] * s + _RINT_MAGIC) - _RINT_MAGIC
+                        acc[lane] = max(acc[lane], g) if kind_max else acc[lane] + g
+            for lane in range(n):
+                out[p, b * n + lane] = acc[lane]
 
 
 class Windows:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tessera import numerics
-from tessera.sim import vector
+from tessera.sim import kernels, vector
 
 N = 16
 
@@ -113,3 +113,24 @@ def test_mismatched_shapes_are_refused() -> None:
         run(ops=np.array([[vector.OP_ADD, vector.SRC_AUX]], np.int64))
     with pytest.raises(ValueError, match="shapes"):  # a VRF op without its constants
         run(ops=np.array([[vector.OP_ADD, vector.SRC_VRF]] * 2, np.int64))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_compiled_pool_equals_pool_of_the_grid(seed: int) -> None:
+    """The simulator's one-pass pool equals kernels.pool on kernels.grid_f64, with
+    padding, strides and blocks below the grid floor (which round)."""
+    rng = np.random.default_rng(seed)
+    h, w, cb = (int(v) for v in rng.integers(1, 9, 3))
+    kh, kw, sh, sw = (int(v) for v in rng.integers(1, 4, 4))
+    pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+    oh = (h + pt - kh) // sh + 1 + int(rng.integers(0, 2))
+    ow = (w + pl - kw) // sw + 1 + int(rng.integers(0, 2))
+    oh, ow = max(oh, 1), max(ow, 1)
+    q = rng.integers(-127, 128, (h, w, cb, N)).astype(np.int8)
+    e = rng.integers(-30, 0, (h, w, cb)).astype(np.int8)
+    floor = -20
+    for kind_max in (True, False):
+        got = kernels.pool_lanes(q, e, floor, kind_max, (kh, kw), (sh, sw), (pt, pl), (oh, ow))
+        grid = kernels.grid_f64(q, e, floor).reshape(h, w, cb * N)
+        want = kernels.pool(grid, kind_max, (kh, kw), (sh, sw), (pt, pl), (oh, ow))
+        np.testing.assert_array_equal(got, want.reshape(oh * ow, cb * N).T)
