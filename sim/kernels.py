@@ -243,61 +243,62 @@ def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, out) -> None
 class Windows:
     """The kernel windows of every output pixel over an input tensor's grid, unrolled
     on demand: ``rows(y0, y1)`` is the ``[(y1-y0)*OW, kh*kw*C]`` block of :func:`im2col`
-    for output rows ``y0..y1``, so callers can work band by band in cache.
+    of :func:`grid_f64` (channels ``chans`` only, if given) for output rows ``y0..y1``.
 
-    The grid (:func:`grid_f64` of the blocks, channels ``chans`` only if given) is built
-    once, zero-padded, in parallel row bands.
+    The grid is never built: each call scales the stored blocks as it reads them, in one
+    compiled pass, so callers working band by band on threads get their band's rows in
+    cache, and a whole float64 grid is neither written nor read back. The blocks are
+    copied (8-bit mantissas: an eighth of the grid) so later DRAM writes cannot change
+    the rows.
     """
 
     def __init__(self, q, e, floor, chans, kernel, stride, pads_tl, dilation, out_hw):
-        h, w, cb, n = q.shape
-        kh, kw = kernel
-        (sh, sw), (pt, pl), (dh, dw) = stride, pads_tl, dilation
-        oh, ow = self.out_hw = out_hw
-        q2 = q.reshape(h, w, cb * n)
-        scale = pow2(e.astype(np.int64) - floor)  # [H, W, CB]
-        if chans is None:
-            c = cb * n
-            chan_block = None
-        else:
-            c = len(chans)
-            chan_block = chans // n
-        need_h = (oh - 1) * sh + (kh - 1) * dh + 1
-        need_w = (ow - 1) * sw + (kw - 1) * dw + 1
-        pb, pr = max(0, need_h - pt - h), max(0, need_w - pl - w)
-        self.identity = kernel == (1, 1) and stride == (1, 1) and pads_tl == (0, 0)
-        self.identity &= out_hw == (h, w)
-        xp = np.empty((h + pt + pb, w + pl + pr, c))
-        if pt or pb or pl or pr:
-            xp[:pt], xp[pt + h :], xp[:, :pl], xp[:, pl + w :] = 0, 0, 0, 0
-
-        def fill(y0: int) -> None:
-            y1 = min(h, y0 + rows_per)
-            dst = xp[pt + y0 : pt + y1, pl : pl + w]
-            if chans is None:
-                d4 = dst.reshape(y1 - y0, w, cb, n)
-                np.multiply(q[y0:y1], scale[y0:y1, :, :, None], out=d4)
-            else:
-                np.multiply(q2[y0:y1, :, chans], scale[y0:y1, :, chan_block], out=dst)
-            np.rint(dst, out=dst)
-
-        # Parallel row bands only when each is worth a thread hand-off.
-        rows_per = h if h * w * c < 1 << 18 else max(1, -(-h // (2 * parallel_workers())))
-        run_parallel(fill, range(0, h, rows_per))
-        self.grid = xp
-        s0, s1, s2 = xp.strides
-        self.win = np.lib.stride_tricks.as_strided(
-            xp,
-            shape=(oh, ow, kh, kw, c),
-            strides=(s0 * sh, s1 * sw, s0 * dh, s1 * dw, s2),
-            writeable=False,
-        )
-        self.k = kh * kw * c
+        self.q, self.e = np.array(q), np.array(e, dtype=np.int8)
+        n = q.shape[3]
+        self.all_channels = chans is None
+        self.chans = np.arange(q.shape[2] * n) if chans is None else np.asarray(chans)
+        self.scale = pow2(np.arange(-128, 128) - floor)  # grid_f64's factor per exponent
+        self.geometry = (*kernel, *stride, *pads_tl, *dilation)
+        self.out_hw = out_hw
+        self.k = kernel[0] * kernel[1] * len(self.chans)
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
-        if self.identity:
-            return self.grid[y0:y1].reshape(-1, self.k)
-        return self.win[y0:y1].reshape(-1, self.k)
+        out = np.empty(((y1 - y0) * self.out_hw[1], self.k))
+        _unroll(
+            self.q, self.e, self.scale, self.all_channels, self.chans, *self.geometry,
+            self.out_hw[1], y0, y1, out,
+        )  # fmt: skip
+        return out
+
+
+@njit(cache=True, nogil=True)
+def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1, out):
+    h, w, cb, n = q.shape
+    c = chans.shape[0]
+    r = 0
+    for oy in range(y0, y1):
+        for ox in range(ow):
+            col = 0
+            for dy in range(kh):
+                iy = oy * sh - pt + dy * dh
+                for dx in range(kw):
+                    ix = ox * sw - pl + dx * dw
+                    if not (0 <= iy < h and 0 <= ix < w):
+                        for j in range(c):
+                            out[r, col + j] = 0.0
+                    elif all_channels:
+                        for b in range(cb):
+                            s = scale[e[iy, ix, b] + 128]
+                            for lane in range(n):
+                                v = q[iy, ix, b, lane] * s
+                                out[r, col + b * n + lane] = (v + _RINT_MAGIC) - _RINT_MAGIC
+                    else:
+                        for j in range(c):
+                            b, lane = chans[j] // n, chans[j] % n
+                            v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
+                            out[r, col + j] = (v + _RINT_MAGIC) - _RINT_MAGIC
+                    col += c
+            r += 1
 
 
 # --------------------------------------------------------------------------- threads
