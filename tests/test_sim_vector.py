@@ -134,3 +134,26 @@ def test_compiled_pool_equals_pool_of_the_grid(seed: int) -> None:
         grid = kernels.grid_f64(q, e, floor).reshape(h, w, cb * N)
         want = kernels.pool(grid, kind_max, (kh, kw), (sh, sw), (pt, pl), (oh, ow))
         np.testing.assert_array_equal(got, want.reshape(oh * ow, cb * N).T)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_unrolled_windows_equal_im2col_of_the_grid(seed: int) -> None:
+    """Windows.rows (compiled, scaled as read) equals im2col of grid_f64, with padding,
+    strides, dilation, a channel subset and blocks below the grid floor."""
+    rng = np.random.default_rng(seed)
+    h, w, cb = (int(v) for v in rng.integers(1, 9, 3))
+    kh, kw, sh, sw, dh, dw = (int(v) for v in rng.integers(1, 4, 6))
+    pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+    oh = max(1, (h + pt - (kh - 1) * dh - 1) // sh + 1 + int(rng.integers(0, 2)))
+    ow = max(1, (w + pl - (kw - 1) * dw - 1) // sw + 1 + int(rng.integers(0, 2)))
+    q = rng.integers(-127, 128, (h, w, cb, N)).astype(np.int8)
+    e = rng.integers(-30, 0, (h, w, cb)).astype(np.int8)
+    chans = np.sort(rng.choice(cb * N, size=int(rng.integers(1, cb * N + 1)), replace=False))
+    geometry = ((kh, kw), (sh, sw), (pt, pl), (dh, dw), (oh, ow))
+    grid = kernels.grid_f64(q, e, -20).reshape(h, w, cb * N)
+    for subset in (None, chans):
+        win = kernels.Windows(q, e, -20, subset, *geometry)
+        want = kernels.im2col(grid if subset is None else grid[..., subset], *geometry)
+        y0 = int(rng.integers(0, oh))
+        np.testing.assert_array_equal(win.rows(0, oh), want)
+        np.testing.assert_array_equal(win.rows(y0, oh), want[y0 * ow :])
