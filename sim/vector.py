@@ -56,19 +56,34 @@ def _shift_factor(s: int) -> float:
 
 
 @njit(cache=True, inline="always")
-def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float) -> None:
-    """``v[l, p] = clip(round(v[l, p] * f[p]))`` and ``amax[p]`` = the new largest |v|."""
-    amax[:] = 0.0
+def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float, cnt: int) -> None:
+    """``v[l, p] = clip(round(v[l, p] * f[p]))`` and ``amax[p]`` = the new largest |v|,
+    for the first ``cnt`` pixels."""
+    for p in range(cnt):
+        amax[p] = 0.0
     for lane in range(v.shape[0]):
-        for p in range(v.shape[1]):
+        for p in range(cnt):
             q = min(max((v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC, -lim), lim)
             v[lane, p] = q
-            amax[p] = max(amax[p], abs(q))
+            amax[p] = _max_into(amax[p], abs(q))
 
 
 @njit(cache=True, inline="always")
-def _normalize(v, amax, e, bits: int, f, amax_bits) -> None:
-    """:func:`tessera.numerics.normalize` of the vectors ``v`` [N, P] in place.
+def _max_into(old: float, new: float) -> float:
+    """``max(old, new)`` for a running maximum ``a[p] = _max_into(a[p], x)``.
+
+    Written as plain ``max(a[p], x)``, LLVM turns the update into a conditional (masked)
+    store, which AMD cores run several times slower than the vectorised select this
+    form gives (``old + 0.0`` is not the loaded value to LLVM; for ``old >= 0`` it is
+    the same number).
+    """
+    return max(old + 0.0, new)
+
+
+@njit(cache=True, inline="always")
+def _normalize(v, amax, e, bits: int, f, amax_bits, cnt: int) -> None:
+    """:func:`tessera.numerics.normalize` of the vectors ``v`` [N, P] in place (the
+    first ``cnt`` pixels).
 
     ``amax`` [P] holds each vector's largest magnitude on entry and on exit (every pass
     over the lanes also finds it for the next step); ``e`` [P] their LSB exponents on
@@ -76,7 +91,7 @@ def _normalize(v, amax, e, bits: int, f, amax_bits) -> None:
     int64 view, whose exponent field is an exact integer's bit length (no libm call).
     """
     shifted = False
-    for p in range(v.shape[1]):
+    for p in range(cnt):
         f[p] = 1.0
         if amax[p] == 0.0:
             e[p] = _E_ZERO
@@ -87,7 +102,12 @@ def _normalize(v, amax, e, bits: int, f, amax_bits) -> None:
             e[p] += s
             shifted = True
     if shifted:
-        _scale(v, f, amax, float((1 << (bits - 1)) - 1))
+        _scale(v, f, amax, float((1 << (bits - 1)) - 1), cnt)
+
+
+#: Pixels per tile: a tile's vectors (N x 64 float64, 8 KiB at N = 16) and per-pixel
+#: scratch stay in the L1 cache through all the passes of a chain's path.
+_TILE = 64
 
 
 @njit(cache=True, nogil=True)
@@ -116,7 +136,7 @@ def chain_vectors(
     operand reads ``const_q[k, b]`` [N] and ``const_e[k, b]``, an AUX operand reads
     ``aux_q`` [B*N, P] and ``aux_e`` [B, P] (lane-major too). The result is re-blocked to
     ``store_bits`` and written pixel-major, as stored: ``out_q`` [P, B*N], ``out_e``
-    [P, B].
+    [P, B]. Every step is per vector, so the pixels are taken a tile at a time.
     """
     p_count, blocks = out_e.shape
     n = x.shape[0] // blocks
@@ -143,87 +163,94 @@ def chain_vectors(
     ):
         raise ValueError("chain_vectors: operand shapes do not match the output")
     per_pixel_e = e_in.shape[1] > 1
-    v = np.empty((n, p_count))
-    y = np.empty(p_count)
-    amax = np.empty(p_count)
+    v = np.empty((n, _TILE))
+    y = np.empty(_TILE)
+    amax = np.empty(_TILE)
     amax_bits = amax.view(np.int64)
-    e = np.empty(p_count, np.int64)
-    ye = np.empty(p_count, np.int64)
-    f = np.empty(p_count)
-    fy = np.empty(p_count)
+    e = np.empty(_TILE, np.int64)
+    ye = np.empty(_TILE, np.int64)
+    f = np.empty(_TILE)
+    fy = np.empty(_TILE)
     lim = float((1 << (store_bits - 1)) - 1)
     for b in range(blocks):
         r0 = b * n
-        amax[:] = 0.0
-        for lane in range(n):
-            for p in range(p_count):
-                v[lane, p] = x[r0 + lane, p]
-                amax[p] = max(amax[p], abs(v[lane, p]))
-        for p in range(p_count):
-            e[p] = e_in[b, p if per_pixel_e else 0]
-        if normalize_first:
-            _normalize(v, amax, e, wide_bits, f, amax_bits)
-        for k in range(ops.shape[0]):
-            code = ops[k, 0]
-            aux = ops[k, 1] == SRC_AUX
-            if code == OP_RELU:
-                amax[:] = 0.0
-                for lane in range(n):
-                    for p in range(p_count):
-                        v[lane, p] = max(v[lane, p], 0.0)
-                        amax[p] = max(amax[p], v[lane, p])
-                _normalize(v, amax, e, wide_bits, f, amax_bits)
-                continue
-            for p in range(p_count):
-                ye[p] = aux_e[b, p] if aux else const_e[k, b]
-            if code == OP_MUL:
-                amax[:] = 0.0
-                for lane in range(n):
-                    c = float(const_q[k, b, lane])
-                    for p in range(p_count):
-                        v[lane, p] *= float(aux_q[r0 + lane, p]) if aux else c
-                        amax[p] = max(amax[p], abs(v[lane, p]))
-                for p in range(p_count):
-                    e[p] += ye[p]
-                _normalize(v, amax, e, wide_bits, f, amax_bits)
-                continue
-            # vv_add / vv_max: both operands to the larger exponent, then combine.
-            for p in range(p_count):
-                ea = max(e[p], ye[p])
-                f[p] = _shift_factor(ea - e[p])
-                fy[p] = _shift_factor(ea - ye[p])
-                e[p] = ea
-            amax[:] = 0.0
+        for t0 in range(0, p_count, _TILE):
+            cnt = min(_TILE, p_count - t0)
+            for p in range(cnt):
+                amax[p] = 0.0
             for lane in range(n):
-                c = float(const_q[k, b, lane])
-                if aux:
-                    for p in range(p_count):
-                        y[p] = aux_q[r0 + lane, p]
-                else:
-                    y[:] = c
-                for p in range(p_count):
-                    xa = (v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC
-                    ya = (y[p] * fy[p] + _RINT_MAGIC) - _RINT_MAGIC
-                    r = xa + ya if code == OP_ADD else max(xa, ya)
-                    v[lane, p] = r
-                    amax[p] = max(amax[p], abs(r))
-            _normalize(v, amax, e, wide_bits, f, amax_bits)
-        # tessera.numerics.to_storage: normalize, then clamp the exponent to int8.
-        _normalize(v, amax, e, store_bits, f, amax_bits)
-        for p in range(p_count):
-            if e[p] > _E_MAX:
-                g = _POS_POW2[min(e[p] - _E_MAX, 40)]
+                for p in range(cnt):
+                    v[lane, p] = x[r0 + lane, t0 + p]
+                    amax[p] = _max_into(amax[p], abs(v[lane, p]))
+            for p in range(cnt):
+                e[p] = e_in[b, t0 + p if per_pixel_e else 0]
+            if normalize_first:
+                _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+            for k in range(ops.shape[0]):
+                code = ops[k, 0]
+                aux = ops[k, 1] == SRC_AUX
+                if code == OP_RELU:
+                    for p in range(cnt):
+                        amax[p] = 0.0
+                    for lane in range(n):
+                        for p in range(cnt):
+                            r = max(v[lane, p], 0.0)
+                            v[lane, p] = r
+                            amax[p] = _max_into(amax[p], r)
+                    _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+                    continue
+                for p in range(cnt):
+                    ye[p] = aux_e[b, t0 + p] if aux else const_e[k, b]
+                if code == OP_MUL:
+                    for p in range(cnt):
+                        amax[p] = 0.0
+                    for lane in range(n):
+                        c = float(const_q[k, b, lane])
+                        for p in range(cnt):
+                            r = v[lane, p] * (float(aux_q[r0 + lane, t0 + p]) if aux else c)
+                            v[lane, p] = r
+                            amax[p] = _max_into(amax[p], abs(r))
+                    for p in range(cnt):
+                        e[p] += ye[p]
+                    _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+                    continue
+                # vv_add / vv_max: both operands to the larger exponent, then combine.
+                for p in range(cnt):
+                    ea = max(e[p], ye[p])
+                    f[p] = _shift_factor(ea - e[p])
+                    fy[p] = _shift_factor(ea - ye[p])
+                    e[p] = ea
+                    amax[p] = 0.0
                 for lane in range(n):
-                    v[lane, p] = min(max(v[lane, p] * g, -lim), lim)
-                e[p] = _E_MAX
-            elif e[p] < _E_MIN and e[p] != _E_ZERO:
-                g = _shift_factor(_E_MIN - e[p])
-                top = 0.0
+                    if aux:
+                        for p in range(cnt):
+                            y[p] = aux_q[r0 + lane, t0 + p]
+                    else:
+                        c = float(const_q[k, b, lane])
+                        for p in range(cnt):
+                            y[p] = c
+                    for p in range(cnt):
+                        xa = (v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC
+                        ya = (y[p] * fy[p] + _RINT_MAGIC) - _RINT_MAGIC
+                        r = xa + ya if code == OP_ADD else max(xa, ya)
+                        v[lane, p] = r
+                        amax[p] = _max_into(amax[p], abs(r))
+                _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+            # tessera.numerics.to_storage: normalize, then clamp the exponent to int8.
+            _normalize(v, amax, e, store_bits, f, amax_bits, cnt)
+            for p in range(cnt):
+                if e[p] > _E_MAX:
+                    g = _POS_POW2[min(e[p] - _E_MAX, 40)]
+                    for lane in range(n):
+                        v[lane, p] = min(max(v[lane, p] * g, -lim), lim)
+                    e[p] = _E_MAX
+                elif e[p] < _E_MIN and e[p] != _E_ZERO:
+                    g = _shift_factor(_E_MIN - e[p])
+                    top = 0.0
+                    for lane in range(n):
+                        v[lane, p] = (v[lane, p] * g + _RINT_MAGIC) - _RINT_MAGIC
+                        top = max(top, abs(v[lane, p]))
+                    e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
+                out_e[t0 + p, b] = e[p]
                 for lane in range(n):
-                    v[lane, p] = (v[lane, p] * g + _RINT_MAGIC) - _RINT_MAGIC
-                    top = max(top, abs(v[lane, p]))
-                e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
-            out_e[p, b] = e[p]
-        for p in range(p_count):
-            for lane in range(n):
-                out_q[p, r0 + lane] = v[lane, p]
+                    out_q[t0 + p, r0 + lane] = v[lane, p]
