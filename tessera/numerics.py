@@ -109,8 +109,12 @@ def quantize_float(
     lim = sat_limit(bits)
     # x * 2**-e is the exact product, rounded once, as ldexp would give it (2**-e is a
     # normal float for every storage exponent), at a fraction of ldexp's cost.
-    q = np.clip(np.rint(x * np.ldexp(1.0, -e)[..., None]), -lim, lim).astype(np.int64)
-    zero = ~np.any(q != 0, axis=-1)
+    scale = np.ldexp(1.0, -e)
+    y = x * scale[..., None]
+    q = np.clip(np.rint(y, out=y), -lim, lim, out=y).astype(np.int64)
+    # Rounding and clipping are monotone in |x|, so a block is all zero exactly when its
+    # largest magnitude rounds to zero.
+    zero = np.rint(amax * scale) == 0
     if min_exp is None:
         e = np.where(zero, E_ZERO, e)
     else:
