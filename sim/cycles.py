@@ -53,8 +53,8 @@ make the chain end later.
 **Drain**: after the last beat, the reducer pipeline, the vector pipeline, the writer's
 FIFO, its last mantissa burst and its exponent flush.
 
-Not charged: ``s_ld`` takes five cycles (its two beats), the model one, as for any scalar
-instruction (the simulator does not say which one it issued).
+**Scalar loads** (``s_ld``) wait for the load unit and hold the sequencer until the word
+has come (``SCALAR_LOAD_STATES`` plus its beats).
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ FETCH_WAIT = 2
 #: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
 #: DRAIN state), and the host sees it one cycle later.
 HALT_TO_DONE = 2
+#: An ``s_ld`` holds the sequencer (state SCALAR) while the load unit fetches the word:
+#: these cycles besides the word's bus beats (measured on the RTL: 5 cycles in all for a
+#: 32-bit word in two 16-bit beats, 4 more than an ``s_wr``).
+SCALAR_LOAD_STATES = 3
 
 
 def act_entries(cfg: NPUConfig) -> int:
@@ -267,6 +271,13 @@ class CycleModel:
     # ------------------------------------------------------------------ sequencer
     def issue(self) -> None:
         self.t_issue += 1
+
+    def scalar_load(self) -> None:
+        """An ``s_ld``: the sequencer waits for the load unit, then for the word (the
+        caller's issue() counts the last cycle)."""
+        start = max(self.t_issue, self.loader_free)
+        self.t_issue = start + SCALAR_LOAD_STATES + self._beats(4) - 1
+        self.loader_free = self.t_issue + 1
 
     def load(self, nbytes: int, tile_slot: int | None) -> None:
         """An ``m_rd`` (``tile_slot`` given) or ``c_rd``: one load unit, halves guarded.
@@ -582,11 +593,13 @@ def walk(program: list, cfg: NPUConfig, loaded: tuple[tuple[int, int], ...] | No
             break
         if op == "s_wr":
             regs.values[ins.args["reg"]] = ins.args["value"]
-        elif op == "s_ld" and loaded is not None and reads_register(ins.args["reg"]):
-            reg, value = next(loads)
-            if reg != ins.args["reg"]:
-                raise ValueError(f"s_ld of register {ins.args['reg']} given a value for {reg}")
-            regs.values[reg] = value
+        elif op == "s_ld":
+            model.scalar_load()
+            if loaded is not None and reads_register(ins.args["reg"]):
+                reg, value = next(loads)
+                if reg != ins.args["reg"]:
+                    raise ValueError(f"s_ld of register {ins.args['reg']} given {reg}'s value")
+                regs.values[reg] = value
         elif op == "m_rd":
             model.load(ins.args["count"] * tile_bytes, ins.args["tile"])
         elif op == "c_rd":
