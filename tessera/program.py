@@ -56,7 +56,11 @@ from tessera.errors import ProgramFormatError, TesseraError
 from tessera.isa import DecodeError, decode
 
 MAGIC = b"TSRPROG\0"
-FORMAT_VERSION = 1
+#: 1: the first layout. 2: the manifest's NPU config no longer has
+#: ``mvu_pipeline_depth``, ``mfu_pipeline_depth`` and ``chain_overhead_cycles`` (the
+#: cycle model derives those from the RTL's structure), so a version-1 file is refused
+#: with a request to recompile rather than with an unknown-field error.
+FORMAT_VERSION = 2
 #: magic, format version, header size, file size, manifest size, manifest sha256.
 HEADER = struct.Struct("<8sIIQQ32s")
 #: Every section starts at a multiple of this, so a reader can map the words in place.
