@@ -202,7 +202,7 @@ class Clamp:
     """The int8 exponent clamp's decision for one vector (:func:`clamp_decision`)."""
 
     over: Signal  # the exponent is above E_MAX: lanes shift up by ``up`` and saturate
-    under: Signal  # below E_MIN (and not E_ZERO): lanes shift down by ``down``, rounded
+    under: Signal  # below E_MIN (E_ZERO too): lanes shift down by ``down``, rounded
     up: Signal
     down: Signal
     lo_mask: Signal  # the sticky-bit mask of the shift down
@@ -221,7 +221,9 @@ def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
     under = Signal(name=f"{name}_under")
     m.d.comb += [
         over.eq(e1 > numerics.E_MAX),
-        under.eq((e1 < numerics.E_MIN) & (e1 != numerics.E_ZERO)),
+        # An all-zero vector (E_ZERO) shifts too and stays zero; the caller gives it E_ZERO
+        # back, and a non-zero vector whose exponent is E_ZERO is clamped like the rest.
+        under.eq(e1 < numerics.E_MIN),
     ]
     # Any non-zero mantissa shifted up by ``bits`` or more saturates, as it would by the
     # reference's up-to-40 bits: clamping there keeps the shifter ``bits`` wide.

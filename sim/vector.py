@@ -244,7 +244,7 @@ def chain_vectors(
                     for lane in range(n):
                         v[lane, p] = min(max(v[lane, p] * g, -lim), lim)
                     e[p] = _E_MAX
-                elif e[p] < _E_MIN and e[p] != _E_ZERO:
+                elif e[p] < _E_MIN:
                     g = _shift_factor(_E_MIN - e[p])
                     top = 0.0
                     for lane in range(n):

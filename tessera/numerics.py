@@ -148,7 +148,10 @@ def to_storage(q: np.ndarray, e: np.ndarray, bits: int) -> tuple[np.ndarray, np.
         up = np.clip(e - E_MAX, 0, 40)[..., None]
         q = np.where(over[..., None], np.clip(q << up, -lim, lim), q)
         e = np.where(over, E_MAX, e)
-    under = (e < E_MIN) & (e != E_ZERO)
+    # An all-zero vector (E_ZERO) takes the shift too: it stays zero and gets E_ZERO back
+    # below, while a non-zero vector whose exponent is exactly E_ZERO is clamped like
+    # any other instead of being stored under the all-zero marker.
+    under = e < E_MIN
     if np.any(under):
         q = np.where(under[..., None], rne_shift(q, np.maximum(E_MIN - e, 0)[..., None]), q)
         e = np.where(under, E_MIN, e)

@@ -85,6 +85,12 @@ def test_to_storage_exponent_range() -> None:
     assert tiny[1][0] == nx.E_MIN and tiny[0].tolist() == [[12, 0]]  # 100/8 = 12.5 -> 12
     gone = nx.to_storage(np.array([[1, 1]]), np.array([-200]), 8)
     assert gone[1][0] == nx.E_ZERO and (gone[0] == 0).all()
+    # A non-zero vector whose exponent is exactly E_ZERO is clamped onto E_MIN, not
+    # stored under the all-zero marker: 127 * 2**-128 -> 64 * 2**-127 (63.5 to even).
+    edge = nx.to_storage(np.array([[127, -3]]), np.array([nx.E_ZERO]), 8)
+    assert edge[1][0] == nx.E_MIN and edge[0].tolist() == [[64, -2]]
+    zero = nx.to_storage(np.array([[0, 0]]), np.array([nx.E_ZERO]), 8)
+    assert zero[1][0] == nx.E_ZERO and (zero[0] == 0).all()
 
 
 def test_normalize_shifts_only_when_needed() -> None:
