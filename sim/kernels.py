@@ -82,6 +82,23 @@ def im2col(
     return np.ascontiguousarray(win.reshape(out_hw[0] * out_hw[1], -1))
 
 
+#: While :func:`record_products` is active: the (outputs, reduction, pixels) shape of
+#: every exact product made.
+_PRODUCTS: list[tuple[int, int, int]] | None = None
+
+
+@contextlib.contextmanager
+def record_products():
+    """Collect the shape of every exact product made inside (``tessera bench sim`` times
+    the products of a run alone, to show how much of the simulator's time they set)."""
+    global _PRODUCTS
+    _PRODUCTS = shapes = []
+    try:
+        yield shapes
+    finally:
+        _PRODUCTS = None
+
+
 def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True) -> np.ndarray:
     """Exact integer accumulators [O, P] of ``weight_grid @ cols.T``, as float64 (see the
     module doc): one row per output channel, the orientation OpenBLAS runs up to twice
@@ -93,7 +110,9 @@ def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True
     if skip_zero:
         used = np.flatnonzero(np.any(wg != 0, axis=0))
         if used.size < 0.75 * wg.shape[1]:
-            return wg[:, used] @ cols[:, used].T
+            wg, cols = wg[:, used], cols[:, used]
+    if _PRODUCTS is not None:
+        _PRODUCTS.append((wg.shape[0], wg.shape[1], cols.shape[0]))
     return wg @ cols.T
 
 
