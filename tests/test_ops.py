@@ -731,3 +731,19 @@ def test_cli_compile_run_report(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert rep["total_cycles"] > 0 and 0 < rep["mvu_utilization"] <= 1
     # The floors are lower bounds of the modelled latency, the DSP one the lowest.
     assert rep["dsp_floor_ms"] <= rep["roofline_floor_ms"] <= rep["latency_ms"]
+
+
+def test_recorded_products_cover_every_mac() -> None:
+    """``kernels.record_products`` (what ``tessera bench sim`` replays) sees every product
+    of a run: their MACs add up to the report's (channels a multiple of the block)."""
+    from tessera.sim import kernels
+    from tessera.sim.report import build_report
+
+    net = Net(3)
+    y = net.conv("x", 32, 48, out="a", k=3, pads=[1, 1, 1, 1])
+    y = net.conv(y, 48, 16, k=1, out="y")
+    model = net.model({"x": [1, 32, 9, 7]}, [y])
+    prog, _, _ = compile_model(model, get_config(CFG_85F))
+    with kernels.record_products() as shapes:
+        run_program(prog, {"x": random_input([1, 32, 9, 7])}, "sim")
+    assert shapes and sum(o * k * p for o, k, p in shapes) == build_report(prog)["macs"]
