@@ -49,6 +49,9 @@ _DECODED: OrderedDict[bytes, list[Instr]] = OrderedDict()
 #: checked against a snapshot of those DRAM bytes before every reuse (decoding is pure).
 _WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], np.ndarray, np.ndarray]] = OrderedDict()
 _WEIGHTS_MAX_BYTES = 384 << 20
+#: Accumulators per band of a layer's pixels (1 MiB of float64): one band's product and
+#: vector path work in cache.
+_BAND_VALUES = 1 << 17
 #: Cycle-model walks of whole programs, keyed by the program, the configuration and the
 #: values its ``s_ld`` loaded into registers the model reads (see :meth:`Simulator._timing`).
 _TIMINGS: OrderedDict[tuple, CycleModel] = OrderedDict()
@@ -698,7 +701,7 @@ class Simulator:
         se_all = np.empty((p, blocks), np.int8)
         has_aux = aux[0] is not None
         workers = kernels.parallel_workers()
-        step = max(64, min((1 << 17) // (blocks * n), -(-p // (2 * workers))))
+        step = max(64, min(_BAND_VALUES // (blocks * n), -(-p // (2 * workers))))
         step = max(1, -(-step // ow))  # whole output rows
         # Few output rows (late layers): split the output blocks too, so there are a
         # few items per worker to balance.
