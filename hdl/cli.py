@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="stop after placement: nextpnr's placed Fmax estimate and the connections "
         "placement stretched (long_nets.txt)",
     )
+    p.add_argument(
+        "--no-floorplan",
+        action="store_true",
+        help="let nextpnr place the MVU's DSPs and weight block RAMs freely (floorplan.txt)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_synth)
 
@@ -32,7 +37,14 @@ def _synth(args: argparse.Namespace) -> int:
 
     cfg = get_config(args.config)
     out = args.out or Path("build") / f"synth-{cfg.name}"
-    rep = synthesize(cfg, out, target_mhz=args.freq, seed=args.seed, route=not args.no_route)
+    rep = synthesize(
+        cfg,
+        out,
+        target_mhz=args.freq,
+        seed=args.seed,
+        route=not args.no_route,
+        floorplan=not args.no_floorplan,
+    )
     print(json.dumps(rep) if args.json else format_report(rep))
     if not args.json:
         print(f"  report: {out / 'report.json'}")

@@ -53,6 +53,7 @@ def synthesize(
     target_mhz: float | None = None,
     seed: int = 1,
     route: bool = True,
+    floorplan: bool = True,
 ) -> dict:
     """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict.
 
@@ -60,7 +61,9 @@ def synthesize(
     within hours here): the Fmax is then nextpnr's estimate after placement
     (``fmax_kind``), ``long_nets.txt`` lists the connections placement stretched and
     ``placed_paths.txt`` prices each connection for its placed distance
-    (:mod:`tessera.hdl.placement`).
+    (:mod:`tessera.hdl.placement`). ``floorplan`` pins the MVU's DSPs and the block RAMs
+    feeding each lane to sites next to each other before nextpnr runs, on the devices
+    :mod:`tessera.hdl.floorplan` has a geometry for (``floorplan.txt``).
     """
     from tessera.hdl.npu import NPU
 
@@ -82,8 +85,11 @@ def synthesize(
     yosys = [tools["yosys"], "-q", "-l", "yosys.log", "-p", script]
     seconds["yosys"] = round(_run(yosys, out / "yosys.stdout", "yosys"), 1)
     # The deepest paths, estimated in seconds, are in paths.txt while nextpnr still runs.
-    est = estimate(json.loads((out / "npu.json").read_text()), 1000.0 / target)
+    netlist = json.loads((out / "npu.json").read_text())
+    est = estimate(netlist, 1000.0 / target)
     (out / "paths.txt").write_text(format_estimate(est, top=40) + "\n")
+    pinned = _floorplan(netlist, cfg.device, out) if floorplan else 0
+    del netlist
     cmd = [
         tools["nextpnr-ecp5"],
         DEVICES[cfg.device],
@@ -107,6 +113,7 @@ def synthesize(
     report: dict = {
         "device": cfg.device,
         "config": cfg.name,
+        "floorplan_cells": pinned,
         "logic_estimate": {
             "worst_ns": round(est.worst_ns, 1),
             "endpoints_over": est.failing,
@@ -147,6 +154,19 @@ def synthesize(
     report["seconds"] = seconds
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _floorplan(netlist: dict, device: str, out: Path) -> int:
+    """Pin the MVU lanes' DSPs and weight block RAMs (:func:`~tessera.hdl.floorplan.mvu_floorplan`)
+    by rewriting ``npu.json`` with ``BEL`` attributes; the number of cells pinned."""
+    from tessera.hdl.floorplan import apply_floorplan, format_floorplan, mvu_floorplan
+
+    bels = mvu_floorplan(netlist, device)
+    if bels:
+        apply_floorplan(netlist, bels)
+        (out / "npu.json").write_text(json.dumps(netlist))
+        (out / "floorplan.txt").write_text(format_floorplan(bels) + "\n")
+    return len(bels)
 
 
 #: Connections at least this many tiles long are listed after placement.
@@ -221,6 +241,11 @@ def format_report(rep: dict) -> str:
             f"  placement: {lc['nets']} nets reach {lc['min_span']}+ tiles from their driver, "
             f"longest {lc['longest']} (long_nets.txt); worst path priced by placed distance "
             f"{lc['placed_paths_worst_ns']:.1f} ns (placed_paths.txt)"
+        )
+    if rep.get("floorplan_cells"):
+        lines.append(
+            f"  floorplan: {rep['floorplan_cells']} MVU DSPs and weight block RAMs pinned "
+            "(floorplan.txt)"
         )
     if "logic_estimate" in rep:
         le = rep["logic_estimate"]
