@@ -36,6 +36,7 @@ import numpy as np
 from numba import njit
 
 from tessera import numerics
+from tessera.sim.vector import RINT_MAGIC
 
 
 def gather_windows(
@@ -209,11 +210,6 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
     return out.reshape(ob * n, k * n)
 
 
-#: Adding and subtracting 1.5 * 2**52 rounds a float below 2**51 to an integer, half to
-#: even (see :mod:`tessera.sim.vector`).
-_RINT_MAGIC = 6755399441055744.0
-
-
 def pool_lanes(
     q: np.ndarray,
     e: np.ndarray,
@@ -253,7 +249,7 @@ def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, out) -> None
                 for x in range(max(x0, 0), min(x0 + kw, w)):
                     s = scale[e[y, x, b] + 128]
                     for lane in range(n):
-                        g = (q[y, x, b, lane] * s + _RINT_MAGIC) - _RINT_MAGIC
+                        g = (q[y, x, b, lane] * s + RINT_MAGIC) - RINT_MAGIC
                         acc[lane] = max(acc[lane], g) if kind_max else acc[lane] + g
             for lane in range(n):
                 out[p, b * n + lane] = acc[lane]
@@ -310,12 +306,12 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
                             s = scale[e[iy, ix, b] + 128]
                             for lane in range(n):
                                 v = q[iy, ix, b, lane] * s
-                                out[r, col + b * n + lane] = (v + _RINT_MAGIC) - _RINT_MAGIC
+                                out[r, col + b * n + lane] = (v + RINT_MAGIC) - RINT_MAGIC
                     else:
                         for j in range(c):
                             b, lane = chans[j] // n, chans[j] % n
                             v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
-                            out[r, col + j] = (v + _RINT_MAGIC) - _RINT_MAGIC
+                            out[r, col + j] = (v + RINT_MAGIC) - RINT_MAGIC
                     col += c
             r += 1
 

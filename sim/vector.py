@@ -46,7 +46,7 @@ _POS_POW2 = np.ldexp(1.0, np.arange(41))
 #: Adding and subtracting 1.5 * 2**52 rounds a float below 2**51 to an integer, half to
 #: even (the FPU's rounding mode), in two vectorisable instructions; an integer is left
 #: as it is, so a factor of 1.0 makes it a no-op.
-_RINT_MAGIC = 6755399441055744.0
+RINT_MAGIC = 6755399441055744.0
 
 
 @njit(cache=True, inline="always")
@@ -63,7 +63,7 @@ def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float, cnt: int)
         amax[p] = 0.0
     for lane in range(v.shape[0]):
         for p in range(cnt):
-            q = min(max((v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC, -lim), lim)
+            q = min(max((v[lane, p] * f[p] + RINT_MAGIC) - RINT_MAGIC, -lim), lim)
             v[lane, p] = q
             amax[p] = _max_into(amax[p], abs(q))
 
@@ -230,8 +230,8 @@ def chain_vectors(
                         for p in range(cnt):
                             y[p] = c
                     for p in range(cnt):
-                        xa = (v[lane, p] * f[p] + _RINT_MAGIC) - _RINT_MAGIC
-                        ya = (y[p] * fy[p] + _RINT_MAGIC) - _RINT_MAGIC
+                        xa = (v[lane, p] * f[p] + RINT_MAGIC) - RINT_MAGIC
+                        ya = (y[p] * fy[p] + RINT_MAGIC) - RINT_MAGIC
                         r = xa + ya if code == OP_ADD else max(xa, ya)
                         v[lane, p] = r
                         amax[p] = _max_into(amax[p], abs(r))
@@ -248,7 +248,7 @@ def chain_vectors(
                     g = _shift_factor(_E_MIN - e[p])
                     top = 0.0
                     for lane in range(n):
-                        v[lane, p] = (v[lane, p] * g + _RINT_MAGIC) - _RINT_MAGIC
+                        v[lane, p] = (v[lane, p] * g + RINT_MAGIC) - RINT_MAGIC
                         top = max(top, abs(v[lane, p]))
                     e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
                 out_e[t0 + p, b] = e[p]
