@@ -210,6 +210,12 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
     return out.reshape(ob * n, k * n)
 
 
+def _grid_factors(floor: int) -> np.ndarray:
+    """:func:`grid_f64`'s factor ``2**(e - floor)`` for every int8 exponent, at ``e + 128``
+    (the compiled kernels scale blocks as they read them)."""
+    return pow2(np.arange(-128, 128) - floor)
+
+
 def pool_lanes(
     q: np.ndarray,
     e: np.ndarray,
@@ -228,7 +234,7 @@ def pool_lanes(
     windows and the transpose are never materialised (the network's first max pool is
     a 112 x 112 x 64 input).
     """
-    scale = pow2(np.arange(-128, 128) - floor)  # grid_f64's factor per int8 exponent
+    scale = _grid_factors(floor)
     pixel_major = np.empty((out_hw[0] * out_hw[1], q.shape[2] * q.shape[3]))
     _pool_pixels(q, e, scale, kind_max, *kernel, *stride, *pads_tl, out_hw[1], pixel_major)
     return np.ascontiguousarray(pixel_major.T)
@@ -272,7 +278,7 @@ class Windows:
         n = q.shape[3]
         self.all_channels = chans is None
         self.chans = np.arange(q.shape[2] * n) if chans is None else np.asarray(chans)
-        self.scale = pow2(np.arange(-128, 128) - floor)  # grid_f64's factor per exponent
+        self.scale = _grid_factors(floor)
         self.geometry = (*kernel, *stride, *pads_tl, *dilation)
         self.out_hw = out_hw
         self.k = kernel[0] * kernel[1] * len(self.chans)
