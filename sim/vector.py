@@ -23,6 +23,8 @@ The function releases the GIL, so the simulator's thread pool runs bands side by
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -254,3 +256,43 @@ def chain_vectors(
                 out_e[t0 + p, b] = e[p]
                 for lane in range(n):
                     out_q[t0 + p, r0 + lane] = v[lane, p]
+
+
+def quantize_blocks(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tessera.numerics.quantize_float` (no ``min_exp``) compiled: float blocks
+    (last axis = one block) -> storage mantissas and exponents, as int64.
+
+    Every run quantizes its input (802 k values for ResNet-50) before the program starts;
+    numpy's dozen passes over the blocks took 8 ms of it, this one pass well under 1.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("cannot quantize non-finite values (NaN or Inf) to BFP")
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    q = np.empty(flat.shape, np.int64)
+    e = np.empty(flat.shape[0], np.int64)
+    _quantize_rows(flat, bits, q, e)
+    return q.reshape(x.shape), e.reshape(x.shape[:-1])
+
+
+@njit(cache=True, nogil=True)
+def _quantize_rows(x: np.ndarray, bits: int, q: np.ndarray, e: np.ndarray) -> None:
+    lim = float((1 << (bits - 1)) - 1)
+    for i in range(x.shape[0]):
+        amax = 0.0
+        for j in range(x.shape[1]):
+            amax = max(amax, abs(x[i, j]))
+        ex = min(max(math.frexp(amax)[1] - (bits - 1), _E_MIN), _E_MAX)
+        scale = math.ldexp(1.0, -ex)  # a normal float for every storage exponent
+        # Clipped to lim + 1 before the rounding (monotone, integer bounds: the same
+        # result), so every value rounded is far below the magic constant's 2**51.
+        top = min(amax * scale, lim + 1.0)
+        if (top + RINT_MAGIC) - RINT_MAGIC == 0.0:  # the largest magnitude rounds to 0
+            e[i] = _E_ZERO
+            for j in range(x.shape[1]):
+                q[i, j] = 0
+            continue
+        e[i] = ex
+        for j in range(x.shape[1]):
+            y = min(max(x[i, j] * scale, -lim - 1.0), lim + 1.0)
+            q[i, j] = int(min(max((y + RINT_MAGIC) - RINT_MAGIC, -lim), lim))

@@ -115,6 +115,30 @@ def test_mismatched_shapes_are_refused() -> None:
         run(ops=np.array([[vector.OP_ADD, vector.SRC_VRF]] * 2, np.int64))
 
 
+@pytest.mark.parametrize("bits", [3, 5, 8, 16])
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_quantize_equals_numerics(bits: int, seed: int) -> None:
+    """The host's compiled input quantizer is numerics.quantize_float, bit for bit: over
+    the whole exponent range, all-zero blocks, blocks that round to zero or saturate,
+    and exact ties (half an LSB above a mantissa of every parity)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(300, N)) * 2.0 ** rng.integers(-140, 140, size=(300, 1))
+    x[rng.random(x.shape) < 0.2] = 0.0
+    x[:10] = 0.0
+    lsb = 2.0 ** rng.integers(-120, 120, size=(40, 1))
+    ties = (rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(40, N)) + 0.5) * lsb
+    top = (2 ** (bits - 1) - 1) * lsb  # the block's maximum: sets the exponent to lsb's
+    x = np.concatenate([x, np.concatenate([top, ties[:, 1:]], axis=1)])
+    x[-5:] = 2.0**-1080  # below anything a storage exponent reaches: rounds to zero
+    want_q, want_e = numerics.quantize_float(x.reshape(-1, 2, N // 2), bits)
+    got_q, got_e = vector.quantize_blocks(x.reshape(-1, 2, N // 2), bits)
+    np.testing.assert_array_equal(got_e, want_e)
+    np.testing.assert_array_equal(got_q, want_q)
+    assert (want_e == numerics.E_ZERO).any() and (np.abs(want_q) == 2 ** (bits - 1) - 1).any()
+    with pytest.raises(ValueError, match="non-finite"):
+        vector.quantize_blocks(np.array([[1.0, np.nan]]), bits)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_compiled_pool_equals_pool_of_the_grid(seed: int) -> None:
     """The simulator's one-pass pool equals kernels.pool on kernels.grid_f64, with
