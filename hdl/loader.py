@@ -116,14 +116,16 @@ class Loader(wiring.Component):
         item = Signal(16)  # tile or vector being written
         off = Signal(range(max(tbytes, 2 * n + 2) + 1))  # byte offset inside the item
         inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
+        # A write is in the buffers' port registers (their bytes land next cycle): set with
+        # the ports' byte enables, so ``busy`` needs no OR over the tile port's 136 of them.
+        port_write = Signal()
 
         bus = self.bus
         tw, vw = self.tile_wr, self.vrf_wr
         m.d.comb += [
             bus.write.eq(0),
             bus.addr.eq(addr),
-            # a write still in the buffers' port registers counts: its bytes land next cycle
-            self.busy.eq((budget.chunk != 0) | (inflight != 0) | (tw.en != 0) | (vw.en != 0)),
+            self.busy.eq((budget.chunk != 0) | (inflight != 0) | port_write),
         ]
         m.d.comb += bus.len.eq(budget.chunk)
         m.d.comb += bus.req.eq((budget.chunk != 0) & (inflight < 2) & ~self.hold)
@@ -168,6 +170,7 @@ class Loader(wiring.Component):
             vw.data.eq(beat.replicate(len(vw.data) // 16)),
             tw.en.eq(0),
             vw.en.eq(0),
+            port_write.eq(bus.rvalid & ((kind == LoadKind.TILES) | (kind == LoadKind.CONSTS))),
         ]
 
         with m.If(bus.rvalid):

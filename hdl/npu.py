@@ -171,12 +171,34 @@ class NPU(wiring.Component):
         def ereg_mask(dec: Decoded) -> Mux:
             return Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)
 
+        # The compares on ``d``'s fields the retire decision needs, made with the decode
+        # too, so that decision reads flags: ``d.reg`` is a control register, and the
+        # buffer half an m_rd / c_rd loads (1 or 2, as the chain engine's half masks).
+        tiles_half = cfg.tile_buffer_tiles
+        vrf_half = cfg.vrf_depth // 2
+        d_ctrl = Signal()
+        d_half = Signal(2)
+
+        def load_half(dec: Decoded) -> Mux:
+            upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
+            return Mux(upper, 2, 1)
+
+        def latch(dec: Decoded) -> list:
+            return [
+                d.eq(dec),
+                d_ereg.eq(ereg_mask(dec)),
+                d_ctrl.eq(dec.reg < CTRL_REGS),
+                d_half.eq(load_half(dec)),
+            ]
+
         m.d.comb += [dec_next.word.eq(queue[1]), dec_in.word.eq(word)]
         with m.If(advance):
-            m.d.sync += d.eq(Mux(count > 1, dec_next.out, dec_in.out))
-            m.d.sync += d_ereg.eq(Mux(count > 1, ereg_mask(dec_next.out), ereg_mask(dec_in.out)))
+            with m.If(count > 1):
+                m.d.sync += latch(dec_next.out)
+            with m.Else():
+                m.d.sync += latch(dec_in.out)
         with m.Elif(count == 0):
-            m.d.sync += [d.eq(dec_in.out), d_ereg.eq(ereg_mask(dec_in.out))]
+            m.d.sync += latch(dec_in.out)
 
         def write_ereg(value: Value) -> None:
             """E[d.reg] = value if d.reg is an E register, selected by its one-hot mask (the
@@ -247,8 +269,6 @@ class NPU(wiring.Component):
             chain.ops.eq(ops),
         ]
 
-        tiles_half = cfg.tile_buffer_tiles
-        vrf_half = cfg.vrf_depth // 2
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -294,7 +314,7 @@ class NPU(wiring.Component):
                             e_busy = (chain.eregs_in_use & d_ereg).any()
                             with m.If(~e_busy):
                                 m.d.comb += advance.eq(1)
-                            with m.If(d.reg < CTRL_REGS):
+                            with m.If(d_ctrl):
                                 m.d.sync += ctrl[d.reg[:5]].eq(d.value)
                             with m.If(~e_busy):
                                 write_ereg(d.value)
@@ -309,15 +329,10 @@ class NPU(wiring.Component):
                                 m.next = "SCALAR"
                         with m.Case(Opcode.M_RD, Opcode.C_RD):
                             is_m = d.opcode == Opcode.M_RD
-                            target = Mux(
-                                is_m,
-                                Mux(d.tile >= tiles_half, 2, 1),
-                                Mux(d.vrf >= vrf_half, 2, 1),
-                            )
                             clash = running & Mux(
                                 is_m,
-                                (run_tile_half & target) != 0,
-                                (run_vrf_half & target) != 0,
+                                (run_tile_half & d_half) != 0,
+                                (run_vrf_half & d_half) != 0,
                             )
                             with m.If(~loader.busy & ~clash):
                                 m.d.comb += [
@@ -337,7 +352,7 @@ class NPU(wiring.Component):
                             m.next = "STOP"
             with m.State("SCALAR"):
                 with m.If(loader.scalar_valid):
-                    with m.If(d.reg < CTRL_REGS):
+                    with m.If(d_ctrl):
                         m.d.sync += ctrl[d.reg[:5]].eq(loader.scalar)
                     write_ereg(loader.scalar)
                     m.d.comb += advance.eq(1)
