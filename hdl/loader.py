@@ -57,6 +57,24 @@ class LoadKind(enum.Enum, shape=2):
     SCALAR = 2
 
 
+def load_beats(cfg: NPUConfig, tiles: Value, count: Value) -> Value:
+    """DRAM beats of an ``m_rd`` (``tiles``) or ``c_rd`` of ``count`` items, as shifts and
+    adds of ``count``: the sequencer works it out when it decodes the instruction, so the
+    cycle that starts the load only registers it. (Written as a product by a constant,
+    yosys made it a combinational MULT18X18D in that cycle, which was the routed design's
+    critical path.)"""
+
+    def times(k: int) -> Value:
+        terms = [count << i for i in range(k.bit_length()) if k >> i & 1]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    tile_beats = layout.tile_bytes(cfg.native_dim, cfg.mantissa_bits) // BEAT_BYTES
+    return Mux(tiles, times(tile_beats), times(cfg.native_dim + 1))
+
+
 def tile_word_bits(cfg: NPUConfig) -> int:
     return cfg.lanes * (cfg.native_dim + 1) * 8
 
@@ -79,7 +97,7 @@ class Loader(wiring.Component):
                 "start": In(1),
                 "kind": In(LoadKind),
                 "index": In(16),  # first tile / vector
-                "count": In(16),
+                "beats": In(32),  # of a TILES or CONSTS load: load_beats()
                 "addr": In(32),
                 "busy": Out(1),
                 # hold DRAM requests while the chain streams its input slice: as the cycle
@@ -137,13 +155,10 @@ class Loader(wiring.Component):
         m.d.sync += self.scalar_valid.eq(0)
         with m.If(self.start):
             m.d.sync += [kind.eq(self.kind), item.eq(self.index), off.eq(0), addr.eq(self.addr)]
-            with m.Switch(self.kind):
-                with m.Case(LoadKind.TILES):
-                    m.d.sync += budget.load(self.count * (tbytes // BEAT_BYTES))
-                with m.Case(LoadKind.CONSTS):
-                    m.d.sync += budget.load(self.count * (n + 1))
-                with m.Case(LoadKind.SCALAR):
-                    m.d.sync += budget.load(Const(2, 2))
+            with m.If(self.kind == LoadKind.SCALAR):
+                m.d.sync += budget.load(Const(2, 2))
+            with m.Else():
+                m.d.sync += budget.load(self.beats)
 
         # Tile bytes: mantissa byte o -> word o // (lanes*N), lane o % (lanes*N);
         # exponent byte N*N + r -> word r // lanes, lane lanes*N + r % lanes.

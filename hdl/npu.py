@@ -27,7 +27,7 @@ from tessera.hdl.arbiter import Arbiter
 from tessera.hdl.bus import MemBus
 from tessera.hdl.chain import ChainEngine
 from tessera.hdl.decoder import Decoded, Decoder, Opcode
-from tessera.hdl.loader import Loader, LoadKind, tile_word_bits, vrf_word_bits
+from tessera.hdl.loader import Loader, LoadKind, load_beats, tile_word_bits, vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, ChainOps, ChainRegs, MfuOp, Reducer
 from tessera.isa import Reg
 
@@ -178,6 +178,7 @@ class NPU(wiring.Component):
         vrf_half = cfg.vrf_depth // 2
         d_ctrl = Signal()
         d_half = Signal(2)
+        d_beats = Signal(32)  # of an m_rd / c_rd, for the load unit
 
         def load_half(dec: Decoded) -> Mux:
             upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
@@ -189,6 +190,7 @@ class NPU(wiring.Component):
                 d_ereg.eq(ereg_mask(dec)),
                 d_ctrl.eq(dec.reg < CTRL_REGS),
                 d_half.eq(load_half(dec)),
+                d_beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
             ]
 
         m.d.comb += [dec_next.word.eq(queue[1]), dec_in.word.eq(word)]
@@ -340,7 +342,7 @@ class NPU(wiring.Component):
                                     loader.start.eq(1),
                                     loader.kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
                                     loader.index.eq(Mux(is_m, d.tile, d.vrf)),
-                                    loader.count.eq(d.count),
+                                    loader.beats.eq(d_beats),
                                     loader.addr.eq(d.addr),
                                 ]
                         with m.Case(Opcode.V_RD):
