@@ -48,9 +48,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture
 def gated() -> Iterator[None]:
     """The ``gated`` backend registered with a fresh, closed gate; opened afterwards, so no
-    run of a failed test stays blocked (``pytestmark = pytest.mark.usefixtures("gated")``)."""
-    from serve_helpers import GatedBackend, register_gated
+    run of a failed test stays blocked (``pytestmark = pytest.mark.usefixtures("gated")``).
+    The simulator behind it is warmed first: the tests time what the gate releases."""
+    from serve_helpers import GatedBackend, register_gated, warm_simulator
 
+    warm_simulator()
     register_gated()
     GatedBackend.reset()
     yield

@@ -128,6 +128,17 @@ class GatedBackend:
         cls.entered = threading.Semaphore(0)
 
 
+@functools.cache
+def warm_simulator() -> None:
+    """Run the tiny program on the simulator once in this process: the first run compiles
+    the simulator's numba kernels (seconds, more on a loaded machine, in a fresh checkout
+    with no kernel cache), which must not count against a test's timeouts."""
+    from tessera.sim.run import run_program
+
+    prog = tiny_program()
+    run_program(prog, {prog.manifest["inputs"][0]["name"]: float_input()}, "sim")
+
+
 def register_gated() -> None:
     from tessera.runtime.device import register_backend
 
