@@ -419,10 +419,15 @@ def _match(want: np.ndarray, got: np.ndarray, min_iou: float = 0.5) -> list[tupl
 def test_whole_ssd_vgg_detections_agree_with_fp32(whole_run: WholeRun) -> None:
     """decode+NMS of the NPU's heads vs the same decode+NMS in float on onnxruntime's.
 
-    Measured (seed 0, input seed 7): every one of the 83 float detections scoring above 0.5
-    and all of the top 100 are matched by a same-class NPU detection, median IoU 0.98,
-    smallest 0.66, score differences up to 0.09 (median 0.01); over all 200 detections,
-    188 match, the rest being near-ties at the bottom of the list.
+    Measured (seed 0, input seed 7): on an AVX2 machine every one of the 83 float
+    detections scoring above 0.5 and all of the top 100 are matched by a same-class NPU
+    detection, median IoU 0.98, smallest 0.66, score differences up to 0.09 (median 0.01);
+    over all 200 detections, 188 match, the rest being near-ties at the bottom of the list.
+    With onnxruntime's AVX-512 kernels, one float detection scores 0.502 and the NPU's box
+    for it overlaps at IoU 0.479: 82 of 83 match. A detection at the cut can fall either
+    side of it (and of the match's 0.5 IoU) with the CPU's float kernels, so every one 0.1
+    above the cut must match (the NPU's scores differ by up to ~0.06) and 97 % of the
+    rest, as of the top 100.
     """
     ours = ssd.detect(whole_run.sim.outputs)
     fp32 = ssd.detect(whole_run.expected)
@@ -430,7 +435,12 @@ def test_whole_ssd_vgg_detections_agree_with_fp32(whole_run: WholeRun) -> None:
     assert len(fp32) == 200
     confident = fp32[fp32[:, 1] > 0.5]
     assert len(confident) >= 20
-    for what, want, min_share in (("score > 0.5", confident, 1.0), ("top 100", fp32[:100], 0.97)):
+    checks = (
+        ("score > 0.6", fp32[fp32[:, 1] > 0.6], 1.0),
+        ("score > 0.5", confident, 0.97),
+        ("top 100", fp32[:100], 0.97),
+    )
+    for what, want, min_share in checks:
         pairs = _match(want, ours)
         ious = np.array([p[0] for p in pairs])
         diffs = np.array([p[1] for p in pairs])
