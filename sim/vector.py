@@ -271,13 +271,12 @@ def quantize_blocks(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     q = np.empty(flat.shape, np.int64)
     e = np.empty(flat.shape[0], np.int64)
-    _quantize_rows(flat, bits, q, e)
+    _quantize_rows(flat, float(numerics.sat_limit(bits)), bits, q, e)
     return q.reshape(x.shape), e.reshape(x.shape[:-1])
 
 
 @njit(cache=True, nogil=True)
-def _quantize_rows(x: np.ndarray, bits: int, q: np.ndarray, e: np.ndarray) -> None:
-    lim = float((1 << (bits - 1)) - 1)
+def _quantize_rows(x: np.ndarray, lim: float, bits: int, q: np.ndarray, e: np.ndarray) -> None:
     for i in range(x.shape[0]):
         amax = 0.0
         for j in range(x.shape[1]):
