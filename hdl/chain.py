@@ -67,11 +67,11 @@ class ChainEngine(wiring.Component):
                 "emax_val": In(signed(16)),  # ...and its value, read when the chain launches
                 "halves_in_use": Out(4),
                 "act_streaming": Out(1),
-                "eregs_in_use": Out(16),
+                "eregs_in_use": Out(16),  # E registers in-flight chains will read or update
                 # performance counters since reset: cycles waiting for input rows, and cycles
                 # a block waited for room in the writer or for its AUX operand
                 "stall_rows": Out(32),
-                "stall_credit": Out(32),  # E registers in-flight chains will read or update
+                "stall_credit": Out(32),
                 "error": Out(8),
                 "emax_out": Out(signed(16)),
                 "act_bus": Out(BurstPort),
@@ -621,13 +621,23 @@ class ChainEngine(wiring.Component):
         m.d.comb += self.act_streaming.eq(act.streaming)
         run_busy = ~run_fsm.ongoing("IDLE")
         staged = ~setup_fsm.ongoing("IDLE")
-        m.d.comb += self.eregs_in_use.eq(
-            Mux(run_busy, act_s["out_mask"], 0) | Mux(staged, stg["out_mask"] | stg_in_mask, 0)
-        )
-        m.d.comb += [
-            self.busy.eq(run_busy | ~setup_fsm.ongoing("IDLE")),
+        m.d.comb += self.busy.eq(run_busy | staged)
+        # The in-use masks are registered, so the sequencer's hazard checks start from
+        # flip-flops rather than from this engine's state decode (a routed critical path).
+        # Each cycle they take what is in use now plus the chain being accepted: always a
+        # superset of what is in use (a chain moves from staged to running, never back),
+        # which frees a resource one cycle late at worst.
+        accepted = self.ready & self.start
+        m.d.sync += [
+            self.eregs_in_use.eq(
+                Mux(run_busy, act_s["out_mask"], 0)
+                | Mux(staged, stg["out_mask"] | stg_in_mask, 0)
+                | Mux(accepted, (1 << self.out_ereg) | (1 << self.in_ereg), 0)
+            ),
             self.halves_in_use.eq(
-                Mux(run_busy, act_s["halves"], 0) | Mux(setup_fsm.ongoing("IDLE"), 0, stg["halves"])
+                Mux(run_busy, act_s["halves"], 0)
+                | Mux(staged, stg["halves"], 0)
+                | Mux(accepted, self.halves, 0)
             ),
         ]
         return m
