@@ -45,9 +45,11 @@ class SimulationError(RuntimeError):
 
 #: Decoded programs, keyed by the exact instruction words (decoding is pure).
 _DECODED: OrderedDict[bytes, list[Instr]] = OrderedDict()
-#: Float64 weight grids of whole layers, keyed by where their tiles come from and
-#: checked against a snapshot of those DRAM bytes before every reuse (decoding is pure).
-_WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], np.ndarray, np.ndarray]] = OrderedDict()
+#: Weight grids of whole layers (with their byte digits once made), keyed by where their
+#: tiles come from and checked against a snapshot of those DRAM bytes before every reuse.
+_WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], kernels.WeightOperand, np.ndarray | None]] = (
+    OrderedDict()
+)
 _WEIGHTS_MAX_BYTES = 384 << 20
 #: Accumulators per band of a layer's pixels (1 MiB of float64): one band's product and
 #: vector path work in cache.
@@ -634,7 +636,7 @@ class Simulator:
         if prep is not None:
             self._run_bodies(group, plans, cols, wg, prep, out)
             return out
-        acc = kernels.gemm_exact(cols.rows(0, cols.out_hw[0]), wg, skip_zero=False)
+        acc = wg.product(cols, 0, cols.out_hw[0], 0, wg.grid.shape[0])
         b0 = 0
         for cpc, _addr, _t, ocnt, _wf in group:
             out[cpc].acc = acc[b0 * n : (b0 + ocnt) * n]
@@ -713,7 +715,7 @@ class Simulator:
             y1 = min(oh, y0 + step)
             p0, p1 = y0 * ow, y1 * ow
             c0, c1 = b0 * n, b1 * n
-            acc = kernels.gemm_exact(cols.rows(y0, y1), wg[c0:c1], skip_zero=False)
+            acc = wg.product(cols, y0, y1, c0, c1)
             if has_aux:  # the chains' AUX blocks of this item, lane-major as the vectors
                 aq = np.empty((c1 - c0, p1 - p0), sq_all.dtype)
                 ae = np.empty((b1 - b0, p1 - p0), np.int8)
@@ -744,7 +746,7 @@ class Simulator:
             b0 = b1
 
     def _group_weights(self, group):
-        """Float64 weight grid of a group of chains (stacked rows), reused across runs."""
+        """Weight grid of a group of chains (stacked rows), reused across runs."""
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
         tb = layout.tile_bytes(n, m)
@@ -799,7 +801,7 @@ class Simulator:
             else:
                 dst[...] = (q5 * s5).reshape(ocnt, n, kpos, icnt * n)[..., chans]
             b0 += ocnt
-        wg = out.reshape(blocks * n, kpos * width)
+        wg = kernels.WeightOperand(out.reshape(blocks * n, kpos * width))
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
         _WEIGHTS[key] = (snaps, wg, chans)
         total = sum(v[1].nbytes for v in _WEIGHTS.values())

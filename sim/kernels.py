@@ -14,19 +14,30 @@ unrolling band by band (:class:`Windows`), pooling compiled in one pass
 (:func:`run_parallel`); the simulator's per-vector arithmetic after the product is
 compiled, in :mod:`tessera.sim.vector`.
 
-Why not int8 or float32 products: the grid values are up to 24-bit (8-bit mantissas
-shifted by up to the activation window) and the weight grid up to 16-bit, and sums run
-over thousands of terms to ~2**41 and more. float32 holds 24 bits, so no split of the
-operands keeps its partial sums exact at useful sizes; int8 x int8 -> int32 products
-(onnxruntime MatMulInteger) are exact but need 2 x 2 byte digits, four passes, which
-measured slower than one float64 product here (and its u8 x s8 kernel saturates int16
-pair sums on AVX2 without VNNI, so only u8 x u8 would be exact at all).
+Why not float32 products: the grid values are up to 24-bit (8-bit mantissas shifted by
+up to the activation window) and the weight grid up to 16-bit, and sums run over
+thousands of terms to ~2**41 and more. float32 holds 24 bits, so no split of the
+operands keeps its partial sums exact at useful sizes.
+
+Byte-digit products (:class:`WeightOperand`): the activation grid, offset to be
+non-negative, is 3 unsigned byte digits and the weight grid 2 signed ones; onnxruntime's
+``MatMulInteger`` (u8 x s8 -> int32) makes all 6 digit products in one call, exact while
+``K * 255 * 128 < 2**31``, and a compiled pass adds them up with their shifts. On a CPU
+with AVX-512 VNNI (``vpdpbusd`` accumulates in int32) that is 2-3x faster than one
+float64 product for the 3x3 and wide 1x1 convolutions (measured, one thread: 3136 x 576 x
+64: 4.3 -> 1.5 ms; 49 x 4608 x 512: 6.4 -> 2.0 ms) and slower for narrow reductions
+(3136 x 64 x 256: 2.3 -> 5.8 ms, the int32 outputs dominate), hence the threshold
+:data:`DIGITS_MIN_K`. Without VNNI the kernel sums pairs of u8 x s8 products in int16
+with saturation (AVX2 ``vpmaddubsw``), and u8 x u8 has no fast kernel (6 passes took
+2.5x the float64 time); so a probe with saturating operands (:func:`digit_products_exact`)
+decides once per process, and where it fails every product stays float64.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -83,15 +94,16 @@ def im2col(
     return np.ascontiguousarray(win.reshape(out_hw[0] * out_hw[1], -1))
 
 
-#: While :func:`record_products` is active: the (outputs, reduction, pixels) shape of
-#: every exact product made.
-_PRODUCTS: list[tuple[int, int, int]] | None = None
+#: While :func:`record_products` is active: the (outputs, reduction, pixels, digits)
+#: shape of every exact product made, ``digits`` whether it was a byte-digit product.
+_PRODUCTS: list[tuple[int, int, int, bool]] | None = None
 
 
 @contextlib.contextmanager
 def record_products():
-    """Collect the shape of every exact product made inside (``tessera bench sim`` times
-    the products of a run alone, to show how much of the simulator's time they set)."""
+    """Collect the shape and kind of every exact product made inside (``tessera bench
+    sim`` times the products of a run alone, to show how much of the simulator's time
+    they set)."""
     global _PRODUCTS
     _PRODUCTS = shapes = []
     try:
@@ -113,7 +125,7 @@ def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True
         if used.size < 0.75 * wg.shape[1]:
             wg, cols = wg[:, used], cols[:, used]
     if _PRODUCTS is not None:
-        _PRODUCTS.append((wg.shape[0], wg.shape[1], cols.shape[0]))
+        _PRODUCTS.append((wg.shape[0], wg.shape[1], cols.shape[0], False))
     return wg @ cols.T
 
 
@@ -282,6 +294,8 @@ class Windows:
         self.geometry = (*kernel, *stride, *pads_tl, *dilation)
         self.out_hw = out_hw
         self.k = kernel[0] * kernel[1] * len(self.chans)
+        self._planes: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
         out = np.empty(((y1 - y0) * self.out_hw[1], self.k))
@@ -290,6 +304,33 @@ class Windows:
             self.out_hw[1], y0, y1, out,
         )  # fmt: skip
         return out
+
+    def digit_rows(self, y0: int, y1: int, digits: int) -> np.ndarray | None:
+        """``rows(y0, y1) + 2**(8*digits - 1)`` as ``digits`` unsigned byte planes,
+        stacked ``[digits * (y1-y0)*OW, K]`` (least significant plane first), for
+        :class:`WeightOperand`; ``None`` if a value does not fit that many bytes.
+
+        The input's digit planes are made once (each input value converted once, not
+        once per window it falls in); the rows are then byte copies out of them.
+        """
+        with self._lock:
+            if self._planes is None or self._planes.shape[0] != digits:
+                h, w = self.q.shape[:2]
+                planes = np.empty((digits, h, w, len(self.chans)), np.uint8)
+                ok = _digit_planes(self.q, self.e, self.scale, self.all_channels, self.chans,
+                                   planes)  # fmt: skip
+                self._planes = planes if ok else np.empty((0, 0, 0, 0), np.uint8)
+        if self._planes.shape[0] != digits:
+            return None
+        p = (y1 - y0) * self.out_hw[1]
+        out = np.empty((digits, p, self.k), np.uint8)
+        planes, dst = self._planes, out
+        words = planes.shape[3] % 8 == 0  # copy 8 bytes at a time
+        if words:
+            planes, dst = planes.view(np.uint64), out.view(np.uint64)
+        fills = _zero_digits(digits, words)
+        _gather_digit_rows(planes, fills, *self.geometry, self.out_hw[1], y0, y1, dst)
+        return out.reshape(digits * p, self.k)
 
 
 @njit(cache=True, nogil=True)
@@ -320,6 +361,246 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
                             out[r, col + j] = (v + RINT_MAGIC) - RINT_MAGIC
                     col += c
             r += 1
+
+
+@njit(cache=True, nogil=True)
+def _digit_planes(q, e, scale, all_channels, chans, out) -> bool:
+    """Byte digits of ``grid + 2**(8*D - 1)`` of every input value (channels ``chans``)
+    into ``out`` [D, H, W, C]; False if a value is outside ``[-2**(8*D-1), 2**(8*D-1))``."""
+    h, w, cb, n = q.shape
+    c = chans.shape[0]
+    digits = out.shape[0]
+    half = np.int64(1) << (8 * digits - 1)
+    row = np.empty(c, np.int64)
+    for y in range(h):
+        for x in range(w):
+            if all_channels:
+                for b in range(cb):
+                    s = scale[e[y, x, b] + 128]
+                    for lane in range(n):
+                        g = (q[y, x, b, lane] * s + RINT_MAGIC) - RINT_MAGIC
+                        row[b * n + lane] = np.int64(g) + half
+            else:
+                for j in range(c):
+                    b, lane = chans[j] // n, chans[j] % n
+                    g = (q[y, x, b, lane] * scale[e[y, x, b] + 128] + RINT_MAGIC) - RINT_MAGIC
+                    row[j] = np.int64(g) + half
+            bad = False
+            for j in range(c):
+                bad |= (row[j] < 0) | (row[j] >= 2 * half)
+            if bad:
+                return False
+            for d in range(digits):
+                for j in range(c):
+                    out[d, y, x, j] = (row[j] >> (8 * d)) & 255
+    return True
+
+
+@functools.cache
+def _zero_digits(digits: int, words: bool) -> np.ndarray:
+    """The byte digits of 0 + ``2**(8*digits - 1)``, each repeated to a uint64 if
+    ``words`` (what :func:`_gather_digit_rows` writes outside the input)."""
+    fills = np.array([(1 << (8 * digits - 1)) >> (8 * d) & 255 for d in range(digits)])
+    if words:
+        return fills.astype(np.uint64) * np.uint64(0x0101010101010101)
+    return fills.astype(np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1, out) -> None:
+    """The windows of output rows ``y0..y1`` out of digit planes [D, H, W, C] into
+    ``out`` [D, P, kh*kw*C]; positions outside the input read ``fills[d]`` (the digits
+    of 0). Either as bytes or, when C allows, as 8-byte words (both views alike)."""
+    digits, h, w, c = planes.shape
+    for d in range(digits):
+        r = 0
+        for oy in range(y0, y1):
+            for ox in range(ow):
+                col = 0
+                for dy in range(kh):
+                    iy = oy * sh - pt + dy * dh
+                    for dx in range(kw):
+                        ix = ox * sw - pl + dx * dw
+                        if 0 <= iy < h and 0 <= ix < w:
+                            src = planes[d, iy, ix]
+                            for j in range(c):
+                                out[d, r, col + j] = src[j]
+                        else:
+                            for j in range(c):
+                                out[d, r, col + j] = fills[d]
+                        col += c
+                r += 1
+
+
+#: Reductions from which :class:`WeightOperand` uses byte-digit products (if exact on
+#: this CPU): below it the 6 int32 outputs per accumulator cost more than the float64
+#: product (measured, see the module doc: K = 64 2.5x slower, K = 256 1.6x faster).
+DIGITS_MIN_K = 192
+#: Byte digits of the activation grid: mantissa_bits + act_exp_window <= 24 bits.
+ACT_DIGITS = 3
+_DIGIT_SESSION = None
+_DIGIT_EXACT: bool | None = None
+_DIGIT_LOCK = threading.Lock()
+#: Set by :func:`float64_products`: every product float64 (to compare the two ways).
+_FORCE_FLOAT64 = False
+
+
+def _digit_session():
+    """onnxruntime session of one ``MatMulInteger`` (u8 [M, K] x s8 [K, N] -> int32),
+    one intra-op thread: the simulator runs several at once on its own threads."""
+    global _DIGIT_SESSION
+    with _DIGIT_LOCK:
+        if _DIGIT_SESSION is None:
+            import onnxruntime as ort
+            from onnx import TensorProto, helper
+
+            graph = helper.make_graph(
+                [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+                "digit_products",
+                [
+                    helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", "k"]),
+                    helper.make_tensor_value_info("B", TensorProto.INT8, ["k", "n"]),
+                ],
+                [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", "n"])],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            _DIGIT_SESSION = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
+    return _DIGIT_SESSION
+
+
+def digit_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int32 ``a @ b`` of u8 ``a`` [M, K] and s8 ``b`` [K, N] (exact where
+    :func:`digit_products_exact`)."""
+    return _digit_session().run(None, {"A": a, "B": b})[0]
+
+
+def digit_products_exact() -> bool:
+    """Whether this CPU's u8 x s8 ``MatMulInteger`` is exact on the digits' whole range,
+    probed once per process with the operands that saturate int16 pair sums (all 255
+    against all 127 and all -128) and with random ones, at the row counts products use."""
+    global _DIGIT_EXACT
+    if _DIGIT_EXACT is None:
+        rng = np.random.default_rng(0)
+        cases = [
+            (np.full((ACT_DIGITS, 512), 255, np.uint8), np.full((512, 3), 127, np.int8)),
+            (np.full((ACT_DIGITS, 512), 255, np.uint8), np.full((512, 3), -128, np.int8)),
+            (
+                rng.integers(0, 256, (ACT_DIGITS * 37, 1000), dtype=np.uint8),
+                rng.integers(-128, 128, (1000, 2 * 40), dtype=np.int8),
+            ),
+        ]
+        _DIGIT_EXACT = all(
+            np.array_equal(digit_product(a, b), a.astype(np.int64) @ b.astype(np.int64))
+            for a, b in cases
+        )
+    return _DIGIT_EXACT
+
+
+@contextlib.contextmanager
+def float64_products():
+    """Make every product inside a float64 one (tests compare both ways bit for bit)."""
+    global _FORCE_FLOAT64
+    old, _FORCE_FLOAT64 = _FORCE_FLOAT64, True
+    try:
+        yield
+    finally:
+        _FORCE_FLOAT64 = old
+
+
+def _balanced_digits(grid: np.ndarray) -> list[np.ndarray]:
+    """Signed byte digits ``d_j`` in [-128, 127] with ``grid == sum(d_j * 256**j)``."""
+    rest = grid.astype(np.int64)
+    digits = []
+    while True:
+        d = ((rest + 128) & 255) - 128
+        digits.append(d.astype(np.int8))
+        rest = (rest - d) >> 8
+        if not rest.any():
+            return digits
+
+
+@njit(cache=True, nogil=True)
+def add_digit_products(y, pixels, act_digits, w_digits, outs, correction, out) -> None:
+    """``out[o, p] = sum_ij y[i*P + p, j*O + o] << 8*(i+j) - correction[o]``: the digit
+    products added up with their weights, lane-major as the vector path reads them
+    (16 pixels at a time, so both the reads and the transposed writes stay in cache)."""
+    tile = 16
+    acc = np.empty((tile, outs), np.int64)
+    for p0 in range(0, pixels, tile):
+        p1 = min(pixels, p0 + tile)
+        for p in range(p0, p1):
+            for o in range(outs):
+                acc[p - p0, o] = -correction[o]
+            for i in range(act_digits):
+                for j in range(w_digits):
+                    shift = 8 * (i + j)
+                    for o in range(outs):
+                        acc[p - p0, o] += np.int64(y[i * pixels + p, j * outs + o]) << shift
+        for o in range(outs):
+            for p in range(p0, p1):
+                out[o, p] = acc[p - p0, o]
+
+
+class WeightOperand:
+    """A layer's float64 weight grid ``grid`` [O, K] and, made on first use, its byte
+    digits, for exact products ``grid[c0:c1] @ windows.rows(y0, y1).T`` (:meth:`product`),
+    as byte-digit products where those are exact and faster, else float64."""
+
+    def __init__(self, grid: np.ndarray) -> None:
+        self.grid = grid
+        self._digits: list[np.ndarray] | None = None
+        self._colsum: np.ndarray | None = None
+        self._slices: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(d.nbytes for d in self._digits or ()) + sum(
+            b.nbytes for b in self._slices.values()
+        )
+        return self.grid.nbytes + extra
+
+    def _uses_digits(self) -> bool:
+        k = self.grid.shape[1]
+        # int32 sums of up to K products of 255 * 128
+        fits = k * 255 * 128 < 2**31
+        return not _FORCE_FLOAT64 and k >= DIGITS_MIN_K and fits and digit_products_exact()
+
+    def _digit_slice(self, c0: int, c1: int) -> tuple[np.ndarray, int]:
+        """The weight digits of outputs ``c0..c1`` as ``MatMulInteger``'s B operand
+        ``[K, digits * (c1-c0)]`` (digit-major columns), and the digit count."""
+        with self._lock:
+            if self._digits is None:
+                self._digits = _balanced_digits(self.grid)
+                # grid + offset: the correction subtracts offset * (sum over K of grid)
+                self._colsum = self.grid.astype(np.int64).sum(axis=1) << (8 * ACT_DIGITS - 1)
+            b = self._slices.get((c0, c1))
+            if b is None:
+                b = np.concatenate([d[c0:c1].T for d in self._digits], axis=1)
+                self._slices[(c0, c1)] = b = np.ascontiguousarray(b)
+            return b, len(self._digits)
+
+    def product(self, windows: Windows, y0: int, y1: int, c0: int, c1: int) -> np.ndarray:
+        """Exact accumulators [c1-c0, (y1-y0)*OW] (float64) of outputs ``c0..c1`` over
+        output rows ``y0..y1`` of ``windows``."""
+        if self._uses_digits():
+            a = windows.digit_rows(y0, y1, ACT_DIGITS)
+            if a is not None:
+                b, w_digits = self._digit_slice(c0, c1)
+                pixels = a.shape[0] // ACT_DIGITS
+                if _PRODUCTS is not None:
+                    _PRODUCTS.append((c1 - c0, a.shape[1], pixels, True))
+                y = digit_product(a, b)
+                out = np.empty((c1 - c0, pixels))
+                corr = self._colsum[c0:c1]
+                add_digit_products(y, pixels, ACT_DIGITS, w_digits, c1 - c0, corr, out)
+                return out
+        return gemm_exact(windows.rows(y0, y1), self.grid[c0:c1], skip_zero=False)
 
 
 # --------------------------------------------------------------------------- threads

@@ -181,3 +181,87 @@ def test_unrolled_windows_equal_im2col_of_the_grid(seed: int) -> None:
         y0 = int(rng.integers(0, oh))
         np.testing.assert_array_equal(win.rows(0, oh), want)
         np.testing.assert_array_equal(win.rows(y0, oh), want[y0 * ow :])
+
+
+def _digit_case(rng: np.random.Generator, extreme: bool):
+    """Windows over random blocks (exponents spanning the whole 16-bit activation window,
+    some below the floor) and a weight grid of 8-bit mantissas shifted by up to 8."""
+    h, w, cb = (int(v) for v in rng.integers(2, 8, 3))
+    kh, kw, sh, sw = (int(v) for v in rng.integers(1, 4, 4))
+    pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+    oh = max(1, (h + pt - kh) // sh + 1 + int(rng.integers(0, 2)))
+    ow = max(1, (w + pl - kw) // sw + 1 + int(rng.integers(0, 2)))
+    floor = -20
+    if extreme:  # the largest magnitudes at the top of the window, both signs
+        q = rng.choice(np.array([-128, 127], np.int8), (h, w, cb, N))
+        e = np.full((h, w, cb), floor + 16, np.int8)
+    else:
+        q = rng.integers(-128, 128, (h, w, cb, N)).astype(np.int8)
+        e = rng.integers(floor - 3, floor + 17, (h, w, cb)).astype(np.int8)
+    geometry = ((kh, kw), (sh, sw), (pt, pl), (1, 1), (oh, ow))
+    outs = int(rng.integers(1, 5)) * N
+    k = kh * kw * cb * N
+    wq = (
+        rng.choice(np.array([-128, 127]), (outs, k))
+        if extreme
+        else rng.integers(-128, 128, (outs, k))
+    )
+    shift = np.full((outs, k), 8) if extreme else rng.integers(0, 9, (outs, k))
+    grid = (wq << shift).astype(np.float64)
+    return q, e, floor, geometry, grid
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
+    """WeightOperand's byte-digit products (u8 x s8 MatMulInteger, offset activation
+    digits, balanced weight digits) equal the float64 product of the same grids, on whole
+    layers and on bands of rows and outputs, at the extremes of both grids' ranges."""
+    if not kernels.digit_products_exact():
+        pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
+    monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    rng = np.random.default_rng(seed)
+    q, e, floor, geometry, grid = _digit_case(rng, extreme=seed % 4 == 0)
+    oh = geometry[4][0]
+    operand = kernels.WeightOperand(grid)
+    win = kernels.Windows(q, e, floor, None, *geometry)
+    with kernels.record_products() as made:
+        got = operand.product(win, 0, oh, 0, grid.shape[0])
+    assert made and all(digits for *_, digits in made)
+    np.testing.assert_array_equal(got, kernels.gemm_exact(win.rows(0, oh), grid, False))
+    y0, c1 = int(rng.integers(0, oh)), N * int(rng.integers(1, grid.shape[0] // N + 1))
+    band = operand.product(win, y0, oh, N // 2, c1)
+    np.testing.assert_array_equal(band, got[N // 2 : c1, y0 * geometry[4][1] :])
+
+
+def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
+    """Where the probe finds the int8 product inexact (as AVX2's saturating pair sums
+    would be), or an activation does not fit 3 bytes, every product is float64."""
+    rng = np.random.default_rng(1)
+    q, e, floor, geometry, grid = _digit_case(rng, extreme=False)
+    monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    oh = geometry[4][0]
+    want = kernels.gemm_exact(kernels.Windows(q, e, floor, None, *geometry).rows(0, oh), grid)
+    too_wide = e.copy()
+    too_wide[0, 0, 0] = floor + 17  # 127 << 17 needs a fourth byte
+    for exact, exps in ((False, e), (True, too_wide)):
+        monkeypatch.setattr(kernels, "_DIGIT_EXACT", exact)
+        win = kernels.Windows(q, exps, floor, None, *geometry)
+        with kernels.record_products() as made:
+            got = kernels.WeightOperand(grid).product(win, 0, oh, 0, grid.shape[0])
+        assert made and not any(digits for *_, digits in made)
+        if exps is e:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_digit_probe_catches_saturating_pair_sums(monkeypatch) -> None:
+    """The probe fails a MatMulInteger that saturates int16 sums of product pairs."""
+
+    def saturating(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        pairs = a.astype(np.int64).reshape(a.shape[0], -1, 2, 1) * b.astype(np.int64).reshape(
+            1, -1, 2, b.shape[1]
+        )
+        return np.clip(pairs.sum(axis=2), -(2**15), 2**15 - 1).sum(axis=1).astype(np.int32)
+
+    monkeypatch.setattr(kernels, "_DIGIT_EXACT", None)
+    monkeypatch.setattr(kernels, "digit_product", saturating)
+    assert kernels.digit_products_exact() is False
