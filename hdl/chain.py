@@ -401,16 +401,19 @@ class ChainEngine(wiring.Component):
         with m.FSM(name="setup") as setup_fsm:
             with m.State("IDLE"):
                 m.d.comb += self.ready.eq(1)
+                # Taken every idle cycle, not only on ``start``: the ~700 flip-flops'
+                # enable is then this state's decode, not the sequencer's retire decision
+                # (nothing reads them before the chain is staged).
+                m.d.sync += [
+                    nr.eq(self.regs),
+                    nops.eq(self.ops),
+                    stg["in_ereg"].eq(self.in_ereg),
+                    stg["out_ereg"].eq(self.out_ereg),
+                    stg["out_mask"].eq(1 << self.out_ereg),
+                    stg_in_mask.eq(1 << self.in_ereg),
+                    stg["halves"].eq(self.halves),
+                ]
                 with m.If(self.start):
-                    m.d.sync += [
-                        nr.eq(self.regs),
-                        nops.eq(self.ops),
-                        stg["in_ereg"].eq(self.in_ereg),
-                        stg["out_ereg"].eq(self.out_ereg),
-                        stg["out_mask"].eq(1 << self.out_ereg),
-                        stg_in_mask.eq(1 << self.in_ereg),
-                        stg["halves"].eq(self.halves),
-                    ]
                     m.next = "S0"
             with m.State("S0"):
                 red = nops.reducer
