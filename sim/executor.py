@@ -8,11 +8,12 @@ numerics of :mod:`tessera.numerics`, vectorised over pixels and blocks. The cycl
 ``s_ld`` loaded: the timing is a function of nothing else, so it is computed once per
 program and those values, and kept.
 
-For speed, products are exact float64 matrix products (:mod:`tessera.sim.kernels`),
-everything after them per vector is compiled (:mod:`tessera.sim.vector`), and the
-chains of one layer (same input windows, one per output-block group) are computed
-together when the first of them runs: one matrix product and one pass of their (alike)
-bodies over stacked vectors, a band of output pixels at a time on a thread pool. That
+For speed, products are exact float64 or byte-digit matrix products
+(:mod:`tessera.sim.kernels`), everything after them per vector is compiled
+(:mod:`tessera.sim.vector`), and the chains of one layer (same input windows, one per
+output-block group) are computed together when the first of them runs: one matrix
+product and one pass of their (alike) bodies over stacked vectors, a band of output
+pixels at a time on a thread pool. That
 look-ahead is only a guess at what the program will do; each chain then uses its share
 only after checking, against the state it actually has when it runs, everything the
 share was computed from: the input windows, the tiles in its tile-buffer slots (loaded

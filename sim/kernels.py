@@ -29,7 +29,7 @@ float64 product for the 3x3 and wide 1x1 convolutions (measured, one thread: 313
 (3136 x 64 x 256: 2.3 -> 5.8 ms, the int32 outputs dominate), hence the threshold
 :data:`DIGITS_MIN_K`. Without VNNI the kernel sums pairs of u8 x s8 products in int16
 with saturation (AVX2 ``vpmaddubsw``), and u8 x u8 has no fast kernel (6 passes took
-2.5x the float64 time); so a probe with saturating operands (:func:`digit_products_exact`)
+1.7 - 2.5x the float64 time); so a probe with saturating operands (:func:`digit_products_exact`)
 decides once per process, and where it fails every product stays float64.
 """
 
