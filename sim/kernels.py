@@ -334,33 +334,46 @@ class Windows:
 
 
 @njit(cache=True, nogil=True)
-def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1, out):
-    h, w, cb, n = q.shape
-    c = chans.shape[0]
-    r = 0
+def _window_pixels(h, w, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1):
+    """The input pixel (``y * w + x``, or -1 outside the input) at each window position
+    of each output pixel of rows ``y0..y1``: [(y1-y0)*OW, kh*kw]."""
+    out = np.empty(((y1 - y0) * ow, kh * kw), np.int64)
     for oy in range(y0, y1):
         for ox in range(ow):
-            col = 0
+            r = (oy - y0) * ow + ox
             for dy in range(kh):
                 iy = oy * sh - pt + dy * dh
                 for dx in range(kw):
                     ix = ox * sw - pl + dx * dw
-                    if not (0 <= iy < h and 0 <= ix < w):
-                        for j in range(c):
-                            out[r, col + j] = 0.0
-                    elif all_channels:
-                        for b in range(cb):
-                            s = scale[e[iy, ix, b] + 128]
-                            for lane in range(n):
-                                v = q[iy, ix, b, lane] * s
-                                out[r, col + b * n + lane] = (v + RINT_MAGIC) - RINT_MAGIC
-                    else:
-                        for j in range(c):
-                            b, lane = chans[j] // n, chans[j] % n
-                            v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
-                            out[r, col + j] = (v + RINT_MAGIC) - RINT_MAGIC
-                    col += c
-            r += 1
+                    inside = 0 <= iy < h and 0 <= ix < w
+                    out[r, dy * kw + dx] = iy * w + ix if inside else -1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1, out):
+    h, w, cb, n = q.shape
+    c = chans.shape[0]
+    pixels = _window_pixels(h, w, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1)
+    for r in range(pixels.shape[0]):
+        for t in range(pixels.shape[1]):
+            col = t * c
+            pix = pixels[r, t]
+            iy, ix = pix // w, pix % w
+            if pix < 0:
+                for j in range(c):
+                    out[r, col + j] = 0.0
+            elif all_channels:
+                for b in range(cb):
+                    s = scale[e[iy, ix, b] + 128]
+                    for lane in range(n):
+                        v = q[iy, ix, b, lane] * s
+                        out[r, col + b * n + lane] = (v + RINT_MAGIC) - RINT_MAGIC
+            else:
+                for j in range(c):
+                    b, lane = chans[j] // n, chans[j] % n
+                    v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
+                    out[r, col + j] = (v + RINT_MAGIC) - RINT_MAGIC
 
 
 @njit(cache=True, nogil=True)
@@ -412,24 +425,19 @@ def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1
     ``out`` [D, P, kh*kw*C]; positions outside the input read ``fills[d]`` (the digits
     of 0). Either as bytes or, when C allows, as 8-byte words (both views alike)."""
     digits, h, w, c = planes.shape
+    pixels = _window_pixels(h, w, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1)
     for d in range(digits):
-        r = 0
-        for oy in range(y0, y1):
-            for ox in range(ow):
-                col = 0
-                for dy in range(kh):
-                    iy = oy * sh - pt + dy * dh
-                    for dx in range(kw):
-                        ix = ox * sw - pl + dx * dw
-                        if 0 <= iy < h and 0 <= ix < w:
-                            src = planes[d, iy, ix]
-                            for j in range(c):
-                                out[d, r, col + j] = src[j]
-                        else:
-                            for j in range(c):
-                                out[d, r, col + j] = fills[d]
-                        col += c
-                r += 1
+        for r in range(pixels.shape[0]):
+            for t in range(pixels.shape[1]):
+                col = t * c
+                pix = pixels[r, t]
+                if pix >= 0:
+                    src = planes[d, pix // w, pix % w]
+                    for j in range(c):
+                        out[d, r, col + j] = src[j]
+                else:
+                    for j in range(c):
+                        out[d, r, col + j] = fills[d]
 
 
 #: Reductions from which :class:`WeightOperand` uses byte-digit products (if exact on
