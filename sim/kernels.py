@@ -444,7 +444,8 @@ def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1
 #: this CPU): below it the 6 int32 outputs per accumulator cost more than the float64
 #: product (measured, see the module doc: K = 64 2.5x slower, K = 256 1.6x faster).
 DIGITS_MIN_K = 192
-#: Byte digits of the activation grid: mantissa_bits + act_exp_window <= 24 bits.
+#: Byte digits of the activation grid: mantissa_bits + act_exp_window <= 24 bits (a
+#: wider grid does not fit: :meth:`Windows.digit_rows` says so and the product is float64).
 ACT_DIGITS = 3
 _DIGIT_SESSION = None
 _DIGIT_EXACT: bool | None = None
@@ -575,9 +576,15 @@ class WeightOperand:
 
     def _uses_digits(self) -> bool:
         k = self.grid.shape[1]
-        # int32 sums of up to K products of 255 * 128
-        fits = k * 255 * 128 < 2**31
-        return not _FORCE_FLOAT64 and k >= DIGITS_MIN_K and fits and digit_products_exact()
+        return not _FORCE_FLOAT64 and k >= DIGITS_MIN_K and digit_products_exact()
+
+    @staticmethod
+    def _sums_fit(k: int, w_digits: int) -> bool:
+        """Whether every digit sum (up to K products of 255 * 128) fits int32, and every
+        shifted term of the int64 total fits too (weights wider than 16 bits, from a wider
+        weight exponent window, take a third digit and a larger shift)."""
+        largest = k * 255 * 128
+        return largest < 2**31 and largest << (8 * (ACT_DIGITS + w_digits - 2)) < 2**63
 
     def _digit_slice(self, c0: int, c1: int) -> tuple[np.ndarray, int]:
         """The weight digits of outputs ``c0..c1`` as ``MatMulInteger``'s B operand
@@ -597,9 +604,11 @@ class WeightOperand:
         """Exact accumulators [c1-c0, (y1-y0)*OW] (float64) of outputs ``c0..c1`` over
         output rows ``y0..y1`` of ``windows``."""
         if self._uses_digits():
-            a = windows.digit_rows(y0, y1, ACT_DIGITS)
+            b, w_digits = self._digit_slice(c0, c1)
+            a = None
+            if self._sums_fit(b.shape[0], w_digits):
+                a = windows.digit_rows(y0, y1, ACT_DIGITS)
             if a is not None:
-                b, w_digits = self._digit_slice(c0, c1)
                 pixels = a.shape[0] // ACT_DIGITS
                 if _PRODUCTS is not None:
                     _PRODUCTS.append((c1 - c0, a.shape[1], pixels, True))

@@ -235,7 +235,8 @@ def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
 
 def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
     """Where the probe finds the int8 product inexact (as AVX2's saturating pair sums
-    would be), or an activation does not fit 3 bytes, every product is float64."""
+    would be), an activation does not fit 3 bytes, or the weights are so wide that the
+    int64 total could overflow, every product is float64."""
     rng = np.random.default_rng(1)
     q, e, floor, geometry, grid = _digit_case(rng, extreme=False)
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
@@ -243,13 +244,16 @@ def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
     want = kernels.gemm_exact(kernels.Windows(q, e, floor, None, *geometry).rows(0, oh), grid)
     too_wide = e.copy()
     too_wide[0, 0, 0] = floor + 17  # 127 << 17 needs a fourth byte
-    for exact, exps in ((False, e), (True, too_wide)):
+    # weights of 31 bits (4 digits) over K >= 257: a shifted digit sum could pass 2**63
+    assert grid.shape[1] >= 257
+    cases = [(False, e, grid), (True, too_wide, grid), (True, e, grid * 2.0**15)]
+    for exact, exps, weights in cases:
         monkeypatch.setattr(kernels, "_DIGIT_EXACT", exact)
         win = kernels.Windows(q, exps, floor, None, *geometry)
         with kernels.record_products() as made:
-            got = kernels.WeightOperand(grid).product(win, 0, oh, 0, grid.shape[0])
+            got = kernels.WeightOperand(weights).product(win, 0, oh, 0, grid.shape[0])
         assert made and not any(digits for *_, digits in made)
-        if exps is e:
+        if exps is e and weights is grid:
             np.testing.assert_array_equal(got, want)
 
 
