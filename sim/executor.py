@@ -13,14 +13,13 @@ For speed, products are exact float64 or byte-digit matrix products
 (:mod:`tessera.sim.vector`), and the chains of one layer (same input windows, one per
 output-block group) are computed together when the first of them runs: one matrix
 product and one pass of their (alike) bodies over stacked vectors, a band of output
-pixels at a time on a thread pool. That
-look-ahead is only a guess at what the program will do; each chain then uses its share
-only after checking, against the state it actually has when it runs, everything the
-share was computed from: the input windows, the tiles in its tile-buffer slots (loaded
-by the same m_rd addresses, no DRAM write over them since), its VRF entries (compared),
-its AUX tensor (no DRAM write over it since), its body and registers. Otherwise it
-computes on its own. Either way the bytes written, the exponent registers and the
-cycle count are the same.
+pixels at a time on a thread pool. That look-ahead is only a guess at what the program
+will do; each chain then uses its share only after checking, against the state it
+actually has when it runs, everything the share was computed from: the input windows,
+the tiles in its tile-buffer slots (loaded by the same m_rd addresses, no DRAM write
+over them since), its VRF entries (compared), its AUX tensor (no DRAM write over it
+since), its body and registers. Otherwise it computes on its own. Either way the bytes
+written, the exponent registers and the cycle count are the same.
 """
 
 from __future__ import annotations
