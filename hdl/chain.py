@@ -397,6 +397,14 @@ class ChainEngine(wiring.Component):
         ]
         # The E registers in use as one-hot masks, so the sequencer's hazard check is an AND.
         stg_in_mask = Signal(16)
+        # the masks of the chain the sequencer presents (staged as they are, and in use
+        # from the cycle after it is taken: see the in-use registers below)
+        offered_in_mask = Signal(16)
+        offered_out_mask = Signal(16)
+        m.d.comb += [
+            offered_in_mask.eq(1 << self.in_ereg),
+            offered_out_mask.eq(1 << self.out_ereg),
+        ]
         m.d.comb += self.ready.eq(0)
         with m.FSM(name="setup") as setup_fsm:
             with m.State("IDLE"):
@@ -409,8 +417,8 @@ class ChainEngine(wiring.Component):
                     nops.eq(self.ops),
                     stg["in_ereg"].eq(self.in_ereg),
                     stg["out_ereg"].eq(self.out_ereg),
-                    stg["out_mask"].eq(1 << self.out_ereg),
-                    stg_in_mask.eq(1 << self.in_ereg),
+                    stg["out_mask"].eq(offered_out_mask),
+                    stg_in_mask.eq(offered_in_mask),
                     stg["halves"].eq(self.halves),
                 ]
                 with m.If(self.start):
@@ -635,7 +643,7 @@ class ChainEngine(wiring.Component):
             self.eregs_in_use.eq(
                 Mux(run_busy, act_s["out_mask"], 0)
                 | Mux(staged, stg["out_mask"] | stg_in_mask, 0)
-                | Mux(accepted, (1 << self.out_ereg) | (1 << self.in_ereg), 0)
+                | Mux(accepted, offered_out_mask | offered_in_mask, 0)
             ),
             self.halves_in_use.eq(
                 Mux(run_busy, act_s["halves"], 0)

@@ -294,7 +294,8 @@ class Windows:
         self.geometry = (*kernel, *stride, *pads_tl, *dilation)
         self.out_hw = out_hw
         self.k = kernel[0] * kernel[1] * len(self.chans)
-        self._planes: np.ndarray | None = None
+        self._planes: np.ndarray | None = None  # None also when they do not fit
+        self._planes_made = False
         self._lock = threading.Lock()
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
@@ -305,32 +306,32 @@ class Windows:
         )  # fmt: skip
         return out
 
-    def digit_rows(self, y0: int, y1: int, digits: int) -> np.ndarray | None:
-        """``rows(y0, y1) + 2**(8*digits - 1)`` as ``digits`` unsigned byte planes,
-        stacked ``[digits * (y1-y0)*OW, K]`` (least significant plane first), for
-        :class:`WeightOperand`; ``None`` if a value does not fit that many bytes.
+    def digit_rows(self, y0: int, y1: int) -> np.ndarray | None:
+        """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as :data:`ACT_DIGITS` unsigned byte
+        planes, stacked ``[ACT_DIGITS * (y1-y0)*OW, K]`` (least significant plane first),
+        for :class:`WeightOperand`; ``None`` if a value does not fit that many bytes.
 
         The input's digit planes are made once (each input value converted once, not
         once per window it falls in); the rows are then byte copies out of them.
         """
         with self._lock:
-            if self._planes is None or self._planes.shape[0] != digits:
+            if not self._planes_made:
                 h, w = self.q.shape[:2]
-                planes = np.empty((digits, h, w, len(self.chans)), np.uint8)
+                planes = np.empty((ACT_DIGITS, h, w, len(self.chans)), np.uint8)
                 ok = _digit_planes(self.q, self.e, self.scale, self.all_channels, self.chans,
                                    planes)  # fmt: skip
-                self._planes = planes if ok else np.empty((0, 0, 0, 0), np.uint8)
-        if self._planes.shape[0] != digits:
+                self._planes, self._planes_made = (planes if ok else None), True
+        if self._planes is None:
             return None
         p = (y1 - y0) * self.out_hw[1]
-        out = np.empty((digits, p, self.k), np.uint8)
+        out = np.empty((ACT_DIGITS, p, self.k), np.uint8)
         planes, dst = self._planes, out
         words = planes.shape[3] % 8 == 0  # copy 8 bytes at a time
         if words:
             planes, dst = planes.view(np.uint64), out.view(np.uint64)
-        fills = _zero_digits(digits, words)
+        fills = _zero_digits(ACT_DIGITS, words)
         _gather_digit_rows(planes, fills, *self.geometry, self.out_hw[1], y0, y1, dst)
-        return out.reshape(digits * p, self.k)
+        return out.reshape(ACT_DIGITS * p, self.k)
 
 
 @njit(cache=True, nogil=True)
@@ -607,7 +608,7 @@ class WeightOperand:
             b, w_digits = self._digit_slice(c0, c1)
             a = None
             if self._sums_fit(b.shape[0], w_digits):
-                a = windows.digit_rows(y0, y1, ACT_DIGITS)
+                a = windows.digit_rows(y0, y1)
             if a is not None:
                 pixels = a.shape[0] // ACT_DIGITS
                 if _PRODUCTS is not None:
