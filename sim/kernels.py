@@ -94,9 +94,10 @@ def im2col(
     return np.ascontiguousarray(win.reshape(out_hw[0] * out_hw[1], -1))
 
 
-#: While :func:`record_products` is active: the (outputs, reduction, pixels, digits)
-#: shape of every exact product made, ``digits`` whether it was a byte-digit product.
-_PRODUCTS: list[tuple[int, int, int, bool]] | None = None
+#: While :func:`record_products` is active: the (outputs, reduction, pixels, activation
+#: digits, weight digits) of every exact product made; the digits are 0 for a float64
+#: product.
+_PRODUCTS: list[tuple[int, int, int, int, int]] | None = None
 
 
 @contextlib.contextmanager
@@ -125,7 +126,7 @@ def gemm_exact(cols: np.ndarray, weight_grid: np.ndarray, skip_zero: bool = True
         if used.size < 0.75 * wg.shape[1]:
             wg, cols = wg[:, used], cols[:, used]
     if _PRODUCTS is not None:
-        _PRODUCTS.append((wg.shape[0], wg.shape[1], cols.shape[0], False))
+        _PRODUCTS.append((wg.shape[0], wg.shape[1], cols.shape[0], 0, 0))
     return wg @ cols.T
 
 
@@ -296,6 +297,7 @@ class Windows:
         self.k = kernel[0] * kernel[1] * len(self.chans)
         self._planes: np.ndarray | None = None  # None also when they do not fit
         self._planes_made = False
+        self._first_digit = 0
         self._lock = threading.Lock()
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
@@ -306,13 +308,17 @@ class Windows:
         )  # fmt: skip
         return out
 
-    def digit_rows(self, y0: int, y1: int) -> np.ndarray | None:
-        """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as :data:`ACT_DIGITS` unsigned byte
-        planes, stacked ``[ACT_DIGITS * (y1-y0)*OW, K]`` (least significant plane first),
-        for :class:`WeightOperand`; ``None`` if a value does not fit that many bytes.
+    def digit_rows(self, y0: int, y1: int) -> tuple[np.ndarray, int] | None:
+        """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as unsigned byte planes, stacked
+        ``[digits * (y1-y0)*OW, K]`` (least significant plane first), and the index of
+        the first plane (its weight is ``256**first``), for :class:`WeightOperand`;
+        ``None`` if a value does not fit :data:`ACT_DIGITS` bytes.
 
         The input's digit planes are made once (each input value converted once, not
-        once per window it falls in); the rows are then byte copies out of them.
+        once per window it falls in); the rows are then byte copies out of them. Low
+        planes that are zero everywhere are left out: where a tensor's block exponents
+        all lie 8 or more above its window's floor (as in every ResNet-50 layer input),
+        each product then takes two activation digits, not three.
         """
         with self._lock:
             if not self._planes_made:
@@ -320,18 +326,23 @@ class Windows:
                 planes = np.empty((ACT_DIGITS, h, w, len(self.chans)), np.uint8)
                 ok = _digit_planes(self.q, self.e, self.scale, self.all_channels, self.chans,
                                    planes)  # fmt: skip
-                self._planes, self._planes_made = (planes if ok else None), True
+                first = 0
+                while ok and first < ACT_DIGITS - 1 and not planes[first].any():
+                    first += 1  # the offset 2**23 has no bits there, so these are 0
+                self._planes = planes[first:] if ok else None
+                self._first_digit, self._planes_made = first, True
         if self._planes is None:
             return None
+        digits = self._planes.shape[0]
         p = (y1 - y0) * self.out_hw[1]
-        out = np.empty((ACT_DIGITS, p, self.k), np.uint8)
+        out = np.empty((digits, p, self.k), np.uint8)
         planes, dst = self._planes, out
         words = planes.shape[3] % 8 == 0  # copy 8 bytes at a time
         if words:
             planes, dst = planes.view(np.uint64), out.view(np.uint64)
-        fills = _zero_digits(ACT_DIGITS, words)
+        fills = _zero_digits(ACT_DIGITS, words)[self._first_digit :]
         _gather_digit_rows(planes, fills, *self.geometry, self.out_hw[1], y0, y1, dst)
-        return out.reshape(ACT_DIGITS * p, self.k)
+        return out.reshape(digits * p, self.k), self._first_digit
 
 
 @njit(cache=True, nogil=True)
@@ -535,10 +546,10 @@ def _balanced_digits(grid: np.ndarray) -> list[np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def add_digit_products(y, pixels, act_digits, w_digits, outs, correction, out) -> None:
-    """``out[o, p] = sum_ij y[i*P + p, j*O + o] << 8*(i+j) - correction[o]``: the digit
-    products added up with their weights, lane-major as the vector path reads them
-    (16 pixels at a time, so both the reads and the transposed writes stay in cache)."""
+def add_digit_products(y, pixels, act_first, act_digits, w_digits, outs, correction, out) -> None:
+    """``out[o, p] = sum_ij y[i*P + p, j*O + o] << 8*(act_first + i + j) - correction[o]``:
+    the digit products added up with their weights, lane-major as the vector path reads
+    them (16 pixels at a time, so both the reads and the transposed writes stay in cache)."""
     tile = 16
     acc = np.empty((tile, outs), np.int64)
     for p0 in range(0, pixels, tile):
@@ -548,7 +559,7 @@ def add_digit_products(y, pixels, act_digits, w_digits, outs, correction, out) -
                 acc[p - p0, o] = -correction[o]
             for i in range(act_digits):
                 for j in range(w_digits):
-                    shift = 8 * (i + j)
+                    shift = 8 * (act_first + i + j)
                     for o in range(outs):
                         acc[p - p0, o] += np.int64(y[i * pixels + p, j * outs + o]) << shift
         for o in range(outs):
@@ -610,13 +621,15 @@ class WeightOperand:
             if self._sums_fit(b.shape[0], w_digits):
                 a = windows.digit_rows(y0, y1)
             if a is not None:
-                pixels = a.shape[0] // ACT_DIGITS
+                a, first = a
+                act_digits = ACT_DIGITS - first
+                pixels = a.shape[0] // act_digits
                 if _PRODUCTS is not None:
-                    _PRODUCTS.append((c1 - c0, a.shape[1], pixels, True))
+                    _PRODUCTS.append((c1 - c0, a.shape[1], pixels, act_digits, w_digits))
                 y = digit_product(a, b)
                 out = np.empty((c1 - c0, pixels))
                 corr = self._colsum[c0:c1]
-                add_digit_products(y, pixels, ACT_DIGITS, w_digits, c1 - c0, corr, out)
+                add_digit_products(y, pixels, first, act_digits, w_digits, c1 - c0, corr, out)
                 return out
         return gemm_exact(windows.rows(y0, y1), self.grid[c0:c1], skip_zero=False)
 

@@ -49,7 +49,7 @@ def _median_time(fn, times: list[float]) -> None:
     times.append(time.perf_counter() - t0)
 
 
-def _product_replay(shapes: list[tuple[int, int, int, bool]]):
+def _product_replay(shapes: list[tuple[int, int, int, int, int]]):
     """A function making a run's exact products alone, as the simulator makes them
     (float64 or byte-digit products on its thread pool, OpenBLAS held to one thread
     each), on operands that stay in memory: what the simulator would take if nothing
@@ -57,20 +57,21 @@ def _product_replay(shapes: list[tuple[int, int, int, bool]]):
     from tessera.sim import kernels
 
     rng = np.random.default_rng(0)
-    size_w = max(o * k for o, k, _, _ in shapes)
-    size_a = max(p * k for _, k, p, _ in shapes)
+    size_w = max(o * k for o, k, *_ in shapes)
+    size_a = max(p * k for _, k, p, *_ in shapes)
     weights = rng.integers(-(2**15), 2**15, size_w).astype(np.float64)
     cols = rng.integers(-(2**23), 2**23, size_a).astype(np.float64)
-    w_digits = rng.integers(-128, 128, 2 * size_w, dtype=np.int8)
+    w_digits = rng.integers(-128, 128, max(wd for *_, wd in shapes) * size_w, dtype=np.int8)
     a_digits = rng.integers(0, 256, kernels.ACT_DIGITS * size_a, dtype=np.uint8)
     no_correction = np.zeros(max(o for o, *_ in shapes), np.int64)
 
-    def product(shape: tuple[int, int, int, bool]) -> None:
-        o, k, p, digits = shape
-        if digits:
-            a = a_digits[: kernels.ACT_DIGITS * p * k].reshape(kernels.ACT_DIGITS * p, k)
-            y = kernels.digit_product(a, w_digits[: 2 * o * k].reshape(k, 2 * o))
-            kernels.add_digit_products(y, p, kernels.ACT_DIGITS, 2, o, no_correction[:o],
+    def product(shape: tuple[int, int, int, int, int]) -> None:
+        o, k, p, ad, wd = shape
+        if ad:
+            a = a_digits[: ad * p * k].reshape(ad * p, k)
+            y = kernels.digit_product(a, w_digits[: wd * o * k].reshape(k, wd * o))
+            first = kernels.ACT_DIGITS - ad
+            kernels.add_digit_products(y, p, first, ad, wd, o, no_correction[:o],
                                        np.empty((o, p)))  # fmt: skip
         else:
             weights[: o * k].reshape(o, k) @ cols[: p * k].reshape(p, k).T
@@ -144,7 +145,7 @@ def _bench_sim(args: argparse.Namespace) -> int:
         "  its exact products alone",
         f"{products_s * 1e3:.1f} ms",
         f"{products_s / ort_s:.2f}x ORT: the run's {len(shapes)} matrix products "
-        f"({sum(d for *_, d in shapes)} of them byte-digit)",
+        f"({sum(1 for *_, d in shapes if d)} of them byte-digit)",
     )
     table.add_row("reference executor", f"{ref_s * 1e3:.1f} ms", f"{ref_s / ort_s:.2f}x ORT")
     table.add_row("compile (excl. ONNX export)", f"{compile_s:.2f} s", "target <= 10 s")

@@ -746,4 +746,4 @@ def test_recorded_products_cover_every_mac() -> None:
     prog, _, _ = compile_model(model, get_config(CFG_85F))
     with kernels.record_products() as shapes:
         run_program(prog, {"x": random_input([1, 32, 9, 7])}, "sim")
-    assert shapes and sum(o * k * p for o, k, p, _ in shapes) == build_report(prog)["macs"]
+    assert shapes and sum(o * k * p for o, k, p, *_ in shapes) == build_report(prog)["macs"]

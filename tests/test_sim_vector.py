@@ -226,11 +226,32 @@ def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
     win = kernels.Windows(q, e, floor, None, *geometry)
     with kernels.record_products() as made:
         got = operand.product(win, 0, oh, 0, grid.shape[0])
-    assert made and all(digits for *_, digits in made)
+    assert made and all(act_digits for *_, act_digits, _ in made)
     np.testing.assert_array_equal(got, kernels.gemm_exact(win.rows(0, oh), grid, False))
     y0, c1 = int(rng.integers(0, oh)), N * int(rng.integers(1, grid.shape[0] // N + 1))
     band = operand.product(win, y0, oh, N // 2, c1)
     np.testing.assert_array_equal(band, got[N // 2 : c1, y0 * geometry[4][1] :])
+
+
+@pytest.mark.parametrize("lowest", [0, 8, 16])
+def test_digit_products_leave_out_zero_low_planes(lowest: int, monkeypatch) -> None:
+    """When every block exponent lies ``lowest`` or more above the floor, the low
+    activation planes are all zero: the product takes 3 - lowest // 8 activation digits
+    and still equals the float64 product."""
+    if not kernels.digit_products_exact():
+        pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
+    monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    rng = np.random.default_rng(lowest)
+    q, e, floor, geometry, grid = _digit_case(rng, extreme=False)
+    e = np.maximum(e, floor + lowest).astype(np.int8)
+    e[0, 0, 0] = floor + lowest  # that plane is in use
+    q[0, 0, 0, 0] = 1
+    oh = geometry[4][0]
+    win = kernels.Windows(q, e, floor, None, *geometry)
+    with kernels.record_products() as made:
+        got = kernels.WeightOperand(grid).product(win, 0, oh, 0, grid.shape[0])
+    assert [act_digits for *_, act_digits, _ in made] == [kernels.ACT_DIGITS - lowest // 8]
+    np.testing.assert_array_equal(got, kernels.gemm_exact(win.rows(0, oh), grid, False))
 
 
 def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
@@ -252,7 +273,7 @@ def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
         win = kernels.Windows(q, exps, floor, None, *geometry)
         with kernels.record_products() as made:
             got = kernels.WeightOperand(weights).product(win, 0, oh, 0, grid.shape[0])
-        assert made and not any(digits for *_, digits in made)
+        assert made and not any(act_digits for *_, act_digits, _ in made)
         if exps is e and weights is grid:
             np.testing.assert_array_equal(got, want)
 
