@@ -28,6 +28,7 @@ import itertools
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from tessera.sim import cycles as cycle_model
 from tessera.sim import kernels, vector
 from tessera.sim.cycles import CycleModel
 
+if TYPE_CHECKING:
+    from tessera.runtime.host import DramOrigin
+
 
 class SimulationError(RuntimeError):
     """The program did something the hardware would flag as an error."""
@@ -46,10 +50,9 @@ class SimulationError(RuntimeError):
 #: Decoded programs, keyed by the exact instruction words (decoding is pure).
 _DECODED: OrderedDict[bytes, list[Instr]] = OrderedDict()
 #: Weight grids of whole layers (with their byte digits once made), keyed by where their
-#: tiles come from and checked against a snapshot of those DRAM bytes before every reuse.
-_WEIGHTS: OrderedDict[tuple, tuple[list[np.ndarray], kernels.WeightOperand, np.ndarray | None]] = (
-    OrderedDict()
-)
+#: tiles come from and checked against a snapshot of those DRAM bytes before every reuse
+#: (or known unchanged: see :class:`_CachedWeights`).
+_WEIGHTS: OrderedDict[tuple, _CachedWeights] = OrderedDict()
 _WEIGHTS_MAX_BYTES = 384 << 20
 #: Accumulators per band of a layer's pixels (1 MiB of float64): one band's product and
 #: vector path work in cache.
@@ -67,6 +70,21 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(a[:k].view(np.uint64), b[:k].view(np.uint64)) and np.array_equal(
         a[k:], b[k:]
     )
+
+
+@dataclass
+class _CachedWeights:
+    """A weight grid and the DRAM bytes (``snaps``, per chain) it was made from.
+
+    ``image``: the run origin's read-only image these bytes were last found equal to. A
+    run copied from that same image that has written none of them since needs no
+    comparison (the image cannot change, and the cache holds it so it stays that one).
+    """
+
+    snaps: list[np.ndarray]
+    grid: kernels.WeightOperand
+    chans: np.ndarray | None
+    image: np.ndarray | None = None
 
 
 class _LoadMap:
@@ -205,9 +223,11 @@ class Simulator:
     """Runs a program on a DRAM image; ``run`` returns the cycle count (the timing is in
     ``cycles``, a :class:`~tessera.sim.cycles.CycleModel`, after the run)."""
 
-    def __init__(self, cfg: NPUConfig, mem: np.ndarray) -> None:
+    def __init__(self, cfg: NPUConfig, mem: np.ndarray, origin: DramOrigin | None = None) -> None:
         self.cfg = cfg
         self.state = NPUState(cfg, mem)
+        # What ``mem`` was copied from, if the caller knows (runs of a compiled program).
+        self._origin = origin
         self.cycles = CycleModel(cfg)
         # (register, value) of each s_ld into a register the cycle model reads.
         self._loaded: list[tuple[int, int]] = []
@@ -754,14 +774,15 @@ class Simulator:
         kpos = self._window[0][0] * self._window[0][1]
         key = (n, m, kpos, tuple((addr, t, ocnt, wf) for _, addr, t, ocnt, wf in group))
         hit = _WEIGHTS.get(key)
+        spans = [(addr, addr + t * tb) for _, addr, t, _, _ in group]
+        image = self._origin_image(spans)
         if hit is not None:
-            snaps, wg, chans = hit
-            if all(
-                _same_bytes(mem[addr : addr + t * tb], snap)
-                for (_, addr, t, _, _), snap in zip(group, snaps, strict=True)
+            if (image is not None and hit.image is image) or all(
+                _same_bytes(mem[lo:hi], s) for (lo, hi), s in zip(spans, hit.snaps, strict=True)
             ):
+                hit.image = image
                 _WEIGHTS.move_to_end(key)
-                return wg, chans, snaps
+                return hit.grid, hit.chans, hit.snaps
         snaps, parts = [], []
         mb = n * n * st.tiles_q.itemsize
         for _, addr, t, ocnt, wfloor in group:
@@ -803,12 +824,23 @@ class Simulator:
             b0 += ocnt
         wg = kernels.WeightOperand(out.reshape(blocks * n, kpos * width))
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
-        _WEIGHTS[key] = (snaps, wg, chans)
-        total = sum(v[1].nbytes for v in _WEIGHTS.values())
+        _WEIGHTS[key] = _CachedWeights(snaps, wg, chans, self._origin_image(spans[: len(snaps)]))
+        total = sum(v.grid.nbytes for v in _WEIGHTS.values())
         while total > _WEIGHTS_MAX_BYTES and len(_WEIGHTS) > 1:
             _, old = _WEIGHTS.popitem(last=False)
-            total -= old[1].nbytes
+            total -= old.grid.nbytes
         return wg, chans, snaps
+
+    def _origin_image(self, spans: list[tuple[int, int]]) -> np.ndarray | None:
+        """The origin's image if DRAM still holds its bytes in all of ``spans``."""
+        origin = self._origin
+        if origin is None or any(
+            a < hi and lo < b
+            for lo, hi in spans
+            for a, b in itertools.chain(origin.changed, self._writes)
+        ):
+            return None
+        return origin.image
 
     def _vector_path(self, x, e_in, first: bool, body: list[Instr], ocnt: int):
         """A chain's MFU ops and its re-blocking to storage, on lane-major vectors ``x``

@@ -8,7 +8,7 @@ import numpy as np
 
 from tessera.errors import TesseraError
 from tessera.program import Program
-from tessera.runtime.host import build_dram, read_outputs
+from tessera.runtime.host import prepare_dram, read_outputs
 from tessera.sim.executor import Simulator
 from tessera.sim.reference import ReferenceExecutor
 
@@ -28,7 +28,7 @@ def run_program(
     """Execute ``prog`` on ``inputs`` (ONNX names -> float arrays)."""
     if backend not in BACKENDS:
         raise TesseraError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-    mem = build_dram(prog, inputs)
+    mem, origin = prepare_dram(prog, inputs)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -43,7 +43,7 @@ def run_program(
     cb = bar.update if bar is not None else None
     try:
         if backend == "sim":
-            sim = Simulator(prog.config, mem)
+            sim = Simulator(prog.config, mem, origin)
             cycles = sim.run(prog.instructions, progress=cb)
         elif backend == "rtl":
             # The Amaranth NPU in an RTL simulator (cocotb + Verilator): tessera.hdl.rtlrun.

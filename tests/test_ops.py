@@ -747,3 +747,27 @@ def test_recorded_products_cover_every_mac() -> None:
     with kernels.record_products() as shapes:
         run_program(prog, {"x": random_input([1, 32, 9, 7])}, "sim")
     assert shapes and sum(o * k * p for o, k, p, *_ in shapes) == build_report(prog)["macs"]
+
+
+def test_weight_cache_follows_the_program_image() -> None:
+    """The simulator reuses a layer's weight grid across runs without comparing its bytes
+    only while the run's DRAM was copied from the same program image: two programs of one
+    layout but other weights, run in turns, and a program whose weight segment is
+    replaced, each give the reference's DRAM bit for bit."""
+    cfg = get_config(CFG_85F)
+    a, _, _ = compile_model(single_conv(32, 48, (7, 7), seed=0, k=3, pads=[1, 1, 1, 1]), cfg)
+    b, _, _ = compile_model(single_conv(32, 48, (7, 7), seed=1, k=3, pads=[1, 1, 1, 1]), cfg)
+    assert [addr for addr, _ in a.dram_segments] == [addr for addr, _ in b.dram_segments]
+    feeds = {"x": random_input([1, 32, 7, 7])}
+
+    def same_as_reference(prog: Program) -> bytes:
+        sim = run_program(prog, feeds, "sim").mem
+        assert np.array_equal(sim, run_program(prog, feeds, "reference").mem)
+        return sim.tobytes()
+
+    first = {id(p): same_as_reference(p) for p in (a, b)}
+    assert first[id(a)] != first[id(b)]
+    for prog in (a, a, b, b, a):
+        assert same_as_reference(prog) == first[id(prog)]
+    a.dram_segments[:] = b.dram_segments  # new bytes objects in the same places
+    assert same_as_reference(a) == first[id(b)]
