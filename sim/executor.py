@@ -734,26 +734,23 @@ class Simulator:
             y0, b0, b1 = item
             y1 = min(oh, y0 + step)
             p0, p1 = y0 * ow, y1 * ow
-            c0, c1 = b0 * n, b1 * n
-            acc = wg.product(cols, y0, y1, c0, c1)
-            if has_aux:  # the chains' AUX blocks of this item, lane-major as the vectors
-                aq = np.empty((c1 - c0, p1 - p0), sq_all.dtype)
-                ae = np.empty((b1 - b0, p1 - p0), np.int8)
-                a0 = 0
+            acc = wg.product(cols, y0, y1, b0 * n, b1 * n)
+            # With AUX operands, each chain's blocks of the item read their own tensor.
+            parts = [(b0, b1, *_NO_AUX)]
+            if has_aux:
+                parts, a0 = [], 0
                 for (q, e), c in zip(aux, cnts, strict=True):
                     lo, hi = max(a0, b0), min(a0 + c, b1)  # blocks of this chain in the item
                     if lo < hi:
-                        src = q[p0:p1, (lo - a0) * n : (hi - a0) * n]
-                        aq[(lo - b0) * n : (hi - b0) * n] = src.T
-                        ae[lo - b0 : hi - b0] = e[p0:p1, lo - a0 : hi - a0].T
+                        parts.append((lo, hi, q[p0:p1, (lo - a0) * n : (hi - a0) * n],
+                                      e[p0:p1, lo - a0 : hi - a0]))  # fmt: skip
                     a0 += c
-            else:
-                aq, ae = _NO_AUX
-            vector.chain_vectors(
-                acc, lsb[b0:b1], True, cfg.mfu_mantissa_bits, m, table,
-                const_q[:, b0:b1], const_e[:, b0:b1], aq, ae,
-                sq_all[p0:p1, c0:c1], se_all[p0:p1, b0:b1],
-            )  # fmt: skip
+            for lo, hi, aq, ae in parts:
+                vector.chain_vectors(
+                    acc[(lo - b0) * n : (hi - b0) * n], lsb[lo:hi], True, cfg.mfu_mantissa_bits,
+                    m, table, const_q[:, lo:hi], const_e[:, lo:hi], aq, ae,
+                    sq_all[p0:p1, lo * n : hi * n], se_all[p0:p1, lo:hi],
+                )  # fmt: skip
 
         items = [(y0, lo, hi) for y0 in range(0, oh, step) for lo, hi in itertools.pairwise(cuts)]
         kernels.run_parallel(band, items)
@@ -865,7 +862,7 @@ class Simulator:
                     raise SimulationError(f"{ins.op} reads beyond the vector register file")
                 const_q[k], const_e[k] = st.vrf_q[base : base + ocnt], st.vrf_e[base : base + ocnt]
             else:
-                aq, ae = (np.ascontiguousarray(a.T) for a in self._aux_view(st.regs, ocnt))
+                aq, ae = self._aux_view(st.regs, ocnt)
         p = x.shape[1]
         sq = np.empty((p, ocnt * n), layout.mantissa_dtype(m))
         se = np.empty((p, ocnt), np.int8)
@@ -876,8 +873,8 @@ class Simulator:
             vector.chain_vectors(
                 x[:, p0:p1], e_in[:, p0:p1] if e_in.shape[1] > 1 else e_in, first,
                 cfg.mfu_mantissa_bits, m, table, const_q, const_e,
-                aq[:, p0:p1] if aq.shape[1] == p else aq,
-                ae[:, p0:p1] if ae.shape[1] == p else ae, sq[p0:p1], se[p0:p1],
+                aq[p0:p1] if aq.shape[0] == p else aq,
+                ae[p0:p1] if ae.shape[0] == p else ae, sq[p0:p1], se[p0:p1],
             )  # fmt: skip
 
         kernels.run_parallel(band, range(0, p, step))

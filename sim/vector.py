@@ -136,9 +136,11 @@ def chain_vectors(
     without, they are already wide vectors (a plain read of stored blocks). ``ops``
     [K, 2]: the body's MFU ops in order, (``OP_*``, ``SRC_*``); op ``k`` with a VRF
     operand reads ``const_q[k, b]`` [N] and ``const_e[k, b]``, an AUX operand reads
-    ``aux_q`` [B*N, P] and ``aux_e`` [B, P] (lane-major too). The result is re-blocked to
-    ``store_bits`` and written pixel-major, as stored: ``out_q`` [P, B*N], ``out_e``
-    [P, B]. Every step is per vector, so the pixels are taken a tile at a time.
+    ``aux_q`` [P, B*N] and ``aux_e`` [P, B], pixel-major as stored (views into DRAM do:
+    a tile's reads stay in a few cache lines, so no transposed copy is needed). The
+    result is re-blocked to ``store_bits`` and written pixel-major, as stored: ``out_q``
+    [P, B*N], ``out_e`` [P, B]. Every step is per vector, so the pixels are taken a tile
+    at a time.
     """
     p_count, blocks = out_e.shape
     n = x.shape[0] // blocks
@@ -160,8 +162,8 @@ def chain_vectors(
         or const_q.shape[2] != n
         or const_e.shape[0] < ops.shape[0]
         or const_e.shape[1] != blocks
-        or (uses_aux and (aux_q.shape[0] != blocks * n or aux_q.shape[1] != p_count))
-        or (uses_aux and (aux_e.shape[0] != blocks or aux_e.shape[1] != p_count))
+        or (uses_aux and (aux_q.shape[0] != p_count or aux_q.shape[1] != blocks * n))
+        or (uses_aux and (aux_e.shape[0] != p_count or aux_e.shape[1] != blocks))
     ):
         raise ValueError("chain_vectors: operand shapes do not match the output")
     per_pixel_e = e_in.shape[1] > 1
@@ -202,14 +204,14 @@ def chain_vectors(
                     _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
                     continue
                 for p in range(cnt):
-                    ye[p] = aux_e[b, t0 + p] if aux else const_e[k, b]
+                    ye[p] = aux_e[t0 + p, b] if aux else const_e[k, b]
                 if code == OP_MUL:
                     for p in range(cnt):
                         amax[p] = 0.0
                     for lane in range(n):
                         c = float(const_q[k, b, lane])
                         for p in range(cnt):
-                            r = v[lane, p] * (float(aux_q[r0 + lane, t0 + p]) if aux else c)
+                            r = v[lane, p] * (float(aux_q[t0 + p, r0 + lane]) if aux else c)
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], abs(r))
                     for p in range(cnt):
@@ -226,7 +228,7 @@ def chain_vectors(
                 for lane in range(n):
                     if aux:
                         for p in range(cnt):
-                            y[p] = aux_q[r0 + lane, t0 + p]
+                            y[p] = aux_q[t0 + p, r0 + lane]
                     else:
                         c = float(const_q[k, b, lane])
                         for p in range(cnt):
