@@ -249,6 +249,9 @@ class Simulator:
         self._pending: list[tuple[int, int, int]] = []  # (first slot, count, address)
         # DRAM writes so far (byte ranges, in order); a slot's load time in that count.
         self._writes: list[tuple[int, int]] = []
+        # The lowest and highest byte written so far: spans outside them need no scan
+        # of the writes (weights and constants lie outside the activations).
+        self._written_box = (0, 0)
         # Chains of one layer (same input window, one per output group) have their
         # products computed in one matrix product when the first of them runs; each
         # chain uses its share only if its tile buffer holds exactly the tiles that
@@ -374,6 +377,8 @@ class Simulator:
                     keep.append(p)
             self._pending = keep
         self._writes.append((lo, hi))
+        box_lo, box_hi = self._written_box
+        self._written_box = (lo, hi) if box_lo == box_hi else (min(lo, box_lo), max(hi, box_hi))
 
     # ------------------------------------------------------------------ chains
     def _tensor(self, addr: int, h: int, w: int, cb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -549,6 +554,9 @@ class Simulator:
 
     def _written_since(self, epoch: int, lo: int, hi: int) -> bool:
         """Whether a DRAM write since the ``epoch``-th touched bytes ``lo..hi``."""
+        box_lo, box_hi = self._written_box
+        if not (box_lo < hi and lo < box_hi):
+            return False
         return any(a < hi and lo < b for a, b in self._writes[epoch:])
 
     def _tiles_unchanged(self, pf: _Prefetched, base: int, t: int) -> bool:
@@ -832,9 +840,8 @@ class Simulator:
         """The origin's image if DRAM still holds its bytes in all of ``spans``."""
         origin = self._origin
         if origin is None or any(
-            a < hi and lo < b
+            self._written_since(0, lo, hi) or any(a < hi and lo < b for a, b in origin.changed)
             for lo, hi in spans
-            for a, b in itertools.chain(origin.changed, self._writes)
         ):
             return None
         return origin.image
