@@ -16,7 +16,7 @@ import numpy as np
 from tessera import layout, numerics
 from tessera.errors import TesseraError
 from tessera.program import Program
-from tessera.sim import vector
+from tessera.sim import kernels, vector
 
 
 def expand_columns(canon: np.ndarray, spec: dict) -> np.ndarray:
@@ -103,15 +103,25 @@ def build_dram(prog: Program, inputs: dict[str, np.ndarray]) -> np.ndarray:
 def prepare_dram(prog: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, DramOrigin]:
     """:func:`build_dram`, and what it was made from."""
     cfg = prog.config
-    image = _segment_image(prog)
-    mem = image.copy()
-    changed: list[tuple[int, int]] = []
     names = [i["name"] for i in prog.manifest["inputs"]]
     missing = [n for n in names if n not in inputs]
     if missing:
         raise TesseraError(f"missing inputs {missing}; the program takes {names}")
+    image = _segment_image(prog)
+    mem = np.empty_like(image)
+    blocks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def make(info: dict | None) -> None:
+        if info is None:
+            np.copyto(mem, image)
+        else:
+            blocks[info["name"]] = quantize_input(inputs[info["name"]], info, cfg)
+
+    # The image copy (tens of MB) and the quantizing take about as long: side by side.
+    kernels.run_parallel(make, [None, *prog.manifest["inputs"]])
+    changed: list[tuple[int, int]] = []
     for info in prog.manifest["inputs"]:
-        q, e = quantize_input(inputs[info["name"]], info, cfg)
+        q, e = blocks[info["name"]]
         body = layout.pack_tensor(q, e, cfg.mantissa_bits)
         mem[info["addr"] : info["addr"] + len(body)] = np.frombuffer(body, dtype=np.uint8)
         mem[info["emax_addr"] : info["emax_addr"] + 4] = np.frombuffer(

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 
 from tessera import isa, layout, numerics
 from tessera.config import NPUConfig
@@ -110,14 +111,24 @@ class _LoadMap:
 
     def source(self, first: int, count: int) -> tuple[int, int] | None:
         """(DRAM address, epoch) of entries ``first..first+count`` if one load filled them."""
-        ids = self.ids[first : first + count]
-        if count <= 0 or ids.size != count:
+        if count <= 0 or first < 0 or first + count > self.ids.size:
             return None
-        lid = int(ids[0])
-        if lid < 0 or (count > 1 and not (ids == lid).all()):
+        lid = _single_load(self.ids, first, count)
+        if lid < 0:
             return None
         start, addr, epoch = self.loads[lid]
         return addr + (first - start) * self.stride, epoch
+
+
+@njit(cache=True)
+def _single_load(ids: np.ndarray, first: int, count: int) -> int:
+    """The load that filled all of ``ids[first:first+count]``, or -1 (compiled: it runs
+    for every chain, and numpy's fixed cost per call was most of its time)."""
+    lid = ids[first]
+    for i in range(first + 1, first + count):
+        if ids[i] != lid:
+            return -1
+    return lid
 
 
 #: Stands in for the AUX operand of a chain whose body reads none.
@@ -177,7 +188,7 @@ class _Prefetched:
     epoch: int  # DRAM writes done before the tiles (and AUX blocks) were read
     acc: np.ndarray | None
     body: tuple = ()
-    vrf: list = field(default_factory=list)  # (first slot, mantissas, exponents)
+    vrf: list = field(default_factory=list)  # (first slot, count, mantissas + exponents)
     aux_span: tuple[int, int] | None = None  # DRAM bytes of the AUX tensor read
     sq: np.ndarray | None = None
     se: np.ndarray | None = None
@@ -543,12 +554,9 @@ class Simulator:
         st = self.state
         if self._body_sig(pc, body, st.regs) != pf.body:
             return False
-        for slot, cq, ce in pf.vrf:
-            c = len(ce)
-            if not (
-                np.array_equal(st.vrf_q[slot : slot + c], cq)
-                and np.array_equal(st.vrf_e[slot : slot + c], ce)
-            ):
+        for slot, count, snap in pf.vrf:
+            vrf = (st.vrf_q[slot : slot + count], st.vrf_e[slot : slot + count])
+            if b"".join(v.tobytes() for v in vrf) != snap:
                 return False
         return pf.aux_span is None or not self._written_since(pf.epoch, *pf.aux_span)
 
@@ -705,7 +713,7 @@ class Simulator:
                 if table[k, 1] == vector.SRC_VRF:
                     slot, addr = next(vs)
                     cq, ce = layout.unpack_consts(st.mem, addr, cnts[j], n)
-                    vrf_snaps[j].append((slot, cq, ce))
+                    vrf_snaps[j].append((slot, cnts[j], cq.tobytes() + ce.tobytes()))
                     const_q[k, b0:b1], const_e[k, b0:b1] = cq, ce
                 elif aux[j] is None:
                     aux[j] = self._aux_view(regs, cnts[j])
