@@ -192,6 +192,7 @@ class _Prefetched:
     aux_span: tuple[int, int] | None = None  # DRAM bytes of the AUX tensor read
     sq: np.ndarray | None = None
     se: np.ndarray | None = None
+    se_max: int = numerics.E_ZERO  # the largest of ``se``
 
 
 @dataclass
@@ -469,9 +470,9 @@ class Simulator:
             x = np.ascontiguousarray(wq.reshape(p, ocnt * n).T)
             e_in, first = np.ascontiguousarray(we.reshape(p, ocnt).T, dtype=np.int64), False
         if stored is None:
-            sq, se = self._vector_path(x, e_in, first, body, ocnt)
+            sq, se, se_max = self._vector_path(x, e_in, first, body, ocnt)
         else:
-            sq, se = stored
+            sq, se, se_max = stored
         out_addr = st.addr(R.OUT_ADDR)
         out_end = out_addr + layout.tensor_bytes(oh, ow, ocb, n, m)
         if out_addr < self._cols_span[1] and self._cols_span[0] < out_end:
@@ -481,7 +482,7 @@ class Simulator:
         oq[:, :, ooff : ooff + ocnt, :] = sq.reshape(oh, ow, ocnt, n)
         oe[:, :, ooff : ooff + ocnt] = se.reshape(oh, ow, ocnt)
         er = st.ereg(R.OUT_EREG)
-        st.regs[er] = max(st.regs[er], int(se.max()))
+        st.regs[er] = max(st.regs[er], se_max)
 
     # ------------------------------------------------------------------ MVU
     @staticmethod
@@ -494,7 +495,8 @@ class Simulator:
 
     def _mv_mul(self, pc: int | None, ops: list[Instr], ocnt: int, k: int):
         """The current chain's exact accumulators [ocnt*N, P] (float64), or its storage
-        blocks ``(sq, se)`` when they were computed ahead and are still valid."""
+        blocks and their largest exponent ``(sq, se, se_max)`` when they were computed
+        ahead and are still valid."""
         st = self.state
         t = ocnt * k
         base = ops[1].args["tile"]
@@ -511,7 +513,7 @@ class Simulator:
             and self._tiles_unchanged(pf, base, t)
         ):
             if pf.sq is not None and self._body_unchanged(pf, pc, ops[2:-2]):
-                return pf.sq, pf.se
+                return pf.sq, pf.se, pf.se_max
             if pf.acc is not None:
                 return pf.acc
         self.sync_tiles()
@@ -751,31 +753,40 @@ class Simulator:
             y1 = min(oh, y0 + step)
             p0, p1 = y0 * ow, y1 * ow
             acc = wg.product(cols, y0, y1, b0 * n, b1 * n)
-            # With AUX operands, each chain's blocks of the item read their own tensor.
-            parts = [(b0, b1, *_NO_AUX)]
-            if has_aux:
-                parts, a0 = [], 0
-                for (q, e), c in zip(aux, cnts, strict=True):
-                    lo, hi = max(a0, b0), min(a0 + c, b1)  # blocks of this chain in the item
-                    if lo < hi:
-                        parts.append((lo, hi, q[p0:p1, (lo - a0) * n : (hi - a0) * n],
-                                      e[p0:p1, lo - a0 : hi - a0]))  # fmt: skip
-                    a0 += c
-            for lo, hi, aq, ae in parts:
-                vector.chain_vectors(
-                    acc[(lo - b0) * n : (hi - b0) * n], lsb[lo:hi], True, cfg.mfu_mantissa_bits,
-                    m, table, const_q[:, lo:hi], const_e[:, lo:hi], aq, ae,
-                    sq_all[p0:p1, lo * n : hi * n], se_all[p0:p1, lo:hi],
-                )  # fmt: skip
+            # Each chain's blocks of the item apart: they read their own AUX tensor, and
+            # the chain's largest exponent is its own.
+            a0 = 0
+            for j, c in enumerate(cnts):
+                lo, hi = max(a0, b0), min(a0 + c, b1)  # blocks of chain j in the item
+                if lo < hi:
+                    aq, ae = _NO_AUX
+                    if has_aux:
+                        q, e = aux[j]
+                        aq, ae = (
+                            q[p0:p1, (lo - a0) * n : (hi - a0) * n],
+                            e[p0:p1, lo - a0 : hi - a0],
+                        )
+                    largest = vector.chain_vectors(
+                        acc[(lo - b0) * n : (hi - b0) * n], lsb[lo:hi], True,
+                        cfg.mfu_mantissa_bits, m, table, const_q[:, lo:hi], const_e[:, lo:hi],
+                        aq, ae, sq_all[p0:p1, lo * n : hi * n], se_all[p0:p1, lo:hi],
+                    )  # fmt: skip
+                    exps.append((j, largest))
+                a0 += c
 
         items = [(y0, lo, hi) for y0 in range(0, oh, step) for lo, hi in itertools.pairwise(cuts)]
+        exps: list[tuple[int, int]] = []  # (chain, largest exponent of one of its parts)
         kernels.run_parallel(band, items)
+        largest = [numerics.E_ZERO] * len(group)
+        for j, e in exps:
+            largest[j] = max(largest[j], e)
         b0 = 0
         for j, (cpc, *_rest) in enumerate(group):
             b1 = b0 + cnts[j]
             pf = out[cpc]
             pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
             pf.sq, pf.se = sq_all[:, b0 * n : b1 * n], se_all[:, b0:b1]
+            pf.se_max = largest[j]
             b0 = b1
 
     def _group_weights(self, group):
@@ -859,8 +870,8 @@ class Simulator:
         [ocnt*N, P] at exponents ``e_in`` [ocnt, P or 1] (see
         :func:`tessera.sim.vector.chain_vectors`).
 
-        Returns the storage blocks (mantissas [P, ocnt*N], exponents [P, ocnt]), computed
-        in bands of pixels on the thread pool.
+        Returns the storage blocks (mantissas [P, ocnt*N], exponents [P, ocnt]) and the
+        largest exponent, computed in bands of pixels on the thread pool.
         """
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
@@ -883,14 +894,17 @@ class Simulator:
         se = np.empty((p, ocnt), np.int8)
         step = max(256, -(-p // (2 * kernels.parallel_workers())))
 
+        exps: list[int] = []
+
         def band(p0: int) -> None:
             p1 = min(p, p0 + step)
-            vector.chain_vectors(
+            largest = vector.chain_vectors(
                 x[:, p0:p1], e_in[:, p0:p1] if e_in.shape[1] > 1 else e_in, first,
                 cfg.mfu_mantissa_bits, m, table, const_q, const_e,
                 aq[p0:p1] if aq.shape[0] == p else aq,
                 ae[p0:p1] if ae.shape[0] == p else ae, sq[p0:p1], se[p0:p1],
             )  # fmt: skip
+            exps.append(largest)
 
         kernels.run_parallel(band, range(0, p, step))
-        return sq, se
+        return sq, se, max(exps, default=numerics.E_ZERO)

@@ -248,16 +248,28 @@ def pool_lanes(
     a 112 x 112 x 64 input).
     """
     scale = _grid_factors(floor)
-    pixel_major = np.empty((out_hw[0] * out_hw[1], q.shape[2] * q.shape[3]))
-    _pool_pixels(q, e, scale, kind_max, *kernel, *stride, *pads_tl, out_hw[1], pixel_major)
-    return np.ascontiguousarray(pixel_major.T)
+    pixels = out_hw[0] * out_hw[1]
+    lanes = np.empty((q.shape[2] * q.shape[3], pixels))
+    step = max(64, -(-pixels // (4 * parallel_workers())))
+
+    def band(p0: int) -> None:
+        p1 = min(pixels, p0 + step)
+        pixel_major = np.empty((p1 - p0, lanes.shape[0]))
+        _pool_pixels(q, e, scale, kind_max, *kernel, *stride, *pads_tl, out_hw[1], p0,
+                     pixel_major)  # fmt: skip
+        lanes[:, p0:p1] = pixel_major.T
+
+    run_parallel(band, range(0, pixels, step))
+    return lanes
 
 
 @njit(cache=True, nogil=True)
-def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, out) -> None:
+def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, first, out) -> None:
+    """Output pixels ``first..first+len(out)`` (pixel-major) of :func:`pool_lanes`."""
     h, w, cb, n = q.shape
     acc = np.empty(n)
-    for p in range(out.shape[0]):
+    for i in range(out.shape[0]):
+        p = first + i
         y0, x0 = (p // ow) * sh - pt, (p % ow) * sw - pl
         for b in range(cb):
             # A window position outside the input reads 0.
@@ -271,7 +283,7 @@ def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, out) -> None
                         g = (q[y, x, b, lane] * s + RINT_MAGIC) - RINT_MAGIC
                         acc[lane] = max(acc[lane], g) if kind_max else acc[lane] + g
             for lane in range(n):
-                out[p, b * n + lane] = acc[lane]
+                out[i, b * n + lane] = acc[lane]
 
 
 class Windows:

@@ -126,8 +126,9 @@ def chain_vectors(
     aux_e: np.ndarray,
     out_q: np.ndarray,
     out_e: np.ndarray,
-) -> None:
-    """Run a chain's vector path; results into ``out_q``/``out_e``.
+) -> int:
+    """Run a chain's vector path; results into ``out_q``/``out_e``, and the largest
+    exponent written returned (what the chain's ``OUT_EREG`` takes the maximum with).
 
     ``x`` [B*N, P] holds the reducer's exact integer lanes lane-major (lane ``l`` of
     block ``b`` of every pixel is row ``b*N + l``, so every inner loop runs over pixels),
@@ -176,6 +177,7 @@ def chain_vectors(
     f = np.empty(_TILE)
     fy = np.empty(_TILE)
     lim = float((1 << (store_bits - 1)) - 1)
+    largest = _E_ZERO
     for b in range(blocks):
         r0 = b * n
         for t0 in range(0, p_count, _TILE):
@@ -256,8 +258,10 @@ def chain_vectors(
                         top = max(top, abs(v[lane, p]))
                     e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
                 out_e[t0 + p, b] = e[p]
+                largest = max(largest, e[p])
                 for lane in range(n):
                     out_q[t0 + p, r0 + lane] = v[lane, p]
+    return largest
 
 
 def quantize_blocks(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -66,9 +66,12 @@ def test_chain_vectors_equals_numerics(kind: str, seed: int) -> None:
     x, e_in, first, ops, cq, ce, aq, ae = _case(rng, p, b, kind)
     out_q = np.empty((p, b * N), np.int8)
     out_e = np.empty((p, b), np.int8)
-    vector.chain_vectors(x.T, e_in.T, first, wide, store, ops, cq, ce, aq, ae, out_q, out_e)
+    largest = vector.chain_vectors(
+        x.T, e_in.T, first, wide, store, ops, cq, ce, aq, ae, out_q, out_e
+    )
     want_q, want_e = _numerics_chain(x, e_in, first, wide, store, ops, cq, ce, aq, ae)
     np.testing.assert_array_equal(out_e, want_e)
+    assert largest == want_e.max()
     np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
 
 
