@@ -776,6 +776,7 @@ class Simulator:
 
         items = [(y0, lo, hi) for y0 in range(0, oh, step) for lo, hi in itertools.pairwise(cuts)]
         exps: list[tuple[int, int]] = []  # (chain, largest exponent of one of its parts)
+        wg.prepare(cols)
         kernels.run_parallel(band, items)
         largest = [numerics.E_ZERO] * len(group)
         for j, e in exps:

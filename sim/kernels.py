@@ -320,6 +320,30 @@ class Windows:
         )  # fmt: skip
         return out
 
+    def make_digit_planes(self) -> None:
+        """Make the input's digit planes for :meth:`digit_rows` (once), in bands of input
+        rows on the thread pool: called before the bands of a product start, they need
+        not wait for the first of them to make all the planes."""
+        with self._lock:
+            if self._planes_made:
+                return
+            h, w = self.q.shape[:2]
+            planes = np.empty((ACT_DIGITS, h, w, len(self.chans)), np.uint8)
+            step = max(1, -(-h // (2 * parallel_workers())))
+            fits: list[bool] = []
+
+            def band(y0: int) -> None:
+                fits.append(_digit_planes(self.q, self.e, self.scale, self.all_channels,
+                                          self.chans, y0, min(h, y0 + step), planes))  # fmt: skip
+
+            run_parallel(band, range(0, h, step))
+            ok = all(fits)
+            first = 0
+            while ok and first < ACT_DIGITS - 1 and not planes[first].any():
+                first += 1  # the offset 2**23 has no bits there, so these are 0
+            self._planes = planes[first:] if ok else None
+            self._first_digit, self._planes_made = first, True
+
     def digit_rows(self, y0: int, y1: int) -> tuple[np.ndarray, int] | None:
         """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as unsigned byte planes, stacked
         ``[digits * (y1-y0)*OW, K]`` (least significant plane first), and the index of
@@ -332,17 +356,7 @@ class Windows:
         all lie 8 or more above its window's floor (as in every ResNet-50 layer input),
         each product then takes two activation digits, not three.
         """
-        with self._lock:
-            if not self._planes_made:
-                h, w = self.q.shape[:2]
-                planes = np.empty((ACT_DIGITS, h, w, len(self.chans)), np.uint8)
-                ok = _digit_planes(self.q, self.e, self.scale, self.all_channels, self.chans,
-                                   planes)  # fmt: skip
-                first = 0
-                while ok and first < ACT_DIGITS - 1 and not planes[first].any():
-                    first += 1  # the offset 2**23 has no bits there, so these are 0
-                self._planes = planes[first:] if ok else None
-                self._first_digit, self._planes_made = first, True
+        self.make_digit_planes()
         if self._planes is None:
             return None
         digits = self._planes.shape[0]
@@ -401,15 +415,16 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
 
 
 @njit(cache=True, nogil=True)
-def _digit_planes(q, e, scale, all_channels, chans, out) -> bool:
-    """Byte digits of ``grid + 2**(8*D - 1)`` of every input value (channels ``chans``)
-    into ``out`` [D, H, W, C]; False if a value is outside ``[-2**(8*D-1), 2**(8*D-1))``."""
-    h, w, cb, n = q.shape
+def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> bool:
+    """Byte digits of ``grid + 2**(8*D - 1)`` of the input values of rows ``y0..y1``
+    (channels ``chans``) into ``out`` [D, H, W, C]; False if a value is outside
+    ``[-2**(8*D-1), 2**(8*D-1))``."""
+    _h, w, cb, n = q.shape
     c = chans.shape[0]
     digits = out.shape[0]
     half = np.int64(1) << (8 * digits - 1)
     row = np.empty(c, np.int64)
-    for y in range(h):
+    for y in range(y0, y1):
         for x in range(w):
             if all_channels:
                 for b in range(cb):
@@ -613,16 +628,28 @@ class WeightOperand:
     def _digit_slice(self, c0: int, c1: int) -> tuple[np.ndarray, int]:
         """The weight digits of outputs ``c0..c1`` as ``MatMulInteger``'s B operand
         ``[K, digits * (c1-c0)]`` (digit-major columns), and the digit count."""
+        digits = self._weight_digits()
         with self._lock:
-            if self._digits is None:
-                self._digits = _balanced_digits(self.grid)
-                # grid + offset: the correction subtracts offset * (sum over K of grid)
-                self._colsum = self.grid.astype(np.int64).sum(axis=1) << (8 * ACT_DIGITS - 1)
             b = self._slices.get((c0, c1))
             if b is None:
-                b = np.concatenate([d[c0:c1].T for d in self._digits], axis=1)
+                b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
                 self._slices[(c0, c1)] = b = np.ascontiguousarray(b)
-            return b, len(self._digits)
+            return b, len(digits)
+
+    def _weight_digits(self) -> list[np.ndarray]:
+        """The grid's balanced byte digits (made on first use)."""
+        with self._lock:
+            if self._digits is None:
+                # grid + offset: the correction subtracts offset * (sum over K of grid)
+                self._colsum = self.grid.astype(np.int64).sum(axis=1) << (8 * ACT_DIGITS - 1)
+                self._digits = _balanced_digits(self.grid)
+            return self._digits
+
+    def prepare(self, windows: Windows) -> None:
+        """Make what :meth:`product` will read from ``windows`` before bands of products
+        start on threads (the digit planes, if the products are byte-digit ones)."""
+        if self._uses_digits() and self._sums_fit(self.grid.shape[1], len(self._weight_digits())):
+            windows.make_digit_planes()
 
     def product(self, windows: Windows, y0: int, y1: int, c0: int, c1: int) -> np.ndarray:
         """Exact accumulators [c1-c0, (y1-y0)*OW] (float64) of outputs ``c0..c1`` over
