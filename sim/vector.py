@@ -4,7 +4,9 @@ Everything a chain does after its reducer (the MVU sum, the pool, or a plain rea
 per vector: N lanes and one exponent. :func:`chain_vectors` runs that whole path for
 every vector of a chain (or of a band of its pixels) in one compiled loop, so each value
 is read once as an accumulator and written once as a storage mantissa, instead of a
-dozen whole-array numpy passes. It is :mod:`tessera.numerics` step for step, and the
+dozen whole-array numpy passes. It is :mod:`tessera.numerics` step for step (each
+normalize's rescaling is applied by the pass of the step after it, see
+:func:`_plan_normalize`), and the
 simulator tests compare its results bit for bit with the reference executor, which uses
 :mod:`tessera.numerics` directly.
 
@@ -58,19 +60,6 @@ def _shift_factor(s: int) -> float:
 
 
 @njit(cache=True, inline="always")
-def _scale(v: np.ndarray, f: np.ndarray, amax: np.ndarray, lim: float, cnt: int) -> None:
-    """``v[l, p] = clip(round(v[l, p] * f[p]))`` and ``amax[p]`` = the new largest |v|,
-    for the first ``cnt`` pixels."""
-    for p in range(cnt):
-        amax[p] = 0.0
-    for lane in range(v.shape[0]):
-        for p in range(cnt):
-            q = min(max((v[lane, p] * f[p] + RINT_MAGIC) - RINT_MAGIC, -lim), lim)
-            v[lane, p] = q
-            amax[p] = _max_into(amax[p], abs(q))
-
-
-@njit(cache=True, inline="always")
 def _max_into(old: float, new: float) -> float:
     """``max(old, new)`` for a running maximum ``a[p] = _max_into(a[p], x)``.
 
@@ -83,16 +72,25 @@ def _max_into(old: float, new: float) -> float:
 
 
 @njit(cache=True, inline="always")
-def _normalize(v, amax, e, bits: int, f, amax_bits, cnt: int) -> None:
-    """:func:`tessera.numerics.normalize` of the vectors ``v`` [N, P] in place (the
-    first ``cnt`` pixels).
+def _round_clip(x: float, f: float, lim: float) -> float:
+    """``clip(rne(x * f), -lim, lim)``: one vector's rescaling in a normalize."""
+    return min(max((x * f + RINT_MAGIC) - RINT_MAGIC, -lim), lim)
 
-    ``amax`` [P] holds each vector's largest magnitude on entry and on exit (every pass
-    over the lanes also finds it for the next step); ``e`` [P] their LSB exponents on
-    entry, their exponents on exit. ``f`` [P] is scratch; ``amax_bits`` is ``amax``'s
-    int64 view, whose exponent field is an exact integer's bit length (no libm call).
+
+@njit(cache=True, inline="always")
+def _plan_normalize(amax, amax_bits, e, bits: int, f, cnt: int) -> None:
+    """:func:`tessera.numerics.normalize` of the first ``cnt`` vectors, planned but not
+    applied: ``f[p]`` is the factor that :func:`_round_clip` (at this ``bits``' limit)
+    applies to vector ``p``'s lanes, 1.0 if none; ``e[p]`` becomes its exponent (LSB
+    exponent on entry) and ``amax[p]`` its largest magnitude after the rescaling.
+
+    That maximum needs no pass over the lanes: ``x -> clip(rne(x * f))`` is odd and
+    monotone, so the largest rescaled magnitude is the rescaled largest one. So the
+    next step's pass over the lanes applies the rescaling as it reads them, instead of
+    a pass of its own. ``amax_bits`` is ``amax``'s int64 view, whose exponent field is
+    an exact integer's bit length (no libm call).
     """
-    shifted = False
+    lim = float((1 << (bits - 1)) - 1)
     for p in range(cnt):
         f[p] = 1.0
         if amax[p] == 0.0:
@@ -102,9 +100,7 @@ def _normalize(v, amax, e, bits: int, f, amax_bits, cnt: int) -> None:
         if s > 0:
             f[p] = _shift_factor(s)
             e[p] += s
-            shifted = True
-    if shifted:
-        _scale(v, f, amax, float((1 << (bits - 1)) - 1), cnt)
+            amax[p] = _round_clip(amax[p], f[p], lim)
 
 
 #: Pixels per tile: a tile's vectors (N x 64 float64, 8 KiB at N = 16) and per-pixel
@@ -174,8 +170,11 @@ def chain_vectors(
     amax_bits = amax.view(np.int64)
     e = np.empty(_TILE, np.int64)
     ye = np.empty(_TILE, np.int64)
-    f = np.empty(_TILE)
+    f = np.empty(_TILE)  # the planned rescaling of the vectors, applied by the next pass
+    fx = np.empty(_TILE)
     fy = np.empty(_TILE)
+    fz = np.empty(_TILE)
+    wide_lim = float((1 << (wide_bits - 1)) - 1)
     lim = float((1 << (store_bits - 1)) - 1)
     largest = _E_ZERO
     for b in range(blocks):
@@ -184,49 +183,59 @@ def chain_vectors(
             cnt = min(_TILE, p_count - t0)
             for p in range(cnt):
                 amax[p] = 0.0
+                f[p] = 1.0
             for lane in range(n):
                 for p in range(cnt):
                     v[lane, p] = x[r0 + lane, t0 + p]
                     amax[p] = _max_into(amax[p], abs(v[lane, p]))
             for p in range(cnt):
                 e[p] = e_in[b, t0 + p if per_pixel_e else 0]
+            # The clip limit of the planned rescaling (none before the first normalize:
+            # a factor of 1.0 and no clip leave the lanes as they are).
+            f_lim = 2.0**62
             if normalize_first:
-                _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+                _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                f_lim = wide_lim
             for k in range(ops.shape[0]):
                 code = ops[k, 0]
                 aux = ops[k, 1] == SRC_AUX
+                for p in range(cnt):
+                    amax[p] = 0.0
                 if code == OP_RELU:
-                    for p in range(cnt):
-                        amax[p] = 0.0
                     for lane in range(n):
                         for p in range(cnt):
-                            r = max(v[lane, p], 0.0)
+                            r = max(_round_clip(v[lane, p], f[p], f_lim), 0.0)
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], r)
-                    _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+                    _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                    f_lim = wide_lim
                     continue
                 for p in range(cnt):
                     ye[p] = aux_e[t0 + p, b] if aux else const_e[k, b]
                 if code == OP_MUL:
-                    for p in range(cnt):
-                        amax[p] = 0.0
                     for lane in range(n):
-                        c = float(const_q[k, b, lane])
+                        if aux:
+                            for p in range(cnt):
+                                y[p] = aux_q[t0 + p, r0 + lane]
+                        else:
+                            c = float(const_q[k, b, lane])
+                            for p in range(cnt):
+                                y[p] = c
                         for p in range(cnt):
-                            r = v[lane, p] * (float(aux_q[t0 + p, r0 + lane]) if aux else c)
+                            r = _round_clip(v[lane, p], f[p], f_lim) * y[p]
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], abs(r))
                     for p in range(cnt):
                         e[p] += ye[p]
-                    _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
+                    _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                    f_lim = wide_lim
                     continue
                 # vv_add / vv_max: both operands to the larger exponent, then combine.
                 for p in range(cnt):
                     ea = max(e[p], ye[p])
-                    f[p] = _shift_factor(ea - e[p])
+                    fx[p] = _shift_factor(ea - e[p])
                     fy[p] = _shift_factor(ea - ye[p])
                     e[p] = ea
-                    amax[p] = 0.0
                 for lane in range(n):
                     if aux:
                         for p in range(cnt):
@@ -236,29 +245,39 @@ def chain_vectors(
                         for p in range(cnt):
                             y[p] = c
                     for p in range(cnt):
-                        xa = (v[lane, p] * f[p] + RINT_MAGIC) - RINT_MAGIC
+                        xr = _round_clip(v[lane, p], f[p], f_lim)
+                        xa = (xr * fx[p] + RINT_MAGIC) - RINT_MAGIC
                         ya = (y[p] * fy[p] + RINT_MAGIC) - RINT_MAGIC
                         r = xa + ya if code == OP_ADD else max(xa, ya)
                         v[lane, p] = r
                         amax[p] = _max_into(amax[p], abs(r))
-                _normalize(v, amax, e, wide_bits, f, amax_bits, cnt)
-            # tessera.numerics.to_storage: normalize, then clamp the exponent to int8.
-            _normalize(v, amax, e, store_bits, f, amax_bits, cnt)
+                _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                f_lim = wide_lim
+            # tessera.numerics.to_storage: normalize to store_bits, then bring the
+            # exponent into int8 (a left shift that saturates, or a right shift that may
+            # zero the vector). Each rescaling is planned per vector here (its largest
+            # magnitude tells whether the last one leaves anything), and the one pass
+            # below applies the pending one, these two, and writes the result.
+            _plan_normalize(amax, amax_bits, e, store_bits, fx, cnt)
             for p in range(cnt):
-                if e[p] > _E_MAX:
-                    g = _POS_POW2[min(e[p] - _E_MAX, 40)]
-                    for lane in range(n):
-                        v[lane, p] = min(max(v[lane, p] * g, -lim), lim)
+                fz[p] = 1.0
+                if amax[p] == 0.0:
+                    pass  # E_ZERO already
+                elif e[p] > _E_MAX:
+                    fz[p] = _POS_POW2[min(e[p] - _E_MAX, 40)]
                     e[p] = _E_MAX
                 elif e[p] < _E_MIN:
-                    g = _shift_factor(_E_MIN - e[p])
-                    top = 0.0
-                    for lane in range(n):
-                        v[lane, p] = (v[lane, p] * g + RINT_MAGIC) - RINT_MAGIC
-                        top = max(top, abs(v[lane, p]))
+                    fz[p] = _shift_factor(_E_MIN - e[p])
+                    top = (amax[p] * fz[p] + RINT_MAGIC) - RINT_MAGIC
                     e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
                 out_e[t0 + p, b] = e[p]
                 largest = max(largest, e[p])
+            for lane in range(n):
+                for p in range(cnt):
+                    r = _round_clip(v[lane, p], f[p], f_lim)
+                    r = _round_clip(r, fx[p], lim)
+                    v[lane, p] = _round_clip(r, fz[p], lim)
+            for p in range(cnt):
                 for lane in range(n):
                     out_q[t0 + p, r0 + lane] = v[lane, p]
     return largest
