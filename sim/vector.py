@@ -6,9 +6,8 @@ every vector of a chain (or of a band of its pixels) in one compiled loop, so ea
 is read once as an accumulator and written once as a storage mantissa, instead of a
 dozen whole-array numpy passes. It is :mod:`tessera.numerics` step for step (each
 normalize's rescaling is applied by the pass of the step after it, see
-:func:`_plan_normalize`), and the
-simulator tests compare its results bit for bit with the reference executor, which uses
-:mod:`tessera.numerics` directly.
+:func:`_plan_normalize`), and the simulator tests compare its results bit for bit with
+the reference executor, which uses :mod:`tessera.numerics` directly.
 
 Lanes are held as exact integers in float64 (so the loops vectorise; AVX2 has no 64-bit
 arithmetic shift). Why that is exact: (1) every value is an integer below ``2**53``:
