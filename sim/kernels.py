@@ -493,31 +493,36 @@ _DIGIT_LOCK = threading.Lock()
 _FORCE_FLOAT64 = False
 
 
+def _session(b: np.ndarray | None = None):
+    """onnxruntime session of one ``MatMulInteger`` (u8 A [M, K] x s8 B [K, N] -> int32)
+    with one intra-op thread (the simulator runs several at once on its own threads).
+    With ``b``, B is that constant: onnxruntime packs it once, not on every call."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", "k"])]
+    if b is None:
+        inputs.append(helper.make_tensor_value_info("B", TensorProto.INT8, ["k", "n"]))
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+        "digit_products",
+        inputs,
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", "n"])],
+        [] if b is None else [numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _digit_session():
-    """onnxruntime session of one ``MatMulInteger`` (u8 [M, K] x s8 [K, N] -> int32),
-    one intra-op thread: the simulator runs several at once on its own threads."""
+    """The shared :func:`_session` whose B is an input."""
     global _DIGIT_SESSION
     with _DIGIT_LOCK:
         if _DIGIT_SESSION is None:
-            import onnxruntime as ort
-            from onnx import TensorProto, helper
-
-            graph = helper.make_graph(
-                [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
-                "digit_products",
-                [
-                    helper.make_tensor_value_info("A", TensorProto.UINT8, ["m", "k"]),
-                    helper.make_tensor_value_info("B", TensorProto.INT8, ["k", "n"]),
-                ],
-                [helper.make_tensor_value_info("Y", TensorProto.INT32, ["m", "n"])],
-            )
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            opts.inter_op_num_threads = 1
-            _DIGIT_SESSION = ort.InferenceSession(
-                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-            )
+            _DIGIT_SESSION = _session()
     return _DIGIT_SESSION
 
 
@@ -530,7 +535,8 @@ def digit_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def digit_products_exact() -> bool:
     """Whether this CPU's u8 x s8 ``MatMulInteger`` is exact on the digits' whole range,
     probed once per process with the operands that saturate int16 pair sums (all 255
-    against all 127 and all -128) and with random ones, at the row counts products use."""
+    against all 127 and all -128) and with random ones, at the row counts products use,
+    with B as an input and as a constant (packed once: another kernel may run it)."""
     global _DIGIT_EXACT
     if _DIGIT_EXACT is None:
         rng = np.random.default_rng(0)
@@ -543,10 +549,16 @@ def digit_products_exact() -> bool:
             ),
         ]
         _DIGIT_EXACT = all(
-            np.array_equal(digit_product(a, b), a.astype(np.int64) @ b.astype(np.int64))
+            np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
             for a, b in cases
+            for got in (digit_product(a, b), _packed_product(_session(b), a))
         )
     return _DIGIT_EXACT
+
+
+def _packed_product(session, a: np.ndarray) -> np.ndarray:
+    """``a @ B`` on a :func:`_session` made with its B."""
+    return session.run(None, {"A": a})[0]
 
 
 @contextlib.contextmanager
@@ -604,6 +616,10 @@ class WeightOperand:
         self._digits: list[np.ndarray] | None = None
         self._colsum: np.ndarray | None = None
         self._slices: dict[tuple[int, int], np.ndarray] = {}
+        # Sessions with a slice's digits packed once, for slices used again (later runs):
+        # on the short bands of late layers, packing B on every call cost up to 40 %.
+        self._packed: dict[tuple[int, int], object] = {}
+        self._used: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -611,7 +627,8 @@ class WeightOperand:
         extra = sum(d.nbytes for d in self._digits or ()) + sum(
             b.nbytes for b in self._slices.values()
         )
-        return self.grid.nbytes + extra
+        packed = sum(self._slices[key].nbytes for key in self._packed)
+        return self.grid.nbytes + extra + packed
 
     def _uses_digits(self) -> bool:
         k = self.grid.shape[1]
@@ -635,6 +652,20 @@ class WeightOperand:
                 b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
                 self._slices[(c0, c1)] = b = np.ascontiguousarray(b)
             return b, len(digits)
+
+    def _digit_product(self, a: np.ndarray, b: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """``a @ b`` for the slice ``c0..c1`` (``b`` its digits): on its own session with
+        ``b`` packed once if the slice was used before, else on the shared one (a slice
+        used once is not worth a session: a run's first products stay as fast)."""
+        key = (c0, c1)
+        with self._lock:
+            session = self._packed.get(key)
+            if session is None and key in self._used:
+                session = self._packed[key] = _session(b)
+            self._used.add(key)
+        if session is None:
+            return digit_product(a, b)
+        return _packed_product(session, a)
 
     def _weight_digits(self) -> list[np.ndarray]:
         """The grid's balanced byte digits (made on first use)."""
@@ -665,7 +696,7 @@ class WeightOperand:
                 pixels = a.shape[0] // act_digits
                 if _PRODUCTS is not None:
                     _PRODUCTS.append((c1 - c0, a.shape[1], pixels, act_digits, w_digits))
-                y = digit_product(a, b)
+                y = self._digit_product(a, b, c0, c1)
                 out = np.empty((c1 - c0, pixels))
                 corr = self._colsum[c0:c1]
                 add_digit_products(y, pixels, first, act_digits, w_digits, c1 - c0, corr, out)

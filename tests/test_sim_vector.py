@@ -218,7 +218,8 @@ def _digit_case(rng: np.random.Generator, extreme: bool):
 def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
     """WeightOperand's byte-digit products (u8 x s8 MatMulInteger, offset activation
     digits, balanced weight digits) equal the float64 product of the same grids, on whole
-    layers and on bands of rows and outputs, at the extremes of both grids' ranges."""
+    layers (again with the weight digits packed once) and on bands of rows and outputs,
+    at the extremes of both grids' ranges."""
     if not kernels.digit_products_exact():
         pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
@@ -231,6 +232,9 @@ def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
         got = operand.product(win, 0, oh, 0, grid.shape[0])
     assert made and all(act_digits for *_, act_digits, _ in made)
     np.testing.assert_array_equal(got, kernels.gemm_exact(win.rows(0, oh), grid, False))
+    # Used again, the slice's digits go to a session of their own (packed once).
+    np.testing.assert_array_equal(operand.product(win, 0, oh, 0, grid.shape[0]), got)
+    assert list(operand._packed) == [(0, grid.shape[0])]
     y0, c1 = int(rng.integers(0, oh)), N * int(rng.integers(1, grid.shape[0] // N + 1))
     band = operand.product(win, y0, oh, N // 2, c1)
     np.testing.assert_array_equal(band, got[N // 2 : c1, y0 * geometry[4][1] :])
