@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -330,16 +331,17 @@ class Windows:
             h, w = self.q.shape[:2]
             planes = np.empty((ACT_DIGITS, h, w, len(self.chans)), np.uint8)
             step = max(1, -(-h // (2 * parallel_workers())))
-            fits: list[bool] = []
+            ors: list[int] = []
 
             def band(y0: int) -> None:
-                fits.append(_digit_planes(self.q, self.e, self.scale, self.all_channels,
-                                          self.chans, y0, min(h, y0 + step), planes))  # fmt: skip
+                ors.append(_digit_planes(self.q, self.e, self.scale, self.all_channels,
+                                         self.chans, y0, min(h, y0 + step), planes))  # fmt: skip
 
             run_parallel(band, range(0, h, step))
-            ok = all(fits)
+            ok = min(ors, default=0) >= 0
+            bits = functools.reduce(operator.or_, ors, 0)
             first = 0
-            while ok and first < ACT_DIGITS - 1 and not planes[first].any():
+            while ok and first < ACT_DIGITS - 1 and not (bits >> (8 * first)) & 255:
                 first += 1  # the offset 2**23 has no bits there, so these are 0
             self._planes = planes[first:] if ok else None
             self._first_digit, self._planes_made = first, True
@@ -415,15 +417,17 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
 
 
 @njit(cache=True, nogil=True)
-def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> bool:
+def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> int:
     """Byte digits of ``grid + 2**(8*D - 1)`` of the input values of rows ``y0..y1``
-    (channels ``chans``) into ``out`` [D, H, W, C]; False if a value is outside
+    (channels ``chans``) into ``out`` [D, H, W, C]. Returns the OR of all those offset
+    values (a zero byte in it: that plane is all zero), or -1 if a value is outside
     ``[-2**(8*D-1), 2**(8*D-1))``."""
     _h, w, cb, n = q.shape
     c = chans.shape[0]
     digits = out.shape[0]
     half = np.int64(1) << (8 * digits - 1)
     row = np.empty(c, np.int64)
+    bits = np.int64(0)
     for y in range(y0, y1):
         for x in range(w):
             if all_channels:
@@ -441,11 +445,13 @@ def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> bool:
             for j in range(c):
                 bad |= (row[j] < 0) | (row[j] >= 2 * half)
             if bad:
-                return False
+                return -1
+            for j in range(c):
+                bits |= row[j]
             for d in range(digits):
                 for j in range(c):
                     out[d, y, x, j] = (row[j] >> (8 * d)) & 255
-    return True
+    return bits
 
 
 @functools.cache
