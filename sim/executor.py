@@ -240,6 +240,9 @@ class Simulator:
         self.state = NPUState(cfg, mem)
         # What ``mem`` was copied from, if the caller knows (runs of a compiled program).
         self._origin = origin
+        # Tensor views into DRAM by (address, shape): a chain asks for several, and the
+        # same ones recur (mem is this run's for the simulator's whole life).
+        self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.cycles = CycleModel(cfg)
         # (register, value) of each s_ld into a register the cycle model reads.
         self._loaded: list[tuple[int, int]] = []
@@ -395,6 +398,13 @@ class Simulator:
     # ------------------------------------------------------------------ chains
     def _tensor(self, addr: int, h: int, w: int, cb: int) -> tuple[np.ndarray, np.ndarray]:
         """Views (no copies) of a tensor's mantissas [H, W, CB, N] and exponents [H, W, CB]."""
+        key = (addr, h, w, cb)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = self._make_tensor_views(addr, h, w, cb)
+        return views
+
+    def _make_tensor_views(self, addr: int, h: int, w: int, cb: int):
         n, m = self.cfg.native_dim, self.cfg.mantissa_bits
         dt = layout.mantissa_dtype(m)
         nm = h * w * cb * n
