@@ -499,7 +499,7 @@ _DIGIT_LOCK = threading.Lock()
 _FORCE_FLOAT64 = False
 
 
-def _session(b: np.ndarray | None = None):
+def matmul_integer_session(b: np.ndarray | None = None):
     """onnxruntime session of one ``MatMulInteger`` (u8 A [M, K] x s8 B [K, N] -> int32)
     with one intra-op thread (the simulator runs several at once on its own threads).
     With ``b``, B is that constant: onnxruntime packs it once, not on every call."""
@@ -524,11 +524,11 @@ def _session(b: np.ndarray | None = None):
 
 
 def _digit_session():
-    """The shared :func:`_session` whose B is an input."""
+    """The shared :func:`matmul_integer_session` whose B is an input."""
     global _DIGIT_SESSION
     with _DIGIT_LOCK:
         if _DIGIT_SESSION is None:
-            _DIGIT_SESSION = _session()
+            _DIGIT_SESSION = matmul_integer_session()
     return _DIGIT_SESSION
 
 
@@ -557,13 +557,13 @@ def digit_products_exact() -> bool:
         _DIGIT_EXACT = all(
             np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
             for a, b in cases
-            for got in (digit_product(a, b), _packed_product(_session(b), a))
+            for got in (digit_product(a, b), packed_product(matmul_integer_session(b), a))
         )
     return _DIGIT_EXACT
 
 
-def _packed_product(session, a: np.ndarray) -> np.ndarray:
-    """``a @ B`` on a :func:`_session` made with its B."""
+def packed_product(session, a: np.ndarray) -> np.ndarray:
+    """``a @ B`` on a :func:`matmul_integer_session` made with its B."""
     return session.run(None, {"A": a})[0]
 
 
@@ -667,11 +667,11 @@ class WeightOperand:
         with self._lock:
             session = self._packed.get(key)
             if session is None and key in self._used:
-                session = self._packed[key] = _session(b)
+                session = self._packed[key] = matmul_integer_session(b)
             self._used.add(key)
         if session is None:
             return digit_product(a, b)
-        return _packed_product(session, a)
+        return packed_product(session, a)
 
     def _weight_digits(self) -> list[np.ndarray]:
         """The grid's balanced byte digits (made on first use)."""
