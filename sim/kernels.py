@@ -224,10 +224,13 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
     return out.reshape(ob * n, k * n)
 
 
+@functools.lru_cache(maxsize=64)
 def _grid_factors(floor: int) -> np.ndarray:
     """:func:`grid_f64`'s factor ``2**(e - floor)`` for every int8 exponent, at ``e + 128``
-    (the compiled kernels scale blocks as they read them)."""
-    return pow2(np.arange(-128, 128) - floor)
+    (the compiled kernels scale blocks as they read them). Read-only: it is shared."""
+    factors = pow2(np.arange(-128, 128) - floor)
+    factors.flags.writeable = False
+    return factors
 
 
 def pool_lanes(
