@@ -102,6 +102,20 @@ def _plan_normalize(amax, amax_bits, e, bits: int, f, cnt: int) -> None:
             amax[p] = _round_clip(amax[p], f[p], lim)
 
 
+@njit(cache=True, inline="always")
+def _operand_lane(y, aux: bool, aux_q, const_q, k: int, b: int, lane: int, t0: int, r0: int,
+                  cnt: int) -> None:  # fmt: skip
+    """``y[p]``: lane ``lane`` of block ``b`` of op ``k``'s operand for the tile's pixels
+    (from the AUX tensor, or the VRF constant, the same for every pixel)."""
+    if aux:
+        for p in range(cnt):
+            y[p] = aux_q[t0 + p, r0 + lane]
+    else:
+        c = float(const_q[k, b, lane])
+        for p in range(cnt):
+            y[p] = c
+
+
 #: Pixels per tile: a tile's vectors (N x 64 float64, 8 KiB at N = 16) and per-pixel
 #: scratch stay in the L1 cache through all the passes of a chain's path.
 _TILE = 64
@@ -213,13 +227,7 @@ def chain_vectors(
                     ye[p] = aux_e[t0 + p, b] if aux else const_e[k, b]
                 if code == OP_MUL:
                     for lane in range(n):
-                        if aux:
-                            for p in range(cnt):
-                                y[p] = aux_q[t0 + p, r0 + lane]
-                        else:
-                            c = float(const_q[k, b, lane])
-                            for p in range(cnt):
-                                y[p] = c
+                        _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
                         for p in range(cnt):
                             r = _round_clip(v[lane, p], f[p], f_lim) * y[p]
                             v[lane, p] = r
@@ -236,13 +244,7 @@ def chain_vectors(
                     fy[p] = _shift_factor(ea - ye[p])
                     e[p] = ea
                 for lane in range(n):
-                    if aux:
-                        for p in range(cnt):
-                            y[p] = aux_q[t0 + p, r0 + lane]
-                    else:
-                        c = float(const_q[k, b, lane])
-                        for p in range(cnt):
-                            y[p] = c
+                    _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
                     for p in range(cnt):
                         xr = _round_clip(v[lane, p], f[p], f_lim)
                         xa = (xr * fx[p] + RINT_MAGIC) - RINT_MAGIC
