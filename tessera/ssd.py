@@ -312,6 +312,38 @@ def _constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
+def _inner_transposes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Transposes named outside the layer's scope that only connect its nodes.
+
+    tf2onnx's transpose optimizer leaves some Transposes where the layout changes and
+    names them after no layer (``Transpose__112``); which ones, and where, varies from one
+    export of the same model to the next. One that reads a tensor of the layer and is read
+    only by the layer's nodes is part of the layer.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    members = {id(n) for n in nodes}
+    produced = {t for n in nodes for t in n.output}
+    found: list[onnx.NodeProto] = []
+    grew = True
+    while grew:
+        grew = False
+        for n in model.graph.node:
+            if id(n) in members or n.op_type != "Transpose" or n.input[0] not in produced:
+                continue
+            out = n.output[0]
+            users = readers.get(out, [])
+            if users and out not in graph_outputs and all(id(u) in members for u in users):
+                found.append(n)
+                members.add(id(n))
+                produced.add(out)
+                grew = True
+    return found
+
+
 def find_l2_normalization(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> L2NormSite:
     """Locate the Keras L2 normalisation layer ``layer`` in a tf2onnx graph and read it.
 
@@ -332,9 +364,11 @@ def find_l2_normalization(model: onnx.ModelProto, layer: str = L2NORM_LAYER) -> 
         raise UnsupportedModelError(
             f"no L2 normalisation layer {layer!r} in the graph (no node named '.../{layer}/...')"
         )
+    nodes += _inner_transposes(model, nodes)
     produced = {t for n in nodes for t in n.output}
     producer = {t: n for n in model.graph.node for t in n.output}
-    outside = [n for n in model.graph.node if not scope.search(n.name)]
+    inside = {id(n) for n in nodes}
+    outside = [n for n in model.graph.node if id(n) not in inside]
     read_outside = {t for n in outside for t in n.input} | {o.name for o in model.graph.output}
     ys = sorted(produced & read_outside)
     if len(ys) != 1:

@@ -124,13 +124,15 @@ def _tiny_ssd(layout: str = "nchw", seed: int = 0, eps_op: str = "Max") -> onnx.
     Square, ReduceSum, Max(eps), Sqrt, Reciprocal, Mul(gamma), Mul(x)) and a max pool and
     conv (``fc7``); each source has a box and a class head, transposed to NHWC outputs.
     With ``layout="nhwc"`` the normalisation runs on an NHWC view (the form tf2onnx emits
-    without its transpose optimizer); ``eps_op="Add"`` builds sqrt(sum + eps) instead,
-    which the split must refuse.
+    without its transpose optimizer); with ``layout="mixed"`` the square is taken in NCHW
+    and the rest in NHWC, through Transposes named outside the scope (as some tf2onnx
+    exports of the SSD come out); ``eps_op="Add"`` builds sqrt(sum + eps) instead, which
+    the split must refuse.
     """
     net = Net(seed)
     scope = "model/conv4_3_norm_1/"
     c43 = net.op("Relu", [net.conv("x", 8, 16)], "conv4_3_relu")
-    if layout == "nhwc":
+    if layout in ("nhwc", "mixed"):
         src = net.op("Transpose", [c43], "conv4_3_nhwc", perm=[0, 2, 3, 1])
         axis = -1
         gamma_shape = (16,)
@@ -139,7 +141,10 @@ def _tiny_ssd(layout: str = "nchw", seed: int = 0, eps_op: str = "Max") -> onnx.
     gamma = net.const(net.rng.uniform(10.0, 30.0, gamma_shape), "gamma")
     nodes = net.nodes
     sq = f"{scope}Square:0"
-    nodes.append(onnx.helper.make_node("Mul", [src, src], [sq], name=f"{scope}Square"))
+    squared = c43 if layout == "mixed" else src
+    nodes.append(onnx.helper.make_node("Mul", [squared, squared], [sq], name=f"{scope}Square"))
+    if layout == "mixed":  # an NCHW square, summed in NHWC
+        sq = net.op("Transpose", [sq], "Transpose__112", perm=[0, 2, 3, 1])
     axes = net.const(np.array([axis]), "axes", dtype=np.int64)
     ss = f"{scope}Sum:0"
     nodes.append(
@@ -156,7 +161,7 @@ def _tiny_ssd(layout: str = "nchw", seed: int = 0, eps_op: str = "Max") -> onnx.
     nodes.append(onnx.helper.make_node("Mul", [inv, gamma], [factor], name=f"{scope}mul"))
     norm = f"{scope}mul_1:0"
     nodes.append(onnx.helper.make_node("Mul", [src, factor], [norm], name=f"{scope}mul_1"))
-    if layout == "nhwc":
+    if layout in ("nhwc", "mixed"):
         norm = net.op("Transpose", [norm], "norm_nchw", perm=[0, 3, 1, 2])
     pooled = net.op("MaxPool", [c43], kernel_shape=[2, 2], strides=[2, 2])
     fc7 = net.op("Relu", [net.conv(pooled, 16, 32)])
@@ -168,7 +173,7 @@ def _tiny_ssd(layout: str = "nchw", seed: int = 0, eps_op: str = "Max") -> onnx.
     return net.model({"x": [1, 8, 12, 12]}, outputs)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
 def test_l2norm_site_is_found_and_checked(layout: str) -> None:
     model = _tiny_ssd(layout)
     site = ssd.find_l2_normalization(model)
@@ -178,10 +183,11 @@ def test_l2norm_site_is_found_and_checked(layout: str) -> None:
     assert site.perm == ((0, 1, 2, 3) if layout == "nchw" else (0, 2, 3, 1))
     assert site.epsilon == pytest.approx(1e-12)
     assert site.gamma.shape == (16,) and np.all((site.gamma >= 10) & (site.gamma <= 30))
-    assert len(site.nodes) == 7
+    # the Transpose between the square and the sum is part of the layer
+    assert len(site.nodes) == (8 if layout == "mixed" else 7)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "mixed"])
 def test_split_runs_trunk_host_head_bit_exact_and_close_to_fp32(layout: str) -> None:
     """Trunk program -> host L2 norm -> head program, against onnxruntime on the whole
     graph: both programs sim == reference on the whole DRAM, every head within budget,
