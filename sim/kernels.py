@@ -523,6 +523,7 @@ def matmul_integer_session(b: np.ndarray | None = None):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
+    opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -624,20 +625,19 @@ class WeightOperand:
         self.grid = grid
         self._digits: list[np.ndarray] | None = None
         self._colsum: np.ndarray | None = None
-        self._slices: dict[tuple[int, int], np.ndarray] = {}
-        # Sessions with a slice's digits packed once, for slices used again (later runs):
+        # A slice's digits as MatMulInteger's B operand; once used again (later runs),
+        # a session of its own instead, with them packed once (bytes kept, for nbytes):
         # on the short bands of late layers, packing B on every call cost up to 40 %.
-        self._packed: dict[tuple[int, int], object] = {}
-        self._used: set[tuple[int, int]] = set()
+        self._slices: dict[tuple[int, int], np.ndarray] = {}
+        self._packed: dict[tuple[int, int], tuple[object, int]] = {}
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        extra = sum(d.nbytes for d in self._digits or ()) + sum(
-            b.nbytes for b in self._slices.values()
-        )
-        packed = sum(self._slices[key].nbytes for key in self._packed)
-        return self.grid.nbytes + extra + packed
+        digits = sum(d.nbytes for d in self._digits or ())
+        slices = sum(b.nbytes for b in self._slices.values())
+        packed = sum(size for _, size in self._packed.values())
+        return self.grid.nbytes + digits + slices + packed
 
     def _uses_digits(self) -> bool:
         k = self.grid.shape[1]
@@ -651,30 +651,24 @@ class WeightOperand:
         largest = k * 255 * 128
         return largest < 2**31 and largest << (8 * (ACT_DIGITS + w_digits - 2)) < 2**63
 
-    def _digit_slice(self, c0: int, c1: int) -> tuple[np.ndarray, int]:
-        """The weight digits of outputs ``c0..c1`` as ``MatMulInteger``'s B operand
-        ``[K, digits * (c1-c0)]`` (digit-major columns), and the digit count."""
+    def _digit_product(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """``a @ B`` with B the weight digits of outputs ``c0..c1`` (``[K, digits *
+        (c1-c0)]``, digit-major columns): on the shared session the first time, on a
+        session of the slice's own, B packed once, from the second time (a slice used
+        once is not worth a session: a run's first products stay as fast)."""
+        key = (c0, c1)
         digits = self._weight_digits()
         with self._lock:
-            b = self._slices.get((c0, c1))
-            if b is None:
+            packed = self._packed.get(key)
+            b = self._slices.pop(key, None)
+            if packed is None and b is not None:  # used before: pack it
+                packed = self._packed[key] = (matmul_integer_session(b), b.nbytes)
+            elif packed is None:
                 b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
-                self._slices[(c0, c1)] = b = np.ascontiguousarray(b)
-            return b, len(digits)
-
-    def _digit_product(self, a: np.ndarray, b: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        """``a @ b`` for the slice ``c0..c1`` (``b`` its digits): on its own session with
-        ``b`` packed once if the slice was used before, else on the shared one (a slice
-        used once is not worth a session: a run's first products stay as fast)."""
-        key = (c0, c1)
-        with self._lock:
-            session = self._packed.get(key)
-            if session is None and key in self._used:
-                session = self._packed[key] = matmul_integer_session(b)
-            self._used.add(key)
-        if session is None:
+                self._slices[key] = b = np.ascontiguousarray(b)
+        if packed is None:
             return digit_product(a, b)
-        return packed_product(session, a)
+        return packed_product(packed[0], a)
 
     def _weight_digits(self) -> list[np.ndarray]:
         """The grid's balanced byte digits (made on first use)."""
@@ -695,9 +689,9 @@ class WeightOperand:
         """Exact accumulators [c1-c0, (y1-y0)*OW] (float64) of outputs ``c0..c1`` over
         output rows ``y0..y1`` of ``windows``."""
         if self._uses_digits():
-            b, w_digits = self._digit_slice(c0, c1)
+            w_digits = len(self._weight_digits())
             a = None
-            if self._sums_fit(b.shape[0], w_digits):
+            if self._sums_fit(self.grid.shape[1], w_digits):
                 a = windows.digit_rows(y0, y1)
             if a is not None:
                 a, first = a
@@ -705,7 +699,7 @@ class WeightOperand:
                 pixels = a.shape[0] // act_digits
                 if _PRODUCTS is not None:
                     _PRODUCTS.append((c1 - c0, a.shape[1], pixels, act_digits, w_digits))
-                y = self._digit_product(a, b, c0, c1)
+                y = self._digit_product(a, c0, c1)
                 out = np.empty((c1 - c0, pixels))
                 corr = self._colsum[c0:c1]
                 add_digit_products(y, pixels, first, act_digits, w_digits, c1 - c0, corr, out)
