@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -77,15 +78,22 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 class _CachedWeights:
     """A weight grid and the DRAM bytes (``snaps``, per chain) it was made from.
 
-    ``image``: the run origin's read-only image these bytes were last found equal to. A
-    run copied from that same image that has written none of them since needs no
-    comparison (the image cannot change, and the cache holds it so it stays that one).
+    ``image``: a weak reference to the run origin's read-only image these bytes were
+    last found equal to. A run copied from that same image that has written none of them
+    since needs no comparison (the image cannot change; while the reference is alive no
+    other array can be that one, and the cache does not keep images alive).
     """
 
     snaps: list[np.ndarray]
     grid: kernels.WeightOperand
     chans: np.ndarray | None
-    image: np.ndarray | None = None
+    image: weakref.ref | None = None
+
+    def matches(self, image: np.ndarray | None) -> bool:
+        return image is not None and self.image is not None and self.image() is image
+
+    def remember(self, image: np.ndarray | None) -> None:
+        self.image = None if image is None else weakref.ref(image)
 
 
 class _LoadMap:
@@ -812,10 +820,10 @@ class Simulator:
         spans = [(addr, addr + t * tb) for _, addr, t, _, _ in group]
         image = self._origin_image(spans)
         if hit is not None:
-            if (image is not None and hit.image is image) or all(
+            if hit.matches(image) or all(
                 _same_bytes(mem[lo:hi], s) for (lo, hi), s in zip(spans, hit.snaps, strict=True)
             ):
-                hit.image = image
+                hit.remember(image)
                 _WEIGHTS.move_to_end(key)
                 return hit.grid, hit.chans, hit.snaps
         snaps, parts = [], []
@@ -859,7 +867,8 @@ class Simulator:
             b0 += ocnt
         wg = kernels.WeightOperand(out.reshape(blocks * n, kpos * width))
         key = (n, m, kpos, tuple((a, t, oc, wf) for _, a, t, oc, wf in group[: len(snaps)]))
-        _WEIGHTS[key] = _CachedWeights(snaps, wg, chans, self._origin_image(spans[: len(snaps)]))
+        _WEIGHTS[key] = entry = _CachedWeights(snaps, wg, chans)
+        entry.remember(self._origin_image(spans[: len(snaps)]))
         total = sum(v.grid.nbytes for v in _WEIGHTS.values())
         while total > _WEIGHTS_MAX_BYTES and len(_WEIGHTS) > 1:
             _, old = _WEIGHTS.popitem(last=False)
