@@ -9,6 +9,7 @@ goes through these two functions, so they all see identical bytes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,7 @@ def quantize_input(x: np.ndarray, info: dict, cfg) -> tuple[np.ndarray, np.ndarr
 #: made from (``(address, bytes)``, held so that an identical list means the same bytes).
 _IMAGES: list[tuple[int, list[tuple[int, bytes]], np.ndarray]] = []
 _IMAGES_KEPT = 2
+_IMAGES_LOCK = threading.Lock()
 
 
 def _segment_image(prog: Program) -> np.ndarray:
@@ -68,21 +70,22 @@ def _segment_image(prog: Program) -> np.ndarray:
     """
     size = int(prog.manifest["dram_bytes_needed"])
     segments = prog.dram_segments
-    for i, (cached_size, cached, image) in enumerate(_IMAGES):
-        if (
-            cached_size == size
-            and len(cached) == len(segments)
-            and all(a == b and d is e for (a, d), (b, e) in zip(cached, segments, strict=True))
-        ):
-            _IMAGES.append(_IMAGES.pop(i))
-            return image
-    image = np.zeros(size, dtype=np.uint8)
-    for addr, data in segments:
-        image[addr : addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
-    image.flags.writeable = False
-    _IMAGES.append((size, list(segments), image))
-    del _IMAGES[:-_IMAGES_KEPT]
-    return image
+    with _IMAGES_LOCK:  # runs may start on several threads (a service's devices)
+        for i, (cached_size, cached, image) in enumerate(_IMAGES):
+            if (
+                cached_size == size
+                and len(cached) == len(segments)
+                and all(a == b and d is e for (a, d), (b, e) in zip(cached, segments, strict=True))
+            ):
+                _IMAGES.append(_IMAGES.pop(i))
+                return image
+        image = np.zeros(size, dtype=np.uint8)
+        for addr, data in segments:
+            image[addr : addr + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        image.flags.writeable = False
+        _IMAGES.append((size, list(segments), image))
+        del _IMAGES[:-_IMAGES_KEPT]
+        return image
 
 
 @dataclass(frozen=True)
