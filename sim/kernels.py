@@ -489,8 +489,9 @@ def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1
 
 
 #: Reductions from which :class:`WeightOperand` uses byte-digit products (if exact on
-#: this CPU): below it the 6 int32 outputs per accumulator cost more than the float64
-#: product (measured, see the module doc: K = 64 2.5x slower, K = 256 1.6x faster).
+#: this CPU): below it the int32 digit products (4 or 6 per accumulator) cost more than
+#: the float64 product (measured with 6: K = 64 2.5x slower, K = 256 1.6x faster; with
+#: 4, 3136 pixels x K = 64 x 256 outputs still took 6.6 ms against 1.9 ms).
 DIGITS_MIN_K = 192
 #: Byte digits of the activation grid: mantissa_bits + act_exp_window <= 24 bits (a
 #: wider grid does not fit: :meth:`Windows.digit_rows` says so and the product is float64).
@@ -639,9 +640,14 @@ class WeightOperand:
         packed = sum(size for _, size in self._packed.values())
         return self.grid.nbytes + digits + slices + packed
 
-    def _uses_digits(self) -> bool:
+    def _digit_count(self) -> int:
+        """The weight digits the products take, or 0 where they are float64 ones (off,
+        a short reduction, an inexact CPU kernel, or sums that could overflow)."""
         k = self.grid.shape[1]
-        return not _FORCE_FLOAT64 and k >= DIGITS_MIN_K and digit_products_exact()
+        if _FORCE_FLOAT64 or k < DIGITS_MIN_K or not digit_products_exact():
+            return 0
+        w_digits = len(self._weight_digits())
+        return w_digits if self._sums_fit(k, w_digits) else 0
 
     @staticmethod
     def _sums_fit(k: int, w_digits: int) -> bool:
@@ -682,17 +688,15 @@ class WeightOperand:
     def prepare(self, windows: Windows) -> None:
         """Make what :meth:`product` will read from ``windows`` before bands of products
         start on threads (the digit planes, if the products are byte-digit ones)."""
-        if self._uses_digits() and self._sums_fit(self.grid.shape[1], len(self._weight_digits())):
+        if self._digit_count():
             windows.make_digit_planes()
 
     def product(self, windows: Windows, y0: int, y1: int, c0: int, c1: int) -> np.ndarray:
         """Exact accumulators [c1-c0, (y1-y0)*OW] (float64) of outputs ``c0..c1`` over
         output rows ``y0..y1`` of ``windows``."""
-        if self._uses_digits():
-            w_digits = len(self._weight_digits())
-            a = None
-            if self._sums_fit(self.grid.shape[1], w_digits):
-                a = windows.digit_rows(y0, y1)
+        w_digits = self._digit_count()
+        if w_digits:
+            a = windows.digit_rows(y0, y1)
             if a is not None:
                 a, first = a
                 act_digits = ACT_DIGITS - first

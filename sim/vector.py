@@ -203,12 +203,10 @@ def chain_vectors(
                     amax[p] = _max_into(amax[p], abs(v[lane, p]))
             for p in range(cnt):
                 e[p] = e_in[b, t0 + p if per_pixel_e else 0]
-            # The clip limit of the planned rescaling (none before the first normalize:
-            # a factor of 1.0 and no clip leave the lanes as they are).
-            f_lim = 2.0**62
+            # Every planned rescaling clips at wide_lim; with no normalize first the lanes
+            # are wide vectors already, which a factor of 1.0 and that clip leave alone.
             if normalize_first:
                 _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                f_lim = wide_lim
             for k in range(ops.shape[0]):
                 code = ops[k, 0]
                 aux = ops[k, 1] == SRC_AUX
@@ -217,11 +215,10 @@ def chain_vectors(
                 if code == OP_RELU:
                     for lane in range(n):
                         for p in range(cnt):
-                            r = max(_round_clip(v[lane, p], f[p], f_lim), 0.0)
+                            r = max(_round_clip(v[lane, p], f[p], wide_lim), 0.0)
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], r)
                     _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                    f_lim = wide_lim
                     continue
                 for p in range(cnt):
                     ye[p] = aux_e[t0 + p, b] if aux else const_e[k, b]
@@ -229,13 +226,12 @@ def chain_vectors(
                     for lane in range(n):
                         _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
                         for p in range(cnt):
-                            r = _round_clip(v[lane, p], f[p], f_lim) * y[p]
+                            r = _round_clip(v[lane, p], f[p], wide_lim) * y[p]
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], abs(r))
                     for p in range(cnt):
                         e[p] += ye[p]
                     _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                    f_lim = wide_lim
                     continue
                 # vv_add / vv_max: both operands to the larger exponent, then combine.
                 for p in range(cnt):
@@ -246,14 +242,13 @@ def chain_vectors(
                 for lane in range(n):
                     _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
                     for p in range(cnt):
-                        xr = _round_clip(v[lane, p], f[p], f_lim)
+                        xr = _round_clip(v[lane, p], f[p], wide_lim)
                         xa = (xr * fx[p] + RINT_MAGIC) - RINT_MAGIC
                         ya = (y[p] * fy[p] + RINT_MAGIC) - RINT_MAGIC
                         r = xa + ya if code == OP_ADD else max(xa, ya)
                         v[lane, p] = r
                         amax[p] = _max_into(amax[p], abs(r))
                 _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                f_lim = wide_lim
             # tessera.numerics.to_storage: normalize to store_bits, then bring the
             # exponent into int8 (a left shift that saturates, or a right shift that may
             # zero the vector). Each rescaling is planned per vector here (its largest
@@ -275,7 +270,7 @@ def chain_vectors(
                 largest = max(largest, e[p])
             for lane in range(n):
                 for p in range(cnt):
-                    r = _round_clip(v[lane, p], f[p], f_lim)
+                    r = _round_clip(v[lane, p], f[p], wide_lim)
                     r = _round_clip(r, fx[p], lim)
                     v[lane, p] = _round_clip(r, fz[p], lim)
             for p in range(cnt):
