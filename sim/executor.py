@@ -62,6 +62,9 @@ _BAND_VALUES = 1 << 17
 #: Cycle-model walks of whole programs, keyed by the program, the configuration and the
 #: values its ``s_ld`` loaded into registers the model reads (see :meth:`Simulator._timing`).
 _TIMINGS: OrderedDict[tuple, CycleModel] = OrderedDict()
+#: Traces of whole runs (:class:`_Trace`), keyed by the configuration and the program.
+_TRACES: OrderedDict[tuple, _Trace] = OrderedDict()
+_EXP_REGS = range(isa.EXP_REG_BASE, isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -94,6 +97,87 @@ class _CachedWeights:
 
     def remember(self, image: np.ndarray | None) -> None:
         self.image = None if image is None else weakref.ref(image)
+
+
+@dataclass(frozen=True)
+class _GroupStep:
+    """A group of mv_mul chains that a traced run computed together (see
+    :meth:`Simulator._plan_group`), all of them using their share: where its input,
+    weights, AUX operands and outputs are, and its body's op table and VRF constants.
+
+    ``group``: per chain (pc, tile address, tiles, output blocks, weight floor);
+    ``source``: the input tensor (address, H, W, CB, block offset, block count);
+    ``aux``: per chain (address, H, W, CB, block offset) of its AUX blocks, or None;
+    ``outs``: per chain (address, H, W, CB, block offset, exponent register);
+    ``direct``: no output overlaps another output or anything the group reads, so the
+    bands may write DRAM themselves and read the input without a copy.
+    """
+
+    group: tuple
+    kpos: int
+    window: tuple
+    source: tuple[int, int, int, int, int, int]
+    in_ereg: int
+    table: np.ndarray
+    const_q: np.ndarray
+    const_e: np.ndarray
+    aux: tuple
+    outs: tuple
+    direct: bool
+
+
+@dataclass(frozen=True)
+class _ChainStep:
+    """Any other chain of a traced run: run again as it is, on the control registers
+    and VRF entries it had then (the same in every run the trace is used for)."""
+
+    ops: tuple
+    regs: tuple[int, ...]
+    vrf_q: np.ndarray
+    vrf_e: np.ndarray
+
+
+@dataclass(frozen=True)
+class _ExpStep:
+    """An ``s_wr`` (``value``) or ``s_ld`` (from address ``value``) of an exponent
+    register: exponent registers hold data, so these are done again in every run."""
+
+    reg: int
+    value: int
+    load: bool
+
+
+@dataclass
+class _Trace:
+    """What one run of a program did, for later runs of it to do without decoding,
+    checking and walking ahead instruction by instruction in Python.
+
+    Everything in a run but the values of activations and exponent registers follows
+    from the instruction words and the DRAM bytes the program reads as control: tiles
+    (m_rd), VRF constants (c_rd) and control registers (s_ld). A run is traced only
+    where those bytes all came unchanged from its origin's read-only ``image`` (not
+    written by the run, not among the input bytes ``changed``), every mv_mul chain used
+    the share its group computed for it, and no exponent register was written inside
+    a group. Then any run whose DRAM is a copy of the same image with the same
+    ``changed`` ranges makes every decision the traced run made, and the trace's
+    ``steps`` are that run with only the data left to compute. ``regs``, ``vrf``,
+    ``tiles`` and ``loaded`` are the state the traced run ended with.
+    """
+
+    image: weakref.ref
+    changed: tuple[tuple[int, int], ...]
+    steps: list[_GroupStep | _ChainStep | _ExpStep]
+    regs: list[int]
+    vrf: tuple[np.ndarray, np.ndarray]
+    tiles: tuple[np.ndarray, np.ndarray]
+    loaded: list[tuple[int, int]]
+
+    def fits(self, origin: DramOrigin | None) -> bool:
+        return (
+            origin is not None
+            and self.image() is origin.image
+            and self.changed == tuple(origin.changed)
+        )
 
 
 class _LoadMap:
@@ -241,7 +325,11 @@ class NPUState:
 
 class Simulator:
     """Runs a program on a DRAM image; ``run`` returns the cycle count (the timing is in
-    ``cycles``, a :class:`~tessera.sim.cycles.CycleModel`, after the run)."""
+    ``cycles``, a :class:`~tessera.sim.cycles.CycleModel`, after the run).
+
+    ``replayed`` says whether the run followed the trace of an earlier run of the same
+    program from the same image (:class:`_Trace`) instead of decoding it.
+    """
 
     def __init__(self, cfg: NPUConfig, mem: np.ndarray, origin: DramOrigin | None = None) -> None:
         self.cfg = cfg
@@ -282,6 +370,11 @@ class Simulator:
         self._prefetched: dict[int, _Prefetched] = {}
         self._decoded: list[Instr] = []
         self._body_ops: dict[int, tuple] = {}  # chain pc -> its body's instructions
+        # The steps of this run's trace while it can still become one (None: it cannot),
+        # and the pcs of the chains of the last group planned that have not run yet.
+        self._steps: list[_GroupStep | _ChainStep | _ExpStep] | None = None
+        self._open: set[int] = set()
+        self.replayed = False
 
     def run(self, words: np.ndarray, progress=None) -> int:
         # BLAS on one thread: the simulator splits its work over its own thread pool,
@@ -294,6 +387,15 @@ class Simulator:
 
     def _run(self, words: np.ndarray, progress=None) -> int:
         decoded = self._decoded = _decode_all(words)
+        key = (self.cfg, _program_key(words))
+        trace = _TRACES.get(key)
+        if trace is not None and trace.fits(self._origin):
+            _TRACES.move_to_end(key)
+            self._replay(trace, progress)
+            self.replayed = True
+            self.cycles = self._timing(words)
+            return self.cycles.finish()
+        self._steps = [] if self._origin is not None else None
         pc = 0
         while pc < len(decoded):
             ins = decoded[pc]
@@ -311,14 +413,138 @@ class Simulator:
                 pc = end + 1
                 continue
             if ins.op == "s_wr":  # the most frequent instruction, inlined
-                self.state.regs[ins.args["reg"]] = ins.args["value"]
+                reg, value = ins.args["reg"], ins.args["value"]
+                self.state.regs[reg] = value
+                if reg in _EXP_REGS and self._steps is not None:
+                    self._trace_exp(_ExpStep(reg, value, load=False))
             else:
                 self.scalar(ins)
             pc += 1
         else:
             raise SimulationError("program ran off its end without halt")
+        self._keep_trace(key)
         self.cycles = self._timing(words)
         return self.cycles.finish()
+
+    # ------------------------------------------------------------------ traces
+    def _trace_exp(self, step: _ExpStep) -> None:
+        """Trace an exponent register's write, unless it falls inside a group (whose
+        chains were computed with the value it had at the group's start)."""
+        if self._open:
+            self._steps = None
+        else:
+            self._steps.append(step)
+
+    def _trace_control_read(self, lo: int, hi: int) -> None:
+        """Stop tracing if DRAM bytes ``lo..hi``, read as control, may differ by run."""
+        if self._steps is not None and self._origin_image([(lo, hi)]) is None:
+            self._steps = None
+
+    def _keep_trace(self, key: tuple) -> None:
+        """Keep this run's trace for later runs of the program (see :class:`_Trace`)."""
+        if self._steps is None or self._open or self._origin is None:
+            return
+        self.sync_tiles()
+        st = self.state
+        _TRACES[key] = _Trace(
+            weakref.ref(self._origin.image), tuple(self._origin.changed), self._steps,
+            list(st.regs), (st.vrf_q.copy(), st.vrf_e.copy()),
+            (st.tiles_q.copy(), st.tiles_e.copy()), list(self._loaded),
+        )  # fmt: skip
+        while len(_TRACES) > 8:
+            _TRACES.popitem(last=False)
+
+    def _replay(self, trace: _Trace, progress=None) -> None:
+        """Run the program as ``trace`` says it goes (see :class:`_Trace`)."""
+        st = self.state
+        for step in trace.steps:
+            if isinstance(step, _GroupStep):
+                self._replay_group(step)
+                if progress is not None:
+                    progress(len(step.group))
+            elif isinstance(step, _ChainStep):
+                self._set_control(step.regs)
+                st.vrf_q[:], st.vrf_e[:] = step.vrf_q, step.vrf_e
+                self.chain(list(step.ops))
+                if progress is not None:
+                    progress(1)
+            elif step.load:
+                st.regs[step.reg] = self._load_word(step.value)
+            else:
+                st.regs[step.reg] = step.value
+        self._set_control(trace.regs)
+        (st.vrf_q[:], st.vrf_e[:]), (st.tiles_q[:], st.tiles_e[:]) = trace.vrf, trace.tiles
+        self._loaded = list(trace.loaded)
+
+    def _trace_chain(self, ops: list[Instr]) -> None:
+        """Trace a chain that is not an mv_mul one, with the registers and VRF it runs on
+        (the VRF arrays of the step before when they are the same)."""
+        if self._open:
+            self._steps = None
+            return
+        st = self.state
+        vrf_q, vrf_e = st.vrf_q.copy(), st.vrf_e.copy()
+        last = next((s for s in reversed(self._steps) if isinstance(s, _ChainStep)), None)
+        if (
+            last is not None
+            and np.array_equal(last.vrf_q, vrf_q)
+            and np.array_equal(last.vrf_e, vrf_e)
+        ):
+            vrf_q, vrf_e = last.vrf_q, last.vrf_e
+        self._steps.append(_ChainStep(tuple(ops), tuple(st.regs), vrf_q, vrf_e))
+
+    def _set_control(self, regs) -> None:
+        """Every register but the exponent registers (data) from ``regs``."""
+        live = self.state.regs[_EXP_REGS.start : _EXP_REGS.stop]
+        self.state.regs = [*regs[: _EXP_REGS.start], *live, *regs[_EXP_REGS.stop :]]
+
+    def _load_word(self, addr: int) -> int:
+        """The little-endian int32 an ``s_ld`` reads at ``addr``."""
+        raw = self.state.mem[addr : addr + 4]
+        if raw.size != 4:
+            raise SimulationError(f"s_ld beyond DRAM at {addr:#x}")
+        return int(raw.view("<i4")[0])
+
+    def _replay_group(self, step: _GroupStep) -> None:
+        """A traced group: its products and bodies on this run's data, its outputs
+        written and its exponent registers raised."""
+        st, cfg = self.state, self.cfg
+        n = cfg.native_dim
+        addr, ih, iw, icb, ioff, icnt = step.source
+        qv, ev = self._tensor(addr, ih, iw, icb)
+        floor = st.regs[step.in_ereg] - cfg.act_exp_window
+        wg, chans, snaps = self._group_weights(list(step.group), step.kpos)
+        if len(snaps) != len(step.group):
+            raise SimulationError("a traced group's weights changed (the trace is stale)")
+        cols = kernels.Windows(
+            qv[:, :, ioff : ioff + icnt], ev[:, :, ioff : ioff + icnt], floor, chans,
+            *step.window, copy=not step.direct,
+        )  # fmt: skip
+        aux = [None if a is None else self._aux_blocks(*a, cnt) for a, (*_, cnt, _w) in
+               zip(step.aux, step.group, strict=True)]  # fmt: skip
+        targets = []
+        for oaddr, oh, ow, ocb, ooff, _ereg in step.outs:
+            oq, oe = self._tensor(oaddr, oh, ow, ocb)
+            targets.append((oq.reshape(oh * ow, ocb * n), oe.reshape(oh * ow, ocb), ooff))
+        cnts = [g[3] for g in step.group]
+        if step.direct:
+            outs = [(q[:, o * n : (o + c) * n], e[:, o : o + c])
+                    for (q, e, o), c in zip(targets, cnts, strict=True)]  # fmt: skip
+        else:
+            outs = [(np.empty((len(q), c * n), q.dtype), np.empty((len(e), c), np.int8))
+                    for (q, e, _o), c in zip(targets, cnts, strict=True)]  # fmt: skip
+        largest = self._band_bodies(
+            cols, wg, floor, [g[4] for g in step.group], cnts, step.table, step.const_q,
+            step.const_e, aux, outs,
+        )  # fmt: skip
+        for j, (oaddr, oh, ow, ocb, _ooff, ereg) in enumerate(step.outs):
+            self._before_write(
+                oaddr, oaddr + layout.tensor_bytes(oh, ow, ocb, n, cfg.mantissa_bits)
+            )
+            if not step.direct:
+                q, e, o = targets[j]
+                q[:, o * n : (o + cnts[j]) * n], e[:, o : o + cnts[j]] = outs[j]
+            st.regs[ereg] = max(st.regs[ereg], largest[j])
 
     def _timing(self, words: np.ndarray) -> CycleModel:
         """The cycle model's walk of this run's program (kept for later runs alike)."""
@@ -335,18 +561,21 @@ class Simulator:
     def scalar(self, ins: Instr) -> None:
         st, a = self.state, ins.args
         n, m = self.cfg.native_dim, self.cfg.mantissa_bits
-        if ins.op == "s_wr":
-            st.regs[a["reg"]] = a["value"]
-        elif ins.op == "s_ld":
-            st.regs[a["reg"]] = int(st.mem[a["addr"] : a["addr"] + 4].view("<i4")[0])
+        if ins.op == "s_ld":
+            st.regs[a["reg"]] = self._load_word(a["addr"])
             if cycle_model.reads_register(a["reg"]):
                 self._loaded.append((a["reg"], st.regs[a["reg"]]))
+            if a["reg"] in _EXP_REGS and self._steps is not None:
+                self._trace_exp(_ExpStep(a["reg"], a["addr"], load=True))
+            else:
+                self._trace_control_read(a["addr"], a["addr"] + 4)
         elif ins.op == "m_rd":
             if a["tile"] + a["count"] > st.tiles_q.shape[0]:
                 raise SimulationError("m_rd beyond the tile buffer")
             tb, cnt, t0 = layout.tile_bytes(n, m), a["count"], a["tile"]
             if a["addr"] + cnt * tb > st.mem.size:
                 raise SimulationError("m_rd beyond DRAM")
+            self._trace_control_read(a["addr"], a["addr"] + cnt * tb)
             keep = []
             for p in self._pending:
                 if p[0] < t0 + cnt and t0 < p[0] + p[1]:  # shares slots with this load
@@ -363,6 +592,7 @@ class Simulator:
             raw = st.mem[a["addr"] : a["addr"] + cnt * cb]
             if raw.size != cnt * cb:
                 raise SimulationError("c_rd beyond DRAM")
+            self._trace_control_read(a["addr"], a["addr"] + cnt * cb)
             raw = raw.view("<i2").reshape(cnt, n + 1)
             st.vrf_q[a["vrf"] : a["vrf"] + cnt] = raw[:, :n]
             st.vrf_e[a["vrf"] : a["vrf"] + cnt] = raw[:, n]
@@ -455,6 +685,8 @@ class Simulator:
         emax = st.regs[st.ereg(R.IN_EREG)]
         p = oh * ow
         stored = None  # the storage blocks, when computed ahead with sibling chains
+        if reducer != "mv_mul" and self._steps is not None:
+            self._trace_chain(ops)
         if reducer == "mv_mul":
             floor = emax - cfg.act_exp_window
             key = self._cols_key_of(st.regs)
@@ -471,6 +703,10 @@ class Simulator:
                 stored = acc
             else:
                 x, e_in, first = acc, np.full((ocnt, 1), floor + wfloor, np.int64), True
+            if self._steps is not None:
+                if stored is None or pc not in self._open:
+                    self._steps = None  # computed on its own: not traced
+                self._open.discard(pc)
         elif reducer == "v_pool":
             if icnt != ocnt:
                 raise SimulationError("v_pool needs IN_CB_CNT == OUT_CB_CNT")
@@ -521,8 +757,14 @@ class Simulator:
         wfloor = st.reg(Reg.W_EXP_FLOOR)
         pf = self._prefetched.pop(pc, None) if pc is not None else None
         if pf is None and pc is not None:
-            self._prefetched = self._plan_group(pc)
+            self._prefetched, step = self._plan_group(pc)
             pf = self._prefetched.pop(pc, None)
+            if self._steps is not None:
+                if self._open or step is None:
+                    self._steps = None  # chains of a group skipped, or bodies not run ahead
+                else:
+                    self._steps.append(step)
+                    self._open = {g[0] for g in step.group}
         if (
             pf is not None
             and pf.cols_gen == self._cols_gen
@@ -557,13 +799,21 @@ class Simulator:
             return ops[0], (regs[Reg.AUX_ADDR], regs[Reg.AUX_CB], regs[Reg.AUX_CB_OFF])
         return ops[0], ()
 
+    @staticmethod
+    def _aux_source(regs: list[int]) -> tuple[int, int, int, int, int]:
+        """Where a chain's AUX blocks are: (address, H, W, CB, block offset)."""
+        addr = int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF
+        return addr, *(int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.AUX_CB, Reg.AUX_CB_OFF))
+
     def _aux_view(self, regs: list[int], ocnt: int):
         """The AUX blocks a chain reads, pixel-major views into DRAM: [P, ocnt*N], [P, ocnt]."""
-        acb, aoff = int(regs[Reg.AUX_CB]), int(regs[Reg.AUX_CB_OFF])
+        return self._aux_blocks(*self._aux_source(regs), ocnt)
+
+    def _aux_blocks(self, addr: int, oh: int, ow: int, acb: int, aoff: int, ocnt: int):
+        """:meth:`_aux_view` of the AUX tensor at ``addr``."""
         if aoff + ocnt > acb:
             raise SimulationError("AUX block range exceeds its tensor")
-        oh, ow = int(regs[Reg.OUT_H]), int(regs[Reg.OUT_W])
-        q, e = self._tensor(int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF, oh, ow, acb)
+        q, e = self._tensor(addr, oh, ow, acb)
         n, p = q.shape[3], oh * ow
         return (
             q.reshape(p, acb * n)[:, aoff * n : (aoff + ocnt) * n],
@@ -609,7 +859,7 @@ class Simulator:
             cols = self._cols[ck] = kernels.Windows(*self._grid_src, chans, *self._window)
         return cols
 
-    def _plan_group(self, pc: int) -> dict[int, _Prefetched]:
+    def _plan_group(self, pc: int) -> tuple[dict[int, _Prefetched], _GroupStep | None]:
         """Compute the chain at ``pc`` and the sibling chains after it, together.
 
         Walks the instruction stream ahead on a copy of the registers and of the tile
@@ -618,6 +868,8 @@ class Simulator:
         Their products are one matrix product; when their bodies are alike, the bodies
         run once on the stacked vectors too, with VRF and AUX operands read from DRAM
         now. It is only a guess: each chain checks its share before using it.
+
+        Also returns the group as a trace step when its bodies ran ahead (else None).
         """
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
@@ -676,9 +928,10 @@ class Simulator:
                 i += 1
             else:
                 break
-        wg, chans, snaps = self._group_weights(group)
+        kpos = self._window[0][0] * self._window[0][1]
+        wg, chans, snaps = self._group_weights(group, kpos)
         if wg is None:
-            return {}
+            return {}, None
         group, plans = group[: len(snaps)], plans[: len(snaps)]
         cols = self._unrolled(chans)
         out: dict[int, _Prefetched] = {}
@@ -691,13 +944,44 @@ class Simulator:
             prep = None  # left to the chains themselves, which report what is wrong
         if prep is not None:
             self._run_bodies(group, plans, cols, wg, prep, out)
-            return out
+            return out, self._group_step(group, plans, prep, kpos)
         acc = wg.product(cols, 0, cols.out_hw[0], 0, wg.grid.shape[0])
         b0 = 0
         for cpc, _addr, _t, ocnt, _wf in group:
             out[cpc].acc = acc[b0 * n : (b0 + ocnt) * n]
             b0 += ocnt
-        return out
+        return out, None
+
+    def _group_step(self, group, plans, prep, kpos: int) -> _GroupStep:
+        """A planned group (whose bodies ran ahead) as a trace step."""
+        n, m = self.cfg.native_dim, self.cfg.mantissa_bits
+        cnts, table, const_q, const_e, aux, _vrf_snaps, aux_spans = prep
+        regs = plans[0][3]
+        source = (
+            int(regs[Reg.IN_ADDR]) & 0xFFFFFFFF,
+            *(int(regs[r]) for r in (Reg.IN_H, Reg.IN_W, Reg.IN_CB, Reg.IN_CB_OFF, Reg.IN_CB_CNT)),
+        )
+        outs = []
+        for *_, chain_regs in plans:
+            out = int(chain_regs[Reg.OUT_ADDR]) & 0xFFFFFFFF
+            shape = (int(chain_regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.OUT_CB, Reg.OUT_CB_OFF))
+            outs.append((out, *shape, int(chain_regs[Reg.OUT_EREG])))
+        # Bands may write DRAM themselves only if no output is read by the group or
+        # written twice (the bands run in any order).
+        reads = [self._cols_span, *(sp for sp in aux_spans if sp is not None)]
+        spans = [(o[0], o[0] + layout.tensor_bytes(*o[1:4], n, m)) for o in outs]
+        blocks = [(o[:4], o[4], o[4] + c) for o, c in zip(outs, cnts, strict=True)]
+        direct = not any(lo < b and a < hi for lo, hi in spans for a, b in reads) and not any(
+            (t1 == t2 and lo1 < hi2 and lo2 < hi1) or (t1 != t2 and s1[0] < s2[1] and s2[0] < s1[1])
+            for i, ((t1, lo1, hi1), s1) in enumerate(zip(blocks, spans, strict=True))
+            for (t2, lo2, hi2), s2 in zip(blocks[i + 1 :], spans[i + 1 :], strict=True)
+        )
+        return _GroupStep(
+            tuple(group), kpos, self._window, source, int(regs[Reg.IN_EREG]), table, const_q,
+            const_e, tuple(None if a is None else self._aux_source(r) for a, (*_, r) in
+                           zip(aux, plans, strict=True)),
+            tuple(outs), direct,
+        )  # fmt: skip
 
     def _prepare_bodies(self, group, plans):
         """Operands of the (alike) bodies of a group of chains, read from DRAM now.
@@ -744,19 +1028,44 @@ class Simulator:
         return cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans
 
     def _run_bodies(self, group, plans, cols, wg, prep, out: dict[int, _Prefetched]):
-        """Products and bodies of a group of chains on their stacked vectors, a band of
-        output pixels at a time (every step is per pixel, so the bands are independent)
-        to keep each band's working set in cache."""
+        """Products and bodies of a group of chains on their stacked vectors, into each
+        chain's share in ``out``."""
+        n, m = self.cfg.native_dim, self.cfg.mantissa_bits
+        cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans = prep
+        blocks = sum(cnts)
+        p = cols.out_hw[0] * cols.out_hw[1]
+        sq_all = np.empty((p, blocks * n), layout.mantissa_dtype(m))
+        se_all = np.empty((p, blocks), np.int8)
+        edges = np.cumsum([0, *cnts])
+        outs = [
+            (sq_all[:, b0 * n : b1 * n], se_all[:, b0:b1]) for b0, b1 in itertools.pairwise(edges)
+        ]
+        floor = int(self._cols_key[1]) - self.cfg.act_exp_window
+        wfloors = [wf for *_, wf in group]
+        largest = self._band_bodies(
+            cols, wg, floor, wfloors, cnts, table, const_q, const_e, aux, outs
+        )
+        for j, (cpc, *_rest) in enumerate(group):
+            pf = out[cpc]
+            pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
+            pf.sq, pf.se = outs[j]
+            pf.se_max = largest[j]
+
+    def _band_bodies(self, cols, wg, floor, wfloors, cnts, table, const_q, const_e, aux, outs):
+        """Products and bodies of a group of chains (``cnts[j]`` output blocks each) on
+        their stacked vectors, a band of output pixels at a time (every step is per
+        pixel, so the bands are independent) to keep each band's working set in cache.
+
+        Chain ``j``'s storage blocks go to ``outs[j]`` (pixel-major mantissas and
+        exponents, [P, cnts[j]*N] and [P, cnts[j]]); returns each chain's largest
+        exponent written.
+        """
         cfg = self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
-        cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans = prep
         blocks = sum(cnts)
         oh, ow = cols.out_hw
         p = oh * ow
-        floor = int(self._cols_key[1]) - cfg.act_exp_window
-        lsb = np.repeat([floor + wf for *_, wf in group], cnts)[:, None]
-        sq_all = np.empty((p, blocks * n), layout.mantissa_dtype(m))
-        se_all = np.empty((p, blocks), np.int8)
+        lsb = np.repeat([floor + wf for wf in wfloors], cnts)[:, None]
         has_aux = aux[0] is not None
         workers = kernels.parallel_workers()
         step = max(64, min(_BAND_VALUES // (blocks * n), -(-p // (2 * workers))))
@@ -784,10 +1093,12 @@ class Simulator:
                             q[p0:p1, (lo - a0) * n : (hi - a0) * n],
                             e[p0:p1, lo - a0 : hi - a0],
                         )
+                    sq, se = outs[j]
                     largest = vector.chain_vectors(
                         acc[(lo - b0) * n : (hi - b0) * n], lsb[lo:hi], True,
                         cfg.mfu_mantissa_bits, m, table, const_q[:, lo:hi], const_e[:, lo:hi],
-                        aq, ae, sq_all[p0:p1, lo * n : hi * n], se_all[p0:p1, lo:hi],
+                        aq, ae, sq[p0:p1, (lo - a0) * n : (hi - a0) * n],
+                        se[p0:p1, lo - a0 : hi - a0],
                     )  # fmt: skip
                     exps.append((j, largest))
                 a0 += c
@@ -796,25 +1107,17 @@ class Simulator:
         exps: list[tuple[int, int]] = []  # (chain, largest exponent of one of its parts)
         wg.prepare(cols)
         kernels.run_parallel(band, items)
-        largest = [numerics.E_ZERO] * len(group)
+        largest = [numerics.E_ZERO] * len(cnts)
         for j, e in exps:
             largest[j] = max(largest[j], e)
-        b0 = 0
-        for j, (cpc, *_rest) in enumerate(group):
-            b1 = b0 + cnts[j]
-            pf = out[cpc]
-            pf.body, pf.vrf, pf.aux_span = plans[j][1], vrf_snaps[j], aux_spans[j]
-            pf.sq, pf.se = sq_all[:, b0 * n : b1 * n], se_all[:, b0:b1]
-            pf.se_max = largest[j]
-            b0 = b1
+        return largest
 
-    def _group_weights(self, group):
+    def _group_weights(self, group, kpos: int):
         """Weight grid of a group of chains (stacked rows), reused across runs."""
         st, cfg = self.state, self.cfg
         n, m = cfg.native_dim, cfg.mantissa_bits
         tb = layout.tile_bytes(n, m)
         mem = st.mem
-        kpos = self._window[0][0] * self._window[0][1]
         key = (n, m, kpos, tuple((addr, t, ocnt, wf) for _, addr, t, ocnt, wf in group))
         hit = _WEIGHTS.get(key)
         spans = [(addr, addr + t * tb) for _, addr, t, _, _ in group]

@@ -299,11 +299,15 @@ class Windows:
     compiled pass, so callers working band by band on threads get their band's rows in
     cache, and a whole float64 grid is neither written nor read back. The blocks are
     copied (8-bit mantissas: an eighth of the grid) so later DRAM writes cannot change
-    the rows.
+    the rows, unless the caller knows none comes while the windows are in use
+    (``copy=False``).
     """
 
-    def __init__(self, q, e, floor, chans, kernel, stride, pads_tl, dilation, out_hw):
-        self.q, self.e = np.array(q), np.array(e, dtype=np.int8)
+    def __init__(
+        self, q, e, floor, chans, kernel, stride, pads_tl, dilation, out_hw, copy: bool = True
+    ) -> None:
+        how = True if copy else None  # None: only where the dtype needs it
+        self.q, self.e = np.array(q, copy=how), np.array(e, dtype=np.int8, copy=how)
         n = q.shape[3]
         self.all_channels = chans is None
         self.chans = np.arange(q.shape[2] * n) if chans is None else np.asarray(chans)

@@ -5,7 +5,8 @@ global-pool output, or for VGG-16 the input of the classifier, fc7) and the soft
 on a seeded random input at the scale of preprocessed pixels (``zoo.INPUT_STD``):
 
 1. the instruction simulator and the numpy reference executor leave the same DRAM image,
-   byte for byte (every resident activation, exponent and output);
+   byte for byte (every resident activation, exponent and output), also for a second
+   input, which the simulator runs by the first run's trace;
 2. the feature tensor has cosine similarity >= 0.99 to onnxruntime's FP32 result.
 
 ResNet-152 (63 MiB) and VGG-16 (148 MiB) do not fit the ULX3S-85F's 32 MiB: they run on the
@@ -28,6 +29,8 @@ from tessera import zoo
 from tessera.compiler.driver import compile_model, cut_outputs
 from tessera.config import get_config
 from tessera.errors import CapacityError
+from tessera.runtime.host import prepare_dram
+from tessera.sim.executor import Simulator
 from tessera.sim.run import run_program
 
 #: The issue's bar for the last feature tensor against FP32.
@@ -88,6 +91,13 @@ def test_network_bit_exact_and_close_to_fp32(case: Case) -> None:
     assert np.array_equal(sim.mem, ref.mem), "simulator DRAM image != reference DRAM image"
     for name in names:
         assert np.array_equal(sim.outputs[name], ref.outputs[name]), name
+    # A second input follows the first run's trace (Simulator.replayed): bit-exact too.
+    x2 = zoo.sample_input(seed=8)
+    mem, origin = prepare_dram(prog, {zoo.INPUT_NAME: x2})
+    replay = Simulator(prog.config, mem, origin)
+    replay.run(prog.instructions)
+    assert replay.replayed
+    assert np.array_equal(mem, run_program(prog, {zoo.INPUT_NAME: x2}, "reference").mem)
 
     expected = onnxruntime_outputs(model, names, x)
     assert sim.outputs[feature].shape == expected[feature].shape

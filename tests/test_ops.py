@@ -32,6 +32,8 @@ from tessera.compiler.ir import Graph
 from tessera.compiler.lower import Lowered
 from tessera.config import get_config
 from tessera.program import Program
+from tessera.runtime.host import prepare_dram
+from tessera.sim.executor import Simulator
 from tessera.sim.run import run_program
 
 # --------------------------------------------------------------------------- tolerances
@@ -207,6 +209,15 @@ def check(
     ref_run = run_program(prog, feeds, "reference")
     # Every byte of DRAM, not just the outputs: intermediate activations, exponents, padding.
     assert np.array_equal(sim_run.mem, ref_run.mem), "simulator DRAM != reference DRAM"
+    # A second input, other values and exponents: this run follows the first one's trace.
+    again = {name: np.flip(v) * np.float32(-1.7) for name, v in feeds.items()}
+    mem, origin = prepare_dram(prog, again)
+    replay = Simulator(prog.config, mem, origin)
+    replay.run(prog.instructions)
+    assert replay.replayed
+    assert np.array_equal(mem, run_program(prog, again, "reference").mem), (
+        "replayed run != reference"
+    )
     sim, ref = sim_run.outputs, ref_run.outputs
     expected = run_ort(model, feeds)
     assert sorted(sim) == sorted(ref) == sorted(expected)
