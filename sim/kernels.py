@@ -48,7 +48,7 @@ import numpy as np
 from numba import njit
 
 from tessera import numerics
-from tessera.sim.vector import RINT_MAGIC
+from tessera.sim.vector import RINT_MAGIC, uix
 
 
 def gather_windows(
@@ -287,7 +287,7 @@ def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, first, out) 
                         g = (q[y, x, b, lane] * s + RINT_MAGIC) - RINT_MAGIC
                         acc[lane] = max(acc[lane], g) if kind_max else acc[lane] + g
             for lane in range(n):
-                out[i, b * n + lane] = acc[lane]
+                out[i, uix(b * n + lane)] = acc[lane]
 
 
 class Windows:
@@ -409,18 +409,18 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
             iy, ix = pix // w, pix % w
             if pix < 0:
                 for j in range(c):
-                    out[r, col + j] = 0.0
+                    out[r, uix(col + j)] = 0.0
             elif all_channels:
                 for b in range(cb):
                     s = scale[e[iy, ix, b] + 128]
                     for lane in range(n):
                         v = q[iy, ix, b, lane] * s
-                        out[r, col + b * n + lane] = (v + RINT_MAGIC) - RINT_MAGIC
+                        out[r, uix(col + b * n + lane)] = (v + RINT_MAGIC) - RINT_MAGIC
             else:
                 for j in range(c):
                     b, lane = chans[j] // n, chans[j] % n
                     v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
-                    out[r, col + j] = (v + RINT_MAGIC) - RINT_MAGIC
+                    out[r, uix(col + j)] = (v + RINT_MAGIC) - RINT_MAGIC
 
 
 @njit(cache=True, nogil=True)
@@ -442,7 +442,7 @@ def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> int:
                     s = scale[e[y, x, b] + 128]
                     for lane in range(n):
                         g = (q[y, x, b, lane] * s + RINT_MAGIC) - RINT_MAGIC
-                        row[b * n + lane] = np.int64(g) + half
+                        row[uix(b * n + lane)] = np.int64(g) + half
             else:
                 for j in range(c):
                     b, lane = chans[j] // n, chans[j] % n
@@ -486,10 +486,10 @@ def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1
                 if pix >= 0:
                     src = planes[d, pix // w, pix % w]
                     for j in range(c):
-                        out[d, r, col + j] = src[j]
+                        out[d, r, uix(col + j)] = src[j]
                 else:
                     for j in range(c):
-                        out[d, r, col + j] = fills[d]
+                        out[d, r, uix(col + j)] = fills[d]
 
 
 #: Reductions from which :class:`WeightOperand` uses byte-digit products (if exact on

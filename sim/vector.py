@@ -53,11 +53,12 @@ RINT_MAGIC = 6755399441055744.0
 
 
 @njit(cache=True, inline="always")
-def _ix(i: int) -> np.uint64:
-    """An index known to be non-negative, as numba's type for it. A signed index is
-    wrapped (``i + size`` if negative) per access, which LLVM cannot see through in a loop
-    over pixels, so it turns every such read into a gather: the load pass over the
-    accumulators ran 2.3x slower that way."""
+def uix(i: int) -> np.uint64:
+    """An index known to be non-negative, as numba's type for it (for the compiled
+    kernels' inner loops). A signed index is wrapped (``i + size`` if negative) per
+    access, which LLVM cannot see through in a loop, so it turns such reads and writes
+    into gathers and scatters: the vector path's load pass and the window unrolling ran
+    2.3x slower that way."""
     return np.uint64(i)
 
 
@@ -118,7 +119,7 @@ def _operand_lane(y, aux: bool, aux_q, const_q, k: int, b: int, lane: int, t0: i
     (from the AUX tensor, or the VRF constant, the same for every pixel)."""
     if aux:
         for p in range(cnt):
-            y[p] = aux_q[_ix(t0 + p), _ix(r0 + lane)]
+            y[p] = aux_q[uix(t0 + p), uix(r0 + lane)]
     else:
         c = float(const_q[k, b, lane])
         for p in range(cnt):
@@ -208,10 +209,10 @@ def chain_vectors(
                 f[p] = 1.0
             for lane in range(n):
                 for p in range(cnt):
-                    v[lane, p] = x[_ix(r0 + lane), _ix(t0 + p)]
+                    v[lane, p] = x[uix(r0 + lane), uix(t0 + p)]
                     amax[p] = _max_into(amax[p], abs(v[lane, p]))
             for p in range(cnt):
-                e[p] = e_in[b, _ix(t0 + p if per_pixel_e else 0)]
+                e[p] = e_in[b, uix(t0 + p if per_pixel_e else 0)]
             # Every planned rescaling clips at wide_lim; with no normalize first the lanes
             # are wide vectors already, which a factor of 1.0 and that clip leave alone.
             if normalize_first:
@@ -230,7 +231,7 @@ def chain_vectors(
                     _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
                     continue
                 for p in range(cnt):
-                    ye[p] = aux_e[_ix(t0 + p), b] if aux else const_e[k, b]
+                    ye[p] = aux_e[uix(t0 + p), b] if aux else const_e[k, b]
                 if code == OP_MUL:
                     for lane in range(n):
                         _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
@@ -275,7 +276,7 @@ def chain_vectors(
                     fz[p] = _shift_factor(_E_MIN - e[p])
                     top = (amax[p] * fz[p] + RINT_MAGIC) - RINT_MAGIC
                     e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
-                out_e[_ix(t0 + p), b] = e[p]
+                out_e[uix(t0 + p), b] = e[p]
                 largest = max(largest, e[p])
             for lane in range(n):
                 for p in range(cnt):
@@ -284,7 +285,7 @@ def chain_vectors(
                     v[lane, p] = _round_clip(r, fz[p], lim)
             for p in range(cnt):
                 for lane in range(n):
-                    out_q[_ix(t0 + p), _ix(r0 + lane)] = v[lane, p]
+                    out_q[uix(t0 + p), uix(r0 + lane)] = v[lane, p]
     return largest
 
 
