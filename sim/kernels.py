@@ -402,6 +402,7 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
     h, w, cb, n = q.shape
     c = chans.shape[0]
     pixels = _window_pixels(h, w, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1)
+    row = np.empty(cb * n)  # one input pixel's grid values, when only ``chans`` are kept
     for r in range(pixels.shape[0]):
         for t in range(pixels.shape[1]):
             col = t * c
@@ -410,17 +411,17 @@ def _unroll(q, e, scale, all_channels, chans, kh, kw, sh, sw, pt, pl, dh, dw, ow
             if pix < 0:
                 for j in range(c):
                     out[r, uix(col + j)] = 0.0
-            elif all_channels:
-                for b in range(cb):
-                    s = scale[e[iy, ix, b] + 128]
-                    for lane in range(n):
-                        v = q[iy, ix, b, lane] * s
-                        out[r, uix(col + b * n + lane)] = (v + RINT_MAGIC) - RINT_MAGIC
-            else:
+                continue
+            dst = out[r] if all_channels else row
+            at = col if all_channels else 0
+            for b in range(cb):
+                s = scale[e[iy, ix, b] + 128]
+                for lane in range(n):
+                    v = q[iy, ix, b, lane] * s
+                    dst[uix(at + b * n + lane)] = (v + RINT_MAGIC) - RINT_MAGIC
+            if not all_channels:
                 for j in range(c):
-                    b, lane = chans[j] // n, chans[j] % n
-                    v = q[iy, ix, b, lane] * scale[e[iy, ix, b] + 128]
-                    out[r, uix(col + j)] = (v + RINT_MAGIC) - RINT_MAGIC
+                    out[r, uix(col + j)] = row[chans[j]]
 
 
 @njit(cache=True, nogil=True)
