@@ -6,7 +6,7 @@ every vector of a chain (or of a band of its pixels) in one compiled loop, so ea
 is read once as an accumulator and written once as a storage mantissa, instead of a
 dozen whole-array numpy passes. It is :mod:`tessera.numerics` step for step (each
 normalize's rescaling is applied by the pass of the step after it, see
-:func:`_plan_normalize`), and the simulator tests compare its results bit for bit with
+:func:`_planned`), and the simulator tests compare its results bit for bit with
 the reference executor, which uses :mod:`tessera.numerics` directly.
 
 Lanes are held as exact integers in float64 (so the loops vectorise; AVX2 has no 64-bit
@@ -18,6 +18,20 @@ two is below ``2**25`` and a ``vv_mul`` product below ``2**40``. (2) Multiplying
 < 0.5, and 0 is what any rounding of it gives. (3) Rounding to an integer is half to
 even, so ``round(x * 2**-s)`` is :func:`~tessera.numerics.rne_shift` ``(x, s)``. (4) The
 exponent field of an exact integer gives its bit length.
+
+Where the wide and storage mantissas have at most :data:`NARROW_BITS` (16) bits and the
+body has no ``vv_mul``, the lanes after the first normalize are float32 instead, twice
+as many per vector instruction (the reducer's lanes are normalized in float64 first:
+accumulators reach ``2**53``). Why that is exact too: (1') every lane is then an integer
+below ``2**15`` in magnitude, an operand shifted to a common exponent too (VRF constants
+and stored mantissas have at most 16 bits), and a sum of two below ``2**16``: all exact
+in float32's 24-bit significand. (2') The factors ``2**-s`` (``s <= 64``) and ``2**k``
+(``k <= 40``) are normal float32 numbers, and a rescaled non-zero integer is at least
+``2**-64``, far above float32's smallest normal, so (2) holds. (3') Adding and
+subtracting :data:`RINT_MAGIC32` rounds a float32 below ``2**22`` half to even; the only
+larger values are the exponent clamp's left shifts, whose results saturate at the
+storage limit (below ``2**15``) however they are rounded. (A ``vv_mul`` product reaches
+``2**31``: such chains stay float64.)
 
 The function releases the GIL, so the simulator's thread pool runs bands side by side.
 """
@@ -50,6 +64,8 @@ _POS_POW2 = np.ldexp(1.0, np.arange(41))
 #: even (the FPU's rounding mode), in two vectorisable instructions; an integer is left
 #: as it is, so a factor of 1.0 makes it a no-op.
 RINT_MAGIC = 6755399441055744.0
+#: The same for float32: adding and subtracting 1.5 * 2**23 rounds a float32 below 2**22.
+RINT_MAGIC32 = np.float32(12582912.0)
 
 
 @njit(cache=True, inline="always")
@@ -69,66 +85,56 @@ def _shift_factor(s: int) -> float:
 
 
 @njit(cache=True, inline="always")
-def _max_into(old: float, new: float) -> float:
+def _max_into(old, new):
     """``max(old, new)`` for a running maximum ``a[p] = _max_into(a[p], x)``.
 
     Written as plain ``max(a[p], x)``, LLVM turns the update into a conditional (masked)
     store, which AMD cores run several times slower than the vectorised select this
-    form gives (``old + 0.0`` is not the loaded value to LLVM; for ``old >= 0`` it is
-    the same number).
+    form gives (``old - new + new`` is not the loaded value to LLVM; for the exact
+    integers here it is the same number).
     """
-    return max(old + 0.0, new)
+    return max(old - new + new, new)
 
 
 @njit(cache=True, inline="always")
-def _round_clip(x: float, f: float, lim: float) -> float:
-    """``clip(rne(x * f), -lim, lim)``: one vector's rescaling in a normalize."""
-    return min(max((x * f + RINT_MAGIC) - RINT_MAGIC, -lim), lim)
+def _round_clip(x, f, lim, magic):
+    """``clip(rne(x * f), -lim, lim)``: one vector's rescaling in a normalize (``magic``
+    is :data:`RINT_MAGIC` or :data:`RINT_MAGIC32`, of the lanes' float type)."""
+    return min(max((x * f + magic) - magic, -lim), lim)
 
 
 @njit(cache=True, inline="always")
-def _plan_normalize(amax, amax_bits, e, bits: int, f, cnt: int) -> None:
-    """:func:`tessera.numerics.normalize` of the first ``cnt`` vectors, planned but not
-    applied: ``f[p]`` is the factor that :func:`_round_clip` (at this ``bits``' limit)
-    applies to vector ``p``'s lanes, 1.0 if none; ``e[p]`` becomes its exponent (LSB
-    exponent on entry) and ``amax[p]`` its largest magnitude after the rescaling.
+def _planned(a, a_float_bits: int, e: int, bits: int, lim, magic):
+    """:func:`tessera.numerics.normalize` of one vector with largest magnitude ``a``
+    (an exact integer) at exponent ``e``, planned but not applied: (the factor that
+    :func:`_round_clip` at ``lim``, this ``bits``' limit, applies to its lanes, 1 if
+    none; its exponent; its largest magnitude after the rescaling).
 
     That maximum needs no pass over the lanes: ``x -> clip(rne(x * f))`` is odd and
     monotone, so the largest rescaled magnitude is the rescaled largest one. So the
     next step's pass over the lanes applies the rescaling as it reads them, instead of
-    a pass of its own. ``amax_bits`` is ``amax``'s int64 view, whose exponent field is
-    an exact integer's bit length (no libm call).
+    a pass of its own. ``a_float_bits`` is ``a`` as float64 bits, whose exponent field
+    is an exact integer's bit length (no libm call).
+
+    Scalars only: numba reference-counts the arrays a function is given, even inlined,
+    with atomic instructions, which cost more than this whole step where the tile loops
+    did it per vector.
     """
-    lim = float((1 << (bits - 1)) - 1)
-    for p in range(cnt):
-        f[p] = 1.0
-        if amax[p] == 0.0:
-            e[p] = _E_ZERO
-            continue
-        s = ((amax_bits[p] >> 52) & 0x7FF) - 1022 - (bits - 1)
-        if s > 0:
-            f[p] = _shift_factor(s)
-            e[p] += s
-            amax[p] = _round_clip(amax[p], f[p], lim)
+    if a == 0:
+        return 1.0, _E_ZERO, a
+    s = ((a_float_bits >> 52) & 0x7FF) - 1022 - (bits - 1)
+    if s <= 0:
+        return 1.0, e, a
+    f = _shift_factor(s)
+    return f, e + s, _round_clip(a, f, lim, magic)
 
 
-@njit(cache=True, inline="always")
-def _operand_lane(y, aux: bool, aux_q, const_q, k: int, b: int, lane: int, t0: int, r0: int,
-                  cnt: int) -> None:  # fmt: skip
-    """``y[p]``: lane ``lane`` of block ``b`` of op ``k``'s operand for the tile's pixels
-    (from the AUX tensor, or the VRF constant, the same for every pixel)."""
-    if aux:
-        for p in range(cnt):
-            y[p] = aux_q[uix(t0 + p), uix(r0 + lane)]
-    else:
-        c = float(const_q[k, b, lane])
-        for p in range(cnt):
-            y[p] = c
-
-
-#: Pixels per tile: a tile's vectors (N x 64 float64, 8 KiB at N = 16) and per-pixel
-#: scratch stay in the L1 cache through all the passes of a chain's path.
+#: Pixels per tile: a tile's vectors (N x 64 lanes, 8 KiB at N = 16 in float64) and the
+#: per-pixel scratch stay in the L1 cache through all the passes of a chain's path.
 _TILE = 64
+#: The widest wide and storage mantissas whose vectors float32 lanes hold exactly (see
+#: the module doc); a chain with a ``vv_mul`` (products to 2**31) runs in float64.
+NARROW_BITS = 16
 
 
 @njit(cache=True, nogil=True)
@@ -160,15 +166,18 @@ def chain_vectors(
     a tile's reads stay in a few cache lines, so no transposed copy is needed). The
     result is re-blocked to ``store_bits`` and written pixel-major, as stored: ``out_q``
     [P, B*N], ``out_e`` [P, B]. Every step is per vector, so the pixels are taken a tile
-    at a time.
+    at a time, in float32 lanes where those are exact (:data:`NARROW_BITS`), else
+    float64.
     """
     p_count, blocks = out_e.shape
     n = x.shape[0] // blocks
     # Nothing here is bounds-checked: a caller's shape mistake must fail, not write
     # past an array.
     uses_aux = False
+    uses_mul = False
     for k in range(ops.shape[0]):
         uses_aux |= ops[k, 0] != OP_RELU and ops[k, 1] == SRC_AUX
+        uses_mul |= ops[k, 0] == OP_MUL
     if (
         x.shape[0] != blocks * n
         or x.shape[1] != p_count
@@ -186,103 +195,136 @@ def chain_vectors(
         or (uses_aux and (aux_e.shape[0] != p_count or aux_e.shape[1] != blocks))
     ):
         raise ValueError("chain_vectors: operand shapes do not match the output")
+    wide_lim, lim = (1 << (wide_bits - 1)) - 1, (1 << (store_bits - 1)) - 1
+    args = (x, e_in, normalize_first, wide_bits, store_bits, ops, const_q, const_e, aux_q,
+            aux_e, out_q, out_e)  # fmt: skip
+    # Every float the lanes meet is of one type: numba would widen a float32 expression
+    # with a float64 (or int) operand, and RINT_MAGIC32 rounds only in float32.
+    if wide_bits <= NARROW_BITS and store_bits <= NARROW_BITS and not uses_mul:
+        limits = (np.float32(wide_lim), np.float32(lim), np.float32(1.0))
+        return _chain_tiles(*args, RINT_MAGIC32, *limits)
+    return _chain_tiles(*args, RINT_MAGIC, float(wide_lim), float(lim), 1.0)
+
+
+@njit(cache=True, nogil=True)
+def _chain_tiles(
+    x, e_in, normalize_first, wide_bits, store_bits, ops, const_q, const_e, aux_q, aux_e,
+    out_q, out_e, magic, wide_lim, lim, one,
+) -> int:  # fmt: skip
+    """:func:`chain_vectors` on lanes of ``magic``'s float type (``wide_lim``, ``lim``
+    and ``one`` are of it too)."""
+    p_count, blocks = out_e.shape
+    n = x.shape[0] // blocks
     per_pixel_e = e_in.shape[1] > 1
-    v = np.empty((n, _TILE))
-    y = np.empty(_TILE)
-    amax = np.empty(_TILE)
-    amax_bits = amax.view(np.int64)
+    zero = magic - magic
+    v = np.full((n, _TILE), zero)
+    yt = np.full((n, _TILE), zero)  # an MFU op's operand lanes
+    amax = np.full(_TILE, zero)
+    f = np.full(_TILE, one)  # the planned rescaling of the vectors, applied by the next pass
+    fx = np.full(_TILE, one)
+    fy = np.full(_TILE, one)
+    fz = np.full(_TILE, one)
     e = np.empty(_TILE, np.int64)
     ye = np.empty(_TILE, np.int64)
-    f = np.empty(_TILE)  # the planned rescaling of the vectors, applied by the next pass
-    fx = np.empty(_TILE)
-    fy = np.empty(_TILE)
-    fz = np.empty(_TILE)
-    wide_lim = float((1 << (wide_bits - 1)) - 1)
-    lim = float((1 << (store_bits - 1)) - 1)
+    # The reducer's lanes are normalized in float64 (accumulators reach 2**53).
+    amax64 = np.empty(_TILE)
+    f64 = np.empty(_TILE)
+    scratch = np.empty(1)
+    scratch_bits = scratch.view(np.int64)
+    wide_lim64 = float((1 << (wide_bits - 1)) - 1)
     largest = _E_ZERO
     for b in range(blocks):
         r0 = b * n
         for t0 in range(0, p_count, _TILE):
             cnt = min(_TILE, p_count - t0)
             for p in range(cnt):
-                amax[p] = 0.0
-                f[p] = 1.0
+                e[p] = e_in[b, uix(t0 + p if per_pixel_e else 0)]
+                amax64[p] = 0.0
+                f[p] = one
             for lane in range(n):
                 for p in range(cnt):
-                    v[lane, p] = x[uix(r0 + lane), uix(t0 + p)]
-                    amax[p] = _max_into(amax[p], abs(v[lane, p]))
-            for p in range(cnt):
-                e[p] = e_in[b, uix(t0 + p if per_pixel_e else 0)]
-            # Every planned rescaling clips at wide_lim; with no normalize first the lanes
-            # are wide vectors already, which a factor of 1.0 and that clip leave alone.
+                    amax64[p] = _max_into(amax64[p], abs(x[uix(r0 + lane), uix(t0 + p)]))
             if normalize_first:
-                _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                for p in range(cnt):
+                    scratch[0] = amax64[p]
+                    f64[p], e[p], amax64[p] = _planned(
+                        amax64[p], scratch_bits[0], e[p], wide_bits, wide_lim64, RINT_MAGIC
+                    )
+                for lane in range(n):
+                    for p in range(cnt):
+                        xv = x[uix(r0 + lane), uix(t0 + p)]
+                        v[lane, p] = _round_clip(xv, f64[p], wide_lim64, RINT_MAGIC)
+            else:
+                for lane in range(n):
+                    for p in range(cnt):
+                        v[lane, p] = x[uix(r0 + lane), uix(t0 + p)]
+            for p in range(cnt):
+                amax[p] = amax64[p]
             for k in range(ops.shape[0]):
                 code = ops[k, 0]
-                aux = ops[k, 1] == SRC_AUX
-                for p in range(cnt):
-                    amax[p] = 0.0
-                if code == OP_RELU:
+                if code != OP_RELU:  # the operand's lanes and exponents for the tile
+                    aux = ops[k, 1] == SRC_AUX
+                    for p in range(cnt):
+                        ye[p] = aux_e[uix(t0 + p), b] if aux else const_e[k, b]
                     for lane in range(n):
+                        c = const_q[k, b, lane]
                         for p in range(cnt):
-                            r = max(_round_clip(v[lane, p], f[p], wide_lim), 0.0)
-                            v[lane, p] = r
-                            amax[p] = _max_into(amax[p], r)
-                    _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                    continue
-                for p in range(cnt):
-                    ye[p] = aux_e[uix(t0 + p), b] if aux else const_e[k, b]
-                if code == OP_MUL:
-                    for lane in range(n):
-                        _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
-                        for p in range(cnt):
-                            r = _round_clip(v[lane, p], f[p], wide_lim) * y[p]
-                            v[lane, p] = r
-                            amax[p] = _max_into(amax[p], abs(r))
+                            yt[lane, p] = aux_q[uix(t0 + p), uix(r0 + lane)] if aux else c
+                if code == OP_ADD or code == OP_MAX:  # both to the larger exponent
+                    for p in range(cnt):
+                        ea = max(e[p], ye[p])
+                        fx[p] = _shift_factor(ea - e[p])
+                        fy[p] = _shift_factor(ea - ye[p])
+                        e[p] = ea
+                elif code == OP_MUL:
                     for p in range(cnt):
                         e[p] += ye[p]
-                    _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
-                    continue
-                # vv_add / vv_max: both operands to the larger exponent, then combine.
                 for p in range(cnt):
-                    ea = max(e[p], ye[p])
-                    fx[p] = _shift_factor(ea - e[p])
-                    fy[p] = _shift_factor(ea - ye[p])
-                    e[p] = ea
+                    amax[p] = zero
                 for lane in range(n):
-                    _operand_lane(y, aux, aux_q, const_q, k, b, lane, t0, r0, cnt)
                     for p in range(cnt):
-                        xr = _round_clip(v[lane, p], f[p], wide_lim)
-                        xa = (xr * fx[p] + RINT_MAGIC) - RINT_MAGIC
-                        ya = (y[p] * fy[p] + RINT_MAGIC) - RINT_MAGIC
-                        r = xa + ya if code == OP_ADD else max(xa, ya)
+                        xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
+                        if code == OP_RELU:
+                            r = max(xr, zero)
+                        elif code == OP_MUL:
+                            r = xr * yt[lane, p]
+                        else:
+                            xa = (xr * fx[p] + magic) - magic
+                            ya = (yt[lane, p] * fy[p] + magic) - magic
+                            r = xa + ya if code == OP_ADD else max(xa, ya)
                         v[lane, p] = r
                         amax[p] = _max_into(amax[p], abs(r))
-                _plan_normalize(amax, amax_bits, e, wide_bits, f, cnt)
+                for p in range(cnt):
+                    scratch[0] = amax[p]
+                    f[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], wide_bits,
+                                                   wide_lim, magic)  # fmt: skip
             # tessera.numerics.to_storage: normalize to store_bits, then bring the
             # exponent into int8 (a left shift that saturates, or a right shift that may
             # zero the vector). Each rescaling is planned per vector here (its largest
             # magnitude tells whether the last one leaves anything), and the one pass
             # below applies the pending one, these two, and writes the result.
-            _plan_normalize(amax, amax_bits, e, store_bits, fx, cnt)
             for p in range(cnt):
-                fz[p] = 1.0
-                if amax[p] == 0.0:
+                scratch[0] = amax[p]
+                fx[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], store_bits, lim,
+                                                magic)  # fmt: skip
+            for p in range(cnt):
+                fz[p] = one
+                if amax[p] == 0:
                     pass  # E_ZERO already
                 elif e[p] > _E_MAX:
                     fz[p] = _POS_POW2[min(e[p] - _E_MAX, 40)]
                     e[p] = _E_MAX
                 elif e[p] < _E_MIN:
                     fz[p] = _shift_factor(_E_MIN - e[p])
-                    top = (amax[p] * fz[p] + RINT_MAGIC) - RINT_MAGIC
-                    e[p] = _E_MIN if top != 0.0 else _E_ZERO  # only this shift zeroes a vector
+                    top = (amax[p] * fz[p] + magic) - magic
+                    e[p] = _E_MIN if top != 0 else _E_ZERO  # only this shift zeroes a vector
                 out_e[uix(t0 + p), b] = e[p]
                 largest = max(largest, e[p])
             for lane in range(n):
                 for p in range(cnt):
-                    r = _round_clip(v[lane, p], f[p], wide_lim)
-                    r = _round_clip(r, fx[p], lim)
-                    v[lane, p] = _round_clip(r, fz[p], lim)
+                    r = _round_clip(v[lane, p], f[p], wide_lim, magic)
+                    r = _round_clip(r, fx[p], lim, magic)
+                    v[lane, p] = _round_clip(r, fz[p], lim, magic)
             for p in range(cnt):
                 for lane in range(n):
                     out_q[uix(t0 + p), uix(r0 + lane)] = v[lane, p]
