@@ -64,10 +64,11 @@ def _product_replay(shapes: list[tuple[int, int, int, int, int]]):
     w_digits = rng.integers(-128, 128, max(wd for *_, wd in shapes) * size_w, dtype=np.int8)
     a_digits = rng.integers(0, 256, kernels.ACT_DIGITS * size_a, dtype=np.uint8)
     no_correction = np.zeros(max(o for o, *_ in shapes), np.int64)
-    # The simulator's warm runs have every weight slice packed once in a session of its
-    # own; one per operand shape does here (the time does not depend on the values).
+    # The simulator's warm runs have every weight slice packed once (AMX tiles' layout or
+    # an onnxruntime session); one per operand shape does here (the time does not depend
+    # on the values).
     sessions = {
-        (k, wd * o): kernels.matmul_integer_session(w_digits[: wd * o * k].reshape(k, wd * o))
+        (k, wd * o): kernels.pack_digits(w_digits[: wd * o * k].reshape(k, wd * o))
         for o, k, _, ad, wd in shapes
         if ad
     }
@@ -76,7 +77,7 @@ def _product_replay(shapes: list[tuple[int, int, int, int, int]]):
         o, k, p, ad, wd = shape
         if ad:
             a = a_digits[: ad * p * k].reshape(ad * p, k)
-            y = kernels.packed_product(sessions[(k, wd * o)], a)
+            y = kernels.packed_digit_product(sessions[(k, wd * o)], a)
             first = kernels.ACT_DIGITS - ad
             kernels.add_digit_products(y, p, first, ad, wd, o, no_correction[:o],
                                        np.empty((o, p)))  # fmt: skip

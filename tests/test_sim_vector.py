@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tessera import numerics
-from tessera.sim import kernels, vector
+from tessera.sim import amx, kernels, vector
 
 N = 16
 
@@ -214,15 +214,20 @@ def _digit_case(rng: np.random.Generator, extreme: bool):
     return q, e, floor, geometry, grid
 
 
+@pytest.mark.parametrize("kernel", ["amx", "onnxruntime"])
 @pytest.mark.parametrize("seed", range(16))
-def test_digit_products_equal_float64_products(seed: int, monkeypatch) -> None:
-    """WeightOperand's byte-digit products (u8 x s8 MatMulInteger, offset activation
-    digits, balanced weight digits) equal the float64 product of the same grids, on whole
-    layers (again with the weight digits packed once) and on bands of rows and outputs,
-    at the extremes of both grids' ranges."""
+def test_digit_products_equal_float64_products(seed: int, kernel: str, monkeypatch) -> None:
+    """WeightOperand's byte-digit products (u8 x s8 on AMX tiles or onnxruntime's
+    MatMulInteger, offset activation digits, balanced weight digits) equal the float64
+    product of the same grids, on whole layers (again with the weight digits packed once)
+    and on bands of rows and outputs, at the extremes of both grids' ranges."""
     if not kernels.digit_products_exact():
         pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    if kernel == "onnxruntime":
+        monkeypatch.setattr(kernels, "_AMX_EXACT", False)
+    elif not kernels.amx_products_exact():
+        pytest.skip("no AMX tiles on this CPU or OS")
     rng = np.random.default_rng(seed)
     q, e, floor, geometry, grid = _digit_case(rng, extreme=seed % 4 == 0)
     oh = geometry[4][0]
@@ -277,6 +282,7 @@ def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
     cases = [(False, e, grid), (True, too_wide, grid), (True, e, grid * 2.0**15)]
     for exact, exps, weights in cases:
         monkeypatch.setattr(kernels, "_DIGIT_EXACT", exact)
+        monkeypatch.setattr(kernels, "_AMX_EXACT", exact and kernels.amx_products_exact())
         win = kernels.Windows(q, exps, floor, None, *geometry)
         with kernels.record_products() as made:
             got = kernels.WeightOperand(weights).product(win, 0, oh, 0, grid.shape[0])
@@ -297,3 +303,20 @@ def test_digit_probe_catches_saturating_pair_sums(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "_DIGIT_EXACT", None)
     monkeypatch.setattr(kernels, "digit_product", saturating)
     assert kernels.digit_products_exact() is False
+
+
+@pytest.mark.parametrize(
+    "m, k, n", [(1, 1, 1), (31, 100, 7), (33, 64, 33), (64, 576, 256), (97, 4608, 40)]
+)
+def test_amx_products_on_uneven_shapes(m: int, k: int, n: int) -> None:
+    """AMX tile products equal int64 ones where no dimension is a whole number of
+    tiles (the last rows go through a padded copy, K and N are padded with zeros), at
+    the extremes of both digit ranges."""
+    if not kernels.amx_products_exact():
+        pytest.skip("no AMX tiles on this CPU or OS")
+    rng = np.random.default_rng(m * k * n)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    a[0], b[:, 0] = 255, -128
+    got = amx.product(amx.PackedB(b), a)
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
