@@ -205,6 +205,8 @@ def product(packed: PackedB, a: np.ndarray) -> np.ndarray:
     The last (1 - 32) rows go through a zero-padded copy: every tile reads 16 whole rows
     of 64 bytes, which past A's last row would leave its buffer.
     """
+    if not available():  # also what asks the OS for the tile state
+        raise RuntimeError("AMX tiles are not available to this process")
     m, k = a.shape
     if k != packed.k or a.dtype != np.uint8 or not a.flags.c_contiguous:
         raise ValueError(f"amx.product: A {a.shape} {a.dtype} does not fit B [{packed.k}, N]")

@@ -281,19 +281,29 @@ def _chain_tiles(
                         e[p] += ye[p]
                 for p in range(cnt):
                     amax[p] = zero
-                for lane in range(n):
-                    for p in range(cnt):
-                        xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
-                        if code == OP_RELU:
-                            r = max(xr, zero)
-                        elif code == OP_MUL:
-                            r = xr * yt[lane, p]
-                        else:
+                # One loop per op: with the op chosen inside, LLVM computed every op's
+                # result and selected one (the vector path ran 7 % slower).
+                if code == OP_RELU:
+                    for lane in range(n):
+                        for p in range(cnt):
+                            r = max(_round_clip(v[lane, p], f[p], wide_lim, magic), zero)
+                            v[lane, p] = r
+                            amax[p] = _max_into(amax[p], r)
+                elif code == OP_MUL:
+                    for lane in range(n):
+                        for p in range(cnt):
+                            r = _round_clip(v[lane, p], f[p], wide_lim, magic) * yt[lane, p]
+                            v[lane, p] = r
+                            amax[p] = _max_into(amax[p], abs(r))
+                else:
+                    for lane in range(n):
+                        for p in range(cnt):
+                            xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
                             xa = (xr * fx[p] + magic) - magic
                             ya = (yt[lane, p] * fy[p] + magic) - magic
                             r = xa + ya if code == OP_ADD else max(xa, ya)
-                        v[lane, p] = r
-                        amax[p] = _max_into(amax[p], abs(r))
+                            v[lane, p] = r
+                            amax[p] = _max_into(amax[p], abs(r))
                 for p in range(cnt):
                     scratch[0] = amax[p]
                     f[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], wide_bits,
