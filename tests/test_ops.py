@@ -26,13 +26,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from tessera import cli
+from tessera import cli, numerics
 from tessera.compiler.driver import compile_model
 from tessera.compiler.ir import Graph
 from tessera.compiler.lower import Lowered
 from tessera.config import get_config
 from tessera.program import Program
-from tessera.runtime.host import prepare_dram
+from tessera.runtime.host import prepare_dram, quantize_input
 from tessera.sim.executor import Simulator
 from tessera.sim.run import run_program
 
@@ -444,6 +444,47 @@ def test_rgb_stem_conv_packs_columns(k: int, stride: int, pads: list[int], dilat
     (conv,) = [n for n in c.graph.nodes if n.op == "conv"]
     assert conv.attrs["kernel"] == (k, 1) and conv.params["weight"].shape[1] == 3 * k
     assert c.graph.inputs[0].columns["kernel_w"] == k
+
+
+def _packed_input_numpy(x: np.ndarray, info: dict, n: int) -> np.ndarray:
+    """The host's input buffer before quantizing, written with numpy: [H, W_out, CB*N]."""
+    canon = np.transpose(x.astype(np.float64), np.argsort(info["perm"]))[0]  # [C, H, W]
+    spec = info.get("columns")
+    if spec:
+        kw, sw, dw = spec["kernel_w"], spec["stride_w"], spec["dilation_w"]
+        padded = np.pad(canon, ((0, 0), (0, 0), (spec["pad_left"], spec["pad_right"])))
+        cols = np.arange(spec["out_w"])[None, :] * sw + np.arange(kw)[:, None] * dw
+        canon = padded[:, :, cols].transpose(0, 2, 1, 3).reshape(-1, canon.shape[1], spec["out_w"])
+    out = np.zeros((canon.shape[1], canon.shape[2], info["cb"] * n))
+    out[:, :, : canon.shape[0]] = np.transpose(canon, (1, 2, 0))
+    return out
+
+
+@pytest.mark.parametrize(
+    "k, stride, pads, dilation", [(7, 2, [3, 3, 3, 3], 1), (3, 1, [0, 2, 1, 1], 2)]
+)
+def test_input_placement_equals_numpy(k: int, stride: int, pads: list[int], dilation: int) -> None:
+    """The host places an input (layout, packed kernel columns, block padding) and
+    quantizes it in bands of rows, compiled; the result equals numpy's placement
+    quantized by tessera.numerics."""
+    net = Net()
+    h = net.op("Transpose", ["x"], perm=[0, 3, 1, 2])
+    h = net.conv(h, 3, 16, k=k, stride=stride, pads=pads, dilation=dilation, out="y")
+    prog, _, _ = compile_model(net.model({"x": [1, 37, 29, 3]}, [h]), get_config(CFG_85F))
+    (info,) = prog.manifest["inputs"]
+    assert info.get("columns")
+    cfg = prog.config
+    x = random_input([1, 37, 29, 3]) * np.float32(40.0)
+    for spec in (info, {**info, "columns": None}):
+        if spec["columns"] is None:  # a plain input of the same shape
+            spec = {**spec, "cb": 1}
+        want = _packed_input_numpy(x, spec, cfg.native_dim)
+        want_q, want_e = numerics.quantize_float(
+            want.reshape(*want.shape[:2], spec["cb"], cfg.native_dim), cfg.mantissa_bits
+        )
+        got_q, got_e = quantize_input(x, spec, cfg)
+        np.testing.assert_array_equal(got_q, want_q)
+        np.testing.assert_array_equal(got_e, want_e)
 
 
 def test_grayscale_nhwc_reshaped_to_nchw() -> None:
