@@ -200,26 +200,33 @@ class PackedB:
 
 
 def product(packed: PackedB, a: np.ndarray) -> np.ndarray:
-    """int32 ``a @ B`` [M, N] of u8 ``a`` [M, K] (C-contiguous) and a packed B.
+    """int32 ``a @ B`` of u8 ``a`` and a packed B: ``a`` [M, K] gives [M, N]; ``a`` [D, M,
+    K], a stack of matrices each C-contiguous (strided views of digit planes do), gives
+    them stacked, [D*M, N].
 
-    The last (1 - 32) rows go through a zero-padded copy: every tile reads 16 whole rows
-    of 64 bytes, which past A's last row would leave its buffer.
+    The last (1 - 32) rows of each matrix go through a zero-padded copy: every tile reads
+    16 whole rows of 64 bytes, which past its last row could leave its buffer. Their 32
+    rows of C are written in place and the next matrix's rows written over the extra
+    ones (one spare block at the end).
     """
     if not available():  # also what asks the OS for the tile state
         raise RuntimeError("AMX tiles are not available to this process")
-    m, k = a.shape
-    if k != packed.k or a.dtype != np.uint8 or not a.flags.c_contiguous:
+    stack = a if a.ndim == 3 else a[None]
+    d, m, k = stack.shape
+    if k != packed.k or a.dtype != np.uint8 or not all(s.flags.c_contiguous for s in stack):
         raise ValueError(f"amx.product: A {a.shape} {a.dtype} does not fit B [{packed.k}, N]")
     main = BLOCK_M * ((m - 1) // BLOCK_M) if m else 0
     k_steps, n_blocks = packed.k_pad // BLOCK_K, packed.n_pad // BLOCK_N
-    c = np.empty((main + BLOCK_M, packed.n_pad), np.int32)
+    c = np.empty((d * m + BLOCK_M, packed.n_pad), np.int32)
     c_stride = c.strides[0]
     b_addr = packed.data.ctypes.data
-    if main:
-        _gemm_blocks(_CONFIG, a.ctypes.data, a.strides[0], main, k_steps, b_addr,
-                     c.ctypes.data, c_stride, n_blocks)  # fmt: skip
     tail = np.zeros((BLOCK_M, packed.k_pad), np.uint8)
-    tail[: m - main, :k] = a[main:]
-    _gemm_blocks(_CONFIG, tail.ctypes.data, tail.strides[0], BLOCK_M, k_steps, b_addr,
-                 c[main:].ctypes.data, c_stride, n_blocks)  # fmt: skip
-    return c[:m, : packed.n]
+    for i, rows in enumerate(stack):
+        c_addr = c.ctypes.data + i * m * c_stride
+        if main:
+            _gemm_blocks(_CONFIG, rows.ctypes.data, rows.strides[0], main, k_steps, b_addr,
+                         c_addr, c_stride, n_blocks)  # fmt: skip
+        tail[: m - main, :k] = rows[main:]
+        _gemm_blocks(_CONFIG, tail.ctypes.data, tail.strides[0], BLOCK_M, k_steps, b_addr,
+                     c_addr + main * c_stride, c_stride, n_blocks)  # fmt: skip
+    return c[: d * m, : packed.n]

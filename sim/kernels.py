@@ -318,6 +318,12 @@ class Windows:
         self.scale = _grid_factors(floor)
         self.geometry = (*kernel, *stride, *pads_tl, *dilation)
         self.out_hw = out_hw
+        # Every window one input pixel, all channels: rows are the input's pixels.
+        self._pixelwise = (
+            self.all_channels
+            and self.geometry == (1, 1, 1, 1, 0, 0, 1, 1)
+            and out_hw == q.shape[:2]
+        )
         self.k = kernel[0] * kernel[1] * len(self.chans)
         self._planes: np.ndarray | None = None  # None also when they do not fit
         self._planes_made = False
@@ -358,22 +364,26 @@ class Windows:
             self._first_digit, self._planes_made = first, True
 
     def digit_rows(self, y0: int, y1: int) -> tuple[np.ndarray, int] | None:
-        """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as unsigned byte planes, stacked
-        ``[digits * (y1-y0)*OW, K]`` (least significant plane first), and the index of
-        the first plane (its weight is ``256**first``), for :class:`WeightOperand`;
-        ``None`` if a value does not fit :data:`ACT_DIGITS` bytes.
+        """``rows(y0, y1) + 2**(8*ACT_DIGITS - 1)`` as unsigned byte planes ``[digits,
+        (y1-y0)*OW, K]`` (least significant plane first, each plane C-contiguous), and
+        the index of the first plane (its weight is ``256**first``), for
+        :class:`WeightOperand`; ``None`` if a value does not fit :data:`ACT_DIGITS` bytes.
 
         The input's digit planes are made once (each input value converted once, not
-        once per window it falls in); the rows are then byte copies out of them. Low
-        planes that are zero everywhere are left out: where a tensor's block exponents
-        all lie 8 or more above its window's floor (as in every ResNet-50 layer input),
-        each product then takes two activation digits, not three.
+        once per window it falls in); the rows are then byte copies out of them, or,
+        where every window is one input pixel of every channel (a 1x1 convolution at
+        stride 1, unpadded), views of them. Low planes that are zero everywhere are left
+        out: where a tensor's block exponents all lie 8 or more above its window's floor
+        (as in every ResNet-50 layer input), each product then takes two activation
+        digits, not three.
         """
         self.make_digit_planes()
         if self._planes is None:
             return None
         digits = self._planes.shape[0]
         p = (y1 - y0) * self.out_hw[1]
+        if self._pixelwise:
+            return self._planes[:, y0:y1].reshape(digits, p, self.k), self._first_digit
         out = np.empty((digits, p, self.k), np.uint8)
         planes, dst = self._planes, out
         words = planes.shape[3] % 8 == 0  # copy 8 bytes at a time
@@ -381,7 +391,7 @@ class Windows:
             planes, dst = planes.view(np.uint64), out.view(np.uint64)
         fills = _zero_digits(ACT_DIGITS, words)[self._first_digit :]
         _gather_digit_rows(planes, fills, *self.geometry, self.out_hw[1], y0, y1, dst)
-        return out.reshape(digits * p, self.k), self._first_digit
+        return out, self._first_digit
 
 
 @njit(cache=True, nogil=True)
@@ -604,10 +614,11 @@ def pack_digits(b: np.ndarray):
 
 
 def packed_digit_product(packed, a: np.ndarray) -> np.ndarray:
-    """int32 ``a @ B`` of u8 ``a`` [M, K] and a B from :func:`pack_digits`."""
+    """int32 ``a @ B`` of u8 ``a`` [M, K] (or a stack [D, M, K], giving [D*M, N]) and a
+    B from :func:`pack_digits`."""
     if isinstance(packed, amx.PackedB):
         return amx.product(packed, a)
-    return packed.run(None, {"A": a})[0]
+    return packed.run(None, {"A": np.ascontiguousarray(a).reshape(-1, a.shape[-1])})[0]
 
 
 @contextlib.contextmanager
@@ -719,7 +730,7 @@ class WeightOperand:
                 b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
                 self._slices[key] = b = np.ascontiguousarray(b)
         if packed is None:
-            return digit_product(a, b)
+            return digit_product(a.reshape(-1, a.shape[-1]), b)
         return packed_digit_product(packed[0], a)
 
     def _weight_digits(self) -> list[np.ndarray]:
@@ -745,10 +756,9 @@ class WeightOperand:
             a = windows.digit_rows(y0, y1)
             if a is not None:
                 a, first = a
-                act_digits = ACT_DIGITS - first
-                pixels = a.shape[0] // act_digits
+                act_digits, pixels = a.shape[:2]
                 if _PRODUCTS is not None:
-                    _PRODUCTS.append((c1 - c0, a.shape[1], pixels, act_digits, w_digits))
+                    _PRODUCTS.append((c1 - c0, a.shape[2], pixels, act_digits, w_digits))
                 y = self._digit_product(a, c0, c1)
                 out = np.empty((c1 - c0, pixels))
                 corr = self._colsum[c0:c1]

@@ -186,14 +186,19 @@ def test_unrolled_windows_equal_im2col_of_the_grid(seed: int) -> None:
         np.testing.assert_array_equal(win.rows(y0, oh), want[y0 * ow :])
 
 
-def _digit_case(rng: np.random.Generator, extreme: bool):
+def _digit_case(rng: np.random.Generator, extreme: bool, pixelwise: bool = False):
     """Windows over random blocks (exponents spanning the whole 16-bit activation window,
-    some below the floor) and a weight grid of 8-bit mantissas shifted by up to 8."""
+    some below the floor) and a weight grid of 8-bit mantissas shifted by up to 8;
+    ``pixelwise``: a 1x1 convolution at stride 1, unpadded (rows are views of planes)."""
     h, w, cb = (int(v) for v in rng.integers(2, 8, 3))
     kh, kw, sh, sw = (int(v) for v in rng.integers(1, 4, 4))
     pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
     oh = max(1, (h + pt - kh) // sh + 1 + int(rng.integers(0, 2)))
     ow = max(1, (w + pl - kw) // sw + 1 + int(rng.integers(0, 2)))
+    if pixelwise:
+        kh = kw = sh = sw = 1
+        pt = pl = 0
+        oh, ow = h, w
     floor = -20
     if extreme:  # the largest magnitudes at the top of the window, both signs
         q = rng.choice(np.array([-128, 127], np.int8), (h, w, cb, N))
@@ -229,7 +234,7 @@ def test_digit_products_equal_float64_products(seed: int, kernel: str, monkeypat
     elif not kernels.amx_products_exact():
         pytest.skip("no AMX tiles on this CPU or OS")
     rng = np.random.default_rng(seed)
-    q, e, floor, geometry, grid = _digit_case(rng, extreme=seed % 4 == 0)
+    q, e, floor, geometry, grid = _digit_case(rng, extreme=seed % 4 == 0, pixelwise=seed % 3 == 1)
     oh = geometry[4][0]
     operand = kernels.WeightOperand(grid)
     win = kernels.Windows(q, e, floor, None, *geometry)
