@@ -20,6 +20,13 @@ the tiles in its tile-buffer slots (loaded by the same m_rd addresses, no DRAM w
 over them since), its VRF entries (compared), its AUX tensor (no DRAM write over it
 since), its body and registers. Otherwise it computes on its own. Either way the bytes
 written, the exponent registers and the cycle count are the same.
+
+A run of a compiled program from its read-only image leaves a trace (:class:`_Trace`):
+the groups it computed, its other chains and its exponent-register writes, with
+everything about them that follows from the program and the image alone. Later runs
+from the same image follow it (``Simulator.replayed``) and compute only the data,
+without decoding, checking or walking ahead in Python; a run is traced only where every
+decision it made is sure to be the same in those runs.
 """
 
 from __future__ import annotations
