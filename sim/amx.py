@@ -16,9 +16,11 @@ tiles at its end, so threads may call it side by side. Linux hands a process the
 state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``), made in
 :func:`available` before any tile instruction runs.
 
-Operands: A [M, K] u8 row-major, as the digit rows come; B packed once per weight slice
-into the tiles' layout (:func:`pack`: four consecutive K of a column side by side, K
-padded to 64 and N to 32 with zeros). C [M, N] int32.
+Operands: activation digit planes [D, P, K] u8, each row-major, as the digit rows come;
+weight digits packed once per weight slice into the tiles' layout (:class:`PackedB`:
+four consecutive K of a column side by side, K padded to 64 and N to 32 with zeros).
+:func:`digit_accumulators` adds the digit products up block by block, so the int32
+products never leave the L1 cache.
 """
 
 from __future__ import annotations
@@ -128,25 +130,6 @@ _dot_c10 = _instruction("tdpbusd %tmm2, %tmm1, %tmm6", 0)
 _dot_c11 = _instruction("tdpbusd %tmm3, %tmm1, %tmm7", 0)
 
 
-@njit(cache=True, nogil=True)
-def _gemm_blocks(config, a_addr, a_stride, rows, k_steps, b_addr, c_addr, c_stride,
-                 n_blocks) -> None:  # fmt: skip
-    """C [rows, 32*n_blocks] = A [rows, 64*k_steps] @ B for ``rows`` a multiple of 32, by
-    addresses and row strides in bytes (A's rows may run past K into the next row's
-    bytes: B's padding rows are zero).
-
-    B's column blocks are taken in groups of about 1 MiB, each group kept in the L2
-    cache while every row block of A passes it (sweeping all of a large B for each row
-    block made a 777 x 4608 x 1024 product 1.7x slower than onnxruntime)."""
-    _load_config(config.ctypes.data)
-    group = max(1, _GROUP_BYTES // (k_steps * BLOCK_K * BLOCK_N))
-    for g0 in range(0, n_blocks, group):
-        for m0 in range(0, rows, BLOCK_M):
-            _row_block(a_addr + m0 * a_stride, a_stride, k_steps, b_addr,
-                       c_addr + m0 * c_stride, c_stride, g0, min(n_blocks, g0 + group))  # fmt: skip
-    _release()
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _row_block(a0, a_stride, k_steps, b_addr, c0_row, c_stride, nb0, nb1) -> None:
     """32 rows of C, column blocks ``nb0..nb1``."""
@@ -199,34 +182,77 @@ class PackedB:
         return self.data.nbytes
 
 
-def product(packed: PackedB, a: np.ndarray) -> np.ndarray:
-    """int32 ``a @ B`` of u8 ``a`` and a packed B: ``a`` [M, K] gives [M, N]; ``a`` [D, M,
-    K], a stack of matrices each C-contiguous (strided views of digit planes do), gives
-    them stacked, [D*M, N].
+@njit(cache=True, nogil=True)
+def _accumulator_blocks(config, a_addrs, a_stride, rows, k_steps, b_addrs, n_blocks, first,
+                        corr, out, p0, scratch, acc) -> None:  # fmt: skip
+    """Rows ``0..rows`` (a multiple of 32) of :func:`digit_accumulators`, A planes and
+    packed weight digits by address, into ``out`` columns from ``p0`` (rows past its
+    width and columns past its height are left out)."""
+    outs, pixels = out.shape
+    s_addr, s_stride = scratch.ctypes.data, scratch.strides[0]
+    _load_config(config.ctypes.data)
+    # B's column blocks in groups of about 1 MiB (all digits), each group kept in the L2
+    # cache while every row block of A passes it: sweeping all of a large B for each row
+    # block made a 777 x 4608 x 1024 product 2x slower.
+    group = max(1, _GROUP_BYTES // (k_steps * BLOCK_K * BLOCK_N * b_addrs.shape[0]))
+    for g0 in range(0, n_blocks, group):
+        for m0 in range(0, rows, BLOCK_M):
+            for nb in range(g0, min(n_blocks, g0 + group)):
+                # Every digit pair's tile product, added up with its weight while the
+                # block is in the L1 cache, then written lane-major.
+                acc[:] = 0
+                for i in range(a_addrs.shape[0]):
+                    for j in range(b_addrs.shape[0]):
+                        _row_block(a_addrs[i] + m0 * a_stride, a_stride, k_steps, b_addrs[j],
+                                   s_addr - nb * BLOCK_N * 4, s_stride, nb, nb + 1)  # fmt: skip
+                        shift = 8 * (first + i + j)
+                        for p in range(BLOCK_M):
+                            for o in range(BLOCK_N):
+                                acc[p, o] += np.int64(scratch[p, o]) << shift
+                for o in range(min(BLOCK_N, outs - nb * BLOCK_N)):
+                    row = nb * BLOCK_N + o
+                    for p in range(min(BLOCK_M, pixels - p0 - m0)):
+                        out[row, p0 + m0 + p] = acc[p, o] - corr[row]
+    _release()
 
-    The last (1 - 32) rows of each matrix go through a zero-padded copy: every tile reads
-    16 whole rows of 64 bytes, which past its last row could leave its buffer. Their 32
-    rows of C are written in place and the next matrix's rows written over the extra
-    ones (one spare block at the end).
+
+def digit_accumulators(planes: np.ndarray, weights: list[PackedB], first: int,
+                       corr: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
+    """``out[o, p] = sum_ij (A_i @ W_j)[p, o] << 8*(first + i + j) - corr[o]`` (float64,
+    lane-major as the vector path reads it) of activation digit planes ``planes`` [D, P,
+    K] (each C-contiguous) and weight digits ``weights`` (one packed B [K, O] each).
+
+    :class:`tessera.sim.kernels.WeightOperand`'s sum of digit products, made 32 x 32
+    block by block on the tiles and added up while the block is in the L1 cache, so the
+    int32 digit products (4x the accumulators' size) are never written out and read
+    back. Exact as that sum is: each tile sum is an int32 digit sum, each shifted term
+    and the total fit int64 (the caller's bound), and the total, below ``2**53``, is an
+    exact float64.
     """
-    if not available():  # also what asks the OS for the tile state
+    if not available():
         raise RuntimeError("AMX tiles are not available to this process")
-    stack = a if a.ndim == 3 else a[None]
-    d, m, k = stack.shape
-    if k != packed.k or a.dtype != np.uint8 or not all(s.flags.c_contiguous for s in stack):
-        raise ValueError(f"amx.product: A {a.shape} {a.dtype} does not fit B [{packed.k}, N]")
+    d, m, k = planes.shape
+    w0 = weights[0]
+    if (
+        k != w0.k
+        or planes.dtype != np.uint8
+        or not all(p.flags.c_contiguous for p in planes)
+        or any(w.k != w0.k or w.n != w0.n for w in weights)
+        or out.shape != (w0.n, m)
+        or corr.shape != (w0.n,)
+    ):
+        raise ValueError("amx.digit_accumulators: operand shapes do not fit")
     main = BLOCK_M * ((m - 1) // BLOCK_M) if m else 0
-    k_steps, n_blocks = packed.k_pad // BLOCK_K, packed.n_pad // BLOCK_N
-    c = np.empty((d * m + BLOCK_M, packed.n_pad), np.int32)
-    c_stride = c.strides[0]
-    b_addr = packed.data.ctypes.data
-    tail = np.zeros((BLOCK_M, packed.k_pad), np.uint8)
-    for i, rows in enumerate(stack):
-        c_addr = c.ctypes.data + i * m * c_stride
-        if main:
-            _gemm_blocks(_CONFIG, rows.ctypes.data, rows.strides[0], main, k_steps, b_addr,
-                         c_addr, c_stride, n_blocks)  # fmt: skip
-        tail[: m - main, :k] = rows[main:]
-        _gemm_blocks(_CONFIG, tail.ctypes.data, tail.strides[0], BLOCK_M, k_steps, b_addr,
-                     c_addr + main * c_stride, c_stride, n_blocks)  # fmt: skip
-    return c[: d * m, : packed.n]
+    k_steps, n_blocks = w0.k_pad // BLOCK_K, w0.n_pad // BLOCK_N
+    b_addrs = np.array([w.data.ctypes.data for w in weights], np.int64)
+    scratch = np.empty((BLOCK_M, BLOCK_N), np.int32)
+    acc = np.empty((BLOCK_M, BLOCK_N), np.int64)
+    if main:
+        a_addrs = np.array([p.ctypes.data for p in planes], np.int64)
+        _accumulator_blocks(_CONFIG, a_addrs, planes.strides[1], main, k_steps, b_addrs,
+                            n_blocks, first, corr, out, 0, scratch, acc)  # fmt: skip
+    tail = np.zeros((d, BLOCK_M, w0.k_pad), np.uint8)
+    tail[:, : m - main, :k] = planes[:, main:]
+    a_addrs = np.array([p.ctypes.data for p in tail], np.int64)
+    _accumulator_blocks(_CONFIG, a_addrs, tail.strides[1], BLOCK_M, k_steps, b_addrs, n_blocks,
+                        first, corr, out, main, scratch, acc)  # fmt: skip

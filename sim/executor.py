@@ -209,14 +209,30 @@ class _LoadMap:
         self.loads.append((first, addr, epoch))
 
     def source(self, first: int, count: int) -> tuple[int, int] | None:
-        """(DRAM address, epoch) of entries ``first..first+count`` if one load filled them."""
+        """(DRAM address, epoch) of entries ``first..first+count`` if they hold DRAM bytes
+        from one address on: filled by one load, or by several whose parts continue each
+        other's bytes (a large layer's tiles come in several m_rd); the epoch is then the
+        earliest load's."""
         if count <= 0 or first < 0 or first + count > self.ids.size:
             return None
         lid = _single_load(self.ids, first, count)
-        if lid < 0:
+        if lid >= 0:
+            start, addr, epoch = self.loads[lid]
+            return addr + (first - start) * self.stride, epoch
+        ids = self.ids[first : first + count]
+        if ids.min() < 0:
             return None
-        start, addr, epoch = self.loads[lid]
-        return addr + (first - start) * self.stride, epoch
+        runs = np.flatnonzero(np.diff(ids)) + 1  # where another load's entries begin
+        base, epochs = None, []
+        for slot in (first, *(first + int(r) for r in runs)):
+            start, addr, epoch = self.loads[int(self.ids[slot])]
+            at = addr + (slot - start) * self.stride
+            if base is None:
+                base = at
+            elif at != base + (slot - first) * self.stride:
+                return None
+            epochs.append(epoch)
+        return base, min(epochs)
 
 
 @njit(cache=True)

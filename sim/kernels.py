@@ -601,24 +601,39 @@ def amx_products_exact() -> bool:
     global _AMX_EXACT
     if _AMX_EXACT is None:
         _AMX_EXACT = amx.available() and all(
-            np.array_equal(amx.product(amx.PackedB(b), a), a.astype(np.int64) @ b.astype(np.int64))
+            np.array_equal(_amx_probe_product(a, b), a.astype(np.int64) @ b.astype(np.int64))
             for a, b in _probe_cases()
         )
     return _AMX_EXACT
 
 
-def pack_digits(b: np.ndarray):
-    """s8 B [K, N], packed once for many :func:`packed_digit_product` calls: laid out for
-    AMX tiles where those make the products, else in an onnxruntime session of its own."""
-    return amx.PackedB(b) if amx_products_exact() else matmul_integer_session(b)
+def _amx_probe_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` through :func:`amx.digit_accumulators` (one digit each, no offset)."""
+    out = np.empty((b.shape[1], a.shape[0]))
+    amx.digit_accumulators(a[None], [amx.PackedB(b)], 0, np.zeros(b.shape[1], np.int64), out)
+    return out.T
 
 
-def packed_digit_product(packed, a: np.ndarray) -> np.ndarray:
-    """int32 ``a @ B`` of u8 ``a`` [M, K] (or a stack [D, M, K], giving [D*M, N]) and a
-    B from :func:`pack_digits`."""
-    if isinstance(packed, amx.PackedB):
-        return amx.product(packed, a)
-    return packed.run(None, {"A": np.ascontiguousarray(a).reshape(-1, a.shape[-1])})[0]
+def pack_digits(digits: list[np.ndarray]):
+    """Weight digits (s8 [K, O] each, least significant first), packed once for many
+    :func:`digit_accumulators` calls: one B laid out for AMX tiles per digit where those
+    make the products, else all side by side ([K, digits*O]) in an onnxruntime session
+    of their own."""
+    if amx_products_exact():
+        return [amx.PackedB(np.ascontiguousarray(d)) for d in digits]
+    return matmul_integer_session(np.ascontiguousarray(np.concatenate(digits, axis=1)))
+
+
+def digit_accumulators(packed, a: np.ndarray, first: int, corr: np.ndarray, out: np.ndarray):
+    """The accumulators ``out`` [O, P] (float64) of activation digit planes ``a`` [D, P, K]
+    (the first of weight ``256**first``) and weights packed by :func:`pack_digits`:
+    the digit products added up with their weights, less ``corr`` (the offset's share)."""
+    if isinstance(packed, list):
+        amx.digit_accumulators(a, packed, first, corr, out)
+        return
+    y = packed.run(None, {"A": np.ascontiguousarray(a).reshape(-1, a.shape[-1])})[0]
+    outs = out.shape[0]
+    add_digit_products(y, a.shape[1], first, a.shape[0], y.shape[1] // outs, outs, corr, out)
 
 
 @contextlib.contextmanager
@@ -710,28 +725,27 @@ class WeightOperand:
         largest = k * 255 * 128
         return largest < 2**31 and largest << (8 * (ACT_DIGITS + w_digits - 2)) < 2**63
 
-    def _digit_product(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        """``a @ B`` with B the weight digits of outputs ``c0..c1`` (``[K, digits *
-        (c1-c0)]``, digit-major columns), packed once (:func:`pack_digits`). On
-        onnxruntime's kernel a slice is packed when it is used again and goes through
-        the shared session the first time: a session per slice used once is not worth
-        making, and a run's first products stay as fast."""
+    def _digit_sums(self, a: np.ndarray, first: int, c0: int, c1: int, out: np.ndarray):
+        """:meth:`product`'s accumulators from digit planes ``a`` [D, P, K], with the weight
+        digits of outputs ``c0..c1`` packed once (:func:`pack_digits`). On onnxruntime's
+        kernel a slice is packed when it is used again and goes through the shared
+        session the first time: a session per slice used once is not worth making, and a
+        run's first products stay as fast."""
         key = (c0, c1)
-        digits = self._weight_digits()
+        digits = [d[c0:c1].T for d in self._weight_digits()]
+        corr = self._colsum[c0:c1]
         with self._lock:
             packed = self._packed.get(key)
-            b = self._slices.pop(key, None)
-            if packed is None and (b is not None or amx_products_exact()):
-                if b is None:
-                    b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
-                b = np.ascontiguousarray(b)
-                packed = self._packed[key] = (pack_digits(b), b.nbytes)
+            if packed is None and (self._slices.pop(key, None) is not None or amx_products_exact()):
+                size = sum(d.nbytes for d in digits)
+                packed = self._packed[key] = (pack_digits(digits), size)
             elif packed is None:
-                b = np.concatenate([d[c0:c1].T for d in digits], axis=1)
-                self._slices[key] = b = np.ascontiguousarray(b)
-        if packed is None:
-            return digit_product(a.reshape(-1, a.shape[-1]), b)
-        return packed_digit_product(packed[0], a)
+                b = self._slices[key] = np.ascontiguousarray(np.concatenate(digits, axis=1))
+        if packed is not None:
+            digit_accumulators(packed[0], a, first, corr, out)
+            return
+        y = digit_product(np.ascontiguousarray(a).reshape(-1, a.shape[-1]), b)
+        add_digit_products(y, a.shape[1], first, a.shape[0], len(digits), c1 - c0, corr, out)
 
     def _weight_digits(self) -> list[np.ndarray]:
         """The grid's balanced byte digits (made on first use)."""
@@ -759,10 +773,8 @@ class WeightOperand:
                 act_digits, pixels = a.shape[:2]
                 if _PRODUCTS is not None:
                     _PRODUCTS.append((c1 - c0, a.shape[2], pixels, act_digits, w_digits))
-                y = self._digit_product(a, c0, c1)
                 out = np.empty((c1 - c0, pixels))
-                corr = self._colsum[c0:c1]
-                add_digit_products(y, pixels, first, act_digits, w_digits, c1 - c0, corr, out)
+                self._digit_sums(a, first, c0, c1, out)
                 return out
         return gemm_exact(windows.rows(y0, y1), self.grid[c0:c1], skip_zero=False)
 

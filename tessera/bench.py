@@ -67,8 +67,10 @@ def _product_replay(shapes: list[tuple[int, int, int, int, int]]):
     # The simulator's warm runs have every weight slice packed once (AMX tiles' layout or
     # an onnxruntime session); one per operand shape does here (the time does not depend
     # on the values).
-    sessions = {
-        (k, wd * o): kernels.pack_digits(w_digits[: wd * o * k].reshape(k, wd * o))
+    packed = {
+        (o, k, wd): kernels.pack_digits(
+            [w_digits[j * o * k : (j + 1) * o * k].reshape(k, o) for j in range(wd)]
+        )
         for o, k, _, ad, wd in shapes
         if ad
     }
@@ -76,10 +78,9 @@ def _product_replay(shapes: list[tuple[int, int, int, int, int]]):
     def product(shape: tuple[int, int, int, int, int]) -> None:
         o, k, p, ad, wd = shape
         if ad:
-            a = a_digits[: ad * p * k].reshape(ad * p, k)
-            y = kernels.packed_digit_product(sessions[(k, wd * o)], a)
+            a = a_digits[: ad * p * k].reshape(ad, p, k)
             first = kernels.ACT_DIGITS - ad
-            kernels.add_digit_products(y, p, first, ad, wd, o, no_correction[:o],
+            kernels.digit_accumulators(packed[(o, k, wd)], a, first, no_correction[:o],
                                        np.empty((o, p)))  # fmt: skip
         else:
             weights[: o * k].reshape(o, k) @ cols[: p * k].reshape(p, k).T

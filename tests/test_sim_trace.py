@@ -131,3 +131,37 @@ def test_a_trace_is_only_followed_from_its_own_image() -> None:
     sim.run(words)
     assert not sim.replayed
     assert np.array_equal(sim.state.mem, _decoded_run(words, other)[0])
+
+
+def test_tiles_from_several_loads_still_run_ahead_and_leave_a_trace() -> None:
+    """A layer's tiles loaded by several m_rd that continue each other's bytes (large
+    layers need them) are one source: its chains are computed ahead with their group
+    and the run is traced, giving what one m_rd gives."""
+    n, m = RTL_TEST_CFG.native_dim, RTL_TEST_CFG.mantissa_bits
+    tb = layout.tile_bytes(n, m)
+    checked = 0
+    for seed in range(40):
+        words, image = random_program(seed, chains=3, kind="conv")
+        loads = [i for i, w in enumerate(words) if isa.decode(int(w)).op == "m_rd"]
+        ins = isa.decode(int(words[loads[0]]))
+        count = ins.args["count"]
+        if count < 2:
+            continue
+        half = count // 2
+        split = [
+            isa.encode("m_rd", tile=ins.args["tile"], count=half, addr=ins.args["addr"]),
+            isa.encode("m_rd", tile=ins.args["tile"] + half, count=count - half,
+                       addr=ins.args["addr"] + half * tb),
+        ]  # fmt: skip
+        two = np.concatenate([words[: loads[0]], np.array(split, np.uint64), words[loads[0] + 1 :]])
+        image.flags.writeable = False
+        origin = DramOrigin(image, (_input_span(words),))
+        Simulator(RTL_TEST_CFG, image.copy(), origin).run(two)
+        mem = _new_input(image, origin.changed[0], seed)
+        want_mem, _, _ = _decoded_run(words, mem)
+        again = Simulator(RTL_TEST_CFG, mem, origin)
+        again.run(two)
+        assert again.replayed, seed
+        assert np.array_equal(mem, want_mem), seed
+        checked += 1
+    assert checked >= 10

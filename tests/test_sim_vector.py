@@ -313,15 +313,22 @@ def test_digit_probe_catches_saturating_pair_sums(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "m, k, n", [(1, 1, 1), (31, 100, 7), (33, 64, 33), (64, 576, 256), (97, 4608, 40)]
 )
-def test_amx_products_on_uneven_shapes(m: int, k: int, n: int) -> None:
-    """AMX tile products equal int64 ones where no dimension is a whole number of
-    tiles (the last rows go through a padded copy, K and N are padded with zeros), at
-    the extremes of both digit ranges."""
+def test_amx_digit_accumulators_on_uneven_shapes(m: int, k: int, n: int) -> None:
+    """Accumulators summed from AMX tile products equal int64 ones where no dimension is
+    a whole number of tiles (the last rows go through a padded copy, K and N are padded
+    with zeros), at the extremes of both digit ranges, with 2 x 2 digits, their shifts
+    and the offset's correction."""
     if not kernels.amx_products_exact():
         pytest.skip("no AMX tiles on this CPU or OS")
     rng = np.random.default_rng(m * k * n)
-    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
-    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    a[0], b[:, 0] = 255, -128
-    got = amx.product(amx.PackedB(b), a)
-    np.testing.assert_array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+    a = rng.integers(0, 256, (2, m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (2, k, n), dtype=np.int8)
+    a[:, 0], w[:, :, 0] = 255, -128
+    corr = rng.integers(0, 2**40, n)
+    got = np.empty((n, m))
+    amx.digit_accumulators(a, [amx.PackedB(d) for d in w], 1, corr, got)
+    want = -corr[:, None]
+    for i in range(2):
+        for j in range(2):
+            want = want + ((a[i].astype(np.int64) @ w[j].astype(np.int64)).T << 8 * (1 + i + j))
+    np.testing.assert_array_equal(got, want)
