@@ -737,8 +737,9 @@ class WeightOperand:
         with self._lock:
             packed = self._packed.get(key)
             if packed is None and (self._slices.pop(key, None) is not None or amx_products_exact()):
-                size = sum(d.nbytes for d in digits)
-                packed = self._packed[key] = (pack_digits(digits), size)
+                made = pack_digits(digits)  # tiles (their bytes) or a session (its B's)
+                size = sum(t.nbytes for t in made) if isinstance(made, list) else None
+                packed = self._packed[key] = (made, size or sum(d.nbytes for d in digits))
             elif packed is None:
                 b = self._slices[key] = np.ascontiguousarray(np.concatenate(digits, axis=1))
         if packed is not None:
