@@ -131,31 +131,29 @@ _dot_c11 = _instruction("tdpbusd %tmm3, %tmm1, %tmm7", 0)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _row_block(a0, a_stride, k_steps, b_addr, c0_row, c_stride, nb0, nb1) -> None:
-    """32 rows of C, column blocks ``nb0..nb1``."""
+def _block(a0, a_stride, k_steps, b0, c0, c_stride) -> None:
+    """One 32 x 32 block of C at ``c0``: the 32 rows of A from ``a0`` times the packed
+    B tiles from ``b0`` (columns 0 - 15, then ``k_steps`` tiles on, columns 16 - 31)."""
     a1 = a0 + _ROWS * a_stride
-    for nb in range(nb0, nb1):
-        _zero_c00()
-        _zero_c01()
-        _zero_c10()
-        _zero_c11()
-        b0 = b_addr + 2 * nb * k_steps * _TILE_BYTES  # columns 32 nb .. 32 nb + 15
-        b1 = b0 + k_steps * _TILE_BYTES  # the next 16
-        for ks in range(k_steps):
-            _load_a0(a0 + ks * BLOCK_K, a_stride)
-            _load_a1(a1 + ks * BLOCK_K, a_stride)
-            _load_b0(b0 + ks * _TILE_BYTES, _BYTES)
-            _load_b1(b1 + ks * _TILE_BYTES, _BYTES)
-            _dot_c00()
-            _dot_c01()
-            _dot_c10()
-            _dot_c11()
-        c0 = c0_row + nb * BLOCK_N * 4
-        c1 = c0 + _ROWS * c_stride
-        _store_c00(c0, c_stride)
-        _store_c01(c0 + _BYTES, c_stride)
-        _store_c10(c1, c_stride)
-        _store_c11(c1 + _BYTES, c_stride)
+    b1 = b0 + k_steps * _TILE_BYTES
+    _zero_c00()
+    _zero_c01()
+    _zero_c10()
+    _zero_c11()
+    for ks in range(k_steps):
+        _load_a0(a0 + ks * BLOCK_K, a_stride)
+        _load_a1(a1 + ks * BLOCK_K, a_stride)
+        _load_b0(b0 + ks * _TILE_BYTES, _BYTES)
+        _load_b1(b1 + ks * _TILE_BYTES, _BYTES)
+        _dot_c00()
+        _dot_c01()
+        _dot_c10()
+        _dot_c11()
+    c1 = c0 + _ROWS * c_stride
+    _store_c00(c0, c_stride)
+    _store_c01(c0 + _BYTES, c_stride)
+    _store_c10(c1, c_stride)
+    _store_c11(c1 + _BYTES, c_stride)
 
 
 class PackedB:
@@ -185,9 +183,9 @@ class PackedB:
 @njit(cache=True, nogil=True)
 def _accumulator_blocks(config, a_addrs, a_stride, rows, k_steps, b_addrs, n_blocks, first,
                         corr, out, p0, scratch, acc) -> None:  # fmt: skip
-    """Rows ``0..rows`` (a multiple of 32) of :func:`digit_accumulators`, A planes and
-    packed weight digits by address, into ``out`` columns from ``p0`` (rows past its
-    width and columns past its height are left out)."""
+    """:func:`digit_accumulators` of A's rows ``0..rows`` (a multiple of 32) into
+    ``out``'s columns ``p0..p0+rows``, A planes and packed weight digits by address (of
+    each block only what falls inside ``out`` is written)."""
     outs, pixels = out.shape
     s_addr, s_stride = scratch.ctypes.data, scratch.strides[0]
     _load_config(config.ctypes.data)
@@ -203,8 +201,9 @@ def _accumulator_blocks(config, a_addrs, a_stride, rows, k_steps, b_addrs, n_blo
                 acc[:] = 0
                 for i in range(a_addrs.shape[0]):
                     for j in range(b_addrs.shape[0]):
-                        _row_block(a_addrs[i] + m0 * a_stride, a_stride, k_steps, b_addrs[j],
-                                   s_addr - nb * BLOCK_N * 4, s_stride, nb, nb + 1)  # fmt: skip
+                        b0 = b_addrs[j] + 2 * nb * k_steps * _TILE_BYTES
+                        _block(a_addrs[i] + m0 * a_stride, a_stride, k_steps, b0, s_addr,
+                               s_stride)  # fmt: skip
                         shift = 8 * (first + i + j)
                         for p in range(BLOCK_M):
                             for o in range(BLOCK_N):
