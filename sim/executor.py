@@ -1043,9 +1043,8 @@ class Simulator:
                     vrf_snaps[j].append((slot, cnts[j], cq.tobytes() + ce.tobytes()))
                     const_q[k, b0:b1], const_e[k, b0:b1] = cq, ce
                 elif aux[j] is None:
-                    aux[j] = self._aux_view(regs, cnts[j])
-                    lo = int(regs[Reg.AUX_ADDR]) & 0xFFFFFFFF
-                    oh, ow, acb = (int(regs[r]) for r in (Reg.OUT_H, Reg.OUT_W, Reg.AUX_CB))
+                    lo, oh, ow, acb, aoff = self._aux_source(regs)
+                    aux[j] = self._aux_blocks(lo, oh, ow, acb, aoff, cnts[j])
                     aux_spans[j] = (lo, lo + layout.tensor_bytes(oh, ow, acb, n, cfg.mantissa_bits))
             b0 = b1
         return cnts, table, const_q, const_e, aux, vrf_snaps, aux_spans
