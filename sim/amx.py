@@ -16,11 +16,12 @@ tiles at its end, so threads may call it side by side. Linux hands a process the
 state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``), made in
 :func:`available` before any tile instruction runs.
 
-Operands: activation digit planes [D, P, K] u8, each row-major, as the digit rows come;
-weight digits packed once per weight slice into the tiles' layout (:class:`PackedB`:
-four consecutive K of a column side by side, K padded to 64 and N to 32 with zeros).
-:func:`digit_accumulators` adds the digit products up block by block, so the int32
-products never leave the L1 cache.
+Operands: activation digit planes [D, P, K] u8, rows of K contiguous bytes, as the
+digit rows come; weight digits packed once per weight slice into the tiles' layout
+(:class:`PackedWeights`: four consecutive K of a column side by side, K padded to 64 and
+N to 32 with zeros). :func:`digit_accumulators` adds the digit products up block by
+block, so the int32 products never leave the L1 cache; the last rows of A go through
+tiles of as many rows, so they need no padded copy.
 """
 
 from __future__ import annotations
@@ -49,16 +50,28 @@ _ARCH_REQ_XCOMP_PERM = 0x1023
 _SYS_ARCH_PRCTL = 158  # x86_64
 
 
-def _tile_config() -> np.ndarray:
-    """The 64-byte ``ldtilecfg`` operand: palette 1, tiles 0-7 of 16 rows x 64 bytes."""
+def _tile_config(first_rows: int, second_rows: int) -> np.ndarray:
+    """The 64-byte ``ldtilecfg`` operand (palette 1): B tiles 2-3 of 16 rows x 64 bytes;
+    A's row halves 0 and 1 and their C tiles (4-5 and 6-7) of ``first_rows`` and
+    ``second_rows`` rows (0: the tile is not configured)."""
     cfg = np.zeros(64, np.uint8)
     cfg[0] = 1
-    cfg[16:32].view(np.uint16)[:8] = _BYTES
-    cfg[48:56] = _ROWS
+    colsb, rows = cfg[16:32].view(np.uint16), cfg[48:56]
+    for tile, r in ((0, first_rows), (1, second_rows), (2, _ROWS), (3, _ROWS), (4, first_rows),
+                    (5, first_rows), (6, second_rows), (7, second_rows)):  # fmt: skip
+        if r:
+            colsb[tile], rows[tile] = _BYTES, r
     return cfg
 
 
-_CONFIG = _tile_config()
+#: Tile configurations by the rows of A a block takes: ``_CONFIGS[0]`` for whole 32-row
+#: blocks, ``_CONFIGS[t]`` for a last block of ``t`` rows. Tiles of fewer rows read and
+#: write only those rows, so the last rows need no padded copy and their block no more
+#: tile products than its rows need (one row half, 2 of the 4 products, up to 16 rows).
+_CONFIGS = np.stack(
+    [_tile_config(_ROWS, _ROWS)]
+    + [_tile_config(min(t, _ROWS), max(0, t - _ROWS)) for t in range(1, BLOCK_M)]
+)
 
 
 @functools.cache
@@ -130,49 +143,25 @@ _dot_c10 = _instruction("tdpbusd %tmm2, %tmm1, %tmm6", 0)
 _dot_c11 = _instruction("tdpbusd %tmm3, %tmm1, %tmm7", 0)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _block(a0, a_stride, k_steps, b0, c0, c_stride) -> None:
-    """One 32 x 32 block of C at ``c0``: the 32 rows of A from ``a0`` times the packed
-    B tiles from ``b0`` (columns 0 - 15, then ``k_steps`` tiles on, columns 16 - 31)."""
-    a1 = a0 + _ROWS * a_stride
-    b1 = b0 + k_steps * _TILE_BYTES
-    _zero_c00()
-    _zero_c01()
-    _zero_c10()
-    _zero_c11()
-    for ks in range(k_steps):
-        _load_a0(a0 + ks * BLOCK_K, a_stride)
-        _load_a1(a1 + ks * BLOCK_K, a_stride)
-        _load_b0(b0 + ks * _TILE_BYTES, _BYTES)
-        _load_b1(b1 + ks * _TILE_BYTES, _BYTES)
-        _dot_c00()
-        _dot_c01()
-        _dot_c10()
-        _dot_c11()
-    c1 = c0 + _ROWS * c_stride
-    _store_c00(c0, c_stride)
-    _store_c01(c0 + _BYTES, c_stride)
-    _store_c10(c1, c_stride)
-    _store_c11(c1 + _BYTES, c_stride)
+class PackedWeights:
+    """Weight digits (s8 [K, N] each, least significant first) as the tiles load B:
+    ``data`` [digits, N_pad/16, K_pad/4, 64], one tile of 16 columns x 64 K after the
+    other (1 KiB each, so a tile load reads contiguous bytes: with rows of the whole
+    padded width, 4 KiB apart for N = 1024, every row of a tile fell in the same L1
+    cache set), and within a tile row k/4 holding the K values k..k+3 of each column
+    side by side; K padded to 64 and N to 32 with zeros."""
 
-
-class PackedB:
-    """A s8 B [K, N] as the tiles load it: ``data`` [N_pad/16, K_pad/4, 64], one tile of
-    16 columns x 64 K after the other (1 KiB each, so a tile load reads contiguous
-    bytes: with rows of the whole padded width, 4 KiB apart for N = 1024, every row of
-    a tile fell in the same L1 cache set), and within a tile row k/4 holding the K
-    values k..k+3 of each column side by side."""
-
-    def __init__(self, b: np.ndarray) -> None:
-        k, n = b.shape
-        self.k, self.n = k, n
+    def __init__(self, digits: list[np.ndarray]) -> None:
+        k, n = digits[0].shape
+        self.k, self.n, self.digits = k, n, len(digits)
         self.k_pad = -(-k // BLOCK_K) * BLOCK_K
         self.n_pad = -(-n // BLOCK_N) * BLOCK_N
-        padded = np.zeros((self.k_pad, self.n_pad), np.int8)
-        padded[:k, :n] = b
-        tiles = padded.reshape(self.k_pad // 4, 4, self.n_pad // _ROWS, _ROWS)
-        self.data = np.ascontiguousarray(tiles.transpose(2, 0, 3, 1)).reshape(
-            self.n_pad // _ROWS, self.k_pad // 4, _BYTES
+        padded = np.zeros((self.digits, self.k_pad, self.n_pad), np.int8)
+        for j, d in enumerate(digits):
+            padded[j, :k, :n] = d
+        tiles = padded.reshape(self.digits, self.k_pad // 4, 4, self.n_pad // _ROWS, _ROWS)
+        self.data = np.ascontiguousarray(tiles.transpose(0, 3, 1, 4, 2)).reshape(
+            self.digits, self.n_pad // _ROWS, self.k_pad // 4, _BYTES
         )
 
     @property
@@ -180,78 +169,119 @@ class PackedB:
         return self.data.nbytes
 
 
-@njit(cache=True, nogil=True)
-def _accumulator_blocks(config, a_addrs, a_stride, rows, k_steps, b_addrs, n_blocks, first,
-                        corr, out, p0, scratch, acc) -> None:  # fmt: skip
-    """:func:`digit_accumulators` of A's rows ``0..rows`` (a multiple of 32) into
-    ``out``'s columns ``p0..p0+rows``, A planes and packed weight digits by address (of
-    each block only what falls inside ``out`` is written)."""
-    outs, pixels = out.shape
+@njit(cache=True, nogil=True, inline="always")
+def _block_sums(a0, a_stride, a_plane, d, b0, b_digit, w, k_steps, halves, first, merge,
+                scratch, acc, rows) -> None:  # fmt: skip
+    """``acc[:rows]`` = the block's digit products added up with their weights: A's
+    digit planes from ``a0`` (``a_plane`` apart) times B's digits from ``b0``
+    (``b_digit`` apart; columns 0 - 15, then ``k_steps`` tiles on, 16 - 31), one row
+    half of A or two. The products of one weight ``256**s`` (digit pairs i + j = s) are
+    summed in the tiles when ``merge`` (their int32 sum cannot overflow), each stored
+    and added up in int64 once."""
     s_addr, s_stride = scratch.ctypes.data, scratch.strides[0]
-    _load_config(config.ctypes.data)
+    tile_k = k_steps * _TILE_BYTES
+    for s in range(d + w - 1):
+        lo, hi = max(0, s - w + 1), min(d - 1, s)
+        for i in range(lo, hi + 1):
+            ai = a0 + i * a_plane
+            ai1 = ai + _ROWS * a_stride
+            bj = b0 + (s - i) * b_digit
+            if i == lo or not merge:
+                _zero_c00()
+                _zero_c01()
+                if halves == 2:
+                    _zero_c10()
+                    _zero_c11()
+            for ks in range(k_steps):
+                _load_a0(ai + ks * BLOCK_K, a_stride)
+                _load_b0(bj + ks * _TILE_BYTES, _BYTES)
+                _load_b1(bj + tile_k + ks * _TILE_BYTES, _BYTES)
+                _dot_c00()
+                _dot_c01()
+                if halves == 2:
+                    _load_a1(ai1 + ks * BLOCK_K, a_stride)
+                    _dot_c10()
+                    _dot_c11()
+            if i == hi or not merge:
+                _store_c00(s_addr, s_stride)
+                _store_c01(s_addr + _BYTES, s_stride)
+                if halves == 2:
+                    c1 = s_addr + _ROWS * s_stride
+                    _store_c10(c1, s_stride)
+                    _store_c11(c1 + _BYTES, s_stride)
+                shift = 8 * (first + s)
+                if s == 0 and i == lo:
+                    for p in range(rows):
+                        for o in range(BLOCK_N):
+                            acc[p, o] = np.int64(scratch[p, o]) << shift
+                else:
+                    for p in range(rows):
+                        for o in range(BLOCK_N):
+                            acc[p, o] += np.int64(scratch[p, o]) << shift
+
+
+@njit(cache=True, nogil=True)
+def _accumulate(configs, a, b, first, merge, corr, out) -> None:
+    """:func:`digit_accumulators`' work: whole 32 x 32 blocks, then the last rows' blocks
+    on tiles of as many rows (each block's accumulators written lane-major, less
+    ``corr``, only where they fall inside ``out``)."""
+    d, pixels = a.shape[0], a.shape[1]
+    a_base, a_plane, a_stride = a.ctypes.data, a.strides[0], a.strides[1]
+    w, n_blocks, k_steps = b.shape[0], b.shape[1] // 2, b.shape[2] // 16
+    b_base, b_digit = b.ctypes.data, b.strides[0]
+    outs = out.shape[0]
+    scratch = np.empty((BLOCK_M, BLOCK_N), np.int32)
+    acc = np.empty((BLOCK_M, BLOCK_N), np.int64)
+    main = pixels - pixels % BLOCK_M
     # B's column blocks in groups of about 1 MiB (all digits), each group kept in the L2
     # cache while every row block of A passes it: sweeping all of a large B for each row
     # block made a 777 x 4608 x 1024 product 2x slower.
-    group = max(1, _GROUP_BYTES // (k_steps * BLOCK_K * BLOCK_N * b_addrs.shape[0]))
+    group = max(1, _GROUP_BYTES // (k_steps * BLOCK_K * BLOCK_N * w))
+    _load_config(configs[0].ctypes.data)
     for g0 in range(0, n_blocks, group):
-        for m0 in range(0, rows, BLOCK_M):
+        for m0 in range(0, pixels, BLOCK_M):
+            if m0 == main:  # the last rows: tiles of as many rows, on their own
+                _load_config(configs[pixels - main].ctypes.data)
+            rows = min(BLOCK_M, pixels - m0)
+            halves = 1 if rows <= _ROWS else 2
             for nb in range(g0, min(n_blocks, g0 + group)):
-                # Every digit pair's tile product, added up with its weight while the
-                # block is in the L1 cache, then written lane-major.
-                acc[:] = 0
-                for i in range(a_addrs.shape[0]):
-                    for j in range(b_addrs.shape[0]):
-                        b0 = b_addrs[j] + 2 * nb * k_steps * _TILE_BYTES
-                        _block(a_addrs[i] + m0 * a_stride, a_stride, k_steps, b0, s_addr,
-                               s_stride)  # fmt: skip
-                        shift = 8 * (first + i + j)
-                        for p in range(BLOCK_M):
-                            for o in range(BLOCK_N):
-                                acc[p, o] += np.int64(scratch[p, o]) << shift
+                _block_sums(a_base + m0 * a_stride, a_stride, a_plane, d,
+                            b_base + 2 * nb * k_steps * _TILE_BYTES, b_digit, w, k_steps,
+                            halves, first, merge, scratch, acc, rows)  # fmt: skip
                 for o in range(min(BLOCK_N, outs - nb * BLOCK_N)):
                     row = nb * BLOCK_N + o
-                    for p in range(min(BLOCK_M, pixels - p0 - m0)):
-                        out[row, p0 + m0 + p] = acc[p, o] - corr[row]
+                    for p in range(rows):
+                        out[row, m0 + p] = acc[p, o] - corr[row]
+            if m0 == main:
+                _load_config(configs[0].ctypes.data)
     _release()
 
 
-def digit_accumulators(planes: np.ndarray, weights: list[PackedB], first: int,
+def digit_accumulators(planes: np.ndarray, weights: PackedWeights, first: int,
                        corr: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
     """``out[o, p] = sum_ij (A_i @ W_j)[p, o] << 8*(first + i + j) - corr[o]`` (float64,
     lane-major as the vector path reads it) of activation digit planes ``planes`` [D, P,
-    K] (each C-contiguous) and weight digits ``weights`` (one packed B [K, O] each).
+    K] (rows of K contiguous bytes) and weight digits ``weights``.
 
     :class:`tessera.sim.kernels.WeightOperand`'s sum of digit products, made 32 x 32
     block by block on the tiles and added up while the block is in the L1 cache, so the
     int32 digit products (4x the accumulators' size) are never written out and read
-    back. Exact as that sum is: each tile sum is an int32 digit sum, each shifted term
-    and the total fit int64 (the caller's bound), and the total, below ``2**53``, is an
-    exact float64.
+    back. Exact as that sum is: each tile sum is an int32 digit sum (digit pairs of one
+    weight summed in the tiles only while their sum is bounded below ``2**31``), each
+    shifted term and the total fit int64 (the caller's bound), and the total, below
+    ``2**53``, is an exact float64.
     """
     if not available():
         raise RuntimeError("AMX tiles are not available to this process")
     d, m, k = planes.shape
-    w0 = weights[0]
     if (
-        k != w0.k
+        k != weights.k
         or planes.dtype != np.uint8
-        or not all(p.flags.c_contiguous for p in planes)
-        or any(w.k != w0.k or w.n != w0.n for w in weights)
-        or out.shape != (w0.n, m)
-        or corr.shape != (w0.n,)
+        or planes.strides[2] != 1
+        or out.shape != (weights.n, m)
+        or corr.shape != (weights.n,)
     ):
         raise ValueError("amx.digit_accumulators: operand shapes do not fit")
-    main = BLOCK_M * ((m - 1) // BLOCK_M) if m else 0
-    k_steps, n_blocks = w0.k_pad // BLOCK_K, w0.n_pad // BLOCK_N
-    b_addrs = np.array([w.data.ctypes.data for w in weights], np.int64)
-    scratch = np.empty((BLOCK_M, BLOCK_N), np.int32)
-    acc = np.empty((BLOCK_M, BLOCK_N), np.int64)
-    if main:
-        a_addrs = np.array([p.ctypes.data for p in planes], np.int64)
-        _accumulator_blocks(_CONFIG, a_addrs, planes.strides[1], main, k_steps, b_addrs,
-                            n_blocks, first, corr, out, 0, scratch, acc)  # fmt: skip
-    tail = np.zeros((d, BLOCK_M, w0.k_pad), np.uint8)
-    tail[:, : m - main, :k] = planes[:, main:]
-    a_addrs = np.array([p.ctypes.data for p in tail], np.int64)
-    _accumulator_blocks(_CONFIG, a_addrs, tail.strides[1], BLOCK_M, k_steps, b_addrs, n_blocks,
-                        first, corr, out, main, scratch, acc)  # fmt: skip
+    if m:
+        merge = min(d, weights.digits) * k * 255 * 128 < 2**31
+        _accumulate(_CONFIGS, planes, weights.data, first, merge, corr, out)

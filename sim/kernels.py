@@ -610,17 +610,17 @@ def amx_products_exact() -> bool:
 def _amx_probe_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` through :func:`amx.digit_accumulators` (one digit each, no offset)."""
     out = np.empty((b.shape[1], a.shape[0]))
-    amx.digit_accumulators(a[None], [amx.PackedB(b)], 0, np.zeros(b.shape[1], np.int64), out)
+    amx.digit_accumulators(a[None], amx.PackedWeights([b]), 0, np.zeros(b.shape[1], np.int64), out)
     return out.T
 
 
 def pack_digits(digits: list[np.ndarray]):
     """Weight digits (s8 [K, O] each, least significant first), packed once for many
-    :func:`digit_accumulators` calls: one B laid out for AMX tiles per digit where those
-    make the products, else all side by side ([K, digits*O]) in an onnxruntime session
-    of their own."""
+    :func:`digit_accumulators` calls: laid out for AMX tiles where those make the
+    products, else all side by side ([K, digits*O]) in an onnxruntime session of their
+    own."""
     if amx_products_exact():
-        return [amx.PackedB(np.ascontiguousarray(d)) for d in digits]
+        return amx.PackedWeights(digits)
     return matmul_integer_session(np.ascontiguousarray(np.concatenate(digits, axis=1)))
 
 
@@ -628,7 +628,7 @@ def digit_accumulators(packed, a: np.ndarray, first: int, corr: np.ndarray, out:
     """The accumulators ``out`` [O, P] (float64) of activation digit planes ``a`` [D, P, K]
     (the first of weight ``256**first``) and weights packed by :func:`pack_digits`:
     the digit products added up with their weights, less ``corr`` (the offset's share)."""
-    if isinstance(packed, list):
+    if isinstance(packed, amx.PackedWeights):
         amx.digit_accumulators(a, packed, first, corr, out)
         return
     y = packed.run(None, {"A": np.ascontiguousarray(a).reshape(-1, a.shape[-1])})[0]
@@ -738,7 +738,7 @@ class WeightOperand:
             packed = self._packed.get(key)
             if packed is None and (self._slices.pop(key, None) is not None or amx_products_exact()):
                 made = pack_digits(digits)  # tiles (their bytes) or a session (its B's)
-                size = sum(t.nbytes for t in made) if isinstance(made, list) else None
+                size = made.nbytes if isinstance(made, amx.PackedWeights) else None
                 packed = self._packed[key] = (made, size or sum(d.nbytes for d in digits))
             elif packed is None:
                 b = self._slices[key] = np.ascontiguousarray(np.concatenate(digits, axis=1))

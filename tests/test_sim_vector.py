@@ -311,24 +311,52 @@ def test_digit_probe_catches_saturating_pair_sums(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "m, k, n", [(1, 1, 1), (31, 100, 7), (33, 64, 33), (64, 576, 256), (97, 4608, 40)]
+    "m, k, n, digits",
+    [
+        (1, 1, 1, (2, 2)),
+        (31, 100, 7, (2, 2)),
+        (33, 64, 33, (2, 2)),
+        (16, 200, 32, (3, 2)),
+        (17, 64, 16, (2, 3)),
+        (48, 130, 48, (3, 3)),
+        (64, 576, 256, (2, 2)),
+        (97, 4608, 40, (2, 2)),
+    ],
 )
-def test_amx_digit_accumulators_on_uneven_shapes(m: int, k: int, n: int) -> None:
+def test_amx_digit_accumulators_on_uneven_shapes(
+    m: int, k: int, n: int, digits: tuple[int, int]
+) -> None:
     """Accumulators summed from AMX tile products equal int64 ones where no dimension is
-    a whole number of tiles (the last rows go through a padded copy, K and N are padded
-    with zeros), at the extremes of both digit ranges, with 2 x 2 digits, their shifts
-    and the offset's correction."""
+    a whole number of tiles (the last rows on tiles of fewer rows, up to 16 or more; K
+    and N padded with zeros), on rows of a larger array, at the extremes of both digit
+    ranges, with 2 or 3 digits a side (digit pairs of one weight summed in the tiles),
+    their shifts and the offset's correction."""
     if not kernels.amx_products_exact():
         pytest.skip("no AMX tiles on this CPU or OS")
     rng = np.random.default_rng(m * k * n)
-    a = rng.integers(0, 256, (2, m, k), dtype=np.uint8)
-    w = rng.integers(-128, 128, (2, k, n), dtype=np.int8)
+    ad, wd = digits
+    a = rng.integers(0, 256, (ad, m + 9, k), dtype=np.uint8)[:, 5 : 5 + m]
+    w = rng.integers(-128, 128, (wd, k, n), dtype=np.int8)
     a[:, 0], w[:, :, 0] = 255, -128
     corr = rng.integers(0, 2**40, n)
     got = np.empty((n, m))
-    amx.digit_accumulators(a, [amx.PackedB(d) for d in w], 1, corr, got)
+    amx.digit_accumulators(a, amx.PackedWeights(list(w)), 0, corr, got)
     want = -corr[:, None]
-    for i in range(2):
-        for j in range(2):
-            want = want + ((a[i].astype(np.int64) @ w[j].astype(np.int64)).T << 8 * (1 + i + j))
+    for i in range(ad):
+        for j in range(wd):
+            want = want + ((a[i].astype(np.int64) @ w[j].astype(np.int64)).T << 8 * (i + j))
     np.testing.assert_array_equal(got, want)
+
+
+def test_amx_digit_pairs_are_not_summed_in_the_tiles_when_they_could_overflow() -> None:
+    """Two digit pairs of one weight at the longest reduction and extreme digits sum to
+    more than int32 holds: each pair's tile sum is added up in int64 on its own."""
+    if not kernels.amx_products_exact():
+        pytest.skip("no AMX tiles on this CPU or OS")
+    k = (2**31 - 1) // (255 * 128)
+    a = np.full((2, 3, k), 255, np.uint8)
+    w = np.full((2, k, 2), -128, np.int8)
+    got = np.empty((2, 3))
+    amx.digit_accumulators(a, amx.PackedWeights(list(w)), 0, np.zeros(2, np.int64), got)
+    one = k * 255 * -128
+    np.testing.assert_array_equal(got, np.full((2, 3), one * (1 + 2 * 256 + 65536)))
