@@ -37,6 +37,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from tessera.sim.vector import uix
+
 #: Tile shapes: every tile is 16 rows of 64 bytes (A: 16 x 64 u8; B: 16 rows of 16
 #: columns x 4 K; C: 16 x 16 int32). K steps by 64, a block of C is 32 x 32 (tiles 4-7
 #: accumulate, 0-1 hold A's two row halves, 2-3 B's two column halves).
@@ -172,13 +174,13 @@ class PackedWeights:
 @njit(cache=True, nogil=True, inline="always")
 def _block_sums(a0, a_stride, a_plane, d, b0, b_digit, w, k_steps, halves, first, merge,
                 scratch, acc, rows) -> None:  # fmt: skip
-    """``acc[:rows]`` = the block's digit products added up with their weights: A's
-    digit planes from ``a0`` (``a_plane`` apart) times B's digits from ``b0``
-    (``b_digit`` apart; columns 0 - 15, then ``k_steps`` tiles on, 16 - 31), one row
-    half of A or two. The products of one weight ``256**s`` (digit pairs i + j = s) are
-    summed in the tiles when ``merge`` (their int32 sum cannot overflow), each stored
-    and added up in int64 once."""
-    s_addr, s_stride = scratch.ctypes.data, scratch.strides[0]
+    """The first ``rows`` rows of ``acc`` (a 32 x 32 block, row-major, as ``scratch``)
+    = the block's digit products added up with their weights: A's digit planes from
+    ``a0`` (``a_plane`` apart) times B's digits from ``b0`` (``b_digit`` apart; columns
+    0 - 15, then ``k_steps`` tiles on, 16 - 31), one row half of A or two. The products
+    of one weight ``256**s`` (digit pairs i + j = s) are summed in the tiles when
+    ``merge`` (their int32 sum cannot overflow), each stored and added up in int64 once."""
+    s_addr, s_stride = scratch.ctypes.data, BLOCK_N * 4
     tile_k = k_steps * _TILE_BYTES
     for s in range(d + w - 1):
         lo, hi = max(0, s - w + 1), min(d - 1, s)
@@ -209,15 +211,15 @@ def _block_sums(a0, a_stride, a_plane, d, b0, b_digit, w, k_steps, halves, first
                     c1 = s_addr + _ROWS * s_stride
                     _store_c10(c1, s_stride)
                     _store_c11(c1 + _BYTES, s_stride)
+                # One flat loop over the rows' values: as a 2-D loop with numba's
+                # signed (wrapped) indices it ran about half as fast.
                 shift = 8 * (first + s)
                 if s == 0 and i == lo:
-                    for p in range(rows):
-                        for o in range(BLOCK_N):
-                            acc[p, o] = np.int64(scratch[p, o]) << shift
+                    for q in range(rows * BLOCK_N):
+                        acc[uix(q)] = np.int64(scratch[uix(q)]) << shift
                 else:
-                    for p in range(rows):
-                        for o in range(BLOCK_N):
-                            acc[p, o] += np.int64(scratch[p, o]) << shift
+                    for q in range(rows * BLOCK_N):
+                        acc[uix(q)] += np.int64(scratch[uix(q)]) << shift
 
 
 @njit(cache=True, nogil=True)
@@ -230,8 +232,8 @@ def _accumulate(configs, a, b, first, merge, corr, out) -> None:
     w, n_blocks, k_steps = b.shape[0], b.shape[1] // 2, b.shape[2] // 16
     b_base, b_digit = b.ctypes.data, b.strides[0]
     outs = out.shape[0]
-    scratch = np.empty((BLOCK_M, BLOCK_N), np.int32)
-    acc = np.empty((BLOCK_M, BLOCK_N), np.int64)
+    scratch = np.empty(BLOCK_M * BLOCK_N, np.int32)  # one block's tile sums, row-major
+    acc = np.empty(BLOCK_M * BLOCK_N, np.int64)
     main = pixels - pixels % BLOCK_M
     # B's column blocks in groups of about 1 MiB (all digits), each group kept in the L2
     # cache while every row block of A passes it: sweeping all of a large B for each row
@@ -250,8 +252,9 @@ def _accumulate(configs, a, b, first, merge, corr, out) -> None:
                             halves, first, merge, scratch, acc, rows)  # fmt: skip
                 for o in range(min(BLOCK_N, outs - nb * BLOCK_N)):
                     row = nb * BLOCK_N + o
+                    c = corr[uix(row)]
                     for p in range(rows):
-                        out[row, m0 + p] = acc[p, o] - corr[row]
+                        out[uix(row), uix(m0 + p)] = acc[uix(p * BLOCK_N + o)] - c
             if m0 == main:
                 _load_config(configs[0].ctypes.data)
     _release()
