@@ -31,6 +31,7 @@ decision it made is sure to be the same in those runs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import weakref
@@ -344,6 +345,15 @@ class NPUState:
         if not isa.EXP_REG_BASE <= idx < isa.EXP_REG_BASE + isa.EXP_REG_COUNT:
             raise SimulationError(f"{r.name}={idx} is not an exponent register")
         return idx
+
+
+@functools.cache
+def _block_floors(wfloors: tuple[int, ...], cnts: tuple[int, ...]) -> np.ndarray:
+    """Each output block's weight floor ([blocks, 1]: chain ``j``'s ``wfloors[j]`` for its
+    ``cnts[j]`` blocks), made once per group shape (read-only)."""
+    floors = np.repeat(np.array(wfloors, np.int64), cnts)[:, None]
+    floors.flags.writeable = False
+    return floors
 
 
 class Simulator:
@@ -1087,7 +1097,7 @@ class Simulator:
         blocks = sum(cnts)
         oh, ow = cols.out_hw
         p = oh * ow
-        lsb = np.repeat([floor + wf for wf in wfloors], cnts)[:, None]
+        lsb = floor + _block_floors(tuple(wfloors), tuple(cnts))
         has_aux = aux[0] is not None
         workers = kernels.parallel_workers()
         step = max(64, min(_BAND_VALUES // (blocks * n), -(-p // (2 * workers))))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -360,3 +363,45 @@ def test_amx_digit_pairs_are_not_summed_in_the_tiles_when_they_could_overflow() 
     amx.digit_accumulators(a, amx.PackedWeights(list(w)), 0, np.zeros(2, np.int64), got)
     one = k * 255 * -128
     np.testing.assert_array_equal(got, np.full((2, 3), one * (1 + 2 * 256 + 65536)))
+
+
+def test_run_parallel_runs_every_item_once_and_raises_what_an_item_raised(monkeypatch) -> None:
+    """The thread pool's hand-over: every item runs exactly once with two workers, also
+    for callers on several threads at the same time (each waits only for its own
+    items), and an item's exception reaches the caller from whichever thread ran it."""
+    monkeypatch.setattr(kernels, "parallel_workers", lambda: 2)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def record(item: int) -> None:
+        time.sleep(0.001 * (item % 3))
+        with lock:
+            seen.append(item)
+
+    early: list[int] = []  # calls that returned before all their items had run
+
+    def caller(base: int) -> None:
+        for r in range(20):
+            items = range(base + 10 * r, base + 10 * r + 10)
+            kernels.run_parallel(record, items)
+            with lock:
+                if not set(items) <= set(seen):
+                    early.append(items[0])
+
+    threads = [threading.Thread(target=caller, args=(1000 * t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert early == []
+    assert sorted(seen) == sorted(1000 * t + i for t in range(3) for i in range(200))
+
+    def fail(item: int) -> None:
+        time.sleep(0.01 if item == 0 else 0)
+        if item == 3:
+            raise ValueError(f"item {item}")
+
+    with pytest.raises(ValueError, match="item 3"):
+        kernels.run_parallel(fail, range(6))
+    kernels.run_parallel(record, [7, 8])  # the pool still works afterwards
+    assert seen[-2:] in ([7, 8], [8, 7])
