@@ -42,16 +42,24 @@ def pack_tensor(q: np.ndarray, e: np.ndarray, mantissa_bits: int) -> bytes:
     return body + bytes(align_up(len(body)) - len(body))
 
 
+def tensor_planes(
+    mem: np.ndarray, addr: int, h: int, w: int, cb: int, n: int, mantissa_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole tensor's mantissa and exponent planes in a uint8 DRAM array, as views
+    ([H, W, CB, N] of the mantissa type, [H, W, CB] int8)."""
+    dt = mantissa_dtype(mantissa_bits)
+    nm = h * w * cb * n
+    q = mem[addr : addr + nm * dt.itemsize].view(dt).reshape(h, w, cb, n)
+    eo = addr + nm * dt.itemsize
+    return q, mem[eo : eo + h * w * cb].view("<i1").reshape(h, w, cb)
+
+
 def unpack_tensor(
     mem: np.ndarray, addr: int, h: int, w: int, cb: int, n: int, mantissa_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole tensor from a uint8 DRAM array as int64 ``q`` and ``e``."""
-    dt = mantissa_dtype(mantissa_bits)
-    nm = h * w * cb * n
-    q = mem[addr : addr + nm * dt.itemsize].view(dt).reshape(h, w, cb, n).astype(np.int64)
-    eo = addr + nm * dt.itemsize
-    e = mem[eo : eo + h * w * cb].view("<i1").reshape(h, w, cb).astype(np.int64)
-    return q, e
+    q, e = tensor_planes(mem, addr, h, w, cb, n, mantissa_bits)
+    return q.astype(np.int64), e.astype(np.int64)
 
 
 def write_tensor_blocks(

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from tessera import cli, numerics
+from tessera import cli, layout, numerics
 from tessera.compiler.driver import compile_model
 from tessera.compiler.ir import Graph
 from tessera.compiler.lower import Lowered
@@ -485,6 +485,13 @@ def test_input_placement_equals_numpy(k: int, stride: int, pads: list[int], dila
         got_q, got_e = quantize_input(x, spec, cfg)
         np.testing.assert_array_equal(got_q, want_q)
         np.testing.assert_array_equal(got_e, want_e)
+    # A run's DRAM holds it quantized in place: the bytes layout.pack_tensor makes of it.
+    mem, _origin = prepare_dram(prog, {"x": x})
+    body = layout.pack_tensor(*quantize_input(x, info, cfg), cfg.mantissa_bits)
+    got = mem[info["addr"] : info["addr"] + len(body)].tobytes()
+    n, m = cfg.native_dim, cfg.mantissa_bits
+    assert len(body) == layout.tensor_bytes(info["h"], info["w"], info["cb"], n, m)
+    assert got == body
 
 
 def test_grayscale_nhwc_reshaped_to_nchw() -> None:
