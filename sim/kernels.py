@@ -33,7 +33,8 @@ with saturation (AVX2 ``vpmaddubsw``), and u8 x u8 has no fast kernel (6 passes 
 decides once per process, and where it fails every product stays float64. Where the CPU
 and OS offer Intel AMX tiles, the digit products run on them instead
 (:mod:`tessera.sim.amx`, probed the same way: :func:`amx_products_exact`), 1.3 - 2.8x
-faster than onnxruntime's kernel on the simulator's shapes.
+faster than onnxruntime's kernel on the simulator's shapes, and faster than float64
+products down to K = 64 (:data:`AMX_DIGITS_MIN_K`).
 """
 
 from __future__ import annotations
@@ -512,6 +513,10 @@ def _gather_digit_rows(planes, fills, kh, kw, sh, sw, pt, pl, dh, dw, ow, y0, y1
 #: the float64 product (measured with 6: K = 64 2.5x slower, K = 256 1.6x faster; with
 #: 4, 3136 pixels x K = 64 x 256 outputs still took 6.6 ms against 1.9 ms).
 DIGITS_MIN_K = 192
+#: The same on AMX tiles, where a 32 x 32 block's digit products cost little beside its
+#: int64 sum and lane-major write: ResNet-50's products with K = 64, 128 and 147 take
+#: 0.74x, 0.45x and 0.70x the float64 time there, with their digit planes.
+AMX_DIGITS_MIN_K = 64
 #: Byte digits of the activation grid: mantissa_bits + act_exp_window <= 24 bits (a
 #: wider grid does not fit: :meth:`Windows.digit_rows` says so and the product is float64).
 ACT_DIGITS = 3
@@ -710,7 +715,7 @@ class WeightOperand:
         k = self.grid.shape[1]
         if (
             _FORCE_FLOAT64
-            or k < DIGITS_MIN_K
+            or k < (AMX_DIGITS_MIN_K if amx_products_exact() else DIGITS_MIN_K)
             or not (amx_products_exact() or digit_products_exact())
         ):
             return 0

@@ -232,6 +232,7 @@ def test_digit_products_equal_float64_products(seed: int, kernel: str, monkeypat
     if not kernels.digit_products_exact():
         pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    monkeypatch.setattr(kernels, "AMX_DIGITS_MIN_K", 1)
     if kernel == "onnxruntime":
         monkeypatch.setattr(kernels, "_AMX_EXACT", False)
     elif not kernels.amx_products_exact():
@@ -261,6 +262,7 @@ def test_digit_products_leave_out_zero_low_planes(lowest: int, monkeypatch) -> N
     if not kernels.digit_products_exact():
         pytest.skip("this CPU's MatMulInteger is not exact on the digits' range")
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    monkeypatch.setattr(kernels, "AMX_DIGITS_MIN_K", 1)
     rng = np.random.default_rng(lowest)
     q, e, floor, geometry, grid = _digit_case(rng, extreme=False)
     e = np.maximum(e, floor + lowest).astype(np.int8)
@@ -281,6 +283,7 @@ def test_digit_products_fall_back_when_not_exact(monkeypatch) -> None:
     rng = np.random.default_rng(1)
     q, e, floor, geometry, grid = _digit_case(rng, extreme=False)
     monkeypatch.setattr(kernels, "DIGITS_MIN_K", 1)
+    monkeypatch.setattr(kernels, "AMX_DIGITS_MIN_K", 1)
     oh = geometry[4][0]
     want = kernels.gemm_exact(kernels.Windows(q, e, floor, None, *geometry).rows(0, oh), grid)
     too_wide = e.copy()
