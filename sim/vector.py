@@ -220,6 +220,7 @@ def _chain_tiles(
     v = np.full((n, _TILE), zero)
     yt = np.full((n, _TILE), zero)  # an MFU op's operand lanes
     amax = np.full(_TILE, zero)
+    smax = np.full(_TILE, zero)  # largest signed lane, for a ReLU folded into a pass
     f = np.full(_TILE, one)  # the planned rescaling of the vectors, applied by the next pass
     fx = np.full(_TILE, one)
     fy = np.full(_TILE, one)
@@ -262,6 +263,14 @@ def _chain_tiles(
                 amax[p] = amax64[p]
             for k in range(ops.shape[0]):
                 code = ops[k, 0]
+                if code == OP_RELU and k > 0 and ops[k - 1, 0] != OP_RELU:
+                    continue  # folded into op k - 1's pass (see below)
+                # A ReLU right after this op is folded into its pass: ReLU commutes with
+                # the normalize's odd, monotone rescaling, so the pass stores max(r, 0)
+                # and the plan below takes the ReLU's largest magnitude from the largest
+                # signed lane: one pass over the tile less.
+                relu_next = code != OP_RELU and k + 1 < ops.shape[0] and ops[k + 1, 0] == OP_RELU
+                lower = zero if relu_next else -magic  # -magic: below every lane
                 if code != OP_RELU:  # the operand's lanes and exponents for the tile
                     aux = ops[k, 1] == SRC_AUX
                     for p in range(cnt):
@@ -281,6 +290,7 @@ def _chain_tiles(
                         e[p] += ye[p]
                 for p in range(cnt):
                     amax[p] = zero
+                    smax[p] = -magic
                 # One loop per op: with the op chosen inside, LLVM computed every op's
                 # result and selected one (the vector path ran 7 % slower).
                 if code == OP_RELU:
@@ -293,9 +303,20 @@ def _chain_tiles(
                     for lane in range(n):
                         for p in range(cnt):
                             r = _round_clip(v[lane, p], f[p], wide_lim, magic) * yt[lane, p]
-                            v[lane, p] = r
+                            v[lane, p] = max(r, lower)
                             amax[p] = _max_into(amax[p], abs(r))
-                else:
+                            smax[p] = _max_into(smax[p], r)
+                elif relu_next:
+                    for lane in range(n):
+                        for p in range(cnt):
+                            xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
+                            xa = (xr * fx[p] + magic) - magic
+                            ya = (yt[lane, p] * fy[p] + magic) - magic
+                            r = xa + ya if code == OP_ADD else max(xa, ya)
+                            v[lane, p] = max(r, zero)
+                            amax[p] = _max_into(amax[p], abs(r))
+                            smax[p] = _max_into(smax[p], r)
+                else:  # the same without the ReLU (its two more operations per lane)
                     for lane in range(n):
                         for p in range(cnt):
                             xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
@@ -308,6 +329,11 @@ def _chain_tiles(
                     scratch[0] = amax[p]
                     f[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], wide_bits,
                                                    wide_lim, magic)  # fmt: skip
+                if relu_next:  # the ReLU's renormalize: an all-negative vector is zero
+                    for p in range(cnt):
+                        amax[p] = max(_round_clip(smax[p], f[p], wide_lim, magic), zero)
+                        if amax[p] == 0:
+                            e[p] = _E_ZERO
             # tessera.numerics.to_storage: normalize to store_bits, then bring the
             # exponent into int8 (a left shift that saturates, or a right shift that may
             # zero the vector). Each rescaling is planned per vector here (its largest

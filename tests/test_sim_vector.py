@@ -78,6 +78,31 @@ def test_chain_vectors_equals_numerics(kind: str, seed: int) -> None:
     np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
 
 
+@pytest.mark.parametrize("kind", ["acc", "stored"])
+@pytest.mark.parametrize("seed", range(6))
+def test_relu_after_an_op_zeroes_all_negative_vectors(kind: str, seed: int) -> None:
+    """A ReLU after an op (folded into that op's pass) turns a vector whose lanes are all
+    negative into the canonical zero (``E_ZERO``), which the next op then aligns to its
+    operand; vectors with positive lanes keep their exponent."""
+    rng = np.random.default_rng(100 + seed)
+    p, b = 70, 3
+    x, e_in, first, _ops, _cq, _ce, aq, ae = _case(rng, p, b, kind)
+    v = x.reshape(p, b, N)
+    negative = rng.random((p, b)) < 0.5
+    v[negative] = -np.abs(v[negative]) - 1
+    # The first op keeps them negative (a small negative constant added); the last adds
+    # the AUX operand at its own exponents.
+    ops = np.array([[vector.OP_ADD, vector.SRC_VRF], [vector.OP_RELU, 0], [vector.OP_ADD, 1]])
+    cq = -rng.integers(0, 2**15, size=(3, b, N))
+    ce = rng.integers(-140, -100, size=(3, b))
+    out_q = np.empty((p, b * N), np.int8)
+    out_e = np.empty((p, b), np.int8)
+    vector.chain_vectors(x.T, e_in.T, first, 16, 8, ops, cq, ce, aq, ae, out_q, out_e)
+    want_q, want_e = _numerics_chain(x, e_in, first, 16, 8, ops, cq, ce, aq, ae)
+    np.testing.assert_array_equal(out_e, want_e)
+    np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
+
+
 def test_rounding_ties_and_saturation() -> None:
     """Ties round to even and a rounded-up maximum saturates, as numerics says."""
     x = np.array([[255.0, 253.0, -255.0, 1.0] + [0.0] * (N - 4)])
