@@ -873,13 +873,20 @@ def blas_single_thread():
             _BLAS_HOLD[1] = get()
             put(1)
         _BLAS_HOLD[0] += 1
+    _BLAS_HELD.depth = getattr(_BLAS_HELD, "depth", 0) + 1
     try:
         yield True
     finally:
+        _BLAS_HELD.depth -= 1
         with _BLAS_LOCK:
             _BLAS_HOLD[0] -= 1
             if _BLAS_HOLD[0] == 0:
                 put(_BLAS_HOLD[1])
+
+
+#: How many :func:`blas_single_thread` holds this thread is inside (a simulator run is
+#: one; its parallel sections, a hundred a run, need not take it again).
+_BLAS_HELD = threading.local()
 
 
 _IN_PARALLEL = threading.local()
@@ -900,7 +907,8 @@ def run_parallel(fn, items) -> None:
         for it in items:
             fn(it)
         return
-    with blas_single_thread() as single:
+    held = getattr(_BLAS_HELD, "depth", 0) > 0
+    with contextlib.nullcontext(True) if held else blas_single_thread() as single:
         if not single:  # BLAS threads cannot be held back: do not add ours on top
             for it in items:
                 fn(it)
