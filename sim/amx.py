@@ -173,15 +173,17 @@ class PackedWeights:
 
 @njit(cache=True, nogil=True, inline="always")
 def _block_sums(a0, a_stride, a_plane, d, b0, b_digit, w, k_steps, halves, first, merge,
-                scratch, acc, rows) -> None:  # fmt: skip
-    """The first ``rows`` rows of ``acc`` (a 32 x 32 block, row-major, as ``scratch``)
-    = the block's digit products added up with their weights: A's digit planes from
-    ``a0`` (``a_plane`` apart) times B's digits from ``b0`` (``b_digit`` apart; columns
-    0 - 15, then ``k_steps`` tiles on, 16 - 31), one row half of A or two. The products
-    of one weight ``256**s`` (digit pairs i + j = s) are summed in the tiles when
-    ``merge`` (their int32 sum cannot overflow), each stored and added up in int64 once."""
+                scratch, shifts, acc, rows) -> None:  # fmt: skip
+    """The first ``rows`` rows of ``acc`` (a 32 x 32 block, row-major, as each slot of
+    ``scratch``) = the block's digit products added up with their weights: A's digit
+    planes from ``a0`` (``a_plane`` apart) times B's digits from ``b0`` (``b_digit``
+    apart; columns 0 - 15, then ``k_steps`` tiles on, 16 - 31), one row half of A or
+    two. The products of one weight ``256**s`` (digit pairs i + j = s) are summed in the
+    tiles when ``merge`` (their int32 sum cannot overflow), each stored and added up in
+    int64 once."""
     s_addr, s_stride = scratch.ctypes.data, BLOCK_N * 4
     tile_k = k_steps * _TILE_BYTES
+    slots = 0
     for s in range(d + w - 1):
         lo, hi = max(0, s - w + 1), min(d - 1, s)
         for i in range(lo, hi + 1):
@@ -204,22 +206,37 @@ def _block_sums(a0, a_stride, a_plane, d, b0, b_digit, w, k_steps, halves, first
                     _load_a1(ai1 + ks * BLOCK_K, a_stride)
                     _dot_c10()
                     _dot_c11()
-            if i == hi or not merge:
-                _store_c00(s_addr, s_stride)
-                _store_c01(s_addr + _BYTES, s_stride)
+            if i == hi or not merge:  # the weight's sum, to a slot of its own
+                slot = s_addr + slots * (BLOCK_M * BLOCK_N * 4)
+                _store_c00(slot, s_stride)
+                _store_c01(slot + _BYTES, s_stride)
                 if halves == 2:
-                    c1 = s_addr + _ROWS * s_stride
+                    c1 = slot + _ROWS * s_stride
                     _store_c10(c1, s_stride)
                     _store_c11(c1 + _BYTES, s_stride)
-                # One flat loop over the rows' values: as a 2-D loop with numba's
-                # signed (wrapped) indices it ran about half as fast.
-                shift = 8 * (first + s)
-                if s == 0 and i == lo:
-                    for q in range(rows * BLOCK_N):
-                        acc[uix(q)] = np.int64(scratch[uix(q)]) << shift
-                else:
-                    for q in range(rows * BLOCK_N):
-                        acc[uix(q)] += np.int64(scratch[uix(q)]) << shift
+                shifts[slots] = 8 * (first + s)
+                slots += 1
+    # The slots added up after all the tile products (not each right after its store,
+    # which waited for the store): one pass for the usual three (2 x 2 digits, pairs of
+    # one weight summed in the tiles), else one per slot. Flat loops over the rows'
+    # values: as 2-D loops with numba's signed (wrapped) indices they ran half as fast.
+    values = rows * BLOCK_N
+    if slots == 3:
+        h0, h1, h2 = shifts[0], shifts[1], shifts[2]
+        o1, o2 = BLOCK_M * BLOCK_N, 2 * BLOCK_M * BLOCK_N
+        for q in range(values):
+            acc[uix(q)] = (
+                (np.int64(scratch[uix(q)]) << h0)
+                + (np.int64(scratch[uix(o1 + q)]) << h1)
+                + (np.int64(scratch[uix(o2 + q)]) << h2)
+            )
+        return
+    for q in range(values):
+        acc[uix(q)] = np.int64(scratch[uix(q)]) << shifts[0]
+    for sl in range(1, slots):
+        shift, o = shifts[sl], sl * BLOCK_M * BLOCK_N
+        for q in range(values):
+            acc[uix(q)] += np.int64(scratch[uix(o + q)]) << shift
 
 
 @njit(cache=True, nogil=True)
@@ -232,7 +249,10 @@ def _accumulate(configs, a, b, first, merge, corr, out) -> None:
     w, n_blocks, k_steps = b.shape[0], b.shape[1] // 2, b.shape[2] // 16
     b_base, b_digit = b.ctypes.data, b.strides[0]
     outs = out.shape[0]
-    scratch = np.empty(BLOCK_M * BLOCK_N, np.int32)  # one block's tile sums, row-major
+    # A block's tile sums, row-major: a slot per weight, or per digit pair where
+    # those are not summed in the tiles (at most 3 x 3)
+    scratch = np.empty(d * w * BLOCK_M * BLOCK_N, np.int32)
+    shifts = np.empty(d * w, np.int64)
     acc = np.empty(BLOCK_M * BLOCK_N, np.int64)
     main = pixels - pixels % BLOCK_M
     # B's column blocks in groups of about 1 MiB (all digits), each group kept in the L2
@@ -249,7 +269,7 @@ def _accumulate(configs, a, b, first, merge, corr, out) -> None:
             for nb in range(g0, min(n_blocks, g0 + group)):
                 _block_sums(a_base + m0 * a_stride, a_stride, a_plane, d,
                             b_base + 2 * nb * k_steps * _TILE_BYTES, b_digit, w, k_steps,
-                            halves, first, merge, scratch, acc, rows)  # fmt: skip
+                            halves, first, merge, scratch, shifts, acc, rows)  # fmt: skip
                 for o in range(min(BLOCK_N, outs - nb * BLOCK_N)):
                     row = nb * BLOCK_N + o
                     c = corr[uix(row)]

@@ -379,18 +379,22 @@ def test_amx_digit_accumulators_on_uneven_shapes(
     np.testing.assert_array_equal(got, want)
 
 
-def test_amx_digit_pairs_are_not_summed_in_the_tiles_when_they_could_overflow() -> None:
-    """Two digit pairs of one weight at the longest reduction and extreme digits sum to
-    more than int32 holds: each pair's tile sum is added up in int64 on its own."""
+@pytest.mark.parametrize("digits", [2, 3])
+def test_amx_digit_pairs_are_not_summed_in_the_tiles_when_they_could_overflow(
+    digits: int,
+) -> None:
+    """Two or three digit pairs of one weight at long reductions and extreme digits sum
+    to more than int32 holds: each pair's tile sum is added up in int64 on its own (with
+    3 x 3 digits, nine of them)."""
     if not kernels.amx_products_exact():
         pytest.skip("no AMX tiles on this CPU or OS")
-    k = (2**31 - 1) // (255 * 128)
-    a = np.full((2, 3, k), 255, np.uint8)
-    w = np.full((2, k, 2), -128, np.int8)
+    k = (2**31 - 1) // (255 * 128) if digits == 2 else 2**31 // (3 * 255 * 128) + 1
+    a = np.full((digits, 3, k), 255, np.uint8)
+    w = np.full((digits, k, 2), -128, np.int8)
     got = np.empty((2, 3))
     amx.digit_accumulators(a, amx.PackedWeights(list(w)), 0, np.zeros(2, np.int64), got)
-    one = k * 255 * -128
-    np.testing.assert_array_equal(got, np.full((2, 3), one * (1 + 2 * 256 + 65536)))
+    weight = sum(256 ** (i + j) for i in range(digits) for j in range(digits))
+    np.testing.assert_array_equal(got, np.full((2, 3), k * 255 * -128 * weight))
 
 
 def test_run_parallel_runs_every_item_once_and_raises_what_an_item_raised(monkeypatch) -> None:
