@@ -104,6 +104,16 @@ def _round_clip(x, f, lim, magic):
 
 
 @njit(cache=True, inline="always")
+def _aligned_op(code: int, x, f, fx, y, fy, lim, magic):
+    """``vv_add`` or ``vv_max`` of one lane: ``x`` rescaled by its pending factor ``f``,
+    both operands then shifted to the common exponent (``fx``, ``fy``). Scalars only
+    (see :func:`_planned`)."""
+    xa = (_round_clip(x, f, lim, magic) * fx + magic) - magic
+    ya = (y * fy + magic) - magic
+    return xa + ya if code == OP_ADD else max(xa, ya)
+
+
+@njit(cache=True, inline="always")
 def _planned(a, a_float_bits: int, e: int, bits: int, lim, magic):
     """:func:`tessera.numerics.normalize` of one vector with largest magnitude ``a``
     (an exact integer) at exponent ``e``, planned but not applied: (the factor that
@@ -309,20 +319,16 @@ def _chain_tiles(
                 elif relu_next:
                     for lane in range(n):
                         for p in range(cnt):
-                            xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
-                            xa = (xr * fx[p] + magic) - magic
-                            ya = (yt[lane, p] * fy[p] + magic) - magic
-                            r = xa + ya if code == OP_ADD else max(xa, ya)
+                            r = _aligned_op(code, v[lane, p], f[p], fx[p], yt[lane, p], fy[p],
+                                            wide_lim, magic)  # fmt: skip
                             v[lane, p] = max(r, zero)
                             amax[p] = _max_into(amax[p], abs(r))
                             smax[p] = _max_into(smax[p], r)
                 else:  # the same without the ReLU (its two more operations per lane)
                     for lane in range(n):
                         for p in range(cnt):
-                            xr = _round_clip(v[lane, p], f[p], wide_lim, magic)
-                            xa = (xr * fx[p] + magic) - magic
-                            ya = (yt[lane, p] * fy[p] + magic) - magic
-                            r = xa + ya if code == OP_ADD else max(xa, ya)
+                            r = _aligned_op(code, v[lane, p], f[p], fx[p], yt[lane, p], fy[p],
+                                            wide_lim, magic)  # fmt: skip
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], abs(r))
                 for p in range(cnt):
