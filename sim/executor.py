@@ -347,7 +347,7 @@ class NPUState:
         return idx
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)  # group shapes: a service may load many programs
 def _block_floors(wfloors: tuple[int, ...], cnts: tuple[int, ...]) -> np.ndarray:
     """Each output block's weight floor ([blocks, 1]: chain ``j``'s ``wfloors[j]`` for its
     ``cnts[j]`` blocks), made once per group shape (read-only)."""
