@@ -196,7 +196,7 @@ def prepare_dram(prog: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarr
         geometry = (info["h"], info["w"], info["cb"], cfg.native_dim, cfg.mantissa_bits)
         q, e = layout.tensor_planes(mem, info["addr"], *geometry)
         quantize_input(inputs[info["name"]], info, cfg, out=(q, e))
-        size = layout.tensor_bytes(*geometry[:3], cfg.native_dim, cfg.mantissa_bits)
+        size = layout.tensor_bytes(*geometry)
         mem[info["addr"] + q.nbytes + e.nbytes : info["addr"] + size] = 0
         mem[info["emax_addr"] : info["emax_addr"] + 4] = np.frombuffer(
             np.array([int(e.max())], dtype="<i4").tobytes(), dtype=np.uint8

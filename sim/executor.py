@@ -677,15 +677,10 @@ class Simulator:
 
     def _make_tensor_views(self, addr: int, h: int, w: int, cb: int):
         n, m = self.cfg.native_dim, self.cfg.mantissa_bits
-        dt = layout.mantissa_dtype(m)
-        nm = h * w * cb * n
-        mem = self.state.mem
-        eo = addr + nm * dt.itemsize
-        if eo + h * w * cb > mem.size:
+        body = h * w * cb * (n * layout.mantissa_dtype(m).itemsize + 1)
+        if addr + body > self.state.mem.size:
             raise SimulationError(f"tensor at {addr:#x} ({h}x{w}x{cb} blocks) runs past DRAM")
-        q = mem[addr:eo].view(dt).reshape(h, w, cb, n)
-        e = mem[eo : eo + h * w * cb].view(np.int8).reshape(h, w, cb)
-        return q, e
+        return layout.tensor_planes(self.state.mem, addr, h, w, cb, n, m)
 
     def chain(self, ops: list[Instr], pc: int | None = None) -> None:
         """Execute one chain over the whole output map.

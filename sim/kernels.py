@@ -713,10 +713,11 @@ class WeightOperand:
         """The weight digits the products take, or 0 where they are float64 ones (off,
         a short reduction, an inexact CPU kernel, or sums that could overflow)."""
         k = self.grid.shape[1]
+        on_amx = amx_products_exact()
         if (
             _FORCE_FLOAT64
-            or k < (AMX_DIGITS_MIN_K if amx_products_exact() else DIGITS_MIN_K)
-            or not (amx_products_exact() or digit_products_exact())
+            or k < (AMX_DIGITS_MIN_K if on_amx else DIGITS_MIN_K)
+            or not (on_amx or digit_products_exact())
         ):
             return 0
         w_digits = len(self._weight_digits())
