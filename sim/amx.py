@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from tessera.sim.vector import uix
+from tessera.sim.vector import uix, wide_vectors
 
 #: Tile shapes: every tile is 16 rows of 64 bytes (A: 16 x 64 u8; B: 16 rows of 16
 #: columns x 4 K; C: 16 x 16 int32). K steps by 64, a block of C is 32 x 32 (tiles 4-7
@@ -244,6 +244,7 @@ def _accumulate(configs, a, b, first, merge, corr, out) -> None:
     """:func:`digit_accumulators`' work: whole 32 x 32 blocks, then the last rows' blocks
     on tiles of as many rows (each block's accumulators written lane-major, less
     ``corr``, only where they fall inside ``out``)."""
+    wide_vectors()
     d, pixels = a.shape[0], a.shape[1]
     a_base, a_plane, a_stride = a.ctypes.data, a.strides[0], a.strides[1]
     w, n_blocks, k_steps = b.shape[0], b.shape[1] // 2, b.shape[2] // 16

@@ -53,7 +53,7 @@ from numba import njit
 
 from tessera import numerics
 from tessera.sim import amx
-from tessera.sim.vector import RINT_MAGIC, uix
+from tessera.sim.vector import RINT_MAGIC, uix, wide_vectors
 
 
 def gather_windows(
@@ -445,6 +445,7 @@ def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> int:
     (channels ``chans``) into ``out`` [D, H, W, C]. Returns the OR of all those offset
     values (a zero byte in it: that plane is all zero), or -1 if a value is outside
     ``[-2**(8*D-1), 2**(8*D-1))``."""
+    wide_vectors()
     _h, w, cb, n = q.shape
     c = chans.shape[0]
     digits = out.shape[0]
@@ -465,15 +466,20 @@ def _digit_planes(q, e, scale, all_channels, chans, y0, y1, out) -> int:
                     g = (q[y, x, b, lane] * scale[e[y, x, b] + 128] + RINT_MAGIC) - RINT_MAGIC
                     row[j] = np.int64(g) + half
             bad = False
+            pixel_bits = np.int64(0)
             for j in range(c):
                 bad |= (row[j] < 0) | (row[j] >= 2 * half)
+                pixel_bits |= row[j]
             if bad:
                 return -1
-            for j in range(c):
-                bits |= row[j]
+            bits |= pixel_bits
             for d in range(digits):
-                for j in range(c):
-                    out[d, y, x, j] = (row[j] >> (8 * d)) & 255
+                if (pixel_bits >> (8 * d)) & 255:
+                    for j in range(c):
+                        out[uix(d), uix(y), uix(x), uix(j)] = (row[uix(j)] >> (8 * d)) & 255
+                else:  # a zero digit everywhere (the low one, in ResNet-50): stores only
+                    for j in range(c):
+                        out[uix(d), uix(y), uix(x), uix(j)] = 0
     return bits
 
 

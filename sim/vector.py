@@ -41,7 +41,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from tessera import numerics
 
@@ -66,6 +67,29 @@ _POS_POW2 = np.ldexp(1.0, np.arange(41))
 RINT_MAGIC = 6755399441055744.0
 #: The same for float32: adding and subtracting 1.5 * 2**23 rounds a float32 below 2**22.
 RINT_MAGIC32 = np.float32(12582912.0)
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorise the compiled function that calls this with 512-bit vectors
+    where the CPU has them (its ``prefer-vector-width`` attribute; a no-op without
+    AVX-512).
+
+    numba compiles for the host CPU, but LLVM's tuning for Intel's AVX-512 cores (Ice
+    Lake to Emerald Rapids) prefers 256-bit vectors. Set per function, not through
+    ``NUMBA_CPU_FEATURES``, which would change every numba function in the process.
+    Measured on this project's Emerald Rapids machine, one thread: the vector path of a
+    ResNet-50 run 0.88x the time, its digit planes 0.90x. The results are the same
+    bits: each lane's operations are the same IEEE ones.
+    """
+
+    def codegen(context, builder, signature, args):
+        # llvmlite's attribute set takes known names only; LLVM reads a string
+        # attribute of the function as the X86 backend's vector-width choice.
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 @njit(cache=True, inline="always")
@@ -223,6 +247,7 @@ def _chain_tiles(
 ) -> int:  # fmt: skip
     """:func:`chain_vectors` on lanes of ``magic``'s float type (``wide_lim``, ``lim``
     and ``one`` are of it too)."""
+    wide_vectors()
     p_count, blocks = out_e.shape
     n = x.shape[0] // blocks
     per_pixel_e = e_in.shape[1] > 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import threading
 import time
 
+import llvmlite.binding as llvm
 import numpy as np
 import pytest
+from numba import njit
 
 from tessera import numerics
 from tessera.sim import amx, kernels, vector
@@ -76,6 +80,34 @@ def test_chain_vectors_equals_numerics(kind: str, seed: int) -> None:
     np.testing.assert_array_equal(out_e, want_e)
     assert largest == want_e.max()
     np.testing.assert_array_equal(out_q.reshape(p, b, N), want_q)
+
+
+def test_vector_path_compiles_to_512_bit_vectors_on_avx512() -> None:
+    """:func:`vector.wide_vectors` reaches LLVM: on an AVX-512 CPU the vector path's
+    float32 loops run on 512-bit registers, as they do not in the same loops without it
+    (numba's tuning for these cores keeps to 256 bits). A numba or llvmlite change that
+    drops the attribute fails here, not as a silently slower simulator."""
+    llvm.initialize_native_target()
+    if not llvm.get_host_cpu_features().get("avx512f"):
+        pytest.skip("this CPU has no AVX-512")
+    rng = np.random.default_rng(0)
+    x, e_in, first, ops, cq, ce, aq, ae = _case(rng, 70, 2, "acc")
+    p, b = ae.shape
+    narrow = (np.float32(2**15 - 1), np.float32(127), np.float32(1))
+    args = (np.ascontiguousarray(x.T), e_in.T.copy(), first, 16, 8, ops[ops[:, 0] != 3], cq,
+            ce, aq, ae, np.empty((p, b * N), np.int8), np.empty((p, b), np.int8),
+            vector.RINT_MAGIC32, *narrow)  # fmt: skip
+    packed_512 = re.compile(r"v(add|max|min)ps\s[^\n]*%zmm")
+    counts = []
+    for source in (inspect.getsource(vector._chain_tiles.py_func),) * 2:
+        if counts:  # the control: the same loops without the attribute
+            source = source.replace("    wide_vectors()\n", "")
+        scope = dict(vars(vector))
+        exec(source.replace("@njit(cache=True, nogil=True)\n", ""), scope)
+        compiled = njit(nogil=True)(scope["_chain_tiles"])
+        compiled(*args)
+        counts.append(sum(len(packed_512.findall(a)) for a in compiled.inspect_asm().values()))
+    assert counts[0] > 0 and counts[1] == 0, counts
 
 
 @pytest.mark.parametrize("kind", ["acc", "stored"])
