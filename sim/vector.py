@@ -128,11 +128,11 @@ def _round_clip(x, f, lim, magic):
 
 
 @njit(cache=True, inline="always")
-def _aligned_op(code: int, x, f, fx, y, fy, lim, magic):
-    """``vv_add`` or ``vv_max`` of one lane: ``x`` rescaled by its pending factor ``f``,
-    both operands then shifted to the common exponent (``fx``, ``fy``). Scalars only
-    (see :func:`_planned`)."""
-    xa = (_round_clip(x, f, lim, magic) * fx + magic) - magic
+def _aligned_op(code: int, x, f, fx, y, fy, lim, magic, pending: bool):
+    """``vv_add`` or ``vv_max`` of one lane: ``x`` rescaled by its pending factor ``f``
+    (unless no vector of the tile has one: ``pending``), both operands then shifted to
+    the common exponent (``fx``, ``fy``). Scalars only (see :func:`_planned`)."""
+    xa = ((_round_clip(x, f, lim, magic) if pending else x) * fx + magic) - magic
     ya = (y * fy + magic) - magic
     return xa + ya if code == OP_ADD else max(xa, ya)
 
@@ -296,6 +296,10 @@ def _chain_tiles(
                         v[lane, p] = x[uix(r0 + lane), uix(t0 + p)]
             for p in range(cnt):
                 amax[p] = amax64[p]
+            # Whether a vector of the tile has a rescaling pending (f != 1). Often none
+            # has: the loops below then skip it, a third of an op's work per lane (LLVM
+            # makes a loop of each kind, as the flag does not change inside them).
+            pending = False
             for k in range(ops.shape[0]):
                 code = ops[k, 0]
                 if code == OP_RELU and k > 0 and ops[k - 1, 0] != OP_RELU:
@@ -345,7 +349,7 @@ def _chain_tiles(
                     for lane in range(n):
                         for p in range(cnt):
                             r = _aligned_op(code, v[lane, p], f[p], fx[p], yt[lane, p], fy[p],
-                                            wide_lim, magic)  # fmt: skip
+                                            wide_lim, magic, pending)  # fmt: skip
                             v[lane, p] = max(r, zero)
                             amax[p] = _max_into(amax[p], abs(r))
                             smax[p] = _max_into(smax[p], r)
@@ -353,13 +357,15 @@ def _chain_tiles(
                     for lane in range(n):
                         for p in range(cnt):
                             r = _aligned_op(code, v[lane, p], f[p], fx[p], yt[lane, p], fy[p],
-                                            wide_lim, magic)  # fmt: skip
+                                            wide_lim, magic, pending)  # fmt: skip
                             v[lane, p] = r
                             amax[p] = _max_into(amax[p], abs(r))
+                pending = False
                 for p in range(cnt):
                     scratch[0] = amax[p]
                     f[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], wide_bits,
                                                    wide_lim, magic)  # fmt: skip
+                    pending |= f[p] != one
                 if relu_next:  # the ReLU's renormalize: an all-negative vector is zero
                     for p in range(cnt):
                         amax[p] = max(_round_clip(smax[p], f[p], wide_lim, magic), zero)
@@ -374,6 +380,7 @@ def _chain_tiles(
                 scratch[0] = amax[p]
                 fx[p], e[p], amax[p] = _planned(amax[p], scratch_bits[0], e[p], store_bits, lim,
                                                 magic)  # fmt: skip
+            clamped = False  # a vector of the tile has its exponent clamped
             for p in range(cnt):
                 fz[p] = one
                 if amax[p] == 0:
@@ -385,13 +392,14 @@ def _chain_tiles(
                     fz[p] = _shift_factor(_E_MIN - e[p])
                     top = (amax[p] * fz[p] + magic) - magic
                     e[p] = _E_MIN if top != 0 else _E_ZERO  # only this shift zeroes a vector
+                clamped |= fz[p] != one
                 out_e[uix(t0 + p), b] = e[p]
                 largest = max(largest, e[p])
             for lane in range(n):
                 for p in range(cnt):
-                    r = _round_clip(v[lane, p], f[p], wide_lim, magic)
+                    r = _round_clip(v[lane, p], f[p], wide_lim, magic) if pending else v[lane, p]
                     r = _round_clip(r, fx[p], lim, magic)
-                    v[lane, p] = _round_clip(r, fz[p], lim, magic)
+                    v[lane, p] = _round_clip(r, fz[p], lim, magic) if clamped else r
             for p in range(cnt):
                 for lane in range(n):
                     out_q[uix(t0 + p), uix(r0 + lane)] = v[lane, p]
