@@ -21,6 +21,7 @@ from tessera import layout, numerics
 from tessera.errors import TesseraError
 from tessera.program import Program
 from tessera.sim import kernels, vector
+from tessera.sim.vector import wide_vectors
 
 
 @njit(cache=True, nogil=True)
@@ -30,6 +31,7 @@ def _place_rows(canon, kw, sw, dw, pad_left, y0, y1, out) -> None:
     H, W] at column ``x*sw + j*dw - pad_left`` (0 outside it; the compiler's
     ``pack_input_columns``, or ``kw = 1`` for a plain input), the channels past ``C*kw``
     zero (block padding)."""
+    wide_vectors()
     c, _h, w = canon.shape
     w_out, width = out.shape[1], out.shape[2]
     for y in range(y0, y1):
