@@ -653,8 +653,8 @@ class Simulator:
     def _before_write(self, lo: int, hi: int) -> None:
         """A chain is about to write DRAM bytes ``lo..hi``: log it, and copy pending
         tile loads whose source bytes it overwrites."""
-        tb = layout.tile_bytes(self.cfg.native_dim, self.cfg.mantissa_bits)
-        if any(a < hi and lo < a + c * tb for _, c, a in self._pending):
+        tb = self._tmap.stride
+        if self._pending and any(a < hi and lo < a + c * tb for _, c, a in self._pending):
             keep = []
             for p in self._pending:
                 if p[2] < hi and lo < p[2] + p[1] * tb:

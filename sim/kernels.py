@@ -230,6 +230,7 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # a run asks for a few floors, once per layer
 def _grid_factors(floor: int) -> np.ndarray:
     """:func:`grid_f64`'s factor ``2**(e - floor)`` for every int8 exponent, at ``e + 128``
     (the compiled kernels scale blocks as they read them). Read-only: it is shared."""
@@ -295,6 +296,14 @@ def _pool_pixels(q, e, scale, kind_max, kh, kw, sh, sw, pt, pl, ow, first, out) 
                 out[i, uix(b * n + lane)] = acc[lane]
 
 
+@functools.lru_cache(maxsize=64)
+def _all_channels(count: int) -> np.ndarray:
+    """``arange(count)``, shared (every layer's windows ask for one; none writes it). Left
+    writeable: a read-only array is another type to numba, so every kernel taking
+    channels would be compiled twice."""
+    return np.arange(count)
+
+
 class Windows:
     """The kernel windows of every output pixel over an input tensor's grid, unrolled
     on demand: ``rows(y0, y1)`` is the ``[(y1-y0)*OW, kh*kw*C]`` block of :func:`im2col`
@@ -315,7 +324,7 @@ class Windows:
         self.q, self.e = np.array(q, copy=how), np.array(e, dtype=np.int8, copy=how)
         n = q.shape[3]
         self.all_channels = chans is None
-        self.chans = np.arange(q.shape[2] * n) if chans is None else np.asarray(chans)
+        self.chans = _all_channels(q.shape[2] * n) if chans is None else np.asarray(chans)
         self.scale = _grid_factors(floor)
         self.geometry = (*kernel, *stride, *pads_tl, *dilation)
         self.out_hw = out_hw

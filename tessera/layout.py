@@ -14,6 +14,8 @@ host runtime unpack with them, and the RTL's DMA follows the same byte order
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 ALIGN = 64
@@ -23,6 +25,7 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+@functools.cache  # asked hundreds of times a simulator run; a dtype is immutable
 def mantissa_dtype(mantissa_bits: int) -> np.dtype:
     return np.dtype("<i1") if mantissa_bits <= 8 else np.dtype("<i2")
 
