@@ -33,6 +33,10 @@ larger values are the exponent clamp's left shifts, whose results saturate at th
 storage limit (below ``2**15``) however they are rounded. (A ``vv_mul`` product reaches
 ``2**31``: such chains stay float64.)
 
+Nor does the vector width (256 or 512 bits, :func:`wide_vectors`) change a result: each
+lane goes through the same IEEE operations, without fast-math (so no contraction into
+FMAs or reassociation), and the per-vector maxima are the same in any order.
+
 The function releases the GIL, so the simulator's thread pool runs bands side by side.
 """
 
