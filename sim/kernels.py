@@ -230,7 +230,6 @@ def weight_grid_f64(tq: np.ndarray, te: np.ndarray, w_floor: int, ob: int) -> np
 
 
 @functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=1024)  # a run asks for a few floors, once per layer
 def _grid_factors(floor: int) -> np.ndarray:
     """:func:`grid_f64`'s factor ``2**(e - floor)`` for every int8 exponent, at ``e + 128``
     (the compiled kernels scale blocks as they read them). Read-only: it is shared."""
