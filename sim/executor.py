@@ -677,8 +677,7 @@ class Simulator:
 
     def _make_tensor_views(self, addr: int, h: int, w: int, cb: int):
         n, m = self.cfg.native_dim, self.cfg.mantissa_bits
-        body = h * w * cb * (n * layout.mantissa_dtype(m).itemsize + 1)
-        if addr + body > self.state.mem.size:
+        if addr + layout.tensor_exp_offset(h, w, cb, n, m) + h * w * cb > self.state.mem.size:
             raise SimulationError(f"tensor at {addr:#x} ({h}x{w}x{cb} blocks) runs past DRAM")
         return layout.tensor_planes(self.state.mem, addr, h, w, cb, n, m)
 

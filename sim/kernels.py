@@ -877,7 +877,16 @@ _BLAS_HOLD = [0, 0]  # [holders, thread count to restore]
 
 @contextlib.contextmanager
 def blas_single_thread():
-    """Hold OpenBLAS to one thread (yields whether it could); nests across threads."""
+    """Hold OpenBLAS to one thread (yields whether it could); nests across threads. A
+    thread already inside a hold (a simulator run; its parallel sections, a hundred a
+    run, ask again) only counts the nesting."""
+    if getattr(_BLAS_HELD, "depth", 0) > 0:
+        _BLAS_HELD.depth += 1
+        try:
+            yield True
+        finally:
+            _BLAS_HELD.depth -= 1
+        return
     blas = _openblas()
     if not blas:
         yield False
@@ -899,8 +908,7 @@ def blas_single_thread():
                 put(_BLAS_HOLD[1])
 
 
-#: How many :func:`blas_single_thread` holds this thread is inside (a simulator run is
-#: one; its parallel sections, a hundred a run, need not take it again).
+#: How many :func:`blas_single_thread` holds this thread is inside.
 _BLAS_HELD = threading.local()
 
 
@@ -922,8 +930,7 @@ def run_parallel(fn, items) -> None:
         for it in items:
             fn(it)
         return
-    held = getattr(_BLAS_HELD, "depth", 0) > 0
-    with contextlib.nullcontext(True) if held else blas_single_thread() as single:
+    with blas_single_thread() as single:
         if not single:  # BLAS threads cannot be held back: do not add ours on top
             for it in items:
                 fn(it)
