@@ -26,7 +26,7 @@ from tessera.hdl.bus import BurstPort
 from tessera.hdl.loader import lg, tile_word_bits
 from tessera.hdl.mvu import MVU, SHIFT_BITS
 from tessera.hdl.params import ChainOps, ChainRegs, Reducer
-from tessera.hdl.vector import POOL_BITS, VectorPipe
+from tessera.hdl.vector import POOL_BITS, VectorPipe, phases
 from tessera.hdl.writer import DEPTH as WRITER_DEPTH
 from tessera.hdl.writer import Writer
 
@@ -335,9 +335,10 @@ class ChainEngine(wiring.Component):
             m.d.comb += mvu.w_shift[lane].eq(te - r.wfloor)
         m.d.comb += [vec.mvu_valid.eq(mvu.out_valid), vec.mvu_acc.eq(mvu.acc)]
 
-        # Pooling and elementwise chains sweep every beat once per lane group too, so their
-        # blocks reach the vector pipeline no faster than it takes them (one per
-        # N / lanes cycles); the reducer works on the first group's beat.
+        # Pooling and elementwise chains sweep every beat once per lane group too (the
+        # reducer works on the first group's beat), so every block takes at least N / lanes
+        # beats; the sweep starts blocks at least as far apart as the vector pipeline's
+        # phases (``spaced`` below).
         reduce_beat = Signal()
         m.d.comb += reduce_beat.eq(c_issue & (c_g == 0))
 
@@ -379,6 +380,12 @@ class ChainEngine(wiring.Component):
         m.d.comb += credit.eq(
             (issued - writer.written < WRITER_DEPTH - 2) & (~ops.uses_aux | (aux.queued > issued))
         )
+        # Blocks start at least P (the vector pipeline's phases) cycles apart: a down-count
+        # from the last block's start. Only a vector narrower than the MVU's lane groups
+        # needs it; the row change between two rows (three cycles) always covers it.
+        vector_phases = phases(cfg)
+        spaced = Signal(init=1)
+        space_left = Signal(range(max(2, vector_phases)))
         launch = Signal()
         setup = [
             (nr.ih, nr.iw, "pix_in"),
@@ -573,10 +580,12 @@ class ChainEngine(wiring.Component):
                 block_start = first & (g == 0)
                 with m.If(block_start & ~credit):
                     m.d.sync += self.stall_credit.eq(self.stall_credit + 1)
-                with m.If(~block_start | credit):
+                with m.If(~block_start | (credit & spaced)):
                     m.d.comb += issue.eq(1)
                     with m.If(block_start):
                         m.d.sync += issued.eq(issued + 1)
+                        if vector_phases > groups:
+                            m.d.sync += [spaced.eq(0), space_left.eq(vector_phases - 2)]
                     with m.If(is_mvu):
                         m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
                     m.d.sync += g.eq(g + 1)
@@ -629,6 +638,11 @@ class ChainEngine(wiring.Component):
                 with m.Elif(~writer.busy & (writer.written == total) & ~act.busy):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
+        if vector_phases > groups:
+            with m.If(~spaced):
+                m.d.sync += space_left.eq(space_left - 1)
+                with m.If(space_left == 0):
+                    m.d.sync += spaced.eq(1)
         m.d.comb += self.act_streaming.eq(act.streaming)
         run_busy = ~run_fsm.ongoing("IDLE")
         staged = ~setup_fsm.ongoing("IDLE")

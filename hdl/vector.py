@@ -1,10 +1,12 @@
 """The vector pipeline: reducer output -> wide BFP -> MFU slots -> storage BFP.
 
-A vector (N mantissas plus an exponent) travels as ``P = N / lanes`` *phases* of ``lanes``
-mantissas on consecutive cycles, so every per-lane circuit (aligners, adders, shifters,
-saturation) is built ``lanes`` times rather than N times. That costs no throughput: the MVU
-finishes one output block per ``P`` cycles at most, and the chain engine issues pooling and
-elementwise blocks no faster (it sweeps them with the same ``P`` lane groups).
+A vector (N mantissas plus an exponent) travels as ``P = N / vector_lanes`` *phases* of
+``vector_lanes`` mantissas on consecutive cycles, so every per-lane circuit (aligners,
+adders, shifters, saturation) is built ``vector_lanes`` times rather than N times. These
+circuits are most of the NPU's logic, which is why ``vector_lanes`` may be below the MVU's
+``lanes``: the chain engine starts blocks at least ``P`` cycles apart, which costs nothing
+where a block takes that many beats anyway (every convolution of the zoo's networks on the
+85F preset: ``N / lanes`` beats per input block and kernel position).
 
 Every renormalization needs the whole vector's largest magnitude before it can shift any
 lane, so it takes two steps (:func:`_normalize_phases`): the phases' magnitudes are ORed
@@ -47,7 +49,7 @@ CLAMP = 2
 
 def phases(cfg: NPUConfig) -> int:
     """Cycles a vector takes to pass one point of the pipeline."""
-    return cfg.native_dim // cfg.lanes
+    return cfg.native_dim // cfg.vector_lanes
 
 
 def latency(cfg: NPUConfig) -> int:
@@ -67,7 +69,7 @@ class _Stream:
     vector's exponent, plus the AUX block's lanes of this phase and its exponent."""
 
     def __init__(self, cfg: NPUConfig, name: str, width: int):
-        lanes = cfg.lanes
+        lanes = cfg.vector_lanes
         self.v = Signal(name=f"{name}_v")
         self.ph = Signal(range(max(2, phases(cfg))), name=f"{name}_ph")
         self.q = [Signal(signed(width), name=f"{name}_q{i}") for i in range(lanes)]
@@ -170,9 +172,9 @@ class VectorPipe(wiring.Component):
                 "ocnt": In(16),
                 "floor": In(signed(16)),
                 "wfloor": In(signed(16)),
-                # The reducer outputs hold for P cycles from their valid (the MVU's lane
-                # groups and the chain engine's sweep see to that); phase k reads them k
-                # cycles after it.
+                # Blocks come at least P cycles apart (the chain engine's sweep spaces
+                # them); the MVU's accumulators hold for P cycles from their valid, and
+                # phase k reads them k cycles after it.
                 "mvu_valid": In(1),
                 "mvu_acc": In(data.ArrayLayout(signed(cfg.accumulator_bits), n)),
                 "pool_valid": In(1),
@@ -196,7 +198,7 @@ class VectorPipe(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        lanes, big = cfg.lanes, cfg.mfu_mantissa_bits
+        lanes, big = cfg.vector_lanes, cfg.mfu_mantissa_bits
         p = phases(cfg)
         ops = self.ops
 
@@ -250,7 +252,7 @@ class VectorPipe(wiring.Component):
         """Stage 0's input: the reducer's lanes of phase k, k cycles after its valid; and
         the raw block's exponent for its LSB."""
         cfg = self.cfg
-        n, lanes = cfg.native_dim, cfg.lanes
+        n, lanes = cfg.native_dim, cfg.vector_lanes
         p = phases(cfg)
         ops = self.ops
         entering = Signal()
@@ -289,10 +291,24 @@ class VectorPipe(wiring.Component):
         m.d.comb += self.aux_pop.eq(entering & ops.uses_aux)
         aux_q = Mux(first_phase, self.aux_q, xq)
         m.d.comb += s.xe.eq(Mux(first_phase, self.aux_e, xe))
+        # The pool and raw blocks hold only for the sweep's lane groups: a vector taking
+        # more phases reads its later ones from a copy made with the first. (The MVU's
+        # accumulators hold long enough: its blocks start at least P cycles apart.)
+        pool_acc, raw_q = self.pool_acc, self.raw_q
+        if p > cfg.native_dim // cfg.lanes:
+            pool_acc = Signal(data.ArrayLayout(signed(POOL_BITS), n), name="pool_hold")
+            raw_q = Signal(n * 8, name="raw_q_hold")
+            with m.If(first_phase):
+                m.d.sync += [pool_acc.eq(self.pool_acc), raw_q.eq(self.raw_q)]
         for i in range(lanes):
             mvu = Array(self.mvu_acc[k * lanes + i] for k in range(p))[ph]
-            pool = Array(self.pool_acc[k * lanes + i] for k in range(p))[ph]
-            raw = Array(self.raw_q.word_select(k * lanes + i, 8).as_signed() for k in range(p))
+            pool = Array((self.pool_acc if k == 0 else pool_acc)[k * lanes + i] for k in range(p))[
+                ph
+            ]
+            raw = Array(
+                (self.raw_q if k == 0 else raw_q).word_select(k * lanes + i, 8).as_signed()
+                for k in range(p)
+            )
             aux = Array(aux_q.word_select(k * lanes + i, 8).as_signed() for k in range(p))
             m.d.comb += s.q[i].eq(
                 Mux(
@@ -313,7 +329,7 @@ class VectorPipe(wiring.Component):
     def _slot(self, m: Module, k: int, src: _Stream, ports: list) -> _Stream:
         """MFU slot ``k``: operand read, aligned op, renormalization."""
         cfg = self.cfg
-        n, lanes, big = cfg.native_dim, cfg.lanes, cfg.mfu_mantissa_bits
+        n, lanes, big = cfg.native_dim, cfg.vector_lanes, cfg.mfu_mantissa_bits
         p = phases(cfg)
         slot = self.ops.slots[k]
 

@@ -19,7 +19,8 @@ engine is idle (the cycle after the previous chain's ``done``).
 **Sweep**, per output row: ``ROW_WRAP`` (one cycle, plus one per ring correction of the
 row's ring address), ``ROW_WAIT`` until the activation loader has landed the row's kernel
 rows, one beat per cycle in ``RUN`` (``N / lanes`` beats per tile pass for ``mv_mul``, one
-per window position and block for ``v_pool``, one per block otherwise), ``ROW_NEXT``.
+per window position and block for ``v_pool``, one per block otherwise; blocks start at
+least the vector pipeline's ``N / vector_lanes`` phases apart), ``ROW_NEXT``.
 
 **Activation loader** (``hdl/actloader.py``): input rows in order into a ring of ``R =
 act_entries // (IN_W * IN_CB_CNT)`` rows, at most ``R`` rows ahead of the sweep; a row is
@@ -138,9 +139,15 @@ def setup_cycles(cfg: NPUConfig) -> int:
 
 
 def lane_groups(cfg: NPUConfig) -> int:
-    """Cycles a block takes through the vector pipeline, ``lanes`` of its N values per
-    cycle: the sweep spends that many beats on every block (the MVU's lane groups)."""
+    """Beats the sweep spends on every block per input block and kernel position: the
+    MVU's lane groups, ``lanes`` of a tile's N rows per beat."""
     return cfg.native_dim // cfg.lanes
+
+
+def vector_phases(cfg: NPUConfig) -> int:
+    """Cycles a block takes through the vector pipeline, ``vector_lanes`` of its N values
+    per cycle: the sweep starts blocks at least that many cycles apart."""
+    return cfg.native_dim // cfg.vector_lanes
 
 
 def vector_latency(cfg: NPUConfig) -> int:
@@ -148,7 +155,7 @@ def vector_latency(cfg: NPUConfig) -> int:
     register, every renormalization ``P + 3`` (stage 0, each MFU slot with its five
     registers, the re-block), the clamp's two registers, then the block's other ``P - 1``
     phases and the collection register."""
-    p = lane_groups(cfg)
+    p = vector_phases(cfg)
     return 1 + (p + 3) + MFU_SLOTS * (p + 8) + (p + 3) + 2 + (p - 1) + 1
 
 
@@ -340,6 +347,13 @@ class CycleModel:
         else:
             span = 0
             per_pixel = ocnt * lane_groups(cfg)
+        row_beats = ow * per_pixel
+        spacing = vector_phases(cfg)
+        if spacing > lane_groups(cfg) and ow * ocnt:
+            # Blocks start at least the vector's phases apart; the row change between two
+            # rows covers that for a row's first block (NPUConfig checks it).
+            per_block = per_pixel // ocnt
+            row_beats = ow * ocnt * max(per_block, spacing) - max(0, spacing - per_block)
         key = (in_addr, r(Reg.IN_CB_OFF), icnt, ih, iw)
         rows_fit = self.entries // max(1, iw * icnt) >= ih
         resident = reads_window and key == self.resident_input
@@ -350,7 +364,7 @@ class CycleModel:
             oh=oh, ow=ow, ocnt=ocnt, ocb=r(Reg.OUT_CB),
             out_exp_addr=r(Reg.OUT_ADDR) + oh * ow * r(Reg.OUT_CB) * n + r(Reg.OUT_CB_OFF),
             sh=r(Reg.STRIDE_H), pt=r(Reg.PAD_T), span=span,
-            beats_per_row=ow * per_pixel, resident=resident, aux=aux,
+            beats_per_row=row_beats, resident=resident, aux=aux,
         )  # fmt: skip
         in_bytes = 0 if resident else ih * iw * icnt * (self.mant_bytes + 1)
         return sw, oh * ow * per_pixel, in_bytes, macs

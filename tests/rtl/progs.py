@@ -15,11 +15,14 @@ from tessera import isa, layout, numerics
 from tessera.config import NPUConfig
 from tessera.isa import Operand, PoolOp, Reg
 
-#: The small NPU the RTL tests build: N=8 with 2 lane groups, so every index path is used.
+#: The small NPU the RTL tests build: N=8 with 2 lane groups, so every index path is used,
+#: and a vector pipeline of 2 lanes (4 phases), narrower than the MVU as on the 85F, so the
+#: sweep's block spacing and the vector entry's holds are used too.
 RTL_TEST_CFG = NPUConfig(
     name="rtl-test",
     native_dim=8,
     lanes=4,
+    vector_lanes=2,
     tile_buffer_tiles=32,
     vrf_depth=32,
     act_buffer_bytes=2048,

@@ -38,6 +38,6 @@ def test_burst_and_buffer_constants_match_the_rtl():
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
 def test_per_config_terms_match_the_rtl(cfg):
     assert cycles.act_entries(cfg) == actloader.act_entries(cfg)
-    assert cycles.lane_groups(cfg) == vector.phases(cfg)
+    assert cycles.vector_phases(cfg) == vector.phases(cfg)
     assert cycles.vector_latency(cfg) == vector.latency(cfg)
     assert cycles.mvu_latency(cfg) == mvu.latency(cfg) + 1  # + the output register
