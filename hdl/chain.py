@@ -381,8 +381,8 @@ class ChainEngine(wiring.Component):
             (issued - writer.written < WRITER_DEPTH - 2) & (~ops.uses_aux | (aux.queued > issued))
         )
         # Blocks start at least P (the vector pipeline's phases) cycles apart: a down-count
-        # from the last block's start. Only a vector narrower than the MVU's lane groups
-        # needs it; the row change between two rows (three cycles) always covers it.
+        # from the last block's start, across the row change too. Only a vector taking
+        # more phases than the MVU's lane groups needs it.
         vector_phases = phases(cfg)
         spaced = Signal(init=1)
         space_left = Signal(range(max(2, vector_phases)))

@@ -194,6 +194,8 @@ class _Sweep:
     pt: int
     span: int  # input rows an output row reads, minus one
     beats_per_row: int
+    spacing: int  # least cycles between two blocks' starts where it holds the sweep, else 0
+    last_block: int  # cycles from a row's first beat to its last block's start
     resident: bool
     aux: bool
 
@@ -347,13 +349,15 @@ class CycleModel:
         else:
             span = 0
             per_pixel = ocnt * lane_groups(cfg)
-        row_beats = ow * per_pixel
-        spacing = vector_phases(cfg)
-        if spacing > lane_groups(cfg) and ow * ocnt:
-            # Blocks start at least the vector's phases apart; the row change between two
-            # rows covers that for a row's first block (NPUConfig checks it).
+        # Blocks start at least the vector's phases apart (``spacing``, where a block takes
+        # fewer beats): a row's blocks, and its first one after the last row's last.
+        row_beats, spacing, last_block = ow * per_pixel, 0, 0
+        if vector_phases(cfg) > lane_groups(cfg) and ow * ocnt:
             per_block = per_pixel // ocnt
-            row_beats = ow * ocnt * max(per_block, spacing) - max(0, spacing - per_block)
+            if vector_phases(cfg) > per_block:
+                spacing = vector_phases(cfg)
+                row_beats = (ow * ocnt - 1) * spacing + per_block
+                last_block = row_beats - per_block
         key = (in_addr, r(Reg.IN_CB_OFF), icnt, ih, iw)
         rows_fit = self.entries // max(1, iw * icnt) >= ih
         resident = reads_window and key == self.resident_input
@@ -364,7 +368,8 @@ class CycleModel:
             oh=oh, ow=ow, ocnt=ocnt, ocb=r(Reg.OUT_CB),
             out_exp_addr=r(Reg.OUT_ADDR) + oh * ow * r(Reg.OUT_CB) * n + r(Reg.OUT_CB_OFF),
             sh=r(Reg.STRIDE_H), pt=r(Reg.PAD_T), span=span,
-            beats_per_row=row_beats, resident=resident, aux=aux,
+            beats_per_row=row_beats, spacing=spacing, last_block=last_block,
+            resident=resident, aux=aux,
         )  # fmt: skip
         in_bytes = 0 if resident else ih * iw * icnt * (self.mant_bytes + 1)
         return sw, oh * ow * per_pixel, in_bytes, macs
@@ -475,6 +480,8 @@ class CycleModel:
                 load_until(need)
                 ready = max(ready, landed[need])
             run = ready + 1
+            if sw.spacing and row_runs:
+                run = max(run, row_runs[-1] + sw.last_block + sw.spacing)
             row_runs.append(run)
             t = run + sw.beats_per_row + ROW_STATES - 1  # ROW_NEXT, then the next ROW_WRAP
             ring_addr += sh_rb

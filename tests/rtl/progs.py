@@ -16,13 +16,14 @@ from tessera.config import NPUConfig
 from tessera.isa import Operand, PoolOp, Reg
 
 #: The small NPU the RTL tests build: N=8 with 2 lane groups, so every index path is used,
-#: and a vector pipeline of 2 lanes (4 phases), narrower than the MVU as on the 85F, so the
-#: sweep's block spacing and the vector entry's holds are used too.
+#: and a vector pipeline of one lane (8 phases), narrower than the MVU as on the 85F, so
+#: the sweep's block spacing (within a row and across the row change) and the vector
+#: entry's holds are used too.
 RTL_TEST_CFG = NPUConfig(
     name="rtl-test",
     native_dim=8,
     lanes=4,
-    vector_lanes=2,
+    vector_lanes=1,
     tile_buffer_tiles=32,
     vrf_depth=32,
     act_buffer_bytes=2048,
