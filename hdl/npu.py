@@ -38,6 +38,12 @@ CTRL_REGS = 32
 #: the one retiring, the one in the memory's output register, the one the memory is
 #: reading, the one asked for).
 FETCH_QUEUE = 4
+#: The load unit sits away from the sequencer: a load's command reaches it through a
+#: register, and its ``busy`` comes back through one, so neither crossing has the logic of
+#: both ends in one cycle (the placed critical path ran from the load unit's burst length
+#: through its busy into the sequencer's retire decision).
+LOAD_COMMAND_STAGES = 1
+LOAD_BUSY_LAG = 1
 
 
 class Error:
@@ -105,6 +111,26 @@ class NPU(wiring.Component):
         wiring.connect(m, chain.act_bus, arb.p3)
         wiring.connect(m, loader.bus, arb.p4)
         m.d.comb += loader.hold.eq(chain.act_streaming)
+        # The sequencer's load command, registered on its way; the load unit's busy,
+        # registered on its way back. The sequencer counts the unit busy from the cycle
+        # after it starts a load until the registered busy shows it.
+        ld_start = Signal()
+        ld_kind = Signal(LoadKind)
+        ld_index = Signal(16)
+        ld_beats = Signal(32)
+        ld_addr = Signal(32)
+        m.d.sync += [
+            loader.start.eq(ld_start),
+            loader.kind.eq(ld_kind),
+            loader.index.eq(ld_index),
+            loader.beats.eq(ld_beats),
+            loader.addr.eq(ld_addr),
+        ]
+        busy_seen = Signal()
+        started = Signal(LOAD_COMMAND_STAGES + LOAD_BUSY_LAG)
+        m.d.sync += [busy_seen.eq(loader.busy), started.eq(Cat(ld_start, started[:-1]))]
+        ld_busy = Signal()
+        m.d.comb += ld_busy.eq(busy_seen | started.any())
         wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
         wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
         wiring.connect(m, chain.tile_rd, tiles.read_port())
@@ -322,11 +348,11 @@ class NPU(wiring.Component):
                                 write_ereg(d.value)
                         with m.Case(Opcode.S_LD):
                             e_busy = (chain.eregs_in_use & d_ereg).any()
-                            with m.If(~loader.busy & ~e_busy):
+                            with m.If(~ld_busy & ~e_busy):
                                 m.d.comb += [
-                                    loader.start.eq(1),
-                                    loader.kind.eq(LoadKind.SCALAR),
-                                    loader.addr.eq(d.addr),
+                                    ld_start.eq(1),
+                                    ld_kind.eq(LoadKind.SCALAR),
+                                    ld_addr.eq(d.addr),
                                 ]
                                 m.next = "SCALAR"
                         with m.Case(Opcode.M_RD, Opcode.C_RD):
@@ -336,14 +362,14 @@ class NPU(wiring.Component):
                                 (run_tile_half & d_half) != 0,
                                 (run_vrf_half & d_half) != 0,
                             )
-                            with m.If(~loader.busy & ~clash):
+                            with m.If(~ld_busy & ~clash):
                                 m.d.comb += [
                                     advance.eq(1),
-                                    loader.start.eq(1),
-                                    loader.kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
-                                    loader.index.eq(Mux(is_m, d.tile, d.vrf)),
-                                    loader.beats.eq(d_beats),
-                                    loader.addr.eq(d.addr),
+                                    ld_start.eq(1),
+                                    ld_kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
+                                    ld_index.eq(Mux(is_m, d.tile, d.vrf)),
+                                    ld_beats.eq(d_beats),
+                                    ld_addr.eq(d.addr),
                                 ]
                         with m.Case(Opcode.V_RD):
                             m.d.comb += advance.eq(1)
@@ -417,7 +443,7 @@ class NPU(wiring.Component):
                             with m.If(~ok_regs):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
-                            with m.Elif(chain.ready & ~loader.busy):
+                            with m.Elif(chain.ready & ~ld_busy):
                                 m.d.comb += [advance.eq(1), chain.start.eq(1)]
                                 th = Mux(ops.tile >= tiles_half, 2, 1)
                                 vh = 0
@@ -437,11 +463,11 @@ class NPU(wiring.Component):
                             m.d.sync += fail(Error.OUTSIDE_CHAIN)
                             m.next = "STOP"
             with m.State("DRAIN"):
-                with m.If(~running & ~loader.busy):
+                with m.If(~running & ~ld_busy):
                     m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
             with m.State("STOP"):
-                with m.If(~running & ~loader.busy):
+                with m.If(~running & ~ld_busy):
                     m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
         return m

@@ -121,10 +121,16 @@ FETCH_WAIT = 2
 #: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
 #: DRAIN state), and the host sees it one cycle later.
 HALT_TO_DONE = 2
+#: The load unit's command register between the sequencer and it, and the register its
+#: ``busy`` passes on the way back (``hdl/npu.py``): a load starts a cycle after the
+#: sequencer issues it, and the sequencer sees the unit free a cycle after it is.
+LOAD_COMMAND_STAGES = 1
+LOAD_BUSY_LAG = 1
 #: An ``s_ld`` holds the sequencer (state SCALAR) while the load unit fetches the word:
-#: these cycles besides the word's bus beats (measured on the RTL: 5 cycles in all for a
-#: 32-bit word in two 16-bit beats, 4 more than an ``s_wr``).
-SCALAR_LOAD_STATES = 3
+#: these cycles besides the word's bus beats (measured on the RTL: 6 cycles in all for a
+#: 32-bit word in two 16-bit beats, 5 more than an ``s_wr``), the command register's among
+#: them.
+SCALAR_LOAD_STATES = 3 + LOAD_COMMAND_STAGES
 
 
 def act_entries(cfg: NPUConfig) -> int:
@@ -286,6 +292,7 @@ class CycleModel:
         caller's issue() counts the last cycle)."""
         start = max(self.t_issue, self.loader_free)
         self.t_issue = start + SCALAR_LOAD_STATES + self._beats(4) - 1
+        # (the word is handed over a cycle after the unit is idle: no busy lag shows)
         self.loader_free = self.t_issue + 1
 
     def load(self, nbytes: int, tile_slot: int | None) -> None:
@@ -299,7 +306,7 @@ class CycleModel:
         else:
             half = ("v", len(self.chains) % 2)
         accept = max(self.t_issue, self.loader_free, self.half_done.get(half, -1) + 1)
-        first = max(accept + 1, self.hold_until)
+        first = max(accept + 1 + LOAD_COMMAND_STAGES, self.hold_until)
         end = first + self._beats(nbytes)
         run = self.running
         if run is not None and first < run.end:
@@ -321,7 +328,7 @@ class CycleModel:
             )
             if stretched > run.end:
                 self._extend_running(stretched)
-        self.loader_free = end + 1
+        self.loader_free = end + 1 + LOAD_BUSY_LAG
         self.t_issue = accept  # the caller's issue() counts the instruction's cycle
         self.pending_bytes += nbytes
         self.dram_bytes_total += nbytes

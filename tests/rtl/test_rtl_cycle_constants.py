@@ -14,6 +14,7 @@ from tessera.hdl import (
     loader,
     multiplier,
     mvu,
+    npu,
     params,
     vector,
     writer,
@@ -33,6 +34,8 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.MUL_LATENCY == multiplier.LATENCY
     assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
+    assert cycles.LOAD_COMMAND_STAGES == npu.LOAD_COMMAND_STAGES
+    assert cycles.LOAD_BUSY_LAG == npu.LOAD_BUSY_LAG
 
 
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
