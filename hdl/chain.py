@@ -36,6 +36,12 @@ GRID_BITS = 40
 BEAT_STAGES = 2
 
 
+#: Cycles from a chain's ``done`` to the earliest launch of the next: the sequencer
+#: registers the completion before it updates E[OUT_EREG], which the next chain may read
+#: at its launch (state ``SETTLE``).
+DONE_TO_LAUNCH = 2
+
+
 class ChainError:
     """Error codes a chain can raise (the NPU's error register)."""
 
@@ -634,17 +640,20 @@ class ChainEngine(wiring.Component):
             with m.State("DRAIN"):
                 with m.If(self.error != 0):
                     m.d.comb += self.done.eq(1)
-                    m.next = "IDLE"
+                    m.next = "SETTLE"
                 with m.Elif(~writer.busy & (writer.written == total) & ~act.busy):
                     m.d.comb += self.done.eq(1)
-                    m.next = "IDLE"
+                    m.next = "SETTLE"
+            # The chain is complete (not busy) while the sequencer's E register update lands.
+            with m.State("SETTLE"):
+                m.next = "IDLE"
         if vector_phases > groups:
             with m.If(~spaced):
                 m.d.sync += space_left.eq(space_left - 1)
                 with m.If(space_left == 0):
                     m.d.sync += spaced.eq(1)
         m.d.comb += self.act_streaming.eq(act.streaming)
-        run_busy = ~run_fsm.ongoing("IDLE")
+        run_busy = ~run_fsm.ongoing("IDLE") & ~run_fsm.ongoing("SETTLE")
         staged = ~setup_fsm.ongoing("IDLE")
         m.d.comb += self.busy.eq(run_busy | staged)
         # The in-use masks are registered, so the sequencer's hazard checks start from

@@ -44,6 +44,10 @@ FETCH_QUEUE = 4
 #: through its busy into the sequencer's retire decision).
 LOAD_COMMAND_STAGES = 1
 LOAD_BUSY_LAG = 1
+#: The same for the chain engine: a chain's hand-over reaches it through a register, and
+#: its ``ready`` comes back through one.
+HANDOVER_STAGES = 1
+READY_LAG = 1
 
 
 class Error:
@@ -240,24 +244,68 @@ class NPU(wiring.Component):
         vrf_ops = Signal(2)
         running = Signal()
         # buffer halves the chains in the engine read (tile buffer, VRF)
+        # A chain's hand-over crosses to the chain engine through registers (its start and
+        # the E registers and buffer halves it names), and the engine's ready comes back
+        # through one. Until the engine's registered state shows the chain (two cycles),
+        # the sequencer counts it in itself: in use, running, the engine not ready.
+        ch_start = Signal()
+        ch_in_ereg = Signal(4)
+        ch_out_ereg = Signal(4)
+        ch_halves = Signal(4)
+        m.d.sync += [
+            chain.start.eq(ch_start),
+            chain.in_ereg.eq(ch_in_ereg),
+            chain.out_ereg.eq(ch_out_ereg),
+            chain.halves.eq(ch_halves),
+        ]
+        handed = Signal(HANDOVER_STAGES + READY_LAG)
+        handed_eregs = Signal(isa.EXP_REG_COUNT)
+        handed_halves = Signal(4)
+        m.d.sync += handed.eq(Cat(ch_start, handed[:-1]))
+        with m.If(ch_start):
+            m.d.sync += [
+                handed_eregs.eq((1 << ch_in_ereg) | (1 << ch_out_ereg)),
+                handed_halves.eq(ch_halves),
+            ]
+        handing = Signal()
+        ready_seen = Signal()
+        m.d.comb += handing.eq(handed.any())
+        m.d.sync += ready_seen.eq(chain.ready)
+        eregs_in_use = Signal(isa.EXP_REG_COUNT)
+        m.d.comb += eregs_in_use.eq(chain.eregs_in_use | Mux(handing, handed_eregs, 0))
+        halves_in_use = Signal(4)
+        m.d.comb += halves_in_use.eq(chain.halves_in_use | Mux(handing, handed_halves, 0))
         run_tile_half = Signal(2)
         run_vrf_half = Signal(2)
         m.d.comb += [
-            run_tile_half.eq(chain.halves_in_use[:2]),
-            run_vrf_half.eq(chain.halves_in_use[2:]),
+            run_tile_half.eq(halves_in_use[:2]),
+            run_vrf_half.eq(halves_in_use[2:]),
         ]
 
-        # chain completion: max-update E[OUT_EREG]
+        # chain completion: max-update E[OUT_EREG], from registers: the chain engine's
+        # completion logic and the E registers sit apart (the placed critical path ran from
+        # the activation loader's state through ``done`` into every E register). The engine
+        # launches its next chain a cycle later to match (``chain.DONE_TO_LAUNCH``).
+        done_r = Signal()
+        done_ereg_r = Signal(4)
+        done_emax_r = Signal(signed(16))
+        done_error_r = Signal(8)
+        m.d.sync += [
+            done_r.eq(chain.done),
+            done_ereg_r.eq(chain.done_ereg),
+            done_emax_r.eq(chain.emax_out),
+            done_error_r.eq(chain.error),
+        ]
         m.d.comb += chain.emax_val.eq(eregs[chain.emax_idx])
-        with m.If(chain.done):
-            with m.If(chain.error != 0):
-                m.d.sync += self.error.eq(chain.error)
+        with m.If(done_r):
+            with m.If(done_error_r != 0):
+                m.d.sync += self.error.eq(done_error_r)
             # each E register compares itself with the chain's maximum: no 16-way read of
             # E[done_ereg] in front of the compare and the write back
             for i in range(isa.EXP_REG_COUNT):
-                with m.If((chain.done_ereg == i) & (chain.emax_out > eregs[i])):
-                    m.d.sync += eregs[i].eq(chain.emax_out)
-        m.d.comb += running.eq(chain.busy)
+                with m.If((done_ereg_r == i) & (done_emax_r > eregs[i])):
+                    m.d.sync += eregs[i].eq(done_emax_r)
+        m.d.comb += running.eq(chain.busy | handing)
 
         with m.If(self.busy):
             m.d.sync += self.cycles.eq(self.cycles + 1)
@@ -339,7 +387,7 @@ class NPU(wiring.Component):
                         with m.Case(Opcode.S_WR):
                             # An E register an in-flight chain still reads or updates is
                             # written only after that chain (program order).
-                            e_busy = (chain.eregs_in_use & d_ereg).any()
+                            e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~e_busy):
                                 m.d.comb += advance.eq(1)
                             with m.If(d_ctrl):
@@ -347,7 +395,7 @@ class NPU(wiring.Component):
                             with m.If(~e_busy):
                                 write_ereg(d.value)
                         with m.Case(Opcode.S_LD):
-                            e_busy = (chain.eregs_in_use & d_ereg).any()
+                            e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~ld_busy & ~e_busy):
                                 m.d.comb += [
                                     ld_start.eq(1),
@@ -443,8 +491,8 @@ class NPU(wiring.Component):
                             with m.If(~ok_regs):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
-                            with m.Elif(chain.ready & ~ld_busy):
-                                m.d.comb += [advance.eq(1), chain.start.eq(1)]
+                            with m.Elif(ready_seen & ~handing & ~ld_busy):
+                                m.d.comb += [advance.eq(1), ch_start.eq(1)]
                                 th = Mux(ops.tile >= tiles_half, 2, 1)
                                 vh = 0
                                 for i in range(MFU_SLOTS):
@@ -452,9 +500,9 @@ class NPU(wiring.Component):
                                     use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
                                     vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
                                 m.d.comb += [
-                                    chain.in_ereg.eq(creg(R.IN_EREG)[:4]),
-                                    chain.out_ereg.eq(creg(R.OUT_EREG)[:4]),
-                                    chain.halves.eq(
+                                    ch_in_ereg.eq(creg(R.IN_EREG)[:4]),
+                                    ch_out_ereg.eq(creg(R.OUT_EREG)[:4]),
+                                    ch_halves.eq(
                                         Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])
                                     ),
                                 ]

@@ -14,7 +14,7 @@ chain engine's set-up stage to be free, i.e. for the previous chain to have laun
 **Set-up stage** (``hdl/chain.py``): latch, reducer decode, 13 products through one
 multiplier, the ring division (one bit per cycle), the ring product: ``SETUP_FIXED + bits``
 cycles. It overlaps the previous chain; the chain launches when it is staged and the
-engine is idle (the cycle after the previous chain's ``done``).
+engine is idle (``DONE_TO_LAUNCH`` cycles after the previous chain's ``done``).
 
 **Sweep**, per output row: ``ROW_WRAP`` (one cycle, plus one per ring correction of the
 row's ring address), ``ROW_WAIT`` until the activation loader has landed the row's kernel
@@ -118,6 +118,9 @@ AUX_FIFO = 7
 #: Cycles the sequencer waits after ``start`` for its fetch queue's first word
 #: (``hdl/npu.py`` FETCH state: the read, the word's register, then the queue register).
 FETCH_WAIT = 2
+#: Cycles from a chain's done to the next chain's earliest launch: the sequencer registers
+#: the completion before it updates E[OUT_EREG] (``hdl/chain.py`` SETTLE).
+DONE_TO_LAUNCH = 2
 #: ``halt`` waits for the engine and the load unit, then ``done`` rises (``hdl/npu.py``
 #: DRAIN state), and the host sees it one cycle later.
 HALT_TO_DONE = 2
@@ -126,6 +129,9 @@ HALT_TO_DONE = 2
 #: sequencer issues it, and the sequencer sees the unit free a cycle after it is.
 LOAD_COMMAND_STAGES = 1
 LOAD_BUSY_LAG = 1
+#: The same for a chain's hand-over to the chain engine and the engine's ``ready``.
+HANDOVER_STAGES = 1
+READY_LAG = 1
 #: An ``s_ld`` holds the sequencer (state SCALAR) while the load unit fetches the word:
 #: these cycles besides the word's bus beats (measured on the RTL: 6 cycles in all for a
 #: 32-bit word in two 16-bit beats, 5 more than an ``s_wr``), the command register's among
@@ -528,7 +534,7 @@ class CycleModel:
         nbytes = in_bytes + sw.blocks * (self.mant_bytes + 1) * (2 if aux else 1)
         # v_rd .. end_chain issue one per cycle; end_chain waits for set-up and loads
         accept = max(self.t_issue + len(ops) - 1, self.setup_free, self.loader_free)
-        launch = max(accept + self.setup, self.engine_done + 1)
+        launch = max(accept + HANDOVER_STAGES + self.setup, self.engine_done + DONE_TO_LAUNCH)
         if "mv_mul" in ops:
             latency = BEAT_STAGES + mvu_latency(self.cfg)
         elif "v_pool" in ops:
@@ -537,7 +543,7 @@ class CycleModel:
             latency = BEAT_STAGES
         writer = self._writer_traffic(sw)
         done, self.hold_until, row_runs = self._run(sw, launch, latency, writer)
-        self.setup_free = launch + 1
+        self.setup_free = launch + 1 + READY_LAG
         self.engine_done = done
         self.t_issue = accept + 1
         self.running = _Running(

@@ -34,8 +34,11 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.MUL_LATENCY == multiplier.LATENCY
     assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
+    assert cycles.DONE_TO_LAUNCH == chain.DONE_TO_LAUNCH
     assert cycles.LOAD_COMMAND_STAGES == npu.LOAD_COMMAND_STAGES
     assert cycles.LOAD_BUSY_LAG == npu.LOAD_BUSY_LAG
+    assert cycles.HANDOVER_STAGES == npu.HANDOVER_STAGES
+    assert cycles.READY_LAG == npu.READY_LAG
 
 
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
