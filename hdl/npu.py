@@ -130,11 +130,14 @@ class NPU(wiring.Component):
             loader.beats.eq(ld_beats),
             loader.addr.eq(ld_addr),
         ]
-        busy_seen = Signal()
-        started = Signal(LOAD_COMMAND_STAGES + LOAD_BUSY_LAG)
-        m.d.sync += [busy_seen.eq(loader.busy), started.eq(Cat(ld_start, started[:-1]))]
+        # One flip-flop, as the retire decision reads it: the unit's busy of the last cycle,
+        # or a load started in the last LOAD_COMMAND_STAGES + LOAD_BUSY_LAG cycles.
+        started = Signal(LOAD_COMMAND_STAGES + LOAD_BUSY_LAG - 1)  # the earlier starts
         ld_busy = Signal()
-        m.d.comb += ld_busy.eq(busy_seen | started.any())
+        m.d.sync += [
+            ld_busy.eq(loader.busy | ld_start | started.any()),
+            started.eq(Cat(ld_start, started[:-1])),
+        ]
         wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
         wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
         wiring.connect(m, chain.tile_rd, tiles.read_port())
@@ -258,19 +261,24 @@ class NPU(wiring.Component):
             chain.out_ereg.eq(ch_out_ereg),
             chain.halves.eq(ch_halves),
         ]
-        handed = Signal(HANDOVER_STAGES + READY_LAG)
+        # ``handing``: a chain was handed over in the last HANDOVER_STAGES + READY_LAG
+        # cycles; ``engine_ready``: the engine was ready last cycle and no chain is being
+        # handed. One flip-flop each, as the retire decision reads them.
+        handed = Signal(HANDOVER_STAGES + READY_LAG - 1)  # the earlier hand-overs
+        handing = Signal()
+        engine_ready = Signal()
+        m.d.sync += [
+            handing.eq(ch_start | handed.any()),
+            engine_ready.eq(chain.ready & ~ch_start & ~handed.any()),
+            handed.eq(Cat(ch_start, handed[:-1])),
+        ]
         handed_eregs = Signal(isa.EXP_REG_COUNT)
         handed_halves = Signal(4)
-        m.d.sync += handed.eq(Cat(ch_start, handed[:-1]))
         with m.If(ch_start):
             m.d.sync += [
                 handed_eregs.eq((1 << ch_in_ereg) | (1 << ch_out_ereg)),
                 handed_halves.eq(ch_halves),
             ]
-        handing = Signal()
-        ready_seen = Signal()
-        m.d.comb += handing.eq(handed.any())
-        m.d.sync += ready_seen.eq(chain.ready)
         eregs_in_use = Signal(isa.EXP_REG_COUNT)
         m.d.comb += eregs_in_use.eq(chain.eregs_in_use | Mux(handing, handed_eregs, 0))
         halves_in_use = Signal(4)
@@ -491,7 +499,7 @@ class NPU(wiring.Component):
                             with m.If(~ok_regs):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
-                            with m.Elif(ready_seen & ~handing & ~ld_busy):
+                            with m.Elif(engine_ready & ~ld_busy):
                                 m.d.comb += [advance.eq(1), ch_start.eq(1)]
                                 th = Mux(ops.tile >= tiles_half, 2, 1)
                                 vh = 0
