@@ -246,7 +246,6 @@ class NPU(wiring.Component):
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
         running = Signal()
-        # buffer halves the chains in the engine read (tile buffer, VRF)
         # A chain's hand-over crosses to the chain engine through registers (its start and
         # the E registers and buffer halves it names), and the engine's ready comes back
         # through one. Until the engine's registered state shows the chain (two cycles),
@@ -283,6 +282,7 @@ class NPU(wiring.Component):
         m.d.comb += eregs_in_use.eq(chain.eregs_in_use | Mux(handing, handed_eregs, 0))
         halves_in_use = Signal(4)
         m.d.comb += halves_in_use.eq(chain.halves_in_use | Mux(handing, handed_halves, 0))
+        # buffer halves the chains in the engine read (tile buffer, VRF)
         run_tile_half = Signal(2)
         run_vrf_half = Signal(2)
         m.d.comb += [
