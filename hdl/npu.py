@@ -14,6 +14,8 @@ the chain engine and moves on. When a chain completes, ``E[OUT_EREG]`` is max-up
 the largest exponent it wrote.
 """
 
+from types import SimpleNamespace
+
 from amaranth import Cat, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import data, wiring
@@ -48,6 +50,18 @@ LOAD_BUSY_LAG = 1
 #: its ``ready`` comes back through one.
 HANDOVER_STAGES = 1
 READY_LAG = 1
+
+
+def _registered_into(
+    m: Module, unit: wiring.Component, prefix: str, ports: tuple[str, ...]
+) -> SimpleNamespace:
+    """Signals the sequencer drives, one per named input port of ``unit``, each reaching
+    the port through a register (the unit sits away from the sequencer)."""
+    drive = SimpleNamespace(
+        **{p: Signal.like(getattr(unit, p), name=f"{prefix}_{p}") for p in ports}
+    )
+    m.d.sync += [getattr(unit, p).eq(getattr(drive, p)) for p in ports]
+    return drive
 
 
 class Error:
@@ -118,25 +132,14 @@ class NPU(wiring.Component):
         # The sequencer's load command, registered on its way; the load unit's busy,
         # registered on its way back. The sequencer counts the unit busy from the cycle
         # after it starts a load until the registered busy shows it.
-        ld_start = Signal()
-        ld_kind = Signal(LoadKind)
-        ld_index = Signal(16)
-        ld_beats = Signal(32)
-        ld_addr = Signal(32)
-        m.d.sync += [
-            loader.start.eq(ld_start),
-            loader.kind.eq(ld_kind),
-            loader.index.eq(ld_index),
-            loader.beats.eq(ld_beats),
-            loader.addr.eq(ld_addr),
-        ]
+        ld = _registered_into(m, loader, "ld", ("start", "kind", "index", "beats", "addr"))
         # One flip-flop, as the retire decision reads it: the unit's busy of the last cycle,
         # or a load started in the last LOAD_COMMAND_STAGES + LOAD_BUSY_LAG cycles.
         started = Signal(LOAD_COMMAND_STAGES + LOAD_BUSY_LAG - 1)  # the earlier starts
         ld_busy = Signal()
         m.d.sync += [
-            ld_busy.eq(loader.busy | ld_start | started.any()),
-            started.eq(Cat(ld_start, started[:-1])),
+            ld_busy.eq(loader.busy | ld.start | started.any()),
+            started.eq(Cat(ld.start, started[:-1])),
         ]
         wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
         wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
@@ -250,16 +253,7 @@ class NPU(wiring.Component):
         # the E registers and buffer halves it names), and the engine's ready comes back
         # through one. Until the engine's registered state shows the chain (two cycles),
         # the sequencer counts it in itself: in use, running, the engine not ready.
-        ch_start = Signal()
-        ch_in_ereg = Signal(4)
-        ch_out_ereg = Signal(4)
-        ch_halves = Signal(4)
-        m.d.sync += [
-            chain.start.eq(ch_start),
-            chain.in_ereg.eq(ch_in_ereg),
-            chain.out_ereg.eq(ch_out_ereg),
-            chain.halves.eq(ch_halves),
-        ]
+        ch = _registered_into(m, chain, "ch", ("start", "in_ereg", "out_ereg", "halves"))
         # ``handing``: a chain was handed over in the last HANDOVER_STAGES + READY_LAG
         # cycles; ``engine_ready``: the engine was ready last cycle and no chain is being
         # handed. One flip-flop each, as the retire decision reads them.
@@ -267,16 +261,16 @@ class NPU(wiring.Component):
         handing = Signal()
         engine_ready = Signal()
         m.d.sync += [
-            handing.eq(ch_start | handed.any()),
-            engine_ready.eq(chain.ready & ~ch_start & ~handed.any()),
-            handed.eq(Cat(ch_start, handed[:-1])),
+            handing.eq(ch.start | handed.any()),
+            engine_ready.eq(chain.ready & ~ch.start & ~handed.any()),
+            handed.eq(Cat(ch.start, handed[:-1])),
         ]
         handed_eregs = Signal(isa.EXP_REG_COUNT)
         handed_halves = Signal(4)
-        with m.If(ch_start):
+        with m.If(ch.start):
             m.d.sync += [
-                handed_eregs.eq((1 << ch_in_ereg) | (1 << ch_out_ereg)),
-                handed_halves.eq(ch_halves),
+                handed_eregs.eq((1 << ch.in_ereg) | (1 << ch.out_ereg)),
+                handed_halves.eq(ch.halves),
             ]
         eregs_in_use = Signal(isa.EXP_REG_COUNT)
         m.d.comb += eregs_in_use.eq(chain.eregs_in_use | Mux(handing, handed_eregs, 0))
@@ -406,9 +400,9 @@ class NPU(wiring.Component):
                             e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~ld_busy & ~e_busy):
                                 m.d.comb += [
-                                    ld_start.eq(1),
-                                    ld_kind.eq(LoadKind.SCALAR),
-                                    ld_addr.eq(d.addr),
+                                    ld.start.eq(1),
+                                    ld.kind.eq(LoadKind.SCALAR),
+                                    ld.addr.eq(d.addr),
                                 ]
                                 m.next = "SCALAR"
                         with m.Case(Opcode.M_RD, Opcode.C_RD):
@@ -421,11 +415,11 @@ class NPU(wiring.Component):
                             with m.If(~ld_busy & ~clash):
                                 m.d.comb += [
                                     advance.eq(1),
-                                    ld_start.eq(1),
-                                    ld_kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
-                                    ld_index.eq(Mux(is_m, d.tile, d.vrf)),
-                                    ld_beats.eq(d_beats),
-                                    ld_addr.eq(d.addr),
+                                    ld.start.eq(1),
+                                    ld.kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
+                                    ld.index.eq(Mux(is_m, d.tile, d.vrf)),
+                                    ld.beats.eq(d_beats),
+                                    ld.addr.eq(d.addr),
                                 ]
                         with m.Case(Opcode.V_RD):
                             m.d.comb += advance.eq(1)
@@ -500,7 +494,7 @@ class NPU(wiring.Component):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
                             with m.Elif(engine_ready & ~ld_busy):
-                                m.d.comb += [advance.eq(1), ch_start.eq(1)]
+                                m.d.comb += [advance.eq(1), ch.start.eq(1)]
                                 th = Mux(ops.tile >= tiles_half, 2, 1)
                                 vh = 0
                                 for i in range(MFU_SLOTS):
@@ -508,9 +502,9 @@ class NPU(wiring.Component):
                                     use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
                                     vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
                                 m.d.comb += [
-                                    ch_in_ereg.eq(creg(R.IN_EREG)[:4]),
-                                    ch_out_ereg.eq(creg(R.OUT_EREG)[:4]),
-                                    ch_halves.eq(
+                                    ch.in_ereg.eq(creg(R.IN_EREG)[:4]),
+                                    ch.out_ereg.eq(creg(R.OUT_EREG)[:4]),
+                                    ch.halves.eq(
                                         Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])
                                     ),
                                 ]
