@@ -123,8 +123,9 @@ class NPUConfig:
 #: MVU multipliers plus one MFU multiplier per lane must fit the MULT18X18D count.
 PRESETS: dict[str, NPUConfig] = {
     # 128 MVU + 2 MFU multipliers (a vector in 8 phases of 2 values: the MVU gives a block
-    # every 8 cycles or slower on every ResNet / DenseNet layer) = 130 of 156 MULT18X18D;
-    # 32 MB 16-bit SDRAM. Block RAM:
+    # every 8 cycles or slower on every ResNet / DenseNet layer) = 130 of 156 MULT18X18D
+    # (132 in synthesis: the set-up stage's multiplier and one more); 32 MB 16-bit SDRAM.
+    # Block RAM:
     # the tile buffer (2 x 384 tiles: a 3x3 conv over 512 channels needs 288 per output
     # block) takes 102 DP16KD, so the activation buffer gets 7 rows of 1K-entry blocks
     # (7168 entries of 16 mantissas + 1 exponent, 56 + 4 DP16KD): 200 of 208 in all.
