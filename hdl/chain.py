@@ -26,7 +26,7 @@ from tessera.hdl.bus import BurstPort
 from tessera.hdl.loader import lg, tile_word_bits
 from tessera.hdl.mvu import MVU, SHIFT_BITS
 from tessera.hdl.params import ChainOps, ChainRegs, Reducer
-from tessera.hdl.vector import POOL_BITS, VectorPipe, phases
+from tessera.hdl.vector import POOL_BITS, VectorPipe, phases, spaces_blocks
 from tessera.hdl.writer import DEPTH as WRITER_DEPTH
 from tessera.hdl.writer import Writer
 
@@ -390,6 +390,7 @@ class ChainEngine(wiring.Component):
         # from the last block's start, across the row change too. Only a vector taking
         # more phases than the MVU's lane groups needs it.
         vector_phases = phases(cfg)
+        spacing = spaces_blocks(cfg)
         spaced = Signal(init=1)
         space_left = Signal(range(max(2, vector_phases)))
         launch = Signal()
@@ -590,7 +591,7 @@ class ChainEngine(wiring.Component):
                     m.d.comb += issue.eq(1)
                     with m.If(block_start):
                         m.d.sync += issued.eq(issued + 1)
-                        if vector_phases > groups:
+                        if spacing:
                             m.d.sync += [spaced.eq(0), space_left.eq(vector_phases - 2)]
                     with m.If(is_mvu):
                         m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
@@ -647,7 +648,7 @@ class ChainEngine(wiring.Component):
             # The chain is complete (not busy) while the sequencer's E register update lands.
             with m.State("SETTLE"):
                 m.next = "IDLE"
-        if vector_phases > groups:
+        if spacing:
             with m.If(~spaced):
                 m.d.sync += space_left.eq(space_left - 1)
                 with m.If(space_left == 0):

@@ -52,6 +52,12 @@ def phases(cfg: NPUConfig) -> int:
     return cfg.native_dim // cfg.vector_lanes
 
 
+def spaces_blocks(cfg: NPUConfig) -> bool:
+    """A vector takes more phases than the MVU's lane groups: the sweep must start blocks
+    ``phases`` apart, and the entry must keep pool and raw blocks for the later phases."""
+    return phases(cfg) > cfg.native_dim // cfg.lanes
+
+
 def latency(cfg: NPUConfig) -> int:
     """Cycles from a reducer output (its first phase) to the block at the writer's input.
 
@@ -295,7 +301,7 @@ class VectorPipe(wiring.Component):
         # more phases reads its later ones from a copy made with the first. (The MVU's
         # accumulators hold long enough: its blocks start at least P cycles apart.)
         pool_acc, raw_q = self.pool_acc, self.raw_q
-        if p > cfg.native_dim // cfg.lanes:
+        if spaces_blocks(cfg):
             pool_acc = Signal(data.ArrayLayout(signed(POOL_BITS), n), name="pool_hold")
             raw_q = Signal(n * 8, name="raw_q_hold")
             with m.If(first_phase):
