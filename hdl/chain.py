@@ -23,9 +23,10 @@ from tessera.hdl import bfp
 from tessera.hdl.actloader import ActLoader, act_entries, entry_bits
 from tessera.hdl.auxreader import AuxReader
 from tessera.hdl.bus import BurstPort
-from tessera.hdl.loader import lg, tile_word_bits
+from tessera.hdl.loader import lg
 from tessera.hdl.mvu import MVU, SHIFT_BITS
 from tessera.hdl.params import ChainOps, ChainRegs, Reducer
+from tessera.hdl.tilebuffer import read_signature as tile_read_signature
 from tessera.hdl.vector import POOL_BITS, VectorPipe, phases, spaces_blocks
 from tessera.hdl.writer import DEPTH as WRITER_DEPTH
 from tessera.hdl.writer import Writer
@@ -56,7 +57,6 @@ class ChainEngine(wiring.Component):
         self.groups = n // lanes
         eb = entry_bits(cfg)
         half = (act_entries(cfg) + 1) // 2
-        tdepth = 2 * cfg.tile_buffer_tiles * self.groups
         super().__init__(
             {
                 "start": In(1),
@@ -94,11 +94,7 @@ class ChainEngine(wiring.Component):
                 "act_exp_rd1": In(
                     ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
                 ),
-                "tile_rd": In(
-                    ReadPort.Signature(
-                        addr_width=max(1, (tdepth - 1).bit_length()), shape=tile_word_bits(cfg)
-                    )
-                ),
+                "tile_rd": In(tile_read_signature(cfg)),
                 "vrf0": In(VectorPipe.port_signature(cfg, "vrf0")),
                 "vrf1": In(VectorPipe.port_signature(cfg, "vrf1")),
             }
@@ -251,11 +247,13 @@ class ChainEngine(wiring.Component):
             self.act_mant_rd.en.eq(1),
             self.act_exp_rd0.en.eq(1),
             self.act_exp_rd1.en.eq(1),
-            self.tile_rd.en.eq(1),
         ]
         # The tile read goes out BEAT_STAGES cycles after the activation read, so that its
-        # word meets the clamped block at the MVU's operand registers.
-        tile_addr = [Signal.like(self.tile_rd.addr, name=f"tile_a{i}") for i in range(BEAT_STAGES)]
+        # word meets the clamped block at the MVU's operand registers. The last of those
+        # registers is the tile buffer's (a copy per bank), so here are the others.
+        tile_addr = [
+            Signal.like(self.tile_rd.addr, name=f"tile_a{i}") for i in range(BEAT_STAGES - 1)
+        ]
         m.d.sync += tile_addr[0].eq((tile << lg(groups)) | g if groups > 1 else tile)
         m.d.sync += [a.eq(b) for a, b in zip(tile_addr[1:], tile_addr, strict=False)]
         m.d.comb += self.tile_rd.addr.eq(tile_addr[-1])

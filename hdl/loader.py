@@ -8,7 +8,7 @@ row exponents, and tile-buffer word ``tile * N/lanes + g`` holds rows ``g*lanes 
 their exponents, so a beat's two bytes always fall into one word.
 """
 
-from amaranth import Const, Module, Mux, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import enum, wiring
 from amaranth.lib.memory import WritePort
@@ -17,6 +17,8 @@ from amaranth.lib.wiring import In, Out
 from tessera import layout
 from tessera.config import NPUConfig
 from tessera.hdl.bus import BEAT_BYTES, BurstPort
+from tessera.hdl.tilebuffer import WRITE_STAGES as TILE_WRITE_STAGES
+from tessera.hdl.tilebuffer import write_signature as tile_write_signature
 
 #: Beats per burst the loader asks for: short enough that the chain's own traffic, which
 #: has priority, never waits long behind it.
@@ -75,10 +77,6 @@ def load_beats(cfg: NPUConfig, tiles: Value, count: Value) -> Value:
     return Mux(tiles, times(tile_beats), times(cfg.native_dim + 1))
 
 
-def tile_word_bits(cfg: NPUConfig) -> int:
-    return cfg.lanes * (cfg.native_dim + 1) * 8
-
-
 def vrf_word_bits(cfg: NPUConfig) -> int:
     return (cfg.native_dim + 1) * 16
 
@@ -90,8 +88,6 @@ class Loader(wiring.Component):
         self.groups = n // lanes
         if lanes < 2 or cfg.mantissa_bits > 8:
             raise ValueError("the RTL needs lanes >= 2 and mantissa_bits <= 8 (int8 storage)")
-        tiles = 2 * cfg.tile_buffer_tiles
-        self.tile_depth = tiles * self.groups
         super().__init__(
             {
                 "start": In(1),
@@ -106,13 +102,7 @@ class Loader(wiring.Component):
                 "scalar": Out(signed(32)),
                 "scalar_valid": Out(1),
                 "bus": Out(BurstPort),
-                "tile_wr": In(
-                    WritePort.Signature(
-                        addr_width=max(1, (self.tile_depth - 1).bit_length()),
-                        shape=tile_word_bits(cfg),
-                        granularity=8,
-                    )
-                ),
+                "tile_wr": In(tile_write_signature(cfg)),
                 "vrf_wr": In(
                     WritePort.Signature(
                         addr_width=max(1, (cfg.vrf_depth - 1).bit_length()),
@@ -134,16 +124,18 @@ class Loader(wiring.Component):
         item = Signal(16)  # tile or vector being written
         off = Signal(range(max(tbytes, 2 * n + 2) + 1))  # byte offset inside the item
         inflight = Signal(range(3))  # bursts granted and not done: up to two, back to back
-        # A write is in the buffers' port registers (their bytes land next cycle): set with
-        # the ports' byte enables, so ``busy`` needs no OR over the tile port's 136 of them.
-        port_write = Signal()
+        # A write is on its way: bit 0 in the buffers' port registers, set with the ports'
+        # byte enables (so ``busy`` needs no OR over the tile port's 136 of them), then the
+        # tile buffer's bank copies. A c_rd's constants land a cycle earlier; one rule for
+        # both loads keeps the cycle model's one constant.
+        writing = Signal(1 + TILE_WRITE_STAGES)
 
         bus = self.bus
         tw, vw = self.tile_wr, self.vrf_wr
         m.d.comb += [
             bus.write.eq(0),
             bus.addr.eq(addr),
-            self.busy.eq((budget.chunk != 0) | (inflight != 0) | port_write),
+            self.busy.eq((budget.chunk != 0) | (inflight != 0) | writing.any()),
         ]
         m.d.comb += bus.len.eq(budget.chunk)
         m.d.comb += bus.req.eq((budget.chunk != 0) & (inflight < 2) & ~self.hold)
@@ -180,12 +172,14 @@ class Loader(wiring.Component):
             m.d.comb += [word_in_tile.eq(r >> lg(lanes)), lane.eq(row_bytes + (r & (lanes - 1)))]
         m.d.sync += [
             tw.addr.eq(item * groups + word_in_tile),
-            tw.data.eq(beat.replicate(len(tw.data) // 16)),
+            tw.pair.eq(beat),
             vw.addr.eq(item),
             vw.data.eq(beat.replicate(len(vw.data) // 16)),
             tw.en.eq(0),
             vw.en.eq(0),
-            port_write.eq(bus.rvalid & ((kind == LoadKind.TILES) | (kind == LoadKind.CONSTS))),
+            writing.eq(
+                Cat(bus.rvalid & ((kind == LoadKind.TILES) | (kind == LoadKind.CONSTS)), writing)
+            ),
         ]
 
         with m.If(bus.rvalid):

@@ -29,8 +29,9 @@ from tessera.hdl.arbiter import Arbiter
 from tessera.hdl.bus import MemBus
 from tessera.hdl.chain import ChainEngine
 from tessera.hdl.decoder import Decoded, Decoder, Opcode
-from tessera.hdl.loader import Loader, LoadKind, load_beats, tile_word_bits, vrf_word_bits
+from tessera.hdl.loader import Loader, LoadKind, load_beats, vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, ChainOps, ChainRegs, MfuOp, Reducer
+from tessera.hdl.tilebuffer import TileBuffer
 from tessera.isa import Reg
 
 #: Instruction memory words (the host loads the program here before ``start``).
@@ -101,15 +102,13 @@ class NPU(wiring.Component):
         m = Module()
         cfg = self.cfg
         n = cfg.native_dim
-        groups = n // cfg.lanes
 
         # ------------------------------------------------------------ memories
         m.submodules.imem = imem = Memory(shape=isa.WORD_BITS, depth=self.imem_depth, init=[])
         iw = imem.write_port()
         ir = imem.read_port()
         m.d.comb += [iw.en.eq(self.prog_we), iw.addr.eq(self.prog_addr), iw.data.eq(self.prog_data)]
-        tdepth = 2 * cfg.tile_buffer_tiles * groups
-        m.submodules.tiles = tiles = Memory(shape=tile_word_bits(cfg), depth=tdepth, init=[])
+        m.submodules.tiles = tiles = TileBuffer(cfg, ecp5=self.ecp5)
         m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
         cap = act_entries(cfg)
         m.submodules.act_mant = act_mant = Memory(shape=n * 8, depth=cap, init=[])
@@ -141,9 +140,9 @@ class NPU(wiring.Component):
             ld_busy.eq(loader.busy | ld.start | started.any()),
             started.eq(Cat(ld.start, started[:-1])),
         ]
-        wiring.connect(m, loader.tile_wr, tiles.write_port(granularity=8))
+        wiring.connect(m, loader.tile_wr, tiles.wr)
         wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
-        wiring.connect(m, chain.tile_rd, tiles.read_port())
+        wiring.connect(m, chain.tile_rd, tiles.rd)
         wiring.connect(m, chain.vrf0, vrf.read_port())
         wiring.connect(m, chain.vrf1, vrf.read_port())
         wiring.connect(m, chain.act_mant_wr, act_mant.write_port(granularity=16))

@@ -129,6 +129,9 @@ HALT_TO_DONE = 2
 #: sequencer issues it, and the sequencer sees the unit free a cycle after it is.
 LOAD_COMMAND_STAGES = 1
 LOAD_BUSY_LAG = 1
+#: A loaded beat's bytes pass the load unit's port register, then the tile buffer's bank
+#: copies (``hdl/tilebuffer.py``); the unit is busy until they land.
+TILE_WRITE_STAGES = 1
 #: The same for a chain's hand-over to the chain engine and the engine's ``ready``.
 HANDOVER_STAGES = 1
 READY_LAG = 1
@@ -334,7 +337,7 @@ class CycleModel:
             )
             if stretched > run.end:
                 self._extend_running(stretched)
-        self.loader_free = end + 1 + LOAD_BUSY_LAG
+        self.loader_free = end + 1 + TILE_WRITE_STAGES + LOAD_BUSY_LAG
         self.t_issue = accept  # the caller's issue() counts the instruction's cycle
         self.pending_bytes += nbytes
         self.dram_bytes_total += nbytes
