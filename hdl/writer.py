@@ -16,11 +16,11 @@ keeps the largest written exponent for ``OUT_EREG``.
 
 from amaranth import Cat, Module, Mux, Signal, signed
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from tessera.config import NPUConfig
 from tessera.hdl.bus import BurstPort
+from tessera.hdl.lutfifo import LutFIFO
 
 #: Blocks the writer buffers: the chain engine never has more than this many in flight.
 DEPTH = 64
@@ -58,7 +58,7 @@ class Writer(wiring.Component):
         m = Module()
         n = self.cfg.native_dim
         gran = n // 2  # beats per block
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=n * 8 + 8, depth=DEPTH)
+        m.submodules.fifo = fifo = LutFIFO(width=n * 8 + 8, depth=DEPTH)
         m.d.comb += [
             fifo.w_en.eq(self.in_valid),
             fifo.w_data.eq(Cat(self.in_q, self.in_e)),
