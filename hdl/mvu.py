@@ -133,25 +133,30 @@ class MVU(wiring.Component):
             m.d.sync += term.eq(level[0] << shifts[lane])
             dots.append(term)
 
-        c = ctrl[-1]
-        valid, first, last, group = c[0], c[1], c[2], c[3:]
+        # Each lane's accumulators (rows g * lanes + lane) take the control's last stage
+        # from a copy of their own, so they sit by the lane's adder tree rather than
+        # around one register driving all of them (1,272 readers across the die).
+        ctrl_bits = 3 + len(self.group)  # valid, first, last, group
         accs = [Signal(signed(ab), name=f"acc{r}") for r in range(n)]
-        done = Signal()
-        m.d.sync += done.eq(0)
-        with m.If(valid):
+        for lane in range(lanes):
+            lane_ctrl = DistributionRegister(ctrl_bits, ecp5=self.ecp5)
+            m.submodules[f"ctrl_lane{lane}"] = lane_ctrl
+            m.d.comb += lane_ctrl.d.eq(ctrl[-2][:ctrl_bits])
+            c = lane_ctrl.q
+            valid, first, last, group = c[0], c[1], c[2], c[3:]
             for g in range(self.groups):
-                with m.If(group == g):
-                    for lane in range(lanes):
-                        r = g * lanes + lane
-                        nv = Signal(signed(ab), name=f"nv{r}")
-                        with m.If(first):
-                            m.d.comb += nv.eq(dots[lane])
-                        with m.Else():
-                            m.d.comb += nv.eq(accs[r] + dots[lane])
-                        m.d.sync += accs[r].eq(nv)
-                        with m.If(last):
-                            m.d.sync += self.acc[r].eq(nv)
-                    if g == self.groups - 1:
-                        m.d.sync += done.eq(last)
+                r = g * lanes + lane
+                with m.If(valid & (group == g)):
+                    nv = Signal(signed(ab), name=f"nv{r}")
+                    with m.If(first):
+                        m.d.comb += nv.eq(dots[lane])
+                    with m.Else():
+                        m.d.comb += nv.eq(accs[r] + dots[lane])
+                    m.d.sync += accs[r].eq(nv)
+                    with m.If(last):
+                        m.d.sync += self.acc[r].eq(nv)
+        c = ctrl[-1]
+        done = Signal()
+        m.d.sync += done.eq(c[0] & c[2] & (c[3:] == self.groups - 1))
         m.d.comb += self.out_valid.eq(done)
         return m
