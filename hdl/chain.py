@@ -19,7 +19,8 @@ from amaranth.lib.wiring import In, Out
 
 from tessera import numerics
 from tessera.config import NPUConfig
-from tessera.hdl import bfp
+from tessera.hdl import actbuffer, bfp
+from tessera.hdl.actbuffer import ActBuffer
 from tessera.hdl.actloader import ActLoader, act_entries, entry_bits
 from tessera.hdl.auxreader import AuxReader
 from tessera.hdl.bus import BurstPort
@@ -87,7 +88,7 @@ class ChainEngine(wiring.Component):
                 "act_mant_wr": In(ActLoader.port_signature(cfg, "mant_wr")),
                 "act_exp_wr0": In(ActLoader.port_signature(cfg, "exp_wr0")),
                 "act_exp_wr1": In(ActLoader.port_signature(cfg, "exp_wr1")),
-                "act_mant_rd": In(ReadPort.Signature(addr_width=eb, shape=n * 8)),
+                "act_mant_rd": In(ActBuffer.read_signature(eb, n * 8)),
                 "act_exp_rd0": In(
                     ReadPort.Signature(addr_width=max(1, (half - 1).bit_length()), shape=8)
                 ),
@@ -244,15 +245,16 @@ class ChainEngine(wiring.Component):
             self.act_mant_rd.addr.eq(ent),
             self.act_exp_rd0.addr.eq(ent[1:]),
             self.act_exp_rd1.addr.eq(ent[1:]),
-            self.act_mant_rd.en.eq(1),
             self.act_exp_rd0.en.eq(1),
             self.act_exp_rd1.en.eq(1),
         ]
-        # The tile read goes out BEAT_STAGES cycles after the activation read, so that its
-        # word meets the clamped block at the MVU's operand registers. The last of those
-        # registers is the tile buffer's (a copy per bank), so here are the others.
+        # The tile read goes out BEAT_STAGES + actbuffer.READ_STAGES cycles after the
+        # activation read, so that its word meets the clamped block at the MVU's operand
+        # registers. The last of those registers is the tile buffer's (a copy per bank),
+        # so here are the others.
         tile_addr = [
-            Signal.like(self.tile_rd.addr, name=f"tile_a{i}") for i in range(BEAT_STAGES - 1)
+            Signal.like(self.tile_rd.addr, name=f"tile_a{i}")
+            for i in range(BEAT_STAGES + actbuffer.READ_STAGES - 1)
         ]
         m.d.sync += tile_addr[0].eq((tile << lg(groups)) | g if groups > 1 else tile)
         m.d.sync += [a.eq(b) for a, b in zip(tile_addr[1:], tile_addr, strict=False)]
@@ -272,24 +274,26 @@ class ChainEngine(wiring.Component):
             d_inwin.eq(inwin),
             d_odd.eq(ent[0]),
         ]
-        # Beat stage B: the block RAMs' words, registered (their clock-to-output is most of
-        # a cycle), with the beat's control.
+        # The exponent memories answer now; the mantissa banks register their words first
+        # (actbuffer.READ_STAGES), so the exponent and the beat's control wait for them.
+        beat = [d_issue, d_first, d_last, d_g, d_inwin]
+        beat.append(Mux(d_odd, self.act_exp_rd1.data, self.act_exp_rd0.data).as_signed())
+        for stage in range(actbuffer.READ_STAGES):
+            held = [Signal(v.shape(), name=f"a{stage}_{i}") for i, v in enumerate(beat)]
+            m.d.sync += [h.eq(v) for h, v in zip(held, beat, strict=True)]
+            beat = held
+        a_issue, a_first, a_last, a_g, a_inwin, a_e = beat
+        # Beat stage B: the block's words, registered, with the beat's control.
         b_issue, b_first, b_last, b_g = Signal(), Signal(), Signal(), Signal.like(g)
         raw_q = Signal(n * 8)
         raw_e = Signal(signed(8))
         m.d.sync += [
-            b_issue.eq(d_issue),
-            b_first.eq(d_first),
-            b_last.eq(d_last),
-            b_g.eq(d_g),
-            raw_q.eq(Mux(d_inwin, self.act_mant_rd.data, 0)),
-            raw_e.eq(
-                Mux(
-                    d_inwin,
-                    Mux(d_odd, self.act_exp_rd1.data, self.act_exp_rd0.data),
-                    numerics.E_ZERO,
-                )
-            ),
+            b_issue.eq(a_issue),
+            b_first.eq(a_first),
+            b_last.eq(a_last),
+            b_g.eq(a_g),
+            raw_q.eq(Mux(a_inwin, self.act_mant_rd.data, 0)),
+            raw_e.eq(Mux(a_inwin, a_e, numerics.E_ZERO)),
         ]
         # Beat stage C: the clamp to the tensor grid (blocks below floor are shifted and
         # rounded onto it) worked out from the exponent, registered before the lanes move.

@@ -24,6 +24,7 @@ from amaranth.lib.wiring import In, Out
 
 from tessera import isa
 from tessera.config import NPUConfig
+from tessera.hdl.actbuffer import ActBuffer
 from tessera.hdl.actloader import act_entries
 from tessera.hdl.arbiter import Arbiter
 from tessera.hdl.bus import MemBus
@@ -101,7 +102,6 @@ class NPU(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        n = cfg.native_dim
 
         # ------------------------------------------------------------ memories
         m.submodules.imem = imem = Memory(shape=isa.WORD_BITS, depth=self.imem_depth, init=[])
@@ -111,7 +111,7 @@ class NPU(wiring.Component):
         m.submodules.tiles = tiles = TileBuffer(cfg, ecp5=self.ecp5)
         m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
         cap = act_entries(cfg)
-        m.submodules.act_mant = act_mant = Memory(shape=n * 8, depth=cap, init=[])
+        m.submodules.act_mant = act_mant = ActBuffer.for_config(cfg, cap)
         half = (cap + 1) // 2
         m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
         m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
@@ -145,10 +145,10 @@ class NPU(wiring.Component):
         wiring.connect(m, chain.tile_rd, tiles.rd)
         wiring.connect(m, chain.vrf0, vrf.read_port())
         wiring.connect(m, chain.vrf1, vrf.read_port())
-        wiring.connect(m, chain.act_mant_wr, act_mant.write_port(granularity=16))
+        wiring.connect(m, chain.act_mant_wr, act_mant.wr)
         wiring.connect(m, chain.act_exp_wr0, act_exp0.write_port())
         wiring.connect(m, chain.act_exp_wr1, act_exp1.write_port())
-        wiring.connect(m, chain.act_mant_rd, act_mant.read_port())
+        wiring.connect(m, chain.act_mant_rd, act_mant.rd)
         wiring.connect(m, chain.act_exp_rd0, act_exp0.read_port())
         wiring.connect(m, chain.act_exp_rd1, act_exp1.read_port())
 

@@ -83,6 +83,8 @@ ROW_LOAD_STATES = 1
 #: Registered beat stages between the activation buffer's answer and every reducer (the
 #: words, then the clamp's shift and mask: ``hdl/chain.py`` BEAT_STAGES).
 BEAT_STAGES = 2
+#: The activation buffer's register at each of its banks (``hdl/actbuffer.py``).
+ACT_READ_STAGES = 1
 #: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the clamped
 #: mantissas' register, the grid values' register, the accumulator).
 POOL_LATENCY = 3
@@ -538,12 +540,13 @@ class CycleModel:
         # v_rd .. end_chain issue one per cycle; end_chain waits for set-up and loads
         accept = max(self.t_issue + len(ops) - 1, self.setup_free, self.loader_free)
         launch = max(accept + HANDOVER_STAGES + self.setup, self.engine_done + DONE_TO_LAUNCH)
+        beat = ACT_READ_STAGES + BEAT_STAGES
         if "mv_mul" in ops:
-            latency = BEAT_STAGES + mvu_latency(self.cfg)
+            latency = beat + mvu_latency(self.cfg)
         elif "v_pool" in ops:
-            latency = BEAT_STAGES + POOL_LATENCY
+            latency = beat + POOL_LATENCY
         else:
-            latency = BEAT_STAGES
+            latency = beat
         writer = self._writer_traffic(sw)
         done, self.hold_until, row_runs = self._run(sw, launch, latency, writer)
         self.setup_free = launch + 1 + READY_LAG

@@ -7,6 +7,7 @@ from progs import RTL_TEST_CFG
 
 from tessera.config import get_config
 from tessera.hdl import (
+    actbuffer,
     actloader,
     arbiter,
     auxreader,
@@ -35,6 +36,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.MUL_LATENCY == multiplier.LATENCY
     assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
+    assert cycles.ACT_READ_STAGES == actbuffer.READ_STAGES
     assert cycles.DONE_TO_LAUNCH == chain.DONE_TO_LAUNCH
     assert cycles.LOAD_COMMAND_STAGES == npu.LOAD_COMMAND_STAGES
     assert cycles.LOAD_BUSY_LAG == npu.LOAD_BUSY_LAG
