@@ -52,6 +52,9 @@ LOAD_BUSY_LAG = 1
 #: its ``ready`` comes back through one.
 HANDOVER_STAGES = 1
 READY_LAG = 1
+#: And its ``busy``: the sequencer sees the engine idle a cycle after it is (a load into
+#: the half a chain read, and the drain at ``halt``, wait that cycle).
+RUNNING_LAG = 1
 
 
 def _registered_into(
@@ -306,7 +309,10 @@ class NPU(wiring.Component):
             for i in range(isa.EXP_REG_COUNT):
                 with m.If((done_ereg_r == i) & (done_emax_r > eregs[i])):
                     m.d.sync += eregs[i].eq(done_emax_r)
-        m.d.comb += running.eq(chain.busy | handing)
+        # One flip-flop, as the retire decision reads it: the engine was busy last cycle,
+        # or a chain is being handed over (the engine's state decode was on the placed
+        # critical path into the sequencer's decode).
+        m.d.sync += running.eq(chain.busy | ch.start | handed.any())
 
         with m.If(self.busy):
             m.d.sync += self.cycles.eq(self.cycles + 1)

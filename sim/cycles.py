@@ -137,6 +137,9 @@ TILE_WRITE_STAGES = 1
 #: The same for a chain's hand-over to the chain engine and the engine's ``ready``.
 HANDOVER_STAGES = 1
 READY_LAG = 1
+#: And the engine's ``busy``: a load into a half the last chain read, and the drain at
+#: ``halt``, see the engine idle a cycle after it is.
+RUNNING_LAG = 1
 #: An ``s_ld`` holds the sequencer (state SCALAR) while the load unit fetches the word:
 #: these cycles besides the word's bus beats (measured on the RTL: 6 cycles in all for a
 #: 32-bit word in two 16-bit beats, 5 more than an ``s_wr``), the command register's among
@@ -316,7 +319,7 @@ class CycleModel:
             half = ("t", tile_slot // self.cfg.tile_buffer_tiles)
         else:
             half = ("v", len(self.chains) % 2)
-        accept = max(self.t_issue, self.loader_free, self.half_done.get(half, -1) + 1)
+        accept = max(self.t_issue, self.loader_free, self.half_done.get(half, -1) + 1 + RUNNING_LAG)
         first = max(accept + 1 + LOAD_COMMAND_STAGES, self.hold_until)
         end = first + self._beats(nbytes)
         run = self.running
@@ -582,7 +585,9 @@ class CycleModel:
                 self.half_done[key] = done
 
     def finish(self) -> int:
-        return max(self.t_issue, self.engine_done + 1, self.loader_free) + HALT_TO_DONE
+        return (
+            max(self.t_issue, self.engine_done + 1 + RUNNING_LAG, self.loader_free) + HALT_TO_DONE
+        )
 
 
 class _Registers:

@@ -43,6 +43,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.TILE_WRITE_STAGES == tilebuffer.WRITE_STAGES
     assert cycles.HANDOVER_STAGES == npu.HANDOVER_STAGES
     assert cycles.READY_LAG == npu.READY_LAG
+    assert cycles.RUNNING_LAG == npu.RUNNING_LAG
 
 
 @pytest.mark.parametrize("cfg", [RTL_TEST_CFG, get_config("ulx3s-85f")], ids=lambda c: c.name)
