@@ -104,10 +104,11 @@ def synthesize(
         str(seed),
         "--report",
         "nextpnr-report.json",
-        # router1 had routed about 20 k of the 85F's 225 k arcs after 13 minutes (timing far
-        # from met); router2 is nextpnr's router for large designs.
+        # router1: on the floorplanned 85F it routed f1ab857 (seed 2) in 54 minutes at
+        # 60.6 MHz, where router2's overused wires fell and then rose again on every
+        # placement since de8fb3d (it only finished on a looser one, at 36.5 MHz).
         "--router",
-        "router2",
+        "router1",
     ]
     if not route:
         cmd += ["--no-route", "--write", "placed.json"]
