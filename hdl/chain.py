@@ -25,6 +25,8 @@ from tessera.hdl.actloader import ActLoader, act_entries, entry_bits
 from tessera.hdl.auxreader import AuxReader
 from tessera.hdl.bus import BurstPort
 from tessera.hdl.loader import lg
+from tessera.hdl.multiplier import LATENCY as MUL_LATENCY
+from tessera.hdl.multiplier import Multiplier
 from tessera.hdl.mvu import MVU, SHIFT_BITS
 from tessera.hdl.params import ChainOps, ChainRegs, Reducer
 from tessera.hdl.tilebuffer import read_signature as tile_read_signature
@@ -166,12 +168,11 @@ class ChainEngine(wiring.Component):
         m.d.comb += self.emax_out.eq(writer.emax)
 
         # ---------------------------------------------------------------- set-up products
-        # One MULT18X18D: every operand (pixels per tensor, blocks per row, strides) is below
-        # 2**18, i.e. tensors up to 512 x 512 pixels.
-        mul_a = Signal(18)
-        mul_b = Signal(18)
-        prod = Signal(36)
-        m.d.comb += prod.eq(mul_a * mul_b)
+        # One registered MULT18X18D (yosys made the inferred multiply a combinational one,
+        # the routed design's critical path): every operand (pixels per tensor, blocks per
+        # row, strides) is below 2**18, i.e. tensors up to 512 x 512 pixels.
+        m.submodules.setup_mul = setup_mul = Multiplier(18, 18, ecp5=self.ecp5, is_signed=False)
+        mul_a, mul_b, prod = setup_mul.a, setup_mul.b, setup_mul.p
         rem = Signal(eb + 3)
         div_i = Signal(range(eb + 3))
         # residency of the input slice (mv_mul / v_pool chains only, as the cycle model)
@@ -396,21 +397,28 @@ class ChainEngine(wiring.Component):
         spaced = Signal(init=1)
         space_left = Signal(range(max(2, vector_phases)))
         launch = Signal()
+        # (a, b, dst): stg[dst] = a * b, one a cycle through the multiplier's pipeline, so a
+        # product another one reads comes at least MUL_LATENCY + 1 entries before it.
         setup = [
             (nr.ih, nr.iw, "pix_in"),
-            ("pix_in", nr.icb, "in_plane"),
             (nr.oh, nr.ow, "pix_out"),
-            ("pix_out", nr.ocb, "out_plane"),
-            ("pix_out", nr.acb, "aux_plane"),
-            ("pix_out", nr.ocnt, "total"),
             (nr.iw, nr.icnt, "rowblocks"),
-            ("dh", "rowblocks", "dh_rb"),
-            (nr.sh, "rowblocks", "sh_rb"),
-            (nr.pt, "rowblocks", "pt_rb"),
             ("dw", nr.icnt, "dw_c"),
             (nr.sw, nr.icnt, "sw_c"),
             (nr.pl, nr.icnt, "pl_c"),
+            ("pix_in", nr.icb, "in_plane"),
+            ("pix_out", nr.ocb, "out_plane"),
+            ("pix_out", nr.acb, "aux_plane"),
+            ("pix_out", nr.ocnt, "total"),
+            ("dh", "rowblocks", "dh_rb"),
+            (nr.sh, "rowblocks", "sh_rb"),
+            (nr.pt, "rowblocks", "pt_rb"),
         ]
+        made_at = {dst: i for i, (_, _, dst) in enumerate(setup)}
+        for j, (a, b, _) in enumerate(setup):
+            for operand in (a, b):
+                if isinstance(operand, str) and operand in made_at:
+                    assert j > made_at[operand] + MUL_LATENCY, (operand, j)
         # The E registers in use as one-hot masks, so the sequencer's hazard check is an AND.
         stg_in_mask = Signal(16)
         # the masks of the chain the sequencer presents (staged as they are, and in use
@@ -468,14 +476,19 @@ class ChainEngine(wiring.Component):
                         stg["kh_m1"].eq(0), stg["kw_m1"].eq(0), stg["cbn_m1"].eq(0),
                     ]  # fmt: skip
                 m.next = "P0"
-            for i, (a, b, dst) in enumerate(setup):
+            # P<i> feeds product i to the multiplier and takes product i - MUL_LATENCY.
+            steps = len(setup) + MUL_LATENCY
+            for i in range(steps):
                 with m.State(f"P{i}"):
-                    m.d.comb += [
-                        mul_a.eq(stg[a] if isinstance(a, str) else a),
-                        mul_b.eq(stg[b] if isinstance(b, str) else b),
-                    ]
-                    m.d.sync += stg[dst].eq(prod)
-                    if i + 1 < len(setup):
+                    if i < len(setup):
+                        a, b, _ = setup[i]
+                        m.d.comb += [
+                            mul_a.eq(stg[a] if isinstance(a, str) else a),
+                            mul_b.eq(stg[b] if isinstance(b, str) else b),
+                        ]
+                    if i >= MUL_LATENCY:
+                        m.d.sync += stg[setup[i - MUL_LATENCY][2]].eq(prod)
+                    if i + 1 < steps:
                         m.next = f"P{i + 1}"
                     else:
                         m.d.sync += [rem.eq(0), stg["ring_rows"].eq(0), div_i.eq(eb + 2)]
@@ -495,7 +508,6 @@ class ChainEngine(wiring.Component):
                     m.next = "RING"
             with m.State("RING"):
                 m.d.comb += [mul_a.eq(stg["ring_rows"]), mul_b.eq(stg["rowblocks"])]
-                m.d.sync += stg["ring"].eq(prod)
                 # A row is one segment when the chain reads every channel block of it.
                 contiguous = nr.icnt == nr.icb
                 rb = stg["rowblocks"]
@@ -505,7 +517,15 @@ class ChainEngine(wiring.Component):
                     stg["seg_mstep"].eq(Mux(contiguous, rb << lg(n), nr.icb << lg(n))),
                     stg["seg_estep"].eq(Mux(contiguous, rb, nr.icb)),
                 ]
-                m.next = "READY"
+                m.next = "RING1"
+            # The ring product comes out of the multiplier's pipeline.
+            for i in range(1, MUL_LATENCY + 1):
+                with m.State(f"RING{i}"):
+                    if i < MUL_LATENCY:
+                        m.next = f"RING{i + 1}"
+                    else:
+                        m.d.sync += stg["ring"].eq(prod)
+                        m.next = "READY"
             with m.State("READY"):
                 with m.If(launch):
                     m.next = "IDLE"

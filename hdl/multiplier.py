@@ -1,4 +1,4 @@
-"""One registered signed multiplier: a MULT18X18D on ECP5, plain ``*`` elsewhere.
+"""One registered multiplier: a MULT18X18D on ECP5, plain ``*`` elsewhere.
 
 yosys maps an inferred multiply to a MULT18X18D but leaves it combinational (no input or
 output registers absorbed), which cost a 64-lane MAC array a quarter of its Fmax on the
@@ -7,7 +7,7 @@ generic path used in simulation has the same two-cycle latency, so the RTL simul
 the RTL synthesized schedule identically.
 """
 
-from amaranth import ClockSignal, Instance, Module, Signal, signed
+from amaranth import ClockSignal, Instance, Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -16,22 +16,25 @@ LATENCY = 2
 
 
 class Multiplier(wiring.Component):
-    """``p = a * b`` two cycles later (operands registered, product registered)."""
+    """``p = a * b`` two cycles later (operands registered, product registered); signed
+    operands unless ``is_signed=False``."""
 
-    def __init__(self, a_bits: int, b_bits: int, *, ecp5: bool = False):
+    def __init__(self, a_bits: int, b_bits: int, *, ecp5: bool = False, is_signed: bool = True):
         if max(a_bits, b_bits) > 18:
             raise ValueError("a MULT18X18D takes operands of at most 18 bits")
-        self.a_bits, self.b_bits, self.ecp5 = a_bits, b_bits, ecp5
+        self.a_bits, self.b_bits, self.ecp5, self.is_signed = a_bits, b_bits, ecp5, is_signed
+        shape = signed if is_signed else unsigned
         super().__init__(
-            {"a": In(signed(a_bits)), "b": In(signed(b_bits)), "p": Out(signed(a_bits + b_bits))}
+            {"a": In(shape(a_bits)), "b": In(shape(b_bits)), "p": Out(shape(a_bits + b_bits))}
         )
 
     def elaborate(self, platform):
         m = Module()
         if self.ecp5:
-            a18 = Signal(signed(18))
-            b18 = Signal(signed(18))
-            p36 = Signal(signed(36))
+            shape = signed if self.is_signed else unsigned
+            a18 = Signal(shape(18))
+            b18 = Signal(shape(18))
+            p36 = Signal(shape(36))
             m.d.comb += [a18.eq(self.a), b18.eq(self.b), self.p.eq(p36)]
             ports = {
                 "p_REG_INPUTA_CLK": "CLK0",
@@ -39,8 +42,8 @@ class Multiplier(wiring.Component):
                 "p_REG_OUTPUT_CLK": "CLK0",
                 "p_CLK0_DIV": "ENABLED",
                 "p_GSR": "DISABLED",
-                "i_SIGNEDA": 1,
-                "i_SIGNEDB": 1,
+                "i_SIGNEDA": int(self.is_signed),
+                "i_SIGNEDB": int(self.is_signed),
                 "i_SOURCEA": 0,
                 "i_SOURCEB": 0,
                 "i_CLK0": ClockSignal(),
@@ -54,7 +57,7 @@ class Multiplier(wiring.Component):
                 ports[f"o_P{i}"] = p36[i]
             m.submodules.dsp = Instance("MULT18X18D", **ports)
         else:
-            ra = Signal(signed(self.a_bits))
-            rb = Signal(signed(self.b_bits))
+            ra = Signal.like(self.a)
+            rb = Signal.like(self.b)
             m.d.sync += [ra.eq(self.a), rb.eq(self.b), self.p.eq(ra * rb)]
         return m

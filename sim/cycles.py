@@ -12,9 +12,10 @@ for the load unit to be idle (the chain's tiles and constants have landed) and f
 chain engine's set-up stage to be free, i.e. for the previous chain to have launched.
 
 **Set-up stage** (``hdl/chain.py``): latch, reducer decode, 13 products through one
-multiplier, the ring division (one bit per cycle), the ring product: ``SETUP_FIXED + bits``
-cycles. It overlaps the previous chain; the chain launches when it is staged and the
-engine is idle (``DONE_TO_LAUNCH`` cycles after the previous chain's ``done``).
+registered multiplier, the ring division (one bit per cycle), the ring product:
+``SETUP_FIXED + 2 * MUL_LATENCY + bits`` cycles. It overlaps the previous chain; the chain
+launches when it is staged and the engine is idle (``DONE_TO_LAUNCH`` cycles after the
+previous chain's ``done``).
 
 **Sweep**, per output row: ``ROW_WRAP`` (one cycle, plus one per ring correction of the
 row's ring address), ``ROW_WAIT`` until the activation loader has landed the row's kernel
@@ -68,8 +69,9 @@ from tessera import isa, layout
 from tessera.config import NPUConfig
 from tessera.isa import Reg
 
-#: Set-up stage cycles besides the ring division: latch, reducer decode, 13 products, ring
-#: product, the staged state (``hdl/chain.py``, states IDLE, S0, P0..P12, RING, READY).
+#: Set-up stage cycles besides the ring division and the set-up multiplier's latency:
+#: latch, reducer decode, 13 products, ring product, the staged state (``hdl/chain.py``,
+#: states IDLE, S0, P0..P12, RING, READY; P13.. and RING1.. drain the multiplier).
 SETUP_FIXED = 17
 #: Cycles from a chain's launch to its first ``ROW_WRAP`` (IDLE -> LAUNCH -> ROW_WRAP) and
 #: to the activation loader's first ``ROW`` state (its start is seen one cycle later).
@@ -153,9 +155,9 @@ def act_entries(cfg: NPUConfig) -> int:
 
 
 def setup_cycles(cfg: NPUConfig) -> int:
-    """Set-up stage cycles: fixed states plus the ring division (``DIV``), one cycle per
-    bit of an activation-buffer entry index plus two."""
-    return SETUP_FIXED + max(1, (act_entries(cfg) - 1).bit_length()) + 2
+    """Set-up stage cycles: fixed states, the multiplier's pipeline drained twice, and the
+    ring division (``DIV``), one cycle per bit of an activation-buffer entry index plus two."""
+    return SETUP_FIXED + 2 * MUL_LATENCY + max(1, (act_entries(cfg) - 1).bit_length()) + 2
 
 
 def lane_groups(cfg: NPUConfig) -> int:
