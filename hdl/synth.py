@@ -57,11 +57,10 @@ def synthesize(
 ) -> dict:
     """Synthesize ``cfg``'s NPU into ``out``; returns (and saves) the report dict.
 
-    ``route=False`` stops nextpnr after placement (the floorplanned 85F build takes about
-    an hour to place and route here, placement alone 25 minutes): the Fmax is then
-    nextpnr's estimate after placement
-    (``fmax_kind``), ``long_nets.txt`` lists the connections placement stretched and
-    ``placed_paths.txt`` prices each connection for its placed distance
+    ``route=False`` stops nextpnr after placement (the floorplanned 85F build takes 35 - 70
+    minutes to place and route here, placement alone 10 - 20): the Fmax is then nextpnr's
+    estimate after placement (``fmax_kind``), ``long_nets.txt`` lists the connections
+    placement stretched and ``placed_paths.txt`` prices each connection for its placed distance
     (:mod:`tessera.hdl.placement`). ``floorplan`` pins the MVU's DSPs and the block RAMs
     feeding each lane to sites next to each other before nextpnr runs, on the devices
     :mod:`tessera.hdl.floorplan` has a geometry for (``floorplan.txt``).
