@@ -19,6 +19,7 @@ from amaranth.lib.memory import Memory, WritePort
 from amaranth.lib.wiring import In, Out
 
 from tessera.config import NPUConfig
+from tessera.hdl.actloader import ActLoader, act_entries
 
 #: Words per bank: a 128-bit word is eight 1024 x 18 block RAMs side by side, so a bank is
 #: one row of block RAMs with no mux inside it.
@@ -49,9 +50,11 @@ class ActBuffer(wiring.Component):
         return wiring.Signature({"addr": In(addr_width), "data": Out(width)})
 
     @staticmethod
-    def for_config(cfg: NPUConfig, entries: int) -> "ActBuffer":
-        """The NPU's buffer: a block's N mantissa bytes a word, written a beat at a time."""
-        return ActBuffer(width=cfg.native_dim * 8, entries=entries, granularity=16)
+    def for_config(cfg: NPUConfig) -> "ActBuffer":
+        """The NPU's buffer, shaped by the activation loader's write port (a block's N
+        mantissa bytes a word, written a beat at a time)."""
+        port = ActLoader.port_signature(cfg, "mant_wr")
+        return ActBuffer(width=port.shape, entries=act_entries(cfg), granularity=port.granularity)
 
     def elaborate(self, platform):
         m = Module()

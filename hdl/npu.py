@@ -114,7 +114,7 @@ class NPU(wiring.Component):
         m.submodules.tiles = tiles = TileBuffer(cfg, ecp5=self.ecp5)
         m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
         cap = act_entries(cfg)
-        m.submodules.act_mant = act_mant = ActBuffer.for_config(cfg, cap)
+        m.submodules.act_mant = act_mant = ActBuffer.for_config(cfg)
         half = (cap + 1) // 2
         m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
         m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
