@@ -137,6 +137,8 @@ class ChainEngine(wiring.Component):
             "pix_in": 32, "in_plane": 32, "pix_out": 32, "out_plane": 32, "aux_plane": 32,
             "total": 32, "rowblocks": 32, "dh_rb": 32, "sh_rb": 32, "pt_rb": 32, "dw_c": 32,
             "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32,
+            # the first output row whose window reaches the input's last row
+            "last_row_first": signed(18),
             "dh": 8, "dw": 8, "is_mvu": 1, "is_pool": 1,
             "in_ereg": 4, "out_ereg": 4, "out_mask": 16, "halves": 4,
             # the sweep's loop bounds less one, so its "last" tests compare registers
@@ -198,7 +200,7 @@ class ChainEngine(wiring.Component):
         col_addr = Signal(signed(34))
         tile = Signal(16)
         issued = Signal(32)  # blocks started
-        hi = Signal(signed(18))
+        need = Signal(signed(18))  # the input row a row of output waits for
 
         m.d.comb += [
             act.mant_addr.eq(r.in_addr + (r.ioff << lg(n))),
@@ -512,6 +514,7 @@ class ChainEngine(wiring.Component):
                 contiguous = nr.icnt == nr.icb
                 rb = stg["rowblocks"]
                 m.d.sync += [
+                    stg["last_row_first"].eq(nr.ih - stg["span"]),
                     stg["seg_blocks"].eq(Mux(contiguous, rb, nr.icnt)),
                     stg["segs_per_row"].eq(Mux(contiguous, 1, nr.iw)),
                     stg["seg_mstep"].eq(Mux(contiguous, rb << lg(n), nr.icb << lg(n))),
@@ -579,14 +582,17 @@ class ChainEngine(wiring.Component):
                 with m.Elif(row_addr_first >= ring):
                     m.d.sync += row_addr_first.eq(row_addr_first - ring)
                 with m.Else():
+                    # The window's last row, or the input's: compared with the first row
+                    # rather than summed then compared, so that ROW_WAIT starts from a
+                    # register (the sum, compare and clamp there were a routed critical path).
+                    beyond = row_first >= act_s["last_row_first"]
                     m.d.sync += [
-                        hi.eq(row_first + span),
+                        need.eq(Mux(beyond, r.ih - 1, row_first + span)),
                         act.need_lo.eq(Mux(row_first < 0, 0, row_first)),
                     ]
                     m.next = "ROW_WAIT"
             with m.State("ROW_WAIT"):
                 m.d.sync += self.stall_rows.eq(self.stall_rows + 1)
-                need = Mux(hi >= r.ih, r.ih - 1, hi)
                 with m.If((act.rows_loaded.as_signed() > need) | (act.rows_loaded == r.ih)):
                     m.d.sync += [
                         ox.eq(0),

@@ -217,10 +217,15 @@ class VectorPipe(wiring.Component):
         s = _normalize_phases(m, cfg, s, lsb, ops.reducer == Reducer.NONE, big, "n0")
 
         ports = [getattr(self, f"vrf{k}") for k in range(VRF_PORTS)]
-        for port in ports:
+        # Each port's word is registered off its block RAMs: their unregistered data out
+        # (5.8 ns on the ECP5) and the route from the RAM column were the routed critical
+        # path. The slots address the ports a cycle early, so this costs no latency.
+        words = [Signal.like(port.data, name=f"vrf_q{pi}") for pi, port in enumerate(ports)]
+        for port, word in zip(ports, words, strict=True):
             m.d.comb += port.en.eq(1)
+            m.d.sync += word.eq(port.data)
         for k in range(MFU_SLOTS):
-            s = self._slot(m, k, s, ports)
+            s = self._slot(m, k, s, ports, words)
 
         # Re-block to storage BFP and collect the phases into one block for the writer.
         st = _normalize_phases(m, cfg, s, s.e, 0, cfg.mantissa_bits, "st")
@@ -332,34 +337,41 @@ class VectorPipe(wiring.Component):
         m.d.sync += reg_raw_e.eq(Mux(first_phase, self.raw_e, raw_e))
         return reg, reg_raw_e
 
-    def _slot(self, m: Module, k: int, src: _Stream, ports: list) -> _Stream:
-        """MFU slot ``k``: operand read, aligned op, renormalization."""
+    def _slot(self, m: Module, k: int, src: _Stream, ports: list, words: list) -> _Stream:
+        """MFU slot ``k``: operand read (``ports``' addresses, ``words`` their registered
+        data), aligned op, renormalization."""
         cfg = self.cfg
         n, lanes, big = cfg.native_dim, cfg.vector_lanes, cfg.mfu_mantissa_bits
         p = phases(cfg)
         slot = self.ops.slots[k]
 
         # The operand's address: the slot's VRF base + the vector's output block, which
-        # moves on after the vector's last phase.
+        # moves on after the vector's last phase. The port takes the block of the phase
+        # arriving next cycle (``ob``'s next value), so that the word it reads passes the
+        # port's register and still reaches stage O with that phase.
         ob = Signal(16, name=f"ob{k}")
+        ob_next = Signal(16, name=f"obn{k}")
         with m.If(self.start):
-            m.d.sync += ob.eq(0)
+            m.d.comb += ob_next.eq(0)
         with m.Elif(src.v & (src.ph == p - 1)):
-            m.d.sync += ob.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
+            m.d.comb += ob_next.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
+        with m.Else():
+            m.d.comb += ob_next.eq(ob)
+        m.d.sync += ob.eq(ob_next)
         uses_vrf = (slot.op != MfuOp.NONE) & (slot.op != MfuOp.RELU) & ~slot.aux
         for pi, port in enumerate(ports):
             with m.If(uses_vrf & (slot.port == pi)):
-                m.d.comb += port.addr.eq(slot.vrf + ob)
+                m.d.comb += port.addr.eq(slot.vrf + ob_next)
 
         # Stage A: hold the phase while the operand is read.
         a = _Stream(cfg, f"a{k}", big)
         m.d.sync += [x.eq(y) for x, y in zip(a.side(), src.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(a.q, src.q, strict=True)] + [a.e.eq(src.e)]
 
-        # Stage O: the operand's lanes of this phase and its exponent, registered off the
-        # block RAM.
+        # Stage O: the operand's lanes of this phase and its exponent, registered from the
+        # port's word.
         word = Signal(vrf_word_bits(cfg), name=f"vw{k}")
-        m.d.comb += word.eq(Mux(slot.port, ports[1].data, ports[0].data))
+        m.d.comb += word.eq(Mux(slot.port, words[1], words[0]))
         o = _Stream(cfg, f"o{k}", big)
         oq = [Signal(signed(big), name=f"oq{k}_{i}") for i in range(lanes)]
         oe = Signal(signed(bfp.EXP_BITS), name=f"oe{k}")
