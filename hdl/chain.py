@@ -114,7 +114,7 @@ class ChainEngine(wiring.Component):
         m.submodules.aux = aux = AuxReader(cfg)
         m.submodules.writer = writer = Writer(cfg)
         m.submodules.mvu = mvu = MVU(cfg, ecp5=self.ecp5)
-        m.submodules.vec = vec = VectorPipe(cfg)
+        m.submodules.vec = vec = VectorPipe(cfg, ecp5=self.ecp5)
         wiring.connect(m, wiring.flipped(self.act_bus), act.bus)
         wiring.connect(m, wiring.flipped(self.aux_bus), aux.bus)
         wiring.connect(m, wiring.flipped(self.out_bus), writer.bus)

@@ -162,16 +162,30 @@ class Loader(wiring.Component):
         beat = bus.rdata
         mant_bytes = n * n
         row_bytes = lanes * n
+        # Where the *next* beat of a tile load lands is worked out one beat ahead, into
+        # registers: the beat's valid, which comes from the arbiter, then only gates the
+        # byte enables (it fed a compare, a subtract and a 136-way decode before, a long
+        # placed path).
+        tile_step = Signal.like(off)  # the offset after this beat
+        tile_wrap = Signal()
+        m.d.comb += [tile_wrap.eq(off + 2 == tbytes), tile_step.eq(Mux(tile_wrap, 0, off + 2))]
         word_in_tile = Signal(range(groups + 1))
         lane = Signal(range(row_bytes + lanes + 1))
-        with m.If(off < mant_bytes):
-            m.d.comb += [word_in_tile.eq(off >> lg(row_bytes)), lane.eq(off & (row_bytes - 1))]
+        with m.If(tile_step < mant_bytes):
+            m.d.comb += [
+                word_in_tile.eq(tile_step >> lg(row_bytes)),
+                lane.eq(tile_step & (row_bytes - 1)),
+            ]
         with m.Else():
             r = Signal.like(off)
-            m.d.comb += r.eq(off - mant_bytes)
+            m.d.comb += r.eq(tile_step - mant_bytes)
             m.d.comb += [word_in_tile.eq(r >> lg(lanes)), lane.eq(row_bytes + (r & (lanes - 1)))]
+        beat_word = Signal.like(word_in_tile)  # of the beat at ``off``
+        beat_lanes = Signal.like(tw.en)
+        with m.If(self.start):
+            m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11)]
         m.d.sync += [
-            tw.addr.eq(item * groups + word_in_tile),
+            tw.addr.eq(item * groups + beat_word),
             tw.pair.eq(beat),
             vw.addr.eq(item),
             vw.data.eq(beat.replicate(len(vw.data) // 16)),
@@ -185,11 +199,14 @@ class Loader(wiring.Component):
         with m.If(bus.rvalid):
             with m.Switch(kind):
                 with m.Case(LoadKind.TILES):
-                    m.d.sync += tw.en.eq(0b11 << lane)
-                    with m.If(off + 2 == tbytes):
-                        m.d.sync += [off.eq(0), item.eq(item + 1)]
-                    with m.Else():
-                        m.d.sync += off.eq(off + 2)
+                    m.d.sync += [
+                        tw.en.eq(beat_lanes),
+                        off.eq(tile_step),
+                        beat_word.eq(word_in_tile),
+                        beat_lanes.eq(0b11 << lane),
+                    ]
+                    with m.If(tile_wrap):
+                        m.d.sync += item.eq(item + 1)
                 with m.Case(LoadKind.CONSTS):
                     m.d.sync += vw.en.eq(1 << off[1:])
                     with m.If(off + 2 == 2 * n + 2):

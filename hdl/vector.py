@@ -35,6 +35,7 @@ from tessera.config import NPUConfig
 from tessera.hdl import bfp
 from tessera.hdl.loader import vrf_word_bits
 from tessera.hdl.params import MFU_SLOTS, VRF_PORTS, ChainOps, MfuOp, Reducer
+from tessera.hdl.pipereg import DistributionRegister
 
 POOL_BITS = 48
 #: Registers in front of stage 0 (the reducer select and the phase mux, then the 54-bit
@@ -54,7 +55,7 @@ def phases(cfg: NPUConfig) -> int:
 
 def spaces_blocks(cfg: NPUConfig) -> bool:
     """A vector takes more phases than the MVU's lane groups: the sweep must start blocks
-    ``phases`` apart, and the entry must keep pool and raw blocks for the later phases."""
+    ``phases`` apart."""
     return phases(cfg) > cfg.native_dim // cfg.lanes
 
 
@@ -166,8 +167,8 @@ class VectorPipe(wiring.Component):
         aw = max(1, (cfg.vrf_depth - 1).bit_length())
         return ReadPort.Signature(addr_width=aw, shape=vrf_word_bits(cfg))
 
-    def __init__(self, cfg: NPUConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: NPUConfig, *, ecp5: bool = False):
+        self.cfg, self.ecp5 = cfg, ecp5
         n = cfg.native_dim
         vw = vrf_word_bits(cfg)
         aw = max(1, (cfg.vrf_depth - 1).bit_length())
@@ -179,8 +180,7 @@ class VectorPipe(wiring.Component):
                 "floor": In(signed(16)),
                 "wfloor": In(signed(16)),
                 # Blocks come at least P cycles apart (the chain engine's sweep spaces
-                # them); the MVU's accumulators hold for P cycles from their valid, and
-                # phase k reads them k cycles after it.
+                # them); the entry takes each with its valid.
                 "mvu_valid": In(1),
                 "mvu_acc": In(data.ArrayLayout(signed(cfg.accumulator_bits), n)),
                 "pool_valid": In(1),
@@ -280,55 +280,67 @@ class VectorPipe(wiring.Component):
         # and the holds then never wait for the reducers' valids, which come from across
         # the die.
         ph = Signal(range(max(2, p)), name="ph0")
+        ph_next = Signal.like(ph)
         first_phase = Signal()
         m.d.comb += first_phase.eq(ph == 0)
         s = _Stream(cfg, "in", cfg.accumulator_bits)
         m.d.comb += s.v.eq(entering | ~first_phase)
         m.d.comb += s.ph.eq(ph)
-        with m.If(s.v & (ph != p - 1)):
-            m.d.sync += ph.eq(ph + 1)
-        with m.Else():
-            m.d.sync += ph.eq(0)
+        m.d.comb += ph_next.eq(Mux(s.v & (ph != p - 1), ph + 1, 0))
+        m.d.sync += ph.eq(ph_next)
+        # Copies of ``first_phase`` for the phase shift register below, one per entry and
+        # one for the entry register's lanes: it loads or shifts some 900 flip-flops.
+        copies = DistributionRegister(n - lanes + 1, ecp5=self.ecp5)
+        m.submodules.first_phase_copies = copies
+        m.d.comb += copies.d.eq((ph_next == 0).replicate(n - lanes + 1))
 
-        # The raw block's exponent and the AUX block are read with the first phase and held
-        # for the others (the AUX FIFO pops as its block enters). The holds load on every
+        # The raw block's and the AUX block's exponents are read with the first phase and
+        # held for the others (the AUX FIFO pops as its block enters). The holds load on every
         # first-phase cycle, idle ones included: the last load before phase 1 is the
         # entering one.
         raw_e = Signal(signed(8), name="raw_e_hold")
-        xq = Signal(n * 8, name="aux_q_hold")
         xe = Signal(signed(8), name="aux_e_hold")
         with m.If(first_phase):
-            m.d.sync += [raw_e.eq(self.raw_e), xq.eq(self.aux_q), xe.eq(self.aux_e)]
+            m.d.sync += [raw_e.eq(self.raw_e), xe.eq(self.aux_e)]
         m.d.comb += self.aux_pop.eq(entering & ops.uses_aux)
-        aux_q = Mux(first_phase, self.aux_q, xq)
         m.d.comb += s.xe.eq(Mux(first_phase, self.aux_e, xe))
-        # The pool and raw blocks hold only for the sweep's lane groups: a vector taking
-        # more phases reads its later ones from a copy made with the first. (The MVU's
-        # accumulators hold long enough: its blocks start at least P cycles apart.)
-        pool_acc, raw_q = self.pool_acc, self.raw_q
-        if spaces_blocks(cfg):
-            pool_acc = Signal(data.ArrayLayout(signed(POOL_BITS), n), name="pool_hold")
-            raw_q = Signal(n * 8, name="raw_q_hold")
-            with m.If(first_phase):
-                m.d.sync += [pool_acc.eq(self.pool_acc), raw_q.eq(self.raw_q)]
-        for i in range(lanes):
-            mvu = Array(self.mvu_acc[k * lanes + i] for k in range(p))[ph]
-            pool = Array((self.pool_acc if k == 0 else pool_acc)[k * lanes + i] for k in range(p))[
-                ph
-            ]
-            raw = Array(
-                (self.raw_q if k == 0 else raw_q).word_select(k * lanes + i, 8).as_signed()
-                for k in range(p)
-            )
-            aux = Array(aux_q.word_select(k * lanes + i, 8).as_signed() for k in range(p))
-            m.d.comb += s.q[i].eq(
+        # The phases after the first come from a shift register loaded with the first: the
+        # reducer's block (chosen by the chain's reducer, which is fixed while it runs) and
+        # the AUX block, less their first phase, move down one phase a cycle. So the entry
+        # register's lanes are a two-way choice rather than a P-way mux over the MVU's
+        # accumulators across the die (a long placed path), and no reducer needs to hold
+        # its block beyond the valid.
+        wide = cfg.accumulator_bits
+        live = [
+            Mux(
+                ops.reducer == Reducer.MVU,
+                self.mvu_acc[j],
                 Mux(
-                    ops.reducer == Reducer.MVU,
-                    mvu,
-                    Mux(ops.reducer == Reducer.POOL, pool, raw[ph]),
-                )
+                    ops.reducer == Reducer.POOL,
+                    self.pool_acc[j],
+                    self.raw_q.word_select(j, 8).as_signed(),
+                ),
             )
-            m.d.comb += s.xq[i].eq(aux[ph])
+            for j in range(n)
+        ]
+        live_x = [self.aux_q.word_select(j, 8).as_signed() for j in range(n)]
+        rest = [Signal(signed(wide), name=f"in_rest{j}") for j in range(n - lanes)]
+        rest_x = [Signal(signed(8), name=f"in_rest_x{j}") for j in range(n - lanes)]
+        for j in range(n - lanes):
+            with m.If(copies.q[j]):
+                m.d.sync += [rest[j].eq(live[j + lanes]), rest_x[j].eq(live_x[j + lanes])]
+            if j + lanes < n - lanes:
+                with m.Else():
+                    m.d.sync += [rest[j].eq(rest[j + lanes]), rest_x[j].eq(rest_x[j + lanes])]
+        entry_first = copies.q[n - lanes]
+        for i in range(lanes):
+            if p == 1:
+                m.d.comb += [s.q[i].eq(live[i]), s.xq[i].eq(live_x[i])]
+            else:
+                m.d.comb += [
+                    s.q[i].eq(Mux(entry_first, live[i], rest[i])),
+                    s.xq[i].eq(Mux(entry_first, live_x[i], rest_x[i])),
+                ]
         # The entry register: stage 0's OR of magnitudes starts from registered lanes.
         reg = _Stream(cfg, "in_r", cfg.accumulator_bits)
         reg_raw_e = Signal(signed(8), name="raw_e_r")
