@@ -119,7 +119,6 @@ class NPU(wiring.Component):
         m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
         m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
 
-        m.submodules.dec_next = dec_next = Decoder()
         m.submodules.dec_in = dec_in = Decoder()
         m.submodules.loader = loader = Loader(cfg)
         m.submodules.chain = chain = ChainEngine(cfg, ecp5=self.ecp5)
@@ -172,7 +171,6 @@ class NPU(wiring.Component):
         fpc = Signal(range(self.imem_depth + 1))
         fetching = Signal()
         inflight = Signal()  # the memory answers a read of the last cycle
-        queue = [Signal(isa.WORD_BITS, name=f"iq{i}") for i in range(FETCH_QUEUE)]
         count = Signal(range(FETCH_QUEUE + 1), name="iq_count")
         m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), self.pc.eq(pc)]
         fetch = Signal()
@@ -181,64 +179,50 @@ class NPU(wiring.Component):
         m.d.comb += fetch.eq(fetching & (count + inflight + arriving < FETCH_QUEUE))
         m.d.sync += [inflight.eq(fetch), arriving.eq(inflight), fpc.eq(fpc + fetch)]
         m.d.sync += word.eq(ir.data)
-        kept = Signal.like(count)
-        m.d.comb += kept.eq(count - advance)
-        for i in range(FETCH_QUEUE):
-            nxt = queue[i + 1] if i + 1 < FETCH_QUEUE else queue[i]
-            shifted = Mux(advance, nxt, queue[i])
-            m.d.sync += queue[i].eq(Mux(arriving & (kept == i), word, shifted))
         pc_next = Signal.like(pc)
         m.d.comb += pc_next.eq(pc + 1)
         # pc >= imem_depth - 1 (no room for another word), kept as a flag beside pc so the
         # retire decision does not compare pc.
         pc_at_end = Signal()
-        m.d.sync += [count.eq(kept + arriving), pc.eq(Mux(advance, pc_next, pc))]
+        m.d.sync += [count.eq(count - advance + arriving), pc.eq(Mux(advance, pc_next, pc))]
         with m.If(advance):
             m.d.sync += pc_at_end.eq(pc_next >= self.imem_depth - 1)
 
         def ereg_ok(v):
             return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
 
-        # The word in queue[0] is kept decoded: the words that can follow it (queue[1], the
-        # arriving one) are decoded beside it, so the retire decision only selects.
-        d = Signal(Decoded, name="decoded")
-        # E register ``d.reg`` as a one-hot mask (0 if ``d.reg`` is not one), decoded with
-        # ``d``: the hazard check against the chains' E registers is then an AND.
-        d_ereg = Signal(isa.EXP_REG_COUNT)
-
-        def ereg_mask(dec: Decoded) -> Mux:
-            return Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)
-
-        # The compares on ``d``'s fields the retire decision needs, made with the decode
-        # too, so that decision reads flags: ``d.reg`` is a control register, and the
-        # buffer half an m_rd / c_rd loads (1 or 2, as the chain engine's half masks).
+        # Words are decoded as they enter the queue, so the queue holds what the retire
+        # decision reads: the decoded fields, and flags worked out from them (the decision
+        # then only selects, and the decoder is not between it and the next word).
+        # ``ereg``: E register ``reg`` as a one-hot mask (0 if ``reg`` is not one), so the
+        # hazard check against the chains' E registers is an AND; ``ctrl``: ``reg`` is a
+        # control register; ``half``: the buffer half an m_rd / c_rd loads (1 or 2, as the
+        # chain engine's half masks); ``beats``: an m_rd / c_rd's, for the load unit.
         tiles_half = cfg.tile_buffer_tiles
         vrf_half = cfg.vrf_depth // 2
-        d_ctrl = Signal()
-        d_half = Signal(2)
-        d_beats = Signal(32)  # of an m_rd / c_rd, for the load unit
-
-        def load_half(dec: Decoded) -> Mux:
-            upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
-            return Mux(upper, 2, 1)
-
-        def latch(dec: Decoded) -> list:
-            return [
-                d.eq(dec),
-                d_ereg.eq(ereg_mask(dec)),
-                d_ctrl.eq(dec.reg < CTRL_REGS),
-                d_half.eq(load_half(dec)),
-                d_beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
-            ]
-
-        m.d.comb += [dec_next.word.eq(queue[1]), dec_in.word.eq(word)]
-        with m.If(advance):
-            with m.If(count > 1):
-                m.d.sync += latch(dec_next.out)
-            with m.Else():
-                m.d.sync += latch(dec_in.out)
-        with m.Elif(count == 0):
-            m.d.sync += latch(dec_in.out)
+        entry = data.StructLayout(
+            {"dec": Decoded, "ereg": isa.EXP_REG_COUNT, "ctrl": 1, "half": 2, "beats": 32}
+        )
+        m.d.comb += dec_in.word.eq(word)
+        dec = dec_in.out
+        upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
+        incoming = Signal(entry)
+        m.d.comb += [
+            incoming.dec.eq(dec),
+            incoming.ereg.eq(Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)),
+            incoming.ctrl.eq(dec.reg < CTRL_REGS),
+            incoming.half.eq(Mux(upper, 2, 1)),
+            incoming.beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
+        ]
+        queue = [Signal(entry, name=f"iq{i}") for i in range(FETCH_QUEUE)]
+        for i in range(FETCH_QUEUE):
+            nxt = queue[i + 1] if i + 1 < FETCH_QUEUE else queue[i]
+            # the arriving word goes behind the words kept (count, less one retiring)
+            lands = arriving & Mux(advance, count == i + 1, count == i)
+            m.d.sync += queue[i].eq(Mux(lands, incoming, Mux(advance, nxt, queue[i])))
+        # The instruction at the head of the queue, retiring when ``advance``.
+        head = queue[0]
+        d, d_ereg, d_ctrl, d_half, d_beats = head.dec, head.ereg, head.ctrl, head.half, head.beats
 
         def write_ereg(value: Value) -> None:
             """E[d.reg] = value if d.reg is an E register, selected by its one-hot mask (the
@@ -351,6 +335,13 @@ class NPU(wiring.Component):
             chain.regs.eq(regs),
             chain.ops.eq(ops),
         ]
+
+        # The chain's E register numbers are valid, registered: the compares on two 32-bit
+        # control registers are not in the cycle of the retire decision. (They are a cycle
+        # late, which nothing sees: a v_rd retires between the s_wr / s_ld that sets them
+        # and the end_chain that reads them.)
+        chain_eregs_ok = Signal()
+        m.d.sync += chain_eregs_ok.eq(ereg_ok(creg(R.IN_EREG)) & ereg_ok(creg(R.OUT_EREG)))
 
         with m.FSM():
             with m.State("IDLE"):
@@ -494,8 +485,7 @@ class NPU(wiring.Component):
                         with m.Case(Opcode.V_WR):
                             m.d.comb += advance.eq(1)
                         with m.Case(Opcode.END_CHAIN):
-                            ok_regs = ereg_ok(creg(R.IN_EREG)) & ereg_ok(creg(R.OUT_EREG))
-                            with m.If(~ok_regs):
+                            with m.If(~chain_eregs_ok):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
                             with m.Elif(engine_ready & ~ld_busy):
