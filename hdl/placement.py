@@ -134,3 +134,31 @@ def format_long_connections(conns: list[LongConnection], min_span: int, top: int
             f"{c.span:5d} {c.fanout:7d} {c.median_span:7d}  {c.driver_type:11s} {at:10s} {c.net}"
         )
     return "\n".join(lines)
+
+
+#: Suffixes nextpnr-ecp5 gives the halves of a CCU2C it splits when it packs.
+_PACKED_SUFFIX = re.compile(r"\$CCU2_COMB[01]$")
+
+
+def routed_route_ps(
+    report: dict, fallback: Callable[[str | None, str], float]
+) -> tuple[Callable[[str | None, str], float], int]:
+    """A ``route_ps`` for :func:`tessera.hdl.timing.estimate` from a routed design: each
+    connection priced at nextpnr's routed delay (``--detailed-timing-report``), so the
+    estimate lists every slow endpoint where nextpnr's report names only the worst one.
+    Cells nextpnr made itself (carry-chain feed-ins) are priced by ``fallback``. Also the
+    number of driver-reader pairs found."""
+    delays: dict[tuple[str, str], float] = {}
+    for net in report.get("detailed_net_timings", []):
+        src = _PACKED_SUFFIX.sub("", net["driver"])
+        for end in net["endpoints"]:
+            key = (src, _PACKED_SUFFIX.sub("", end["cell"]))
+            ps = 1000.0 * float(end["delay"][1])
+            if ps > delays.get(key, -1.0):
+                delays[key] = ps
+
+    def route(driver: str | None, reader: str) -> float:
+        ps = delays.get((driver, reader)) if driver is not None else None
+        return fallback(driver, reader) if ps is None else ps
+
+    return route, len(delays)

@@ -21,7 +21,7 @@ from amaranth.back import rtlil
 
 from tessera.config import NPUConfig
 from tessera.errors import TesseraError
-from tessera.hdl.timing import estimate, format_estimate
+from tessera.hdl.timing import ROUTE_PS, estimate, format_estimate
 from tessera.hdl.toolchain import yowasp_tools
 
 #: nextpnr device switch per NPUConfig.device.
@@ -103,6 +103,8 @@ def synthesize(
         str(seed),
         "--report",
         "nextpnr-report.json",
+        # every routed connection's delay, from which routed_paths.txt lists the slow paths
+        "--detailed-timing-report",
         # router1: on the floorplanned 85F it routed f1ab857 (seed 2) in 54 minutes at
         # 60.6 MHz, where router2's overused wires fell and then rose again on every
         # placement since de8fb3d (it only finished on a looser one, at 36.5 MHz).
@@ -149,6 +151,8 @@ def synthesize(
         fmax = _log_placed_fmax(out / "nextpnr.log")
         report["fmax_kind"] = "placement estimate (not routed)"
         report["long_connections"] = _placement_reports(out, 1000.0 / target)
+    if route and "detailed_net_timings" in rep:
+        report["routed_paths"] = _routed_paths(out, rep, 1000.0 / target)
     report["fmax_mhz"] = fmax
     report["target_mhz"] = {clk: target for clk in fmax}
     report["timing_met"] = all(v >= target for v in fmax.values()) if fmax else False
@@ -207,6 +211,23 @@ def _placement_reports(out: Path, period_ns: float) -> dict:
         "nets": len(conns),
         "longest": conns[0].span if conns else 0,
         "placed_paths_worst_ns": round(est.worst_ns, 1),
+    }
+
+
+def _routed_paths(out: Path, rep: dict, period_ns: float) -> dict:
+    """``routed_paths.txt``: the delay estimate with each connection priced at its routed
+    delay (every slow endpoint group, where nextpnr names one path); its headline figures."""
+    from tessera.hdl.placement import routed_route_ps
+
+    netlist = json.loads((out / "npu.json").read_text())
+    route, pairs = routed_route_ps(rep, lambda _driver, _reader: ROUTE_PS)
+    est = estimate(netlist, period_ns, route_ps=route)
+    routes = "connections priced at their routed delay"
+    (out / "routed_paths.txt").write_text(format_estimate(est, top=60, routes=routes) + "\n")
+    return {
+        "connections_priced": pairs,
+        "worst_ns": round(est.worst_ns, 1),
+        "endpoints_over": est.failing,
     }
 
 
