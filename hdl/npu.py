@@ -235,11 +235,14 @@ class NPU(wiring.Component):
         slot = Signal(range(MFU_SLOTS + 1))
         vrf_ops = Signal(2)
         running = Signal()
-        # A chain's hand-over crosses to the chain engine through registers (its start and
-        # the E registers and buffer halves it names), and the engine's ready comes back
-        # through one. Until the engine's registered state shows the chain (two cycles),
-        # the sequencer counts it in itself: in use, running, the engine not ready.
-        ch = _registered_into(m, chain, "ch", ("start", "in_ereg", "out_ereg", "halves"))
+        # A chain's hand-over crosses to the chain engine through registers (its start, the
+        # E registers and buffer halves it names, its control registers and ops), and the
+        # engine's ready comes back through one. Until the engine's registered state shows
+        # the chain (two cycles), the sequencer counts it in itself: in use, running, the
+        # engine not ready.
+        ch = _registered_into(
+            m, chain, "ch", ("start", "in_ereg", "out_ereg", "halves", "regs", "ops")
+        )
         # ``handing``: a chain was handed over in the last HANDOVER_STAGES + READY_LAG
         # cycles; ``engine_ready``: the engine was ready last cycle and no chain is being
         # handed. One flip-flop each, as the retire decision reads them.
@@ -332,8 +335,8 @@ class NPU(wiring.Component):
             regs.acb.eq(creg(R.AUX_CB)),
             regs.aoff.eq(creg(R.AUX_CB_OFF)),
             regs.wfloor.eq(creg(R.W_EXP_FLOOR)),
-            chain.regs.eq(regs),
-            chain.ops.eq(ops),
+            ch.regs.eq(regs),
+            ch.ops.eq(ops),
         ]
 
         # The chain's E register numbers are valid, registered: the compares on two 32-bit

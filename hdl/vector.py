@@ -38,7 +38,7 @@ from tessera.hdl.params import MFU_SLOTS, VRF_PORTS, ChainOps, MfuOp, Reducer
 from tessera.hdl.pipereg import DistributionRegister
 
 POOL_BITS = 48
-#: Registers in front of stage 0 (the reducer select and the phase mux, then the 54-bit
+#: Registers in front of stage 0 (the reducer select and the phase choice, then the 54-bit
 #: magnitudes, are a cycle of their own).
 ENTRY = 1
 #: Registers an MFU slot adds before its renormalization: input, operand, alignment
