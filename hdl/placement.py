@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tessera.hdl.timing import CLOCK_PORTS, group_name, net_drivers, net_names
+from tessera.hdl.timing import CLOCK_PORTS, group_name, net_drivers, net_names, source_name
 
 _TILE = re.compile(r"X(\d+)/Y(\d+)/")
 
@@ -136,29 +136,57 @@ def format_long_connections(conns: list[LongConnection], min_span: int, top: int
     return "\n".join(lines)
 
 
-#: Suffixes nextpnr-ecp5 gives the halves of a CCU2C it splits when it packs.
-_PACKED_SUFFIX = re.compile(r"\$CCU2_COMB[01]$")
+#: Data pins of a flip-flop (its memory and DSP peers have named, indexed data pins).
+_FF_PINS = ("DI", "M", "CE", "LSR")
 
 
-def routed_route_ps(
-    report: dict, fallback: Callable[[str | None, str], float]
-) -> tuple[Callable[[str | None, str], float], int]:
-    """A ``route_ps`` for :func:`tessera.hdl.timing.estimate` from a routed design: each
-    connection priced at nextpnr's routed delay (``--detailed-timing-report``), so the
-    estimate lists every slow endpoint where nextpnr's report names only the worst one.
-    Cells nextpnr made itself (carry-chain feed-ins) are priced by ``fallback``. Also the
-    number of driver-reader pairs found."""
-    delays: dict[tuple[str, str], float] = {}
+@dataclass(frozen=True)
+class RoutedGroup:
+    """Endpoints of one register family or memory / DSP port kind after routing."""
+
+    name: str
+    worst_ns: float
+    over: int  # endpoints whose arrival exceeds the period
+    endpoints: int
+    net: str  # the net into the worst endpoint
+
+
+def routed_groups(report: dict, period_ns: float) -> tuple[list[RoutedGroup], int]:
+    """Every endpoint's routed arrival, grouped, slowest group first; and the number of
+    endpoints. nextpnr's ``--detailed-timing-report`` gives, per net, the arrival time at
+    each timing endpoint it reaches (the worst path into that pin, routed), where its
+    report and log name only the critical path."""
+    groups: dict[str, list] = {}
+    total = 0
     for net in report.get("detailed_net_timings", []):
-        src = _PACKED_SUFFIX.sub("", net["driver"])
         for end in net["endpoints"]:
-            key = (src, _PACKED_SUFFIX.sub("", end["cell"]))
-            ps = 1000.0 * float(end["delay"][1])
-            if ps > delays.get(key, -1.0):
-                delays[key] = ps
+            total += 1
+            ns = float(end["delay"][1])
+            name = group_name(end["cell"])
+            if end["port"] not in _FF_PINS:  # one group per memory / DSP kind and port
+                name = re.sub(r"\d+", "#", f"{end['cell']} {end['port']}")
+            g = groups.setdefault(name, [0.0, 0, 0, ""])
+            if ns > g[0]:
+                g[0], g[3] = ns, net["net"]
+            g[1] += ns > period_ns
+            g[2] += 1
+    found = [RoutedGroup(k, w, o, n, source_name(net)) for k, (w, o, n, net) in groups.items()]
+    found.sort(key=lambda g: (-g.worst_ns, g.name))
+    return found, total
 
-    def route(driver: str | None, reader: str) -> float:
-        ps = delays.get((driver, reader)) if driver is not None else None
-        return fallback(driver, reader) if ps is None else ps
 
-    return route, len(delays)
+def format_routed_groups(
+    groups: list[RoutedGroup], total: int, period_ns: float, top: int = 60
+) -> str:
+    """The endpoint groups over the period, slowest first."""
+    over = sum(g.over for g in groups)
+    worst = groups[0].worst_ns if groups else 0.0
+    lines = [
+        f"routed arrival at each endpoint (nextpnr --detailed-timing-report): worst "
+        f"{worst:.2f} ns; {over} of {total} endpoints over {period_ns:.1f} ns",
+        "",
+        f"{'worst':>7s} {'over':>6s} {'of':>6s}  group  <- net into the worst endpoint",
+    ]
+    for g in [g for g in groups if g.over][:top]:
+        lines.append(f"{g.worst_ns:7.2f} {g.over:6d} {g.endpoints:6d}  {g.name}  <- {g.net}")
+    return "\n".join(lines)

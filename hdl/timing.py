@@ -95,14 +95,14 @@ def net_drivers(cells: dict) -> dict[int, str]:
     return driver
 
 
-def _source_name(name: str) -> str:
+def source_name(name: str) -> str:
     """A mapped net's name without the cell path yosys appends (``x_LUT4_Z_...`` -> ``x``)."""
     return re.sub(r"_(TRELLIS_FF|LUT4|CCU2C|PFUMX|L6MUX21|DP16KD|MULT18X18D)\S*", "", name)
 
 
 def group_name(name: str) -> str:
     """``chain.vec.mv3_6[2]`` -> ``chain.vec.mv3_#``: one group per register array."""
-    return re.sub(r"\d+$", "#", re.sub(r"\[\d+\]", "", _source_name(name)))
+    return re.sub(r"\d+$", "#", re.sub(r"\[\d+\]", "", source_name(name)))
 
 
 def estimate(
@@ -236,7 +236,7 @@ def format_estimate(
         lines.append(f"\n{g.worst_ns:6.1f} ns  {g.failing:5d} over  {g.name}")
         last = None
         for cell_type, net, ns in g.path:
-            short = _source_name(net)
+            short = source_name(net)
             if short == last:  # along a carry chain or inside one signal's logic
                 continue
             last = short

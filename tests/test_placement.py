@@ -8,13 +8,13 @@ from netlists import cell
 from tessera.hdl.placement import (
     cell_tiles,
     format_long_connections,
+    format_routed_groups,
     long_connections,
     placed_route_ps,
     predicted_route_ps,
-    routed_route_ps,
+    routed_groups,
 )
 from tessera.hdl.synth import _log_placed_fmax
-from tessera.hdl.timing import estimate
 
 
 def _netlist() -> dict:
@@ -25,7 +25,7 @@ def _netlist() -> dict:
         "near_lut": cell("LUT4", A=("input", [2]), Z=("output", [3])),
         "far_lut": cell("LUT4", A=("input", [2]), Z=("output", [4])),
         "clk_buf": cell("LUT4", A=("input", [5]), Z=("output", [9])),
-        "far_ff": cell("TRELLIS_FF", DI=("input", [3]), CLK=("input", [9]), Q=("output", [8])),
+        "far_ff": cell("TRELLIS_FF", DI=("input", [3]), CLK=("input", [9])),
     }
     netnames = {
         "reg_a": {"bits": [2], "hide_name": 0},
@@ -91,34 +91,28 @@ def test_placed_route_prices_follow_nextpnrs_estimate():
     assert route(None, "b") == route("a", "merged") == predicted_route_ps(1, 1)
 
 
-def _routed_report() -> dict:
-    # nextpnr's detailed net timings (ns): reg_a reaches far_lut over a long route, and
-    # near_lut's net reaches far_ff; "fa$CCU2_COMB1" is half of a carry cell nextpnr split
-    def net(driver: str, *ends: tuple[str, float]) -> dict:
-        endpoints = [{"cell": c, "port": "A", "delay": [ns / 2, ns]} for c, ns in ends]
-        return {"driver": driver, "port": "Q", "net": driver, "endpoints": endpoints}
+def test_routed_groups_take_nextpnrs_arrival_per_endpoint():
+    # detailed net timings: per net, the routed arrival (ns) at each endpoint it reaches
+    def net(name: str, *ends: tuple[str, str, float]) -> dict:
+        endpoints = [{"cell": c, "port": p, "delay": [ns / 2, ns]} for c, p, ns in ends]
+        return {"driver": f"{name}_LUT4_Z", "port": "F", "net": name, "endpoints": endpoints}
 
-    return {
+    report = {
         "detailed_net_timings": [
-            net("reg_a", ("near_lut", 0.4), ("far_lut", 6.0)),
-            net("near_lut", ("far_ff", 3.5)),
-            net("fa$CCU2_COMB1", ("far_ff", 1.0)),
+            net("a_next", ("acc_TRELLIS_FF_Q_1", "DI", 12.5), ("acc_TRELLIS_FF_Q_2", "DI", 9.0)),
+            net("b_en", ("acc_TRELLIS_FF_Q_3", "CE", 11.0)),
+            net("addr_LUT4_Z", ("vrf.1.7", "ADB13", 14.0), ("vrf.0.2", "ADB9", 10.5)),
+            net("fine", ("other_TRELLIS_FF_Q", "DI", 3.0)),
         ]
     }
-
-
-def test_routed_prices_are_nextpnrs_routed_delays():
-    route, pairs = routed_route_ps(_routed_report(), lambda _d, _r: 123.0)
-    assert pairs == 4
-    assert route("reg_a", "far_lut") == 6000.0
-    assert route("reg_a", "near_lut") == 400.0
-    assert route("fa", "far_ff") == 1000.0  # the split carry cell under its yosys name
-    assert route("near_lut", "reg_a") == route(None, "far_ff") == 123.0  # not routed: fallback
-
-
-def test_routed_estimate_ranks_the_slow_route_first():
-    route, _ = routed_route_ps(_routed_report(), lambda _d, _r: 0.0)
-    est = estimate(_netlist(), period_ns=4.0, route_ps=route)
-    # reg_a (0.4 clock-to-out) -> 0.4 -> near_lut (0.15) -> 3.5 -> far_ff (0.1 set-up)
-    assert est.failing == 1
-    assert abs(est.worst_ns - (0.4 + 0.4 + 0.15 + 3.5 + 0.1)) < 1e-9
+    groups, total = routed_groups(report, period_ns=10.0)
+    assert total == 6
+    assert [(g.name, g.worst_ns, g.over, g.endpoints) for g in groups] == [
+        ("vrf.#.# ADB#", 14.0, 2, 2),  # block RAM address pins, one group
+        ("acc", 12.5, 2, 3),  # the flip-flops of one register, whichever pin
+        ("other", 3.0, 0, 1),
+    ]
+    assert groups[0].net == "addr"  # the worst endpoint's net, without yosys' cell path
+    text = format_routed_groups(groups, total, 10.0)
+    assert text.splitlines()[0].endswith("worst 14.00 ns; 4 of 6 endpoints over 10.0 ns")
+    assert "acc  <- a_next" in text and "other" not in text
