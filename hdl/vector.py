@@ -46,6 +46,11 @@ ENTRY = 1
 SLOT_REGS = 5
 #: The storage stage's registers of the exponent clamp: its decision, then the lanes.
 CLAMP = 2
+#: An MFU slot addresses the VRF this many cycles before its input stream gets there, so
+#: the address is registered beside the block RAMs and their word passes two registers
+#: (one beside them, one at the slots) and still meets the phase at the operand stage:
+#: the VRF sits wherever the placer finds block RAMs, across the die from the slots.
+VRF_AHEAD = 2
 
 
 def phases(cfg: NPUConfig) -> int:
@@ -83,6 +88,9 @@ class _Stream:
         self.e = Signal(signed(bfp.EXP_BITS), name=f"{name}_e")
         self.xq = [Signal(signed(8), name=f"{name}_xq{i}") for i in range(lanes)]
         self.xe = Signal(signed(8), name=f"{name}_xe")
+        #: (valid, phase) of this point VRF_AHEAD cycles early, where the stream has them
+        #: (a renormalization's output): the MFU slot after it addresses the VRF by them.
+        self.ahead: tuple[Value, Value] | None = None
 
     def side(self) -> list[Value]:
         """What travels beside the mantissas unchanged."""
@@ -144,6 +152,7 @@ def _normalize_phases(
         lanes, side = nl, ns
     # Shift (the exponent goes with the lanes: the next vector's may follow in e_r) ...
     split = _Stream(cfg, f"{name}_s", bits + 1)
+    ahead = (side[0], side[1])  # the output's valid and phase, two registers early
     sticky = [Signal(name=f"{name}_st{i}") for i in range(len(lanes))]
     m.d.sync += [a.eq(b) for a, b in zip(split.side(), side, strict=True)] + [split.e.eq(e_r)]
     for i, x in enumerate(lanes):
@@ -156,6 +165,8 @@ def _normalize_phases(
     for i in range(len(lanes)):
         rounded = bfp.rne_round(m, split.q[i], sticky[i], f"{name}_rr{i}")
         m.d.sync += out.q[i].eq(bfp.saturate(m, rounded, bits, f"{name}_sat{i}"))
+    assert VRF_AHEAD == 2, "out is two registers after the delay line: split, then out"
+    out.ahead = ahead
     return out
 
 
@@ -216,16 +227,21 @@ class VectorPipe(wiring.Component):
         )
         s = _normalize_phases(m, cfg, s, lsb, ops.reducer == Reducer.NONE, big, "n0")
 
+        # Each port's address is registered, and its word passes two registers (VRF_AHEAD):
+        # the block RAMs' unregistered data out (5.8 ns on the ECP5) and the route from
+        # wherever they are placed were the routed critical path.
         ports = [getattr(self, f"vrf{k}") for k in range(VRF_PORTS)]
-        # Each port's word is registered off its block RAMs: their unregistered data out
-        # (5.8 ns on the ECP5) and the route from the RAM column were the routed critical
-        # path. The slots address the ports a cycle early, so this costs no latency.
-        words = [Signal.like(port.data, name=f"vrf_q{pi}") for pi, port in enumerate(ports)]
-        for port, word in zip(ports, words, strict=True):
+        addrs, words = [], []
+        for pi, port in enumerate(ports):
+            addr = Signal.like(port.addr, name=f"vrf{pi}_a")
+            near = Signal.like(port.data, name=f"vrf{pi}_q1")
+            word = Signal.like(port.data, name=f"vrf{pi}_q2")
             m.d.comb += port.en.eq(1)
-            m.d.sync += word.eq(port.data)
+            m.d.sync += [port.addr.eq(addr), near.eq(port.data), word.eq(near)]
+            addrs.append(addr)
+            words.append(word)
         for k in range(MFU_SLOTS):
-            s = self._slot(m, k, s, ports, words)
+            s = self._slot(m, k, s, addrs, words)
 
         # Re-block to storage BFP and collect the phases into one block for the writer.
         st = _normalize_phases(m, cfg, s, s.e, 0, cfg.mantissa_bits, "st")
@@ -349,31 +365,32 @@ class VectorPipe(wiring.Component):
         m.d.sync += reg_raw_e.eq(Mux(first_phase, self.raw_e, raw_e))
         return reg, reg_raw_e
 
-    def _slot(self, m: Module, k: int, src: _Stream, ports: list, words: list) -> _Stream:
-        """MFU slot ``k``: operand read (``ports``' addresses, ``words`` their registered
-        data), aligned op, renormalization."""
+    def _slot(self, m: Module, k: int, src: _Stream, addrs: list, words: list) -> _Stream:
+        """MFU slot ``k``: operand read (the VRF ports' next addresses ``addrs``, and
+        ``words`` their registered data), aligned op, renormalization."""
         cfg = self.cfg
         n, lanes, big = cfg.native_dim, cfg.vector_lanes, cfg.mfu_mantissa_bits
         p = phases(cfg)
         slot = self.ops.slots[k]
 
         # The operand's address: the slot's VRF base + the vector's output block, which
-        # moves on after the vector's last phase. The port takes the block of the phase
-        # arriving next cycle (``ob``'s next value), so that the word it reads passes the
-        # port's register and still reaches stage O with that phase.
+        # moves on after the vector's last phase. ``ob`` counts blocks on the stream
+        # VRF_AHEAD cycles early, and the port's address register takes the block of its
+        # next cycle, so the word leaves the port's two registers with the phase at A.
+        ahead_v, ahead_ph = src.ahead
         ob = Signal(16, name=f"ob{k}")
         ob_next = Signal(16, name=f"obn{k}")
         with m.If(self.start):
             m.d.comb += ob_next.eq(0)
-        with m.Elif(src.v & (src.ph == p - 1)):
+        with m.Elif(ahead_v & (ahead_ph == p - 1)):
             m.d.comb += ob_next.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
         with m.Else():
             m.d.comb += ob_next.eq(ob)
         m.d.sync += ob.eq(ob_next)
         uses_vrf = (slot.op != MfuOp.NONE) & (slot.op != MfuOp.RELU) & ~slot.aux
-        for pi, port in enumerate(ports):
+        for pi, addr in enumerate(addrs):
             with m.If(uses_vrf & (slot.port == pi)):
-                m.d.comb += port.addr.eq(slot.vrf + ob_next)
+                m.d.comb += addr.eq(slot.vrf + ob_next)
 
         # Stage A: hold the phase while the operand is read.
         a = _Stream(cfg, f"a{k}", big)
