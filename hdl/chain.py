@@ -139,6 +139,8 @@ class ChainEngine(wiring.Component):
             "sw_c": 32, "pl_c": 32, "span": 16, "ring_rows": 32, "ring": 32,
             # the first output row whose window reaches the input's last row
             "last_row_first": signed(18),
+            # the ring holds fewer rows than a window (ChainError.WINDOW_TOO_TALL)
+            "too_tall": 1,
             "dh": 8, "dw": 8, "is_mvu": 1, "is_pool": 1,
             "in_ereg": 4, "out_ereg": 4, "out_mask": 16, "halves": 4,
             # the sweep's loop bounds less one, so its "last" tests compare registers
@@ -237,9 +239,16 @@ class ChainEngine(wiring.Component):
         last = Signal()
         entry = Signal(signed(35))
         inwin = Signal()
+        # Each loop counter has a flag "at its last value", kept with it, and ``at_first``
+        # says the three inner ones are at 0: the sweep's decisions read flip-flops, not
+        # compares of 16-bit counters with their bounds (a routed critical path ran
+        # through the cascade of them into the output column's registers).
+        cb_last, kx_last, ky_last = Signal(), Signal(), Signal()
+        ob_last, ox_last, at_first = Signal(), Signal(), Signal()
+        ocnt_m1, ow_m1 = act_s["ocnt_m1"], act_s["ow_m1"]
         m.d.comb += [
-            first.eq((ky == 0) & (kx == 0) & (cb == 0)),
-            last.eq((ky == kh_m1) & (kx == kw_m1) & (cb == cbn_m1)),
+            first.eq(at_first),
+            last.eq(ky_last & kx_last & cb_last),
             entry.eq(row_addr + col_addr + Mux(is_mvu, cb, ob)),
             inwin.eq((iy >= 0) & (iy < r.ih) & (ix >= 0) & (ix < r.iw)),
         ]
@@ -515,6 +524,9 @@ class ChainEngine(wiring.Component):
                 rb = stg["rowblocks"]
                 m.d.sync += [
                     stg["last_row_first"].eq(nr.ih - stg["span"]),
+                    stg["too_tall"].eq(
+                        (stg["ring_rows"] == 0) | (stg["ring_rows"] < stg["span"] + 1)
+                    ),
                     stg["seg_blocks"].eq(Mux(contiguous, rb, nr.icnt)),
                     stg["segs_per_row"].eq(Mux(contiguous, 1, nr.iw)),
                     stg["seg_mstep"].eq(Mux(contiguous, rb << lg(n), nr.icb << lg(n))),
@@ -550,7 +562,7 @@ class ChainEngine(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 resident = Signal()
                 m.d.comb += resident.eq(last_valid & (last_key == key) & (is_mvu | is_pool))
-                with m.If((ring_rows == 0) | (ring_rows < span + 1)):
+                with m.If(act_s["too_tall"]):
                     m.d.sync += self.error.eq(ChainError.WINDOW_TOO_TALL)
                     m.next = "DRAIN"
                 with m.Else():
@@ -608,6 +620,12 @@ class ChainEngine(wiring.Component):
                         g.eq(0),
                         ob.eq(0),
                         tile.eq(ops.tile),
+                        cb_last.eq(cbn_m1 == 0),
+                        kx_last.eq(kw_m1 == 0),
+                        ky_last.eq(kh_m1 == 0),
+                        ob_last.eq(ocnt_m1 == 0),
+                        ox_last.eq(ow_m1 == 0),
+                        at_first.eq(1),
                     ]
                     m.next = "RUN"
             with m.State("RUN"):
@@ -625,35 +643,42 @@ class ChainEngine(wiring.Component):
                         m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
                     m.d.sync += g.eq(g + 1)
                     with m.If(g == groups - 1):
-                        m.d.sync += [g.eq(0), cb.eq(cb + 1)]
-                        with m.If(cb == cbn_m1):
-                            m.d.sync += [cb.eq(0), kx.eq(kx + 1), ix.eq(ix + dw)]
-                            m.d.sync += col_addr.eq(col_addr + dw_c)
-                            with m.If(kx == kw_m1):
-                                m.d.sync += [kx.eq(0), ix.eq(col_first)]
+                        m.d.sync += [g.eq(0), cb.eq(cb + 1), cb_last.eq(cb + 1 == cbn_m1)]
+                        m.d.sync += at_first.eq(cb_last & kx_last & ky_last)
+                        with m.If(cb_last):
+                            m.d.sync += [cb.eq(0), cb_last.eq(cbn_m1 == 0)]
+                            m.d.sync += [kx.eq(kx + 1), kx_last.eq(kx + 1 == kw_m1)]
+                            m.d.sync += [ix.eq(ix + dw), col_addr.eq(col_addr + dw_c)]
+                            with m.If(kx_last):
+                                m.d.sync += [kx.eq(0), kx_last.eq(kw_m1 == 0), ix.eq(col_first)]
                                 m.d.sync += col_addr.eq(col_addr_first)
-                                m.d.sync += [ky.eq(ky + 1), iy.eq(iy + dh)]
+                                m.d.sync += [ky.eq(ky + 1), ky_last.eq(ky + 1 == kh_m1)]
+                                m.d.sync += iy.eq(iy + dh)
                                 nra = row_addr + dh_rb
                                 m.d.sync += row_addr.eq(Mux(nra >= ring, nra - ring, nra))
-                                with m.If(ky == kh_m1):
+                                with m.If(ky_last):
                                     m.d.sync += [
                                         ky.eq(0),
+                                        ky_last.eq(kh_m1 == 0),
                                         iy.eq(row_first),
                                         row_addr.eq(row_addr_first),
                                         ob.eq(ob + 1),
+                                        ob_last.eq(ob + 1 == ocnt_m1),
                                     ]
-                                    with m.If(ob == act_s["ocnt_m1"]):
-                                        m.d.sync += [ob.eq(0), tile.eq(ops.tile)]
+                                    with m.If(ob_last):
+                                        m.d.sync += [ob.eq(0), ob_last.eq(ocnt_m1 == 0)]
+                                        m.d.sync += tile.eq(ops.tile)
                                         nxt_c = col_first + r.sw
                                         nxt_ca = col_addr_first + sw_c
                                         m.d.sync += [
                                             ox.eq(ox + 1),
+                                            ox_last.eq(ox + 1 == ow_m1),
                                             col_first.eq(nxt_c),
                                             col_addr_first.eq(nxt_ca),
                                             ix.eq(nxt_c),
                                             col_addr.eq(nxt_ca),
                                         ]
-                                        with m.If(ox == act_s["ow_m1"]):
+                                        with m.If(ox_last):
                                             m.next = "ROW_NEXT"
             with m.State("ROW_NEXT"):
                 m.d.comb += self.busy.eq(1)

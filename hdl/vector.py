@@ -46,11 +46,15 @@ ENTRY = 1
 SLOT_REGS = 5
 #: The storage stage's registers of the exponent clamp: its decision, then the lanes.
 CLAMP = 2
-#: An MFU slot addresses the VRF this many cycles before its input stream gets there, so
-#: the address is registered beside the block RAMs and their word passes two registers
-#: (one beside them, one at the slots) and still meets the phase at the operand stage:
-#: the VRF sits wherever the placer finds block RAMs, across the die from the slots.
-VRF_AHEAD = 2
+#: The VRF sits wherever the placer finds block RAMs, across the die from the MFU slots
+#: (its read was the routed critical path), so a read passes registers on the way there
+#: (the address) and back (the word; the first is an instantiated flip-flop, so yosys
+#: cannot fold it into the block RAM's output register), where the placer can spread
+#: them along the route. The slots address it VRF_AHEAD cycles before their input
+#: stream gets there, so the word still meets its phase at the operand stage.
+VRF_ADDR_REGS = 2
+VRF_WORD_REGS = 3
+VRF_AHEAD = VRF_ADDR_REGS + VRF_WORD_REGS - 1
 
 
 def phases(cfg: NPUConfig) -> int:
@@ -138,6 +142,7 @@ def _normalize_phases(
     # The lanes wait P + 1 cycles, until the vector's shift is known; on their last wait
     # each registers where its sticky bit starts, so the shift stage only compares.
     lanes, side = src.q, src.side()
+    stages = [side]  # the side signals after each register of the delay line
     limits = []
     for k in range(p + 1):
         if k == p:
@@ -150,9 +155,9 @@ def _normalize_phases(
         ns = [Signal.like(x, name=f"{name}_ds{k}_{i}") for i, x in enumerate(side)]
         m.d.sync += [a.eq(b) for a, b in zip(nl + ns, lanes + side, strict=True)]
         lanes, side = nl, ns
+        stages.append(side)
     # Shift (the exponent goes with the lanes: the next vector's may follow in e_r) ...
     split = _Stream(cfg, f"{name}_s", bits + 1)
-    ahead = (side[0], side[1])  # the output's valid and phase, two registers early
     sticky = [Signal(name=f"{name}_st{i}") for i in range(len(lanes))]
     m.d.sync += [a.eq(b) for a, b in zip(split.side(), side, strict=True)] + [split.e.eq(e_r)]
     for i, x in enumerate(lanes):
@@ -165,8 +170,9 @@ def _normalize_phases(
     for i in range(len(lanes)):
         rounded = bfp.rne_round(m, split.q[i], sticky[i], f"{name}_rr{i}")
         m.d.sync += out.q[i].eq(bfp.saturate(m, rounded, bits, f"{name}_sat{i}"))
-    assert VRF_AHEAD == 2, "out is two registers after the delay line: split, then out"
-    out.ahead = ahead
+    # The output is two registers after the delay line (split, then out).
+    early = stages[p + 3 - VRF_AHEAD]
+    out.ahead = (early[0], early[1])
     return out
 
 
@@ -227,17 +233,24 @@ class VectorPipe(wiring.Component):
         )
         s = _normalize_phases(m, cfg, s, lsb, ops.reducer == Reducer.NONE, big, "n0")
 
-        # Each port's address is registered, and its word passes two registers (VRF_AHEAD):
-        # the block RAMs' unregistered data out (5.8 ns on the ECP5) and the route from
-        # wherever they are placed were the routed critical path.
+        # Each port's address and word pass their registers (VRF_ADDR_REGS, VRF_WORD_REGS).
         ports = [getattr(self, f"vrf{k}") for k in range(VRF_PORTS)]
         addrs, words = [], []
         for pi, port in enumerate(ports):
             addr = Signal.like(port.addr, name=f"vrf{pi}_a")
-            near = Signal.like(port.data, name=f"vrf{pi}_q1")
-            word = Signal.like(port.data, name=f"vrf{pi}_q2")
-            m.d.comb += port.en.eq(1)
-            m.d.sync += [port.addr.eq(addr), near.eq(port.data), word.eq(near)]
+            a = addr
+            for i in range(VRF_ADDR_REGS):
+                nxt = port.addr if i == VRF_ADDR_REGS - 1 else Signal.like(a, name=f"vrf{pi}_a{i}")
+                m.d.sync += nxt.eq(a)
+                a = nxt
+            near = DistributionRegister(len(port.data), ecp5=self.ecp5)
+            m.submodules[f"vrf{pi}_near"] = near
+            m.d.comb += [port.en.eq(1), near.d.eq(port.data)]
+            word = near.q
+            for i in range(1, VRF_WORD_REGS):
+                nxt = Signal.like(port.data, name=f"vrf{pi}_q{i}")
+                m.d.sync += nxt.eq(word)
+                word = nxt
             addrs.append(addr)
             words.append(word)
         for k in range(MFU_SLOTS):
@@ -375,8 +388,8 @@ class VectorPipe(wiring.Component):
 
         # The operand's address: the slot's VRF base + the vector's output block, which
         # moves on after the vector's last phase. ``ob`` counts blocks on the stream
-        # VRF_AHEAD cycles early, and the port's address register takes the block of its
-        # next cycle, so the word leaves the port's two registers with the phase at A.
+        # VRF_AHEAD cycles early, and the port's address registers take the block of its
+        # next cycle, so the word leaves the port's registers with the phase at A.
         ahead_v, ahead_ph = src.ahead
         ob = Signal(16, name=f"ob{k}")
         ob_next = Signal(16, name=f"obn{k}")
