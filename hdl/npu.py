@@ -16,7 +16,7 @@ the largest exponent it wrote.
 
 from types import SimpleNamespace
 
-from amaranth import Cat, Module, Mux, Signal, signed
+from amaranth import Array, Cat, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
@@ -166,8 +166,8 @@ class NPU(wiring.Component):
         # neither the instruction memory's clock-to-output nor its address set-up is in the
         # cycle that decodes an instruction and decides whether it retires (the program has
         # no jumps: fetch is sequential).
-        pc = Signal(range(self.imem_depth + 1))  # the address of the word in queue[0]
-        advance = Signal()  # queue[0] retires this cycle
+        pc = Signal(range(self.imem_depth + 1))  # the address of the queue's head
+        advance = Signal()  # the head retires this cycle
         fpc = Signal(range(self.imem_depth + 1))
         fetching = Signal()
         inflight = Signal()  # the memory answers a read of the last cycle
@@ -214,14 +214,29 @@ class NPU(wiring.Component):
             incoming.half.eq(Mux(upper, 2, 1)),
             incoming.beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
         ]
-        queue = [Signal(entry, name=f"iq{i}") for i in range(FETCH_QUEUE)]
+        # The queue is its head (the instruction retiring when ``advance``) and a ring of
+        # the words behind it, which never moves: an arriving word is written at ``wr``
+        # every time (only the pointers say whether it was kept), so ``advance`` reaches
+        # the head and two pointers, not every entry.
+        assert FETCH_QUEUE & (FETCH_QUEUE - 1) == 0, "the ring's pointers wrap by overflow"
+        head = Signal(entry, name="iq_head")
+        ring = [Signal(entry, name=f"iq{i}") for i in range(FETCH_QUEUE)]
+        rd = Signal(range(FETCH_QUEUE), name="iq_rd")
+        wr = Signal(range(FETCH_QUEUE), name="iq_wr")
+        direct = Signal()  # the arriving word becomes the head
+        take = Signal()  # the head is refilled from the ring
+        m.d.comb += [
+            direct.eq(arriving & ((count == 0) | (advance & (count == 1)))),
+            take.eq(advance & (count > 1)),
+        ]
+        with m.If(direct):
+            m.d.sync += head.eq(incoming)
+        with m.Elif(take):
+            m.d.sync += head.eq(Array(ring)[rd])
         for i in range(FETCH_QUEUE):
-            nxt = queue[i + 1] if i + 1 < FETCH_QUEUE else queue[i]
-            # the arriving word goes behind the words kept (count, less one retiring)
-            lands = arriving & Mux(advance, count == i + 1, count == i)
-            m.d.sync += queue[i].eq(Mux(lands, incoming, Mux(advance, nxt, queue[i])))
-        # The instruction at the head of the queue, retiring when ``advance``.
-        head = queue[0]
+            with m.If(arriving & (wr == i)):
+                m.d.sync += ring[i].eq(incoming)
+        m.d.sync += [rd.eq(rd + take), wr.eq(wr + (arriving & ~direct))]
         d, d_ereg, d_ctrl, d_half, d_beats = head.dec, head.ereg, head.ctrl, head.half, head.beats
 
         def write_ereg(value: Value) -> None:
@@ -354,6 +369,8 @@ class NPU(wiring.Component):
                         pc_at_end.eq(self.imem_depth <= 1),
                         fpc.eq(0),
                         count.eq(0),
+                        rd.eq(0),
+                        wr.eq(0),
                         inflight.eq(0),
                         arriving.eq(0),
                         fetching.eq(1),
