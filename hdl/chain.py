@@ -28,6 +28,8 @@ from tessera.hdl.loader import lg
 from tessera.hdl.multiplier import LATENCY as MUL_LATENCY
 from tessera.hdl.multiplier import Multiplier
 from tessera.hdl.mvu import MVU, SHIFT_BITS
+from tessera.hdl.mvu import OPERAND_STAGES as MVU_OPERAND_STAGES
+from tessera.hdl.mvu import WEIGHT_STAGES as MVU_WEIGHT_STAGES
 from tessera.hdl.params import ChainOps, ChainRegs, Reducer
 from tessera.hdl.tilebuffer import read_signature as tile_read_signature
 from tessera.hdl.vector import POOL_BITS, VectorPipe, phases, spaces_blocks
@@ -261,12 +263,14 @@ class ChainEngine(wiring.Component):
             self.act_exp_rd1.en.eq(1),
         ]
         # The tile read goes out BEAT_STAGES + actbuffer.READ_STAGES cycles after the
-        # activation read, so that its word meets the clamped block at the MVU's operand
-        # registers. The last of those registers is the tile buffer's (a copy per bank),
-        # so here are the others.
+        # activation read, and the activation block's extra distribution stages later
+        # (its OPERAND_STAGES - WEIGHT_STAGES), so that its word meets the clamped
+        # block at the multipliers. The last of those registers is the tile buffer's (a
+        # copy per bank), so here are the others.
+        weight_lag = MVU_OPERAND_STAGES - MVU_WEIGHT_STAGES
         tile_addr = [
             Signal.like(self.tile_rd.addr, name=f"tile_a{i}")
-            for i in range(BEAT_STAGES + actbuffer.READ_STAGES - 1)
+            for i in range(BEAT_STAGES + actbuffer.READ_STAGES + weight_lag - 1)
         ]
         m.d.sync += tile_addr[0].eq((tile << lg(groups)) | g if groups > 1 else tile)
         m.d.sync += [a.eq(b) for a, b in zip(tile_addr[1:], tile_addr, strict=False)]

@@ -162,28 +162,24 @@ class Loader(wiring.Component):
         beat = bus.rdata
         mant_bytes = n * n
         row_bytes = lanes * n
-        # Where the *next* beat of a tile load lands is worked out one beat ahead, into
-        # registers: the beat's valid, which comes from the arbiter, then only gates the
-        # byte enables (it fed a compare, a subtract and a 136-way decode before, a long
-        # placed path).
-        tile_step = Signal.like(off)  # the offset after this beat
-        tile_wrap = Signal()
-        m.d.comb += [tile_wrap.eq(off + 2 == tbytes), tile_step.eq(Mux(tile_wrap, 0, off + 2))]
-        word_in_tile = Signal(range(groups + 1))
-        lane = Signal(range(row_bytes + lanes + 1))
-        with m.If(tile_step < mant_bytes):
-            m.d.comb += [
-                word_in_tile.eq(tile_step >> lg(row_bytes)),
-                lane.eq(tile_step & (row_bytes - 1)),
-            ]
-        with m.Else():
-            r = Signal.like(off)
-            m.d.comb += r.eq(tile_step - mant_bytes)
-            m.d.comb += [word_in_tile.eq(r >> lg(lanes)), lane.eq(row_bytes + (r & (lanes - 1)))]
-        beat_word = Signal.like(word_in_tile)  # of the beat at ``off``
+        # Where a tile beat lands is kept in registers stepped beat by beat: the word, and
+        # the byte enables as a one-hot pair that moves two bytes along the mantissa lanes
+        # of a word, then along its exponent lanes (``in_exp``), into the next word at
+        # each end. So the arbiter's ``rvalid`` only gates them, and stepping them takes a
+        # compare of ``off`` with a constant, not a subtract and a 136-way decode.
+        tile_wrap = Signal()  # this beat is the tile's last
+        m.d.comb += tile_wrap.eq(off == tbytes - 2)
+        beat_word = Signal(range(max(2, groups)))
         beat_lanes = Signal.like(tw.en)
+        in_exp = Signal()
+
+        def rotated(lo: int, hi: int) -> Value:
+            """The pair of enables moved two bytes on, within lanes ``lo .. hi - 1``."""
+            part = beat_lanes[lo:hi]
+            return Cat(Const(0, lo), part[-2:], part[:-2])
+
         with m.If(self.start):
-            m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11)]
+            m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11), in_exp.eq(0)]
         m.d.sync += [
             tw.addr.eq(item * groups + beat_word),
             tw.pair.eq(beat),
@@ -199,14 +195,19 @@ class Loader(wiring.Component):
         with m.If(bus.rvalid):
             with m.Switch(kind):
                 with m.Case(LoadKind.TILES):
-                    m.d.sync += [
-                        tw.en.eq(beat_lanes),
-                        off.eq(tile_step),
-                        beat_word.eq(word_in_tile),
-                        beat_lanes.eq(0b11 << lane),
-                    ]
+                    m.d.sync += [tw.en.eq(beat_lanes), off.eq(off + 2)]
                     with m.If(tile_wrap):
-                        m.d.sync += item.eq(item + 1)
+                        m.d.sync += [off.eq(0), item.eq(item + 1), beat_word.eq(0)]
+                        m.d.sync += [beat_lanes.eq(0b11), in_exp.eq(0)]
+                    with m.Elif(off == mant_bytes - 2):
+                        m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11 << row_bytes)]
+                        m.d.sync += in_exp.eq(1)
+                    with m.Elif(in_exp):
+                        m.d.sync += beat_lanes.eq(rotated(row_bytes, row_bytes + lanes))
+                        m.d.sync += beat_word.eq(beat_word + beat_lanes[row_bytes + lanes - 1])
+                    with m.Else():
+                        m.d.sync += beat_lanes.eq(rotated(0, row_bytes))
+                        m.d.sync += beat_word.eq(beat_word + beat_lanes[row_bytes - 1])
                 with m.Case(LoadKind.CONSTS):
                     m.d.sync += vw.en.eq(1 << off[1:])
                     with m.If(off + 2 == 2 * n + 2):

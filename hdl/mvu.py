@@ -8,12 +8,13 @@ the weight row's shift (row exponent minus ``W_EXP_FLOOR``) and added to the row
 accumulator, exactly as ``numerics.to_grid`` / ``kernels.weight_grid`` define the sum: the
 integer sum is order-independent, so the hardware's order gives the simulator's bits.
 
-Pipeline: operand distribution (two register stages: the activation block is copied into
-one register per region of ``LANES_PER_REGION`` lanes, then into a private copy per lane;
-each weight row passes two registers on its own way from the tile buffer to its lane's
-DSPs, so an operand's way across the die is split over two cycles) -> registered multipliers -> a
-registered adder tree -> a registered shift onto the grid -> accumulate. ``first`` starts
-a row's sum, ``last`` publishes it on ``acc``. The copies are
+Pipeline: operand distribution (the activation block passes three register stages: a
+copy per region of ``LANES_PER_REGION`` lanes, a second one, then a private copy per lane,
+so its way from the chain engine across the die is split over three cycles; each weight
+row passes two registers on its own way from its lane's tile-buffer bank, which sits by
+the lane's DSPs, and arrives a cycle after the activation block to meet it) -> registered
+multipliers -> a registered adder tree -> a registered shift onto the grid -> accumulate.
+``first`` starts a row's sum, ``last`` publishes it on ``acc``. The copies are
 :class:`~tessera.hdl.pipereg.DistributionRegister`, which synthesis does not merge back
 into one.
 """
@@ -28,8 +29,11 @@ from tessera.hdl.multiplier import Multiplier
 from tessera.hdl.pipereg import DistributionRegister
 
 SHIFT_BITS = 6
-#: Register stages between the MVU's operand ports and the multipliers' inputs.
-OPERAND_STAGES = 2
+#: Register stages between the MVU's activation port and the multipliers' inputs ...
+OPERAND_STAGES = 3
+#: ... and between its weight ports and theirs: the weights (and their row shifts) come
+#: OPERAND_STAGES - WEIGHT_STAGES cycles after the activation block they meet.
+WEIGHT_STAGES = 2
 #: Lanes fed from one regional copy of the activation block (the first stage's fan-out).
 LANES_PER_REGION = 4
 
@@ -79,21 +83,31 @@ class MVU(wiring.Component):
         )
         for i in range(1, depth):
             m.d.sync += ctrl[i].eq(ctrl[i - 1])
+        # The activation block's shift waits for its weight rows' shifts.
+        lag = OPERAND_STAGES - WEIGHT_STAGES
+        act_shift = self.act_shift
+        for i in range(lag):
+            held = Signal.like(act_shift, name=f"act_shift{i}")
+            m.d.sync += held.eq(act_shift)
+            act_shift = held
         shifts = []
         for lane in range(lanes):
-            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 1)]
-            m.d.sync += sh[0].eq(self.act_shift + self.w_shift[lane])
-            for i in range(1, depth - 1):
+            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 1 - lag)]
+            m.d.sync += sh[0].eq(act_shift + self.w_shift[lane])
+            for i in range(1, len(sh)):
                 m.d.sync += sh[i].eq(sh[i - 1])
             shifts.append(sh[-1])
 
         block_bits = n * mb  # an activation block or a weight row
         regions = []
         for region in range(-(-lanes // LANES_PER_REGION)):
-            reg = DistributionRegister(block_bits, ecp5=self.ecp5)
-            m.submodules[f"act_region{region}"] = reg
-            m.d.comb += reg.d.eq(self.act.as_value())
-            regions.append(reg.q)
+            copy = self.act.as_value()
+            for stage in range(OPERAND_STAGES - 1):
+                reg = DistributionRegister(block_bits, ecp5=self.ecp5)
+                m.submodules[f"act_region{region}_{stage}"] = reg
+                m.d.comb += reg.d.eq(copy)
+                copy = reg.q
+            regions.append(copy)
         dots = []
         for lane in range(lanes):
             a_lane = DistributionRegister(block_bits, ecp5=self.ecp5)

@@ -95,7 +95,7 @@ MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
 MUL_LATENCY = 2
 #: Register stages distributing the MVU's operands to its multipliers (``hdl/mvu.py``).
-MVU_OPERAND_STAGES = 2
+MVU_OPERAND_STAGES = 3
 #: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
 #: (NEXT, REQ before a burst; NEXT after the last one), the exponent flush's command cycle
 #: and its return to COLLECT, and the chain's DRAIN state.

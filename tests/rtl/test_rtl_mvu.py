@@ -5,7 +5,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from tessera.config import NPUConfig
-from tessera.hdl.mvu import MVU, latency
+from tessera.hdl.mvu import MVU, OPERAND_STAGES, WEIGHT_STAGES, latency
 
 pytestmark = pytest.mark.rtl
 
@@ -28,24 +28,35 @@ def test_mvu_matches_exact_grid_sum(n, lanes):
         blocks.append((k, a, sa, w, sw, want))
     got = []
 
+    # One beat per cycle: (first, last, group, activation block, its shift, the lanes'
+    # weight rows, their shifts). The weights go in the MVU's weight lag later.
+    beats = [
+        (i == 0, i == k - 1, g, a[i], sa[i], w[i][g * lanes : (g + 1) * lanes], sw[i])
+        for k, a, sa, w, sw, _ in blocks
+        for i in range(k)
+        for g in range(groups)
+    ]
+    lag = OPERAND_STAGES - WEIGHT_STAGES
+
     async def drive(ctx):
-        for k, a, sa, w, sw, _ in blocks:
-            for i in range(k):
-                for g in range(groups):
-                    ctx.set(dut.valid, 1)
-                    ctx.set(dut.first, i == 0)
-                    ctx.set(dut.last, i == k - 1)
-                    ctx.set(dut.group, g)
+        for t in range(len(beats) + lag):
+            ctx.set(dut.valid, t < len(beats))
+            if t < len(beats):
+                first, last, g, act, act_shift, _, _ = beats[t]
+                ctx.set(dut.first, first)
+                ctx.set(dut.last, last)
+                ctx.set(dut.group, g)
+                for c in range(n):
+                    ctx.set(dut.act[c], int(act[c]))
+                ctx.set(dut.act_shift, int(act_shift))
+            if t >= lag:
+                _, _, g, _, _, rows, shifts = beats[t - lag]
+                for lane in range(lanes):
+                    ctx.set(dut.w_shift[lane], int(shifts[g * lanes + lane]))
                     for c in range(n):
-                        ctx.set(dut.act[c], int(a[i][c]))
-                    ctx.set(dut.act_shift, int(sa[i]))
-                    for lane in range(lanes):
-                        r = g * lanes + lane
-                        ctx.set(dut.w_shift[lane], int(sw[i][r]))
-                        for c in range(n):
-                            ctx.set(dut.w[lane][c], int(w[i][r][c]))
-                    await ctx.tick()
-            ctx.set(dut.valid, 0)
+                        ctx.set(dut.w[lane][c], int(rows[lane][c]))
+            await ctx.tick()
+        ctx.set(dut.valid, 0)
         await ctx.tick().repeat(latency(cfg) + 4)
 
     async def watch(ctx):
