@@ -53,8 +53,12 @@ class AuxReader(wiring.Component):
         ob = Signal(16)
         k = Signal(range(n // 2 + 1))
         buf = Signal(n * 8)
+        # The block's mantissa and exponent addresses (pix_m + ob * N, pix_e + ob) and
+        # "ob is the pixel's last block" are registers stepped with ob, so the burst
+        # requests and the beat handling read flip-flops, not adders and a compare.
+        m_addr = Signal(32)
         ea = Signal(32)
-        m.d.comb += ea.eq(pix_e + ob)
+        ob_last = Signal()
         bus = self.bus
         m.d.comb += [bus.write.eq(0), fifo.w_data.eq(Cat(buf, Signal(8)))]
         ebyte = Signal(8)
@@ -65,7 +69,10 @@ class AuxReader(wiring.Component):
                     m.d.sync += [
                         pix_m.eq(self.mant_addr),
                         pix_e.eq(self.exp_addr),
+                        m_addr.eq(self.mant_addr),
+                        ea.eq(self.exp_addr),
                         ob.eq(0),
+                        ob_last.eq(self.ocnt == 1),
                         self.queued.eq(0),
                     ]
                     m.next = "NEXT"
@@ -76,7 +83,7 @@ class AuxReader(wiring.Component):
                     m.d.sync += k.eq(0)
                     m.next = "MANT"
             with m.State("MANT"):
-                m.d.comb += [bus.req.eq(1), bus.addr.eq(pix_m + ob * n), bus.len.eq(n // 2)]
+                m.d.comb += [bus.req.eq(1), bus.addr.eq(m_addr), bus.len.eq(n // 2)]
                 with m.If(bus.grant):
                     m.next = "EXP"
             # The exponent's burst is asked for right after the mantissas' (the arbiter
@@ -101,11 +108,14 @@ class AuxReader(wiring.Component):
                     fifo.w_en.eq(1),
                     fifo.w_data.eq(Cat(buf, ebyte)),
                 ]
-                m.d.sync += [self.queued.eq(self.queued + 1), ob.eq(ob + 1)]
-                with m.If(ob + 1 == self.ocnt):
-                    m.d.sync += [
-                        ob.eq(0),
-                        pix_m.eq(pix_m + self.pixel_mstep),
-                        pix_e.eq(pix_e + self.pixel_estep),
-                    ]
+                m.d.sync += self.queued.eq(self.queued + 1)
+                with m.If(ob_last):
+                    next_m = pix_m + self.pixel_mstep
+                    next_e = pix_e + self.pixel_estep
+                    m.d.sync += [ob.eq(0), ob_last.eq(self.ocnt == 1)]
+                    m.d.sync += [pix_m.eq(next_m), pix_e.eq(next_e)]
+                    m.d.sync += [m_addr.eq(next_m), ea.eq(next_e)]
+                with m.Else():
+                    m.d.sync += [ob.eq(ob + 1), ob_last.eq(ob + 2 == self.ocnt)]
+                    m.d.sync += [m_addr.eq(m_addr + n), ea.eq(ea + 1)]
         return m

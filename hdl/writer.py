@@ -135,6 +135,11 @@ class Writer(wiring.Component):
         def saturated(count: Signal) -> Mux:
             return Mux(count > RUN_MAX, RUN_MAX, count)
 
+        def saturated_less_one(count: Signal) -> Mux:
+            """``saturated(count - 1)``, comparing ``count`` (not the difference) with a
+            constant, so the subtract and the compare are side by side."""
+            return Mux(count > RUN_MAX + 1, RUN_MAX, count - 1)
+
         pop = Signal()
         m.d.comb += push.eq(pop)
         # Blocks in the FIFO (it never fills: the chain engine keeps fewer in flight), and
@@ -148,14 +153,18 @@ class Writer(wiring.Component):
             held_sat.eq(Mux(pop, saturated(arrived - 1), saturated(arrived))),
         ]
 
+        # ``left_pix == 1``, kept as a flag with it: it picks the next address of four
+        # 32-bit registers when a block's last beat is taken.
+        pixel_ends = Signal()
+
         def advance():
-            pixel_ends = left_pix == 1
             return [
+                pixel_ends.eq(Mux(pixel_ends, self.ocnt == 1, left_pix == 2)),
                 self.written.eq(self.written + 1),
                 left_chain.eq(left_chain - 1),
-                chain_sat.eq(saturated(left_chain - 1)),
+                chain_sat.eq(saturated_less_one(left_chain)),
                 left_pix.eq(Mux(pixel_ends, self.ocnt, left_pix - 1)),
-                pix_sat.eq(Mux(pixel_ends, saturated(self.ocnt), saturated(left_pix - 1))),
+                pix_sat.eq(Mux(pixel_ends, saturated(self.ocnt), saturated_less_one(left_pix))),
                 pix_m.eq(Mux(pixel_ends, pix_m + self.pixel_mstep, pix_m)),
                 pix_e.eq(Mux(pixel_ends, pix_e + self.pixel_estep, pix_e)),
                 mant.eq(Mux(pixel_ends, pix_m + self.pixel_mstep, mant + n)),
@@ -172,6 +181,7 @@ class Writer(wiring.Component):
                         mant.eq(self.mant_addr),
                         ea.eq(self.exp_addr),
                         left_pix.eq(self.ocnt),
+                        pixel_ends.eq(self.ocnt == 1),
                         pix_sat.eq(saturated(self.ocnt)),
                         left_chain.eq(self.total),
                         chain_sat.eq(saturated(self.total)),
