@@ -103,7 +103,7 @@ def synthesize(
         str(seed),
         "--report",
         "nextpnr-report.json",
-        # every routed connection's delay, from which routed_paths.txt lists the slow paths
+        # the routed arrival at every timing endpoint: routed_paths.txt groups them
         "--detailed-timing-report",
         # router1: on the floorplanned 85F it routed f1ab857 (seed 2) in 54 minutes at
         # 60.6 MHz, where router2's overused wires fell and then rose again on every
