@@ -390,20 +390,30 @@ class VectorPipe(wiring.Component):
         # moves on after the vector's last phase. ``ob`` counts blocks on the stream
         # VRF_AHEAD cycles early, and the port's address registers take the block of its
         # next cycle, so the word leaves the port's registers with the phase at A.
+        # The address itself (base + ob) and "ob is the last block" are kept with ob, so
+        # the next address is one increment and two selects from flip-flops.
         ahead_v, ahead_ph = src.ahead
         ob = Signal(16, name=f"ob{k}")
-        ob_next = Signal(16, name=f"obn{k}")
+        ob_last = Signal(name=f"obl{k}")
+        here = Signal(16, name=f"oba{k}")  # slot.vrf + ob
+        next_addr = Signal(16, name=f"obn{k}")
         with m.If(self.start):
-            m.d.comb += ob_next.eq(0)
+            m.d.comb += next_addr.eq(slot.vrf)
+            m.d.sync += [ob.eq(0), ob_last.eq(self.ocnt == 1)]
         with m.Elif(ahead_v & (ahead_ph == p - 1)):
-            m.d.comb += ob_next.eq(Mux(ob + 1 == self.ocnt, 0, ob + 1))
+            with m.If(ob_last):
+                m.d.comb += next_addr.eq(slot.vrf)
+                m.d.sync += [ob.eq(0), ob_last.eq(self.ocnt == 1)]
+            with m.Else():
+                m.d.comb += next_addr.eq(here + 1)
+                m.d.sync += [ob.eq(ob + 1), ob_last.eq(ob + 2 == self.ocnt)]
         with m.Else():
-            m.d.comb += ob_next.eq(ob)
-        m.d.sync += ob.eq(ob_next)
+            m.d.comb += next_addr.eq(here)
+        m.d.sync += here.eq(next_addr)
         uses_vrf = (slot.op != MfuOp.NONE) & (slot.op != MfuOp.RELU) & ~slot.aux
         for pi, addr in enumerate(addrs):
             with m.If(uses_vrf & (slot.port == pi)):
-                m.d.comb += addr.eq(slot.vrf + ob_next)
+                m.d.comb += addr.eq(next_addr)
 
         # Stage A: hold the phase while the operand is read.
         a = _Stream(cfg, f"a{k}", big)
