@@ -13,6 +13,7 @@ products a chain needs are computed once at its start by a shared multiplier.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort
 from amaranth.lib.wiring import In, Out
@@ -248,6 +249,13 @@ class ChainEngine(wiring.Component):
         cb_last, kx_last, ky_last = Signal(), Signal(), Signal()
         ob_last, ox_last, at_first = Signal(), Signal(), Signal()
         ocnt_m1, ow_m1 = act_s["ocnt_m1"], act_s["ow_m1"]
+
+        def restart(counter: Signal, at_last: Signal, last: Value) -> list:
+            return [counter.eq(0), at_last.eq(last == 0)]
+
+        def step(counter: Signal, at_last: Signal, last: Value) -> list:
+            return [counter.eq(counter + 1), at_last.eq(counter + 1 == last)]
+
         m.d.comb += [
             first.eq(at_first),
             last.eq(ky_last & kx_last & cb_last),
@@ -611,24 +619,19 @@ class ChainEngine(wiring.Component):
                 m.d.sync += self.stall_rows.eq(self.stall_rows + 1)
                 with m.If((act.rows_loaded.as_signed() > need) | (act.rows_loaded == r.ih)):
                     m.d.sync += [
-                        ox.eq(0),
                         col_first.eq(-r.pl),
                         col_addr_first.eq(-pl_c),
                         ix.eq(-r.pl),
                         col_addr.eq(-pl_c),
                         iy.eq(row_first),
                         row_addr.eq(row_addr_first),
-                        ky.eq(0),
-                        kx.eq(0),
-                        cb.eq(0),
                         g.eq(0),
-                        ob.eq(0),
                         tile.eq(ops.tile),
-                        cb_last.eq(cbn_m1 == 0),
-                        kx_last.eq(kw_m1 == 0),
-                        ky_last.eq(kh_m1 == 0),
-                        ob_last.eq(ocnt_m1 == 0),
-                        ox_last.eq(ow_m1 == 0),
+                        *restart(cb, cb_last, cbn_m1),
+                        *restart(kx, kx_last, kw_m1),
+                        *restart(ky, ky_last, kh_m1),
+                        *restart(ob, ob_last, ocnt_m1),
+                        *restart(ox, ox_last, ow_m1),
                         at_first.eq(1),
                     ]
                     m.next = "RUN"
@@ -647,36 +650,32 @@ class ChainEngine(wiring.Component):
                         m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
                     m.d.sync += g.eq(g + 1)
                     with m.If(g == groups - 1):
-                        m.d.sync += [g.eq(0), cb.eq(cb + 1), cb_last.eq(cb + 1 == cbn_m1)]
+                        m.d.sync += [g.eq(0), *step(cb, cb_last, cbn_m1)]
                         m.d.sync += at_first.eq(cb_last & kx_last & ky_last)
                         with m.If(cb_last):
-                            m.d.sync += [cb.eq(0), cb_last.eq(cbn_m1 == 0)]
-                            m.d.sync += [kx.eq(kx + 1), kx_last.eq(kx + 1 == kw_m1)]
+                            m.d.sync += restart(cb, cb_last, cbn_m1) + step(kx, kx_last, kw_m1)
                             m.d.sync += [ix.eq(ix + dw), col_addr.eq(col_addr + dw_c)]
                             with m.If(kx_last):
-                                m.d.sync += [kx.eq(0), kx_last.eq(kw_m1 == 0), ix.eq(col_first)]
+                                m.d.sync += [*restart(kx, kx_last, kw_m1), ix.eq(col_first)]
                                 m.d.sync += col_addr.eq(col_addr_first)
-                                m.d.sync += [ky.eq(ky + 1), ky_last.eq(ky + 1 == kh_m1)]
+                                m.d.sync += step(ky, ky_last, kh_m1)
                                 m.d.sync += iy.eq(iy + dh)
                                 nra = row_addr + dh_rb
                                 m.d.sync += row_addr.eq(Mux(nra >= ring, nra - ring, nra))
                                 with m.If(ky_last):
                                     m.d.sync += [
-                                        ky.eq(0),
-                                        ky_last.eq(kh_m1 == 0),
+                                        *restart(ky, ky_last, kh_m1),
                                         iy.eq(row_first),
                                         row_addr.eq(row_addr_first),
-                                        ob.eq(ob + 1),
-                                        ob_last.eq(ob + 1 == ocnt_m1),
+                                        *step(ob, ob_last, ocnt_m1),
                                     ]
                                     with m.If(ob_last):
-                                        m.d.sync += [ob.eq(0), ob_last.eq(ocnt_m1 == 0)]
+                                        m.d.sync += restart(ob, ob_last, ocnt_m1)
                                         m.d.sync += tile.eq(ops.tile)
                                         nxt_c = col_first + r.sw
                                         nxt_ca = col_addr_first + sw_c
                                         m.d.sync += [
-                                            ox.eq(ox + 1),
-                                            ox_last.eq(ox + 1 == ow_m1),
+                                            *step(ox, ox_last, ow_m1),
                                             col_first.eq(nxt_c),
                                             col_addr_first.eq(nxt_ca),
                                             ix.eq(nxt_c),
