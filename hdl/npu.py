@@ -17,7 +17,6 @@ the largest exponent it wrote.
 from types import SimpleNamespace
 
 from amaranth import Array, Cat, Module, Mux, Signal, signed
-from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -239,12 +238,19 @@ class NPU(wiring.Component):
         m.d.sync += [rd.eq(rd + take), wr.eq(wr + (arriving & ~direct))]
         d, d_ereg, d_ctrl, d_half, d_beats = head.dec, head.ereg, head.ctrl, head.half, head.beats
 
-        def write_ereg(value: Value) -> None:
-            """E[d.reg] = value if d.reg is an E register, selected by its one-hot mask (the
-            other E registers are left to whatever else updates them this cycle)."""
-            for i in range(isa.EXP_REG_COUNT):
-                with m.If(d_ereg[i]):
-                    m.d.sync += eregs[i].eq(value)
+        # s_wr and s_ld write their register a cycle after they retire, from a write stage
+        # (value, register, one-hot E mask, control flag): the retire decision then enables
+        # these few flip-flops instead of the 32 control and 16 E registers (1,280 flip-flops,
+        # the placed critical path), whose enables come from the stage's flip-flops.
+        # Nothing reads the register in that cycle: a v_rd retires between an s_wr / s_ld
+        # and the end_chain that hands its registers over, an E register's readers are
+        # chains handed over after it, and a chain's own E register update waits for the
+        # chain (the S_WR hazard check), so the later write wins in program order too.
+        sw_value = Signal(signed(32))
+        sw_reg = Signal(5)
+        sw_ctrl = Signal()
+        sw_ereg = Signal(isa.EXP_REG_COUNT)
+        m.d.sync += [sw_reg.eq(d.reg[:5]), sw_ctrl.eq(0), sw_ereg.eq(0)]
 
         ops = Signal(ChainOps)
         slot = Signal(range(MFU_SLOTS + 1))
@@ -276,8 +282,15 @@ class NPU(wiring.Component):
                 handed_eregs.eq((1 << ch.in_ereg) | (1 << ch.out_ereg)),
                 handed_halves.eq(ch.halves),
             ]
+        # The engine's in-use mask is a register there; a copy here, a cycle later, keeps
+        # the route from the engine out of the S_WR decision that enables every E register
+        # (routed: 247 endpoints up to 13.9 ns). ``handing`` already covers the cycle the
+        # copy lags: the engine's mask shows a chain two cycles after its hand-over,
+        # the copy three, ``handing`` two and three. An E register is freed a cycle later.
+        engine_eregs = Signal(isa.EXP_REG_COUNT)
+        m.d.sync += engine_eregs.eq(chain.eregs_in_use)
         eregs_in_use = Signal(isa.EXP_REG_COUNT)
-        m.d.comb += eregs_in_use.eq(chain.eregs_in_use | Mux(handing, handed_eregs, 0))
+        m.d.comb += eregs_in_use.eq(engine_eregs | Mux(handing, handed_eregs, 0))
         halves_in_use = Signal(4)
         m.d.comb += halves_in_use.eq(chain.halves_in_use | Mux(handing, handed_halves, 0))
         # buffer halves the chains in the engine read (tile buffer, VRF)
@@ -353,15 +366,43 @@ class NPU(wiring.Component):
             ch.regs.eq(regs),
             ch.ops.eq(ops),
         ]
+        # The rest of a hand-over and a load's command are driven every cycle too: only
+        # ``start`` comes from the retire decision (the units take the rest with it), so
+        # the decision does not reach the other flip-flops of either crossing.
+        th = Mux(ops.tile >= tiles_half, 2, 1)
+        vh = 0
+        for i in range(MFU_SLOTS):
+            sl = ops.slots[i]
+            use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
+            vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
+        m.d.comb += [
+            ch.in_ereg.eq(creg(R.IN_EREG)[:4]),
+            ch.out_ereg.eq(creg(R.OUT_EREG)[:4]),
+            ch.halves.eq(Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])),
+        ]
+        is_m = d.opcode == Opcode.M_RD
+        m.d.comb += [
+            ld.kind.eq(
+                Mux(
+                    d.opcode == Opcode.S_LD,
+                    LoadKind.SCALAR,
+                    Mux(is_m, LoadKind.TILES, LoadKind.CONSTS),
+                )
+            ),
+            ld.index.eq(Mux(is_m, d.tile, d.vrf)),
+            ld.beats.eq(d_beats),
+            ld.addr.eq(d.addr),
+        ]
 
-        # The chain's E register numbers are valid, registered: the compares on two 32-bit
-        # control registers are not in the cycle of the retire decision. (They are a cycle
-        # late, which nothing sees: a v_rd retires between the s_wr / s_ld that sets them
-        # and the end_chain that reads them.)
+        # The chain's E register numbers are valid: flags set as the write stage writes
+        # IN_EREG / OUT_EREG, so the compares on 32-bit values are not in the cycle of the
+        # retire decision and the flags are current when the registers are.
+        in_ereg_ok = Signal()
+        out_ereg_ok = Signal()
         chain_eregs_ok = Signal()
-        m.d.sync += chain_eregs_ok.eq(ereg_ok(creg(R.IN_EREG)) & ereg_ok(creg(R.OUT_EREG)))
+        m.d.comb += chain_eregs_ok.eq(in_ereg_ok & out_ereg_ok)
 
-        with m.FSM():
+        with m.FSM() as seq_fsm:
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [
@@ -381,6 +422,7 @@ class NPU(wiring.Component):
                     ]
                     m.d.sync += [eregs[i].eq(-128) for i in range(isa.EXP_REG_COUNT)]
                     m.d.sync += [ctrl[i].eq(0) for i in range(CTRL_REGS)]
+                    m.d.sync += [in_ereg_ok.eq(ereg_ok(0)), out_ereg_ok.eq(ereg_ok(0))]
                     m.next = "FETCH"
             with m.State("FETCH"):
                 with m.If(arriving):  # the first word is in the queue next cycle
@@ -408,35 +450,22 @@ class NPU(wiring.Component):
                             e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~e_busy):
                                 m.d.comb += advance.eq(1)
-                            with m.If(d_ctrl):
-                                m.d.sync += ctrl[d.reg[:5]].eq(d.value)
+                            m.d.sync += sw_ctrl.eq(d_ctrl)
                             with m.If(~e_busy):
-                                write_ereg(d.value)
+                                m.d.sync += sw_ereg.eq(d_ereg)
                         with m.Case(Opcode.S_LD):
                             e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~ld_busy & ~e_busy):
-                                m.d.comb += [
-                                    ld.start.eq(1),
-                                    ld.kind.eq(LoadKind.SCALAR),
-                                    ld.addr.eq(d.addr),
-                                ]
+                                m.d.comb += ld.start.eq(1)
                                 m.next = "SCALAR"
                         with m.Case(Opcode.M_RD, Opcode.C_RD):
-                            is_m = d.opcode == Opcode.M_RD
                             clash = running & Mux(
                                 is_m,
                                 (run_tile_half & d_half) != 0,
                                 (run_vrf_half & d_half) != 0,
                             )
                             with m.If(~ld_busy & ~clash):
-                                m.d.comb += [
-                                    advance.eq(1),
-                                    ld.start.eq(1),
-                                    ld.kind.eq(Mux(is_m, LoadKind.TILES, LoadKind.CONSTS)),
-                                    ld.index.eq(Mux(is_m, d.tile, d.vrf)),
-                                    ld.beats.eq(d_beats),
-                                    ld.addr.eq(d.addr),
-                                ]
+                                m.d.comb += [advance.eq(1), ld.start.eq(1)]
                         with m.Case(Opcode.V_RD):
                             m.d.comb += advance.eq(1)
                             m.d.sync += [ops.eq(0), slot.eq(0), vrf_ops.eq(0)]
@@ -446,9 +475,7 @@ class NPU(wiring.Component):
                             m.next = "STOP"
             with m.State("SCALAR"):
                 with m.If(loader.scalar_valid):
-                    with m.If(d_ctrl):
-                        m.d.sync += ctrl[d.reg[:5]].eq(loader.scalar)
-                    write_ereg(loader.scalar)
+                    m.d.sync += [sw_ctrl.eq(d_ctrl), sw_ereg.eq(d_ereg)]
                     m.d.comb += advance.eq(1)
                     m.next = "EXEC"
             with m.State("CHAIN"):
@@ -510,19 +537,6 @@ class NPU(wiring.Component):
                                 m.next = "STOP"
                             with m.Elif(engine_ready & ~ld_busy):
                                 m.d.comb += [advance.eq(1), ch.start.eq(1)]
-                                th = Mux(ops.tile >= tiles_half, 2, 1)
-                                vh = 0
-                                for i in range(MFU_SLOTS):
-                                    sl = ops.slots[i]
-                                    use = (sl.op != MfuOp.NONE) & (sl.op != MfuOp.RELU) & ~sl.aux
-                                    vh = vh | Mux(use, Mux(sl.vrf >= vrf_half, 2, 1), 0)
-                                m.d.comb += [
-                                    ch.in_ereg.eq(creg(R.IN_EREG)[:4]),
-                                    ch.out_ereg.eq(creg(R.OUT_EREG)[:4]),
-                                    ch.halves.eq(
-                                        Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])
-                                    ),
-                                ]
                                 m.next = "EXEC"
                         with m.Default():
                             m.d.sync += fail(Error.OUTSIDE_CHAIN)
@@ -535,4 +549,18 @@ class NPU(wiring.Component):
                 with m.If(~running & ~ld_busy):
                     m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
+
+        # The write stage lands (after a chain's completion update of this cycle: the
+        # s_wr / s_ld comes later in program order).
+        m.d.sync += sw_value.eq(Mux(seq_fsm.ongoing("SCALAR"), loader.scalar, d.value))
+        for i in range(CTRL_REGS):
+            with m.If(sw_ctrl & (sw_reg == i)):
+                m.d.sync += ctrl[i].eq(sw_value)
+        for i in range(isa.EXP_REG_COUNT):
+            with m.If(sw_ereg[i]):
+                m.d.sync += eregs[i].eq(sw_value)
+        with m.If(sw_ctrl & (sw_reg == R.IN_EREG)):
+            m.d.sync += in_ereg_ok.eq(ereg_ok(sw_value))
+        with m.If(sw_ctrl & (sw_reg == R.OUT_EREG)):
+            m.d.sync += out_ereg_ok.eq(ereg_ok(sw_value))
         return m
