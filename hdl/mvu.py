@@ -8,11 +8,13 @@ the weight row's shift (row exponent minus ``W_EXP_FLOOR``) and added to the row
 accumulator, exactly as ``numerics.to_grid`` / ``kernels.weight_grid`` define the sum: the
 integer sum is order-independent, so the hardware's order gives the simulator's bits.
 
-Pipeline: operand distribution (the activation block passes three register stages: a
-copy per region of ``LANES_PER_REGION`` lanes, a second one, then a private copy per lane,
-so its way from the chain engine across the die is split over three cycles; each weight
-row passes two registers on its own way from its lane's tile-buffer bank, which sits by
-the lane's DSPs, and arrives a cycle after the activation block to meet it) -> registered
+Pipeline: operand distribution (the activation block passes four register stages: its
+register at the port, so the chain engine's clamp in front of it is not pulled towards the
+regions, a copy per region of ``LANES_PER_REGION`` lanes, a second one, then a private
+copy per lane, so its way from the chain engine across the die is split over four cycles;
+each weight row passes two registers on its own way from its lane's tile-buffer bank,
+which sits by the lane's DSPs, and arrives two cycles after the activation block to meet
+it) -> registered
 multipliers -> a registered adder tree -> a registered shift onto the grid -> accumulate.
 ``first`` starts a row's sum, ``last`` publishes it on ``acc``. The copies are
 :class:`~tessera.hdl.pipereg.DistributionRegister`, which synthesis does not merge back
@@ -30,10 +32,13 @@ from tessera.hdl.pipereg import DistributionRegister
 
 SHIFT_BITS = 6
 #: Register stages between the MVU's activation port and the multipliers' inputs ...
-OPERAND_STAGES = 3
+OPERAND_STAGES = 4
 #: ... and between its weight ports and theirs: the weights (and their row shifts) come
 #: OPERAND_STAGES - WEIGHT_STAGES cycles after the activation block they meet.
 WEIGHT_STAGES = 2
+#: Register stages between a lane's published rows and the ``acc`` port: a copy on the
+#: way from the lanes, spread over the die by the floorplan, to the vector unit.
+OUTPUT_STAGES = 1
 #: Lanes fed from one regional copy of the activation block (the first stage's fan-out).
 LANES_PER_REGION = 4
 
@@ -99,10 +104,12 @@ class MVU(wiring.Component):
             shifts.append(sh[-1])
 
         block_bits = n * mb  # an activation block or a weight row
+        at_port = Signal(block_bits, name="act_port")
+        m.d.sync += at_port.eq(self.act.as_value())
         regions = []
         for region in range(-(-lanes // LANES_PER_REGION)):
-            copy = self.act.as_value()
-            for stage in range(OPERAND_STAGES - 1):
+            copy = at_port
+            for stage in range(OPERAND_STAGES - 2):
                 reg = DistributionRegister(block_bits, ecp5=self.ecp5)
                 m.submodules[f"act_region{region}_{stage}"] = reg
                 m.d.comb += reg.d.eq(copy)
@@ -152,6 +159,7 @@ class MVU(wiring.Component):
         # around one register driving all of them (1,272 readers across the die).
         ctrl_bits = 3 + len(self.group)  # valid, first, last, group
         accs = [Signal(signed(ab), name=f"acc{r}") for r in range(n)]
+        published = [Signal(signed(ab), name=f"pub{r}") for r in range(n)]
         for lane in range(lanes):
             lane_ctrl = DistributionRegister(ctrl_bits, ecp5=self.ecp5)
             m.submodules[f"ctrl_lane{lane}"] = lane_ctrl
@@ -168,9 +176,16 @@ class MVU(wiring.Component):
                         m.d.comb += nv.eq(accs[r] + dots[lane])
                     m.d.sync += accs[r].eq(nv)
                     with m.If(last):
-                        m.d.sync += self.acc[r].eq(nv)
+                        m.d.sync += published[r].eq(nv)
         c = ctrl[-1]
-        done = Signal()
-        m.d.sync += done.eq(c[0] & c[2] & (c[3:] == self.groups - 1))
-        m.d.comb += self.out_valid.eq(done)
+        done = [Signal(name=f"done{i}") for i in range(1 + OUTPUT_STAGES)]
+        m.d.sync += done[0].eq(c[0] & c[2] & (c[3:] == self.groups - 1))
+        m.d.sync += [a.eq(b) for a, b in zip(done[1:], done, strict=False)]
+        rows = published
+        for stage in range(OUTPUT_STAGES):
+            held = [Signal(signed(ab), name=f"out{stage}_{r}") for r in range(n)]
+            m.d.sync += [a.eq(b) for a, b in zip(held, rows, strict=True)]
+            rows = held
+        m.d.comb += [self.acc[r].eq(rows[r]) for r in range(n)]
+        m.d.comb += self.out_valid.eq(done[-1])
         return m

@@ -95,7 +95,9 @@ MFU_SLOTS = 4
 #: The MVU multipliers' latency (``hdl/multiplier.py``).
 MUL_LATENCY = 2
 #: Register stages distributing the MVU's operands to its multipliers (``hdl/mvu.py``).
-MVU_OPERAND_STAGES = 3
+MVU_OPERAND_STAGES = 4
+#: Register stages from the MVU's published rows to its output port (``hdl/mvu.py``).
+MVU_OUTPUT_STAGES = 1
 #: Writer FIFO (``SyncFIFOBuffered``: two cycles to the read side), its mantissa engine
 #: (NEXT, REQ before a burst; NEXT after the last one), the exponent flush's command cycle
 #: and its return to COLLECT, and the chain's DRAIN state.
@@ -184,8 +186,9 @@ def vector_latency(cfg: NPUConfig) -> int:
 def mvu_latency(cfg: NPUConfig) -> int:
     """MVU cycles from an operand beat to its block leaving the accumulator: the operand
     distribution registers, the multiplier, the adder tree, the shift stage, the accumulate
-    stage, the output register."""
-    return MVU_OPERAND_STAGES + MUL_LATENCY + max(1, (cfg.native_dim - 1).bit_length()) + 1 + 1 + 1
+    stage, the published rows' register, the output stages."""
+    levels = max(1, (cfg.native_dim - 1).bit_length())
+    return MVU_OPERAND_STAGES + MUL_LATENCY + levels + 1 + 1 + 1 + MVU_OUTPUT_STAGES
 
 
 @dataclass

@@ -35,6 +35,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.MFU_SLOTS == params.MFU_SLOTS
     assert cycles.MUL_LATENCY == multiplier.LATENCY
     assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
+    assert cycles.MVU_OUTPUT_STAGES == mvu.OUTPUT_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
     assert cycles.ACT_READ_STAGES == actbuffer.READ_STAGES
     assert cycles.DONE_TO_LAUNCH == chain.DONE_TO_LAUNCH
@@ -51,4 +52,5 @@ def test_per_config_terms_match_the_rtl(cfg):
     assert cycles.act_entries(cfg) == actloader.act_entries(cfg)
     assert cycles.vector_phases(cfg) == vector.phases(cfg)
     assert cycles.vector_latency(cfg) == vector.latency(cfg)
-    assert cycles.mvu_latency(cfg) == mvu.latency(cfg) + 1  # + the output register
+    # + the published rows' register and the output stages
+    assert cycles.mvu_latency(cfg) == mvu.latency(cfg) + 1 + mvu.OUTPUT_STAGES
