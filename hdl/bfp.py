@@ -83,21 +83,37 @@ def _lowest_set(bits: list[Value]) -> tuple[Value, Value]:
     return any_lo | any_hi, Mux(any_lo, at_lo, half + at_hi)
 
 
-def sticky_limit(m: Module, x: Value, name: str) -> Signal:
-    """The smallest right shift of ``x`` with a sticky bit in :func:`rne_split`: 2 + the
-    index of the lowest set bit, or ``len(x) + 1`` (none up to ``len(x)``) when that bit is
-    the top one or ``x`` is 0.
+def sticky_limit_parts(
+    m: Module, x: Value, name: str, parts: int = 4
+) -> list[tuple[Signal, Signal, int]]:
+    """Where :func:`rne_split`'s sticky bit starts, searched over ``parts`` slices of ``x``
+    and registered: per slice, whether a bit is set, the index of its lowest set bit, and
+    the slice's offset (:func:`sticky_limit_join` gives the limit a cycle later).
 
-    Worked out while a lane waits for its vector's shift and registered with it, it turns
-    the sticky bit into one small compare instead of a wide mask-and-OR after the shift.
-    """
+    The limit is the smallest right shift of ``x`` with a sticky bit: 2 + the index of the
+    lowest set bit, or ``len(x) + 1`` (none up to ``len(x)``) when that bit is the top one
+    or ``x`` is 0. Worked out while a lane waits for its vector's shift, it turns the
+    sticky bit into one small compare instead of a wide mask-and-OR after the shift; split
+    over two cycles, each holds a quarter of the search tree."""
     w = len(x)
-    limit = Signal(range(w + 2), name=name)
-    if w < 2:
-        m.d.comb += limit.eq(w + 1)
-        return limit
-    found, at = _lowest_set([x[i] for i in range(w - 1)])
-    m.d.comb += limit.eq(Mux(found, at + 2, w + 1))
+    bits = [x[i] for i in range(max(0, w - 1))]
+    size = -(-len(bits) // parts) if bits else 0
+    found = []
+    for j, lo in enumerate(range(0, len(bits), max(1, size))):
+        part = bits[lo : lo + size]
+        any_w, at_w = _lowest_set(part)
+        any_r = Signal(name=f"{name}_any{j}")
+        at_r = Signal(range(max(2, len(part))), name=f"{name}_at{j}")
+        m.d.sync += [any_r.eq(any_w), at_r.eq(at_w)]
+        found.append((any_r, at_r, lo))
+    return found
+
+
+def sticky_limit_join(parts: list[tuple[Signal, Signal, int]], width: int) -> Value:
+    """The sticky limit of a ``width``-bit value from its :func:`sticky_limit_parts`."""
+    limit: Value = Const(width + 1, range(width + 2))
+    for any_r, at_r, lo in reversed(parts):
+        limit = Mux(any_r, at_r + (lo + 2), limit)
     return limit
 
 
@@ -119,7 +135,7 @@ def rne_split(
     :func:`below_mask` of ``s`` when the caller shares one across lanes. ``out_bits``: the
     caller guarantees ``x >> s`` fits that many signed bits (a normalize knows it from its
     shift), so the shifter builds only those output bits instead of ``len(x)`` of them.
-    ``limit``: :func:`sticky_limit` of ``x``, instead of a mask.
+    ``limit``: :func:`sticky_limit_join` for ``x``, instead of a mask.
     """
     w = len(x)
     ob = w if out_bits is None else min(out_bits, w)

@@ -139,17 +139,21 @@ def _normalize_phases(
     # The exponent comes from the registered shift, beside the shifter.
     e_r = Signal(signed(bfp.EXP_BITS), name=f"{name}_e_r")
     m.d.comb += e_r.eq(Mux(keep_r, lsb_r, Mux(zero_r, numerics.E_ZERO, lsb_r + shift_r)))
-    # The lanes wait P + 1 cycles, until the vector's shift is known; on their last wait
-    # each registers where its sticky bit starts, so the shift stage only compares.
+    # The lanes wait P + 1 cycles, until the vector's shift is known; on their last two
+    # waits each works out where its sticky bit starts (the search over quarters of the
+    # lane, then their join), so the shift stage only compares.
     lanes, side = src.q, src.side()
     stages = [side]  # the side signals after each register of the delay line
     limits = []
+    parts = []
     for k in range(p + 1):
+        if k == p - 1:
+            parts = [bfp.sticky_limit_parts(m, x, f"{name}_lp{i}") for i, x in enumerate(lanes)]
         if k == p:
             limits = [Signal(range(len(x) + 2), name=f"{name}_lim{i}") for i, x in enumerate(lanes)]
             m.d.sync += [
-                lim.eq(bfp.sticky_limit(m, x, f"{name}_lim{i}_w"))
-                for i, (lim, x) in enumerate(zip(limits, lanes, strict=True))
+                lim.eq(bfp.sticky_limit_join(found, len(x)))
+                for lim, found, x in zip(limits, parts, lanes, strict=True)
             ]
         nl = [Signal.like(x, name=f"{name}_d{k}_{i}") for i, x in enumerate(lanes)]
         ns = [Signal.like(x, name=f"{name}_ds{k}_{i}") for i, x in enumerate(side)]
