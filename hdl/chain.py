@@ -342,11 +342,19 @@ class ChainEngine(wiring.Component):
             down.eq(bfp.saturated_shift(m, floor - raw_e, 8, "clamp_down")),
             shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
         ]
+        # Each lane's sticky limit is found as its word is registered into stage C, so the
+        # clamp's sticky bit is a compare with the shift instead of a mask and an OR.
+        limits = [
+            bfp.sticky_limit_parts(m, raw_q.word_select(i, 8), f"clamp_lp{i}", parts=1)
+            for i in range(n)
+        ]
         cq = []
-        clamp_mask = bfp.below_mask(m, down, 8, "clamp_mask")
         for i in range(n):
             qi = c_q.word_select(i, 8).as_signed()
-            rq = bfp.rne_shift(m, qi, down, f"clamp{i}", clamp_mask)
+            split, sticky = bfp.rne_split(
+                m, qi, down, f"clamp{i}", limit=bfp.sticky_limit_join(limits[i], 8)
+            )
+            rq = bfp.rne_round(m, split, sticky, f"clamp{i}")
             c = Signal(signed(8), name=f"cq{i}")
             m.d.comb += c.eq(Mux(below, rq, qi))
             cq.append(c)

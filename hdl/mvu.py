@@ -88,17 +88,21 @@ class MVU(wiring.Component):
         )
         for i in range(1, depth):
             m.d.sync += ctrl[i].eq(ctrl[i - 1])
-        # The activation block's shift waits for its weight rows' shifts.
+        # The activation block's shift waits for its weight rows' shifts, which are
+        # registered before the add (they come from the tile buffer's data out through a
+        # subtract).
         lag = OPERAND_STAGES - WEIGHT_STAGES
         act_shift = self.act_shift
-        for i in range(lag):
+        for i in range(lag + 1):
             held = Signal.like(act_shift, name=f"act_shift{i}")
             m.d.sync += held.eq(act_shift)
             act_shift = held
         shifts = []
         for lane in range(lanes):
-            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 1 - lag)]
-            m.d.sync += sh[0].eq(act_shift + self.w_shift[lane])
+            w_shift = Signal.like(self.w_shift[lane], name=f"w_shift{lane}")
+            m.d.sync += w_shift.eq(self.w_shift[lane])
+            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 2 - lag)]
+            m.d.sync += sh[0].eq(act_shift + w_shift)
             for i in range(1, len(sh)):
                 m.d.sync += sh[i].eq(sh[i - 1])
             shifts.append(sh[-1])
