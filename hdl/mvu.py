@@ -14,9 +14,9 @@ regions, a copy per region of ``LANES_PER_REGION`` lanes, a second one, then a p
 copy per lane, so its way from the chain engine across the die is split over four cycles;
 each weight row passes two registers on its own way from its lane's tile-buffer bank,
 which sits by the lane's DSPs, and arrives two cycles after the activation block to meet
-it) -> registered
-multipliers -> a registered adder tree -> a registered shift onto the grid -> accumulate.
-``first`` starts a row's sum, ``last`` publishes it on ``acc``. The copies are
+it) -> registered multipliers -> a registered adder tree -> a registered shift onto the
+grid -> accumulate. ``first`` starts a row's sum, ``last`` publishes it, and it reaches
+``acc`` ``OUTPUT_STAGES`` registers later. The copies are
 :class:`~tessera.hdl.pipereg.DistributionRegister`, which synthesis does not merge back
 into one.
 """

@@ -285,8 +285,9 @@ class NPU(wiring.Component):
         # The engine's in-use mask is a register there; a copy here, a cycle later, keeps
         # the route from the engine out of the S_WR decision that enables every E register
         # (routed: 247 endpoints up to 13.9 ns). ``handing`` already covers the cycle the
-        # copy lags: the engine's mask shows a chain two cycles after its hand-over,
-        # the copy three, ``handing`` two and three. An E register is freed a cycle later.
+        # copy lags: it shows a chain one and two cycles after the sequencer hands it over,
+        # the engine's mask from two cycles after, the copy from three. An E register is
+        # freed a cycle later.
         engine_eregs = Signal(isa.EXP_REG_COUNT)
         m.d.sync += engine_eregs.eq(chain.eregs_in_use)
         eregs_in_use = Signal(isa.EXP_REG_COUNT)
