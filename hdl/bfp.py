@@ -205,11 +205,15 @@ def magnitude_union(m: Module, xs: list[Value], name: str) -> Signal:
 
 def normalize_shift(m: Module, union: Value, bits: int, name: str) -> Signal:
     """The right shift that fits a vector with :func:`magnitude_union` ``union`` into
-    ``bits`` signed bits (its sticky mask is :func:`below_mask` of it)."""
+    ``bits`` signed bits (its sticky mask is :func:`below_mask` of it).
+
+    That is ``max(0, bit_length(union) - (bits - 1))``, which is the bit length of the
+    union's bits above its low ``bits - 1``: one priority encoder over those, with no
+    compare and subtract behind it."""
     width = len(union)
-    bl = bit_length(m, union, f"{name}_bl")
     shift = Signal(range(width + 1), name=f"{name}_shift")
-    m.d.comb += shift.eq(Mux(bl > bits - 1, bl - (bits - 1), 0))
+    if width > bits - 1:
+        m.d.comb += shift.eq(bit_length(m, union[bits - 1 :], f"{name}_bl"))
     return shift
 
 

@@ -110,6 +110,20 @@ class NPU(wiring.Component):
         iw = imem.write_port()
         ir = imem.read_port()
         m.d.comb += [iw.en.eq(self.prog_we), iw.addr.eq(self.prog_addr), iw.data.eq(self.prog_data)]
+        # Each word's validity (the decoder's deepest output: its reserved-bit and enum
+        # checks) is worked out as the host writes the word, landing a cycle later in a
+        # 1-bit memory beside the words, and fetched with it: the decoder in the fetch
+        # path then only slices fields.
+        m.submodules.imem_ok = imem_ok = Memory(shape=1, depth=self.imem_depth, init=[])
+        m.submodules.dec_prog = dec_prog = Decoder()
+        ok_w = imem_ok.write_port()
+        ok_r = imem_ok.read_port()
+        m.d.comb += dec_prog.word.eq(self.prog_data)
+        m.d.sync += [
+            ok_w.en.eq(self.prog_we),
+            ok_w.addr.eq(self.prog_addr),
+            ok_w.data.eq(dec_prog.out.valid),
+        ]
         m.submodules.tiles = tiles = TileBuffer(cfg, ecp5=self.ecp5)
         m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
         cap = act_entries(cfg)
@@ -171,13 +185,14 @@ class NPU(wiring.Component):
         fetching = Signal()
         inflight = Signal()  # the memory answers a read of the last cycle
         count = Signal(range(FETCH_QUEUE + 1), name="iq_count")
-        m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), self.pc.eq(pc)]
+        m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), ok_r.addr.eq(fpc), ok_r.en.eq(1), self.pc.eq(pc)]
         fetch = Signal()
         arriving = Signal()  # ``word`` holds the answer to the read before last
         word = Signal(isa.WORD_BITS, name="fetched")
         m.d.comb += fetch.eq(fetching & (count + inflight + arriving < FETCH_QUEUE))
         m.d.sync += [inflight.eq(fetch), arriving.eq(inflight), fpc.eq(fpc + fetch)]
-        m.d.sync += word.eq(ir.data)
+        word_ok = Signal(name="fetched_ok")
+        m.d.sync += [word.eq(ir.data), word_ok.eq(ok_r.data)]
         pc_next = Signal.like(pc)
         m.d.comb += pc_next.eq(pc + 1)
         # pc >= imem_depth - 1 (no room for another word), kept as a flag beside pc so the
@@ -208,6 +223,7 @@ class NPU(wiring.Component):
         incoming = Signal(entry)
         m.d.comb += [
             incoming.dec.eq(dec),
+            incoming.dec.valid.eq(word_ok),
             incoming.ereg.eq(Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)),
             incoming.ctrl.eq(dec.reg < CTRL_REGS),
             incoming.half.eq(Mux(upper, 2, 1)),

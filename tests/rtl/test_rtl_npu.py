@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from progs import RTL_TEST_CFG, random_program
 
+from tessera import isa
 from tessera.isa import Operand, PoolOp
 from tessera.sim.executor import Simulator
 
@@ -106,3 +107,31 @@ def test_cycle_counts_match_the_cycle_model(runs, group):
         model += cycles
     print(f"{group}: RTL {rtl} cycles, model {model}: {100 * (rtl - model) / model:+.2f} %")
     assert abs(rtl - model) <= CYCLE_TOLERANCE * model
+
+
+def _bad_words() -> list[int]:
+    """Words ``isa.decode`` rejects: an opcode no instruction has, a reserved bit set."""
+    used = {s.opcode for s in isa.INSTRUCTIONS}
+    free = next(v for v in range(1 << isa.OPCODE_BITS) if v not in used)
+    spec = next(s for s in isa.INSTRUCTIONS if s.used_bits < isa.WORD_BITS)
+    args = {f.name: f.min if f.enum is None else next(iter(f.enum)) for f in spec.fields}
+    words = [free << (isa.WORD_BITS - isa.OPCODE_BITS), isa.encode(spec.mnemonic, **args) | 1]
+    for w in words:
+        with pytest.raises(isa.DecodeError):
+            isa.decode(w)
+    return words
+
+
+def test_a_bad_word_stops_the_npu_with_bad_instruction():
+    """The sequencer checks every word it retires: a bad one after a valid chain stops the
+    NPU with ``BAD_INSTRUCTION`` instead of running it (the check is made as the host
+    writes the word, and fetched with it)."""
+    from tessera.hdl.npu import Error
+    from tessera.hdl.rtlrun import run_jobs
+
+    words, image = random_program(11, chains=1)
+    before_halt = len(words) - 1
+    jobs = [(np.insert(words, before_halt, np.uint64(w)), image) for w in _bad_words()]
+    jobs.append((words, image))
+    results = run_jobs(RTL_TEST_CFG, jobs, max_cycles=100_000)
+    assert [r.error for r in results] == [Error.BAD_INSTRUCTION] * (len(jobs) - 1) + [0]
