@@ -416,10 +416,19 @@ class ChainEngine(wiring.Component):
         ]
 
         # ---------------------------------------------------------------- control
+        # Whether the next block may start: the writer has room for it and, with an AUX
+        # operand, the AUX reader has queued it. A register, worked out for both values the
+        # started-block count can take next (the 32-bit compares and the issue decision
+        # then sit in different cycles; the routed critical path ran through both into the
+        # sweep); the writer's and the AUX reader's counts are a cycle old there, which
+        # only ever withholds a block for that cycle.
+        def fits(blocks: Value) -> Value:
+            room = blocks - writer.written < WRITER_DEPTH - 2
+            return room & (~ops.uses_aux | (aux.queued > blocks))
+
         credit = Signal()
-        m.d.comb += credit.eq(
-            (issued - writer.written < WRITER_DEPTH - 2) & (~ops.uses_aux | (aux.queued > issued))
-        )
+        block_issued = Signal()  # a block starts this cycle
+        m.d.sync += credit.eq(Mux(block_issued, fits(issued + 1), fits(issued)))
         # Blocks start at least P (the vector pipeline's phases) cycles apart: a down-count
         # from the last block's start, across the row change too. Only a vector taking
         # more phases than the MVU's lane groups needs it.
@@ -651,6 +660,7 @@ class ChainEngine(wiring.Component):
                 with m.If(~block_start | (credit & spaced)):
                     m.d.comb += issue.eq(1)
                     with m.If(block_start):
+                        m.d.comb += block_issued.eq(1)
                         m.d.sync += issued.eq(issued + 1)
                         if spacing:
                             m.d.sync += [spaced.eq(0), space_left.eq(vector_phases - 2)]
