@@ -421,7 +421,8 @@ class ChainEngine(wiring.Component):
         # started-block count can take next (the 32-bit compares and the issue decision
         # then sit in different cycles; the routed critical path ran through both into the
         # sweep); the writer's and the AUX reader's counts are a cycle old there, which
-        # only ever withholds a block for that cycle.
+        # only ever withholds a block for that cycle (all three counts restart at LAUNCH,
+        # at least a cycle before RUN reads the credit).
         def fits(blocks: Value) -> Value:
             room = blocks - writer.written < WRITER_DEPTH - 2
             return room & (~ops.uses_aux | (aux.queued > blocks))
