@@ -172,10 +172,11 @@ def rne_shift(
     name: str,
     mask: Value | None = None,
     out_bits: int | None = None,
+    limit: Value | None = None,
 ) -> Signal:
     """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``
-    (see :func:`rne_split` for ``mask`` and ``out_bits``)."""
-    r, sticky = rne_split(m, x, s, name, mask, out_bits)
+    (see :func:`rne_split` for ``mask``, ``out_bits`` and ``limit``)."""
+    r, sticky = rne_split(m, x, s, name, mask, out_bits, limit)
     return rne_round(m, r, sticky, name)
 
 

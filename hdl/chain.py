@@ -351,10 +351,8 @@ class ChainEngine(wiring.Component):
         cq = []
         for i in range(n):
             qi = c_q.word_select(i, 8).as_signed()
-            split, sticky = bfp.rne_split(
-                m, qi, down, f"clamp{i}", limit=bfp.sticky_limit_join(limits[i], 8)
-            )
-            rq = bfp.rne_round(m, split, sticky, f"clamp{i}")
+            limit = bfp.sticky_limit_join(limits[i], 8)
+            rq = bfp.rne_shift(m, qi, down, f"clamp{i}", limit=limit)
             c = Signal(signed(8), name=f"cq{i}")
             m.d.comb += c.eq(Mux(below, rq, qi))
             cq.append(c)
