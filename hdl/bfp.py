@@ -95,25 +95,40 @@ def sticky_limit_parts(
     or ``x`` is 0. Worked out while a lane waits for its vector's shift, it turns the
     sticky bit into one small compare instead of a wide mask-and-OR after the shift; split
     over two cycles, each holds a quarter of the search tree."""
-    w = len(x)
-    bits = [x[i] for i in range(max(0, w - 1))]
-    size = -(-len(bits) // parts) if bits else 0
     found = []
-    for j, lo in enumerate(range(0, len(bits), max(1, size))):
-        part = bits[lo : lo + size]
-        any_w, at_w = _lowest_set(part)
+    for j, (any_w, at_w, lo, size) in enumerate(_slice_search(x, parts)):
         any_r = Signal(name=f"{name}_any{j}")
-        at_r = Signal(range(max(2, len(part))), name=f"{name}_at{j}")
+        at_r = Signal(range(max(2, size)), name=f"{name}_at{j}")
         m.d.sync += [any_r.eq(any_w), at_r.eq(at_w)]
         found.append((any_r, at_r, lo))
     return found
 
 
-def sticky_limit_join(parts: list[tuple[Signal, Signal, int]], width: int) -> Value:
+def _slice_search(x: Value, parts: int) -> list[tuple[Value, Value, int, int]]:
+    """Per slice of ``x``'s bits below its top one: any set, the lowest's index, offset, size."""
+    bits = [x[i] for i in range(max(0, len(x) - 1))]
+    size = -(-len(bits) // parts) if bits else 0
+    out = []
+    for lo in range(0, len(bits), max(1, size)):
+        part = bits[lo : lo + size]
+        out.append((*_lowest_set(part), lo, len(part)))
+    return out
+
+
+def sticky_limit_join(parts: list[tuple[Value, Value, int]], width: int) -> Value:
     """The sticky limit of a ``width``-bit value from its :func:`sticky_limit_parts`."""
     limit: Value = Const(width + 1, range(width + 2))
     for any_r, at_r, lo in reversed(parts):
         limit = Mux(any_r, at_r + (lo + 2), limit)
+    return limit
+
+
+def sticky_limit(m: Module, x: Value, name: str) -> Signal:
+    """The sticky limit of :func:`sticky_limit_parts` in one cycle, for a value that has no
+    wait to spread the search over (an MFU operand read a cycle before its alignment)."""
+    limit = Signal(range(len(x) + 2), name=name)
+    found = [(any_w, at_w, lo) for any_w, at_w, lo, _ in _slice_search(x, 1)]
+    m.d.comb += limit.eq(sticky_limit_join(found, len(x)))
     return limit
 
 
@@ -125,6 +140,7 @@ def rne_split(
     mask: Value | None = None,
     out_bits: int | None = None,
     limit: Value | None = None,
+    clamped: bool = False,
 ) -> tuple[Signal, Signal]:
     """The shifter half of :func:`rne_shift`: ``(x << 1) >> s`` (the quotient above its
     round bit) and the sticky bit. A pipeline register may sit between it and
@@ -135,13 +151,15 @@ def rne_split(
     :func:`below_mask` of ``s`` when the caller shares one across lanes. ``out_bits``: the
     caller guarantees ``x >> s`` fits that many signed bits (a normalize knows it from its
     shift), so the shifter builds only those output bits instead of ``len(x)`` of them.
-    ``limit``: :func:`sticky_limit_join` for ``x``, instead of a mask.
+    ``limit``: :func:`sticky_limit_join` for ``x``, instead of a mask. ``clamped``: the
+    caller has clamped ``s`` to ``len(x)`` already (a register, so the shifter's selects
+    come straight from flip-flops).
     """
     w = len(x)
     ob = w if out_bits is None else min(out_bits, w)
     xs = x.as_signed()
     sc = Signal(range(w + 1), name=f"{name}_s")
-    m.d.comb += sc.eq(Mux(s > w, w, s))
+    m.d.comb += sc.eq(s if clamped else Mux(s > w, w, s))
     # One shifter gives the quotient and the round bit: bit 0 of (x << 1) >> s is bit
     # s - 1 of x (0 when s == 0, where no rounding happens).
     r = Signal(signed(ob + 1), name=f"{name}_r")

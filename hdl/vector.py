@@ -24,7 +24,7 @@ block for the writer. Only slot 0 multiplies (one MFU multiplier per lane), so `
 must be a chain's first MFU op.
 """
 
-from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import ReadPort
@@ -165,7 +165,8 @@ def _normalize_phases(
     sticky = [Signal(name=f"{name}_st{i}") for i in range(len(lanes))]
     m.d.sync += [a.eq(b) for a, b in zip(split.side(), side, strict=True)] + [split.e.eq(e_r)]
     for i, x in enumerate(lanes):
-        r, st = bfp.rne_split(m, x, shift_r, f"{name}_rs{i}", None, bits, limits[i])
+        # (A normalize's shift is at most the lane's width less ``bits - 1``: no clamp.)
+        r, st = bfp.rne_split(m, x, shift_r, f"{name}_rs{i}", None, bits, limits[i], clamped=True)
         m.d.sync += [split.q[i].eq(r), sticky[i].eq(st)]
     # ... then round and saturate.
     out = _Stream(cfg, f"{name}_o", bits)
@@ -423,9 +424,16 @@ class VectorPipe(wiring.Component):
         a = _Stream(cfg, f"a{k}", big)
         m.d.sync += [x.eq(y) for x, y in zip(a.side(), src.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(a.q, src.q, strict=True)] + [a.e.eq(src.e)]
+        # The bounds past which the operand's exponent moves a lane out of the shifter's width.
+        e_hi = Signal(signed(bfp.EXP_BITS + 1), name=f"ehi{k}")
+        e_lo = Signal(signed(bfp.EXP_BITS + 1), name=f"elo{k}")
+        m.d.sync += [e_hi.eq(src.e + big), e_lo.eq(src.e - big)]
 
         # Stage O: the operand's lanes of this phase and its exponent, registered from the
-        # port's word.
+        # port's word; and beside them how the exponents compare (which operand moves, and
+        # whether out of the shifter's width: registered here, as the flags steer every
+        # lane's selects at stage D) and the input lanes' sticky limits (rne_split's,
+        # should they be the ones to move).
         word = Signal(vrf_word_bits(cfg), name=f"vw{k}")
         m.d.comb += word.eq(Mux(slot.port, words[1], words[0]))
         o = _Stream(cfg, f"o{k}", big)
@@ -433,21 +441,33 @@ class VectorPipe(wiring.Component):
         oe = Signal(signed(bfp.EXP_BITS), name=f"oe{k}")
         m.d.sync += [x.eq(y) for x, y in zip(o.side(), a.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(o.q, a.q, strict=True)] + [o.e.eq(a.e)]
+        x_found = [bfp.sticky_limit_parts(m, a.q[i], f"xl{k}_{i}", parts=1) for i in range(lanes)]
+        a_oe = Signal(signed(bfp.EXP_BITS), name=f"aoe{k}")
+        m.d.comb += a_oe.eq(Mux(slot.aux, a.xe, word.word_select(n, 16).as_signed()))
+        y_big = Signal(name=f"yb{k}")
+        y_far = Signal(name=f"yf{k}")
+        x_far = Signal(name=f"xf{k}")
+        m.d.sync += [
+            oe.eq(a_oe),
+            y_big.eq(a_oe > a.e),
+            y_far.eq(a_oe > e_hi),
+            x_far.eq(a_oe < e_lo),
+        ]
         with m.If(slot.aux):
-            m.d.sync += [oe.eq(a.xe)] + [oq[i].eq(a.xq[i]) for i in range(lanes)]
+            m.d.sync += [oq[i].eq(a.xq[i]) for i in range(lanes)]
         with m.Else():
-            m.d.sync += oe.eq(word.word_select(n, 16).as_signed())
             for i in range(lanes):
                 lane = Array(word.word_select(j * lanes + i, 16).as_signed() for j in range(p))
                 m.d.sync += oq[i].eq(lane[a.ph])
 
-        # Stage D: which operand has the smaller exponent (only it moves, so one shifter
-        # per lane serves both: ADD and MAX are symmetric) and by how much.
-        y_big = Signal(name=f"yb{k}")
-        m.d.comb += y_big.eq(oe > o.e)
+        # Stage D: the operand with the smaller exponent (only it moves, so one shifter per
+        # lane serves both: ADD and MAX are symmetric), by how much (clamped to the
+        # shifter's width here, so the shifter and the sticky compare start from
+        # flip-flops) and its lanes' sticky limits.
         d = _Stream(cfg, f"d{k}", big)
-        dist = Signal(unsigned(bfp.EXP_BITS), name=f"dd{k}")
+        dist = Signal(range(big + 1), name=f"dd{k}")
         to_move = [Signal(signed(big), name=f"tm{k}_{i}") for i in range(lanes)]
+        limit = [Signal(range(big + 2), name=f"lm{k}_{i}") for i in range(lanes)]
         kept_d = [Signal(signed(big), name=f"kd{k}_{i}") for i in range(lanes)]
         yq_d = [Signal(signed(big), name=f"yd{k}_{i}") for i in range(lanes)]
         emax_d = Signal(signed(bfp.EXP_BITS), name=f"emd{k}")
@@ -455,7 +475,7 @@ class VectorPipe(wiring.Component):
         m.d.sync += [x.eq(y) for x, y in zip(d.side(), o.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(d.q, o.q, strict=True)] + [d.e.eq(o.e)]
         m.d.sync += [
-            dist.eq(Mux(y_big, oe - o.e, o.e - oe)),
+            dist.eq(Mux(y_big, Mux(y_far, big, oe - o.e), Mux(x_far, big, o.e - oe))),
             emax_d.eq(Mux(y_big, oe, o.e)),
             ye_d.eq(oe),
         ]
@@ -464,10 +484,16 @@ class VectorPipe(wiring.Component):
                 to_move[i].eq(Mux(y_big, o.q[i], oq[i])),
                 kept_d[i].eq(Mux(y_big, oq[i], o.q[i])),
                 yq_d[i].eq(oq[i]),
+                limit[i].eq(
+                    Mux(
+                        y_big,
+                        bfp.sticky_limit_join(x_found[i], big),
+                        bfp.sticky_limit(m, oq[i], f"yl{k}_{i}"),
+                    )
+                ),
             ]
 
         # Stage AL: the aligned operand, registered after the shift, before the rounding.
-        mask = bfp.below_mask(m, dist, big, f"mk{k}")
         al = _Stream(cfg, f"al{k}", big)  # q: this slot's input lanes, e: their exponent
         m.d.sync += [x.eq(y) for x, y in zip(al.side(), d.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(al.q, d.q, strict=True)] + [al.e.eq(d.e)]
@@ -479,7 +505,7 @@ class VectorPipe(wiring.Component):
         ye_r = Signal(signed(bfp.EXP_BITS), name=f"yer{k}")
         m.d.sync += [emax.eq(emax_d), ye_r.eq(ye_d)]
         for i in range(lanes):
-            r, st = bfp.rne_split(m, to_move[i], dist, f"al{k}_{i}", mask)
+            r, st = bfp.rne_split(m, to_move[i], dist, f"al{k}_{i}", limit=limit[i], clamped=True)
             m.d.sync += [
                 kept[i].eq(kept_d[i]),
                 moved[i].eq(r),

@@ -149,9 +149,10 @@ def test_bit_length_tree_matches_python(width):
 @pytest.mark.parametrize("width", [1, 2, 9, 24, 54])
 def test_sticky_limit_gives_the_masks_sticky_bit(width):
     """rne_split's sticky bit from the sticky limit (a compare, from the registered search
-    over slices of x) equals the one from below_mask (mask and OR) for every shift that
-    rounds (s >= 1; at 0 there is no round bit), and the rounded results agree for every
-    shift, on values with their lowest set bit anywhere."""
+    over slices of x, or the one-cycle search with a clamped shift) equals the one from
+    below_mask (mask and OR) for every shift that rounds (s >= 1; at 0 there is no round
+    bit), and the rounded results agree for every shift, on values with their lowest set
+    bit anywhere."""
     m = Module()
     m.domains.sync = ClockDomain()  # (a 1-bit value has no slice to register)
     x = Signal(signed(width))
@@ -160,8 +161,11 @@ def test_sticky_limit_gives_the_masks_sticky_bit(width):
     limit = Signal(range(width + 2))
     m.d.comb += limit.eq(bfp.sticky_limit_join(bfp.sticky_limit_parts(m, x, "lim"), width))
     r_limit, by_limit = bfp.rne_split(m, x, s, "l", limit=limit)
+    one_cycle = bfp.sticky_limit(m, x, "one")
+    r_one, by_one = bfp.rne_split(m, x, s, "o", limit=one_cycle, clamped=True)
     rounded_mask = bfp.rne_round(m, r_mask, by_mask, "rm")
     rounded_limit = bfp.rne_round(m, r_limit, by_limit, "rl")
+    rounded_one = bfp.rne_round(m, r_one, by_one, "ro")
     rng = np.random.default_rng(width)
     values = {0, -1, 1, -(1 << (width - 1)), (1 << (width - 1)) - 1}
     for low in range(width):
@@ -179,7 +183,9 @@ def test_sticky_limit_gives_the_masks_sticky_bit(width):
                 ctx.set(s, shift)
                 if shift:
                     assert ctx.get(by_limit) == ctx.get(by_mask), (v, shift)
+                    assert ctx.get(by_one) == ctx.get(by_mask), (v, shift)
                 assert ctx.get(rounded_limit) == ctx.get(rounded_mask), (v, shift)
+                assert ctx.get(rounded_one) == ctx.get(rounded_mask), (v, shift)
                 assert ctx.get(rounded_limit) == numerics.rne_shift(np.int64(v), shift), (v, shift)
 
     sim = Simulator(m)
