@@ -299,14 +299,21 @@ class ChainEngine(wiring.Component):
             d_odd.eq(ent[0]),
         ]
         # The exponent memories answer now; the mantissa banks register their words first
-        # (actbuffer.READ_STAGES), so the exponent and the beat's control wait for them.
-        beat = [d_issue, d_first, d_last, d_g, d_inwin]
-        beat.append(Mux(d_odd, self.act_exp_rd1.data, self.act_exp_rd0.data).as_signed())
+        # (actbuffer.READ_STAGES), so the exponents and the beat's control wait for them.
+        # Both memories' words wait as they are (the wait is the block RAMs' output
+        # register on ECP5) and the odd or even one is picked after.
+        beat = [d_issue, d_first, d_last, d_g, d_inwin, d_odd]
+        beat += [self.act_exp_rd0.data, self.act_exp_rd1.data]
         for stage in range(actbuffer.READ_STAGES):
-            held = [Signal(v.shape(), name=f"a{stage}_{i}") for i, v in enumerate(beat)]
+            # (the words' registers have no reset, as a block RAM's output register)
+            held = [
+                Signal(v.shape(), name=f"a{stage}_{i}", reset_less=i >= 6)
+                for i, v in enumerate(beat)
+            ]
             m.d.sync += [h.eq(v) for h, v in zip(held, beat, strict=True)]
             beat = held
-        a_issue, a_first, a_last, a_g, a_inwin, a_e = beat
+        a_issue, a_first, a_last, a_g, a_inwin, a_odd, a_e0, a_e1 = beat
+        a_e = Mux(a_odd, a_e1, a_e0).as_signed()
         # Beat stage B: the block's words, registered, with the beat's control.
         b_issue, b_first, b_last, b_g = Signal(), Signal(), Signal(), Signal.like(g)
         raw_q = Signal(n * 8)

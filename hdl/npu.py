@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 from amaranth import Array, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from tessera import isa
@@ -26,6 +25,7 @@ from tessera.config import NPUConfig
 from tessera.hdl.actbuffer import ActBuffer
 from tessera.hdl.actloader import act_entries
 from tessera.hdl.arbiter import Arbiter
+from tessera.hdl.blockram import BlockRam
 from tessera.hdl.bus import MemBus
 from tessera.hdl.chain import ChainEngine
 from tessera.hdl.decoder import Decoded, Decoder, Opcode
@@ -106,18 +106,18 @@ class NPU(wiring.Component):
         cfg = self.cfg
 
         # ------------------------------------------------------------ memories
-        m.submodules.imem = imem = Memory(shape=isa.WORD_BITS, depth=self.imem_depth, init=[])
-        iw = imem.write_port()
-        ir = imem.read_port()
+        # (Every memory is a BlockRam: a read in the cycle that writes its word is undefined.)
+        ecp5 = self.ecp5
+        m.submodules.imem = imem = BlockRam(width=isa.WORD_BITS, depth=self.imem_depth, ecp5=ecp5)
+        iw, ir = imem.wr, imem.rd0
         m.d.comb += [iw.en.eq(self.prog_we), iw.addr.eq(self.prog_addr), iw.data.eq(self.prog_data)]
         # Each word's validity (the decoder's deepest output: its reserved-bit and enum
         # checks) is worked out as the host writes the word, landing a cycle later in a
         # 1-bit memory beside the words, and fetched with it: the decoder in the fetch
         # path then only slices fields.
-        m.submodules.imem_ok = imem_ok = Memory(shape=1, depth=self.imem_depth, init=[])
+        m.submodules.imem_ok = imem_ok = BlockRam(width=1, depth=self.imem_depth, ecp5=ecp5)
         m.submodules.dec_prog = dec_prog = Decoder()
-        ok_w = imem_ok.write_port()
-        ok_r = imem_ok.read_port()
+        ok_w, ok_r = imem_ok.wr, imem_ok.rd0
         m.d.comb += dec_prog.word.eq(self.prog_data)
         m.d.sync += [
             ok_w.en.eq(self.prog_we),
@@ -125,12 +125,14 @@ class NPU(wiring.Component):
             ok_w.data.eq(dec_prog.out.valid),
         ]
         m.submodules.tiles = tiles = TileBuffer(cfg, ecp5=self.ecp5)
-        m.submodules.vrf = vrf = Memory(shape=vrf_word_bits(cfg), depth=cfg.vrf_depth, init=[])
+        m.submodules.vrf = vrf = BlockRam(
+            width=vrf_word_bits(cfg), depth=cfg.vrf_depth, reads=2, granularity=16, ecp5=ecp5
+        )
         cap = act_entries(cfg)
-        m.submodules.act_mant = act_mant = ActBuffer.for_config(cfg)
+        m.submodules.act_mant = act_mant = ActBuffer.for_config(cfg, ecp5=ecp5)
         half = (cap + 1) // 2
-        m.submodules.act_exp0 = act_exp0 = Memory(shape=8, depth=half, init=[])
-        m.submodules.act_exp1 = act_exp1 = Memory(shape=8, depth=half, init=[])
+        m.submodules.act_exp0 = act_exp0 = BlockRam(width=8, depth=half, ecp5=ecp5)
+        m.submodules.act_exp1 = act_exp1 = BlockRam(width=8, depth=half, ecp5=ecp5)
 
         m.submodules.dec_in = dec_in = Decoder()
         m.submodules.loader = loader = Loader(cfg)
@@ -156,16 +158,16 @@ class NPU(wiring.Component):
             started.eq(Cat(ld.start, started[:-1])),
         ]
         wiring.connect(m, loader.tile_wr, tiles.wr)
-        wiring.connect(m, loader.vrf_wr, vrf.write_port(granularity=16))
+        wiring.connect(m, loader.vrf_wr, vrf.wr)
         wiring.connect(m, chain.tile_rd, tiles.rd)
-        wiring.connect(m, chain.vrf0, vrf.read_port())
-        wiring.connect(m, chain.vrf1, vrf.read_port())
+        wiring.connect(m, chain.vrf0, vrf.rd0)
+        wiring.connect(m, chain.vrf1, vrf.rd1)
         wiring.connect(m, chain.act_mant_wr, act_mant.wr)
-        wiring.connect(m, chain.act_exp_wr0, act_exp0.write_port())
-        wiring.connect(m, chain.act_exp_wr1, act_exp1.write_port())
+        wiring.connect(m, chain.act_exp_wr0, act_exp0.wr)
+        wiring.connect(m, chain.act_exp_wr1, act_exp1.wr)
         wiring.connect(m, chain.act_mant_rd, act_mant.rd)
-        wiring.connect(m, chain.act_exp_rd0, act_exp0.read_port())
-        wiring.connect(m, chain.act_exp_rd1, act_exp1.read_port())
+        wiring.connect(m, chain.act_exp_rd0, act_exp0.rd0)
+        wiring.connect(m, chain.act_exp_rd1, act_exp1.rd0)
 
         # ------------------------------------------------------------ registers
         ctrl = Signal(data.ArrayLayout(signed(32), CTRL_REGS))
@@ -188,10 +190,11 @@ class NPU(wiring.Component):
         m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), ok_r.addr.eq(fpc), ok_r.en.eq(1), self.pc.eq(pc)]
         fetch = Signal()
         arriving = Signal()  # ``word`` holds the answer to the read before last
-        word = Signal(isa.WORD_BITS, name="fetched")
+        # (no reset: on ECP5 these are the block RAMs' output registers)
+        word = Signal(isa.WORD_BITS, name="fetched", reset_less=True)
         m.d.comb += fetch.eq(fetching & (count + inflight + arriving < FETCH_QUEUE))
         m.d.sync += [inflight.eq(fetch), arriving.eq(inflight), fpc.eq(fpc + fetch)]
-        word_ok = Signal(name="fetched_ok")
+        word_ok = Signal(name="fetched_ok", reset_less=True)
         m.d.sync += [word.eq(ir.data), word_ok.eq(ok_r.data)]
         pc_next = Signal.like(pc)
         m.d.comb += pc_next.eq(pc + 1)

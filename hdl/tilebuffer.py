@@ -17,15 +17,17 @@ private copies of the port registers
 * read: the address is taken one cycle *before* a memory port would take it and the bank's
   copy is that port register, so the read latency is unchanged.
 
-The read data is the word in the single memory's layout, so readers are unaffected.
+The read data is the word in the single memory's layout, so readers are unaffected. The
+banks are :class:`~tessera.hdl.blockram.BlockRam`: the MVU's first weight register takes
+their data and nothing else, so on ECP5 it becomes the block RAMs' output register.
 """
 
 from amaranth import Cat, Module
 from amaranth.lib import wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from tessera.config import NPUConfig
+from tessera.hdl.blockram import BlockRam
 from tessera.hdl.pipereg import DistributionRegister
 
 #: Register stages a write takes past the loader's own port register (the bank copies).
@@ -76,7 +78,7 @@ class TileBuffer(wiring.Component):
         aw = _addr_width(cfg)
         exp_byte = lanes * n  # the word's first exponent byte
         for lane in range(lanes):
-            bank = Memory(shape=(n + 1) * 8, depth=tile_depth(cfg), init=[])
+            bank = BlockRam(width=(n + 1) * 8, depth=tile_depth(cfg), granularity=8, ecp5=self.ecp5)
             m.submodules[f"bank{lane}"] = bank
 
             # The lane's byte enables: its N weight bytes, then its exponent byte.
@@ -87,14 +89,14 @@ class TileBuffer(wiring.Component):
             w_addr, pair, w_en = wcopy.q[:aw], wcopy.q[aw : aw + 16], wcopy.q[aw + 16 :]
             # Weight bytes come in pairs; the exponent bytes of lanes 2k, 2k+1 share a beat.
             exp = pair[:8] if lane % 2 == 0 else pair[8:]
-            wp = bank.write_port(granularity=8)
+            wp = bank.wr
             m.d.comb += [wp.addr.eq(w_addr), wp.data.eq(Cat(pair.replicate(n // 2), exp))]
             m.d.comb += wp.en.eq(w_en)
 
             rcopy = DistributionRegister(aw, ecp5=self.ecp5)
             m.submodules[f"rd{lane}"] = rcopy
             m.d.comb += rcopy.d.eq(self.rd.addr)
-            rp = bank.read_port()
+            rp = bank.rd0
             m.d.comb += rp.addr.eq(rcopy.q)
             m.d.comb += [
                 self.rd.data.word_select(lane, n * 8).eq(rp.data[: n * 8]),

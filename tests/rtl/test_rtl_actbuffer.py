@@ -1,6 +1,7 @@
 """ActBuffer against a dictionary (Amaranth sim): banks, a partial last bank, byte-pair
 write enables and the read latency of 1 + READ_STAGES cycles. The fast NPU tests' buffer
-has one bank, so the bank select is checked here."""
+has one bank, so the bank select is checked here. A read in the cycle that writes its
+word is undefined (blockram.BlockRam): the simulation gives the old word inverted."""
 
 import random
 
@@ -17,7 +18,7 @@ def test_actbuffer_reads_what_was_written(entries):
     dut = ActBuffer(width=32, entries=entries, granularity=16)
     rng = random.Random(entries)
     model = {}
-    checked = {"reads": 0}
+    checked = {"reads": 0, "collisions": 0}
 
     async def bench(ctx):
         # (address, expected word) of the reads still in flight, oldest first
@@ -28,11 +29,17 @@ def test_actbuffer_reads_what_was_written(entries):
             w_data = rng.getrandbits(32)
             w_en = rng.randrange(4) if write else 0
             r_addr = rng.choice(list(model)) if model and rng.random() < 0.8 else 0
+            if model and rng.random() < 0.05:
+                w_addr = r_addr
             ctx.set(dut.wr.addr, w_addr)
             ctx.set(dut.wr.data, w_data)
             ctx.set(dut.wr.en, w_en)
             ctx.set(dut.rd.addr, r_addr)
-            in_flight.append((r_addr, model.get(r_addr)))
+            want = model.get(r_addr)
+            if want is not None and w_en and w_addr == r_addr:
+                want ^= 0xFFFF_FFFF
+                checked["collisions"] += 1
+            in_flight.append((r_addr, want))
             if len(in_flight) > 1 + READ_STAGES:
                 addr, want = in_flight.pop(0)
                 if want is not None:
@@ -52,4 +59,4 @@ def test_actbuffer_reads_what_was_written(entries):
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    assert checked["reads"] > 1000, checked
+    assert checked["reads"] > 1000 and checked["collisions"] > 10, checked
