@@ -191,10 +191,11 @@ def rne_shift(
     mask: Value | None = None,
     out_bits: int | None = None,
     limit: Value | None = None,
+    clamped: bool = False,
 ) -> Signal:
     """``x / 2**s`` rounded half to even (numerics.rne_shift), for signed ``x``, ``s >= 0``
-    (see :func:`rne_split` for ``mask``, ``out_bits`` and ``limit``)."""
-    r, sticky = rne_split(m, x, s, name, mask, out_bits, limit)
+    (see :func:`rne_split` for ``mask``, ``out_bits``, ``limit`` and ``clamped``)."""
+    r, sticky = rne_split(m, x, s, name, mask, out_bits, limit, clamped)
     return rne_round(m, r, sticky, name)
 
 
@@ -244,11 +245,10 @@ class Clamp:
     under: Signal  # below E_MIN (E_ZERO too): lanes shift down by ``down``, rounded
     up: Signal
     down: Signal
-    lo_mask: Signal  # the sticky-bit mask of the shift down
     e: Signal  # the clamped exponent
 
     def signals(self) -> list[Signal]:
-        return [self.over, self.under, self.up, self.down, self.lo_mask, self.e]
+        return [self.over, self.under, self.up, self.down, self.e]
 
 
 def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
@@ -269,20 +269,22 @@ def clamp_decision(m: Module, e1: Value, bits: int, name: str) -> Clamp:
     up = saturated_shift(m, e1 - numerics.E_MAX, bits, f"{name}_up")
     # Likewise a shift down by ``bits`` or more rounds every lane to 0, as ``bits`` does.
     down = saturated_shift(m, numerics.E_MIN - e1, bits, f"{name}_down")
-    lo_mask = below_mask(m, down, bits, f"{name}_lomask")
     e = Signal(signed(8), name=f"{name}_e")
     m.d.comb += e.eq(Mux(over, numerics.E_MAX, Mux(under, numerics.E_MIN, e1)))
-    return Clamp(over, under, up, down, lo_mask, e)
+    return Clamp(over, under, up, down, e)
 
 
-def clamp_lanes(m: Module, q1: list[Value], c: Clamp, bits: int, name: str) -> list[Signal]:
-    """The second half of the clamp: each lane shifted as ``c`` decided."""
+def clamp_lanes(
+    m: Module, q1: list[Value], c: Clamp, bits: int, name: str, limits: list[Value]
+) -> list[Signal]:
+    """The second half of the clamp: each lane shifted as ``c`` decided (``limits``: the
+    lanes' :func:`sticky_limit`, for the rounding of a shift down)."""
     qs = []
     for i, q in enumerate(q1):
         shifted_up = Signal(signed(2 * bits + 1), name=f"{name}_up{i}")
         m.d.comb += shifted_up.eq(q << c.up)
         hi = saturate(m, shifted_up, bits, f"{name}_hi{i}")
-        lo = rne_shift(m, q, c.down, f"{name}_lo{i}", c.lo_mask)
+        lo = rne_shift(m, q, c.down, f"{name}_lo{i}", limit=limits[i], clamped=True)
         out = Signal(signed(bits), name=f"{name}_q{i}")
         m.d.comb += out.eq(Mux(c.over, hi, Mux(c.under, lo, q)))
         qs.append(out)

@@ -270,7 +270,14 @@ class VectorPipe(wiring.Component):
         m.d.sync += [held.v.eq(st.v), held.ph.eq(st.ph)]
         m.d.sync += [a.eq(b) for a, b in zip(held.q, st.q, strict=True)]
         m.d.sync += [a.eq(b) for a, b in zip(held_clamp.signals(), decision.signals(), strict=True)]
-        cq = bfp.clamp_lanes(m, held.q, held_clamp, cfg.mantissa_bits, "st_c")
+        held_limits = [
+            Signal(range(cfg.mantissa_bits + 2), name=f"ch_lim{i}") for i in range(lanes)
+        ]
+        m.d.sync += [
+            lim.eq(bfp.sticky_limit(m, q, f"st_lim{i}"))
+            for i, (lim, q) in enumerate(zip(held_limits, st.q, strict=True))
+        ]
+        cq = bfp.clamp_lanes(m, held.q, held_clamp, cfg.mantissa_bits, "st_c", held_limits)
         clamped = _Stream(cfg, "cl", cfg.mantissa_bits)
         m.d.sync += [clamped.v.eq(held.v), clamped.ph.eq(held.ph), clamped.e.eq(held_clamp.e)]
         m.d.sync += [a.eq(b) for a, b in zip(clamped.q, cq, strict=True)]

@@ -61,7 +61,8 @@ def to_storage(
     """numerics.to_storage: normalize to ``bits``, then clamp the exponent to int8."""
     q1, e1 = normalize(m, xs, e_in, bits, f"{name}_n")
     clamp = bfp.clamp_decision(m, e1, bits, name)
-    qs, ec = bfp.clamp_lanes(m, q1, clamp, bits, name), clamp.e
+    limits = [bfp.sticky_limit(m, q, f"{name}_lim{i}") for i, q in enumerate(q1)]
+    qs, ec = bfp.clamp_lanes(m, q1, clamp, bits, name, limits), clamp.e
     e = Signal(signed(8), name=f"{name}_ez")
     m.d.comb += e.eq(Mux(Cat(*[q.any() for q in qs]).any(), ec, numerics.E_ZERO))
     return qs, e
