@@ -331,9 +331,9 @@ class ChainEngine(wiring.Component):
         c_issue, c_first, c_last, c_g = Signal(), Signal(), Signal(), Signal.like(g)
         c_q = Signal(n * 8)
         c_e = Signal(signed(8))
-        below = Signal()
         # A shift down by 8 or more rounds every int8 lane to 0, as 8 does: saturated in
-        # the register, the lanes' shifters and sticky masks see 4 bits.
+        # the register, the lanes' shifters see 4 bits. A block on or above the grid
+        # shifts by 0, which leaves its lanes as they are (no round bit).
         down = Signal(range(9))
         shift = Signal(SHIFT_BITS)
         upsh = Signal(unsigned(16))
@@ -345,24 +345,20 @@ class ChainEngine(wiring.Component):
             c_g.eq(b_g),
             c_q.eq(raw_q),
             c_e.eq(raw_e),
-            below.eq(raw_e < floor),
-            down.eq(bfp.saturated_shift(m, floor - raw_e, 8, "clamp_down")),
+            down.eq(Mux(raw_e < floor, bfp.saturated_shift(m, floor - raw_e, 8, "clamp_down"), 0)),
             shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
         ]
         # Each lane's sticky limit is found as its word is registered into stage C, so the
         # clamp's sticky bit is a compare with the shift instead of a mask and an OR.
-        limits = [
-            bfp.sticky_limit_parts(m, raw_q.word_select(i, 8), f"clamp_lp{i}", parts=1)
-            for i in range(n)
+        limits = [Signal(range(10), name=f"clamp_lim{i}") for i in range(n)]
+        m.d.sync += [
+            lim.eq(bfp.sticky_limit(m, raw_q.word_select(i, 8), f"clamp_lw{i}"))
+            for i, lim in enumerate(limits)
         ]
         cq = []
         for i in range(n):
             qi = c_q.word_select(i, 8).as_signed()
-            limit = bfp.sticky_limit_join(limits[i], 8)
-            rq = bfp.rne_shift(m, qi, down, f"clamp{i}", limit=limit)
-            c = Signal(signed(8), name=f"cq{i}")
-            m.d.comb += c.eq(Mux(below, rq, qi))
-            cq.append(c)
+            cq.append(bfp.rne_shift(m, qi, down, f"clamp{i}", limit=limits[i], clamped=True))
         tw = self.tile_rd.data
         m.d.comb += [
             mvu.valid.eq(c_issue & is_mvu),
@@ -376,8 +372,8 @@ class ChainEngine(wiring.Component):
         for lane in range(lanes):
             for c in range(n):
                 m.d.comb += mvu.w[lane][c].eq(tw.word_select(lane * n + c, 8).as_signed())
-            te = tw.word_select(lanes * n + lane, 8).as_signed()
-            m.d.comb += mvu.w_shift[lane].eq(te - r.wfloor)
+            m.d.comb += mvu.w_exp[lane].eq(tw.word_select(lanes * n + lane, 8).as_signed())
+        m.d.comb += mvu.wfloor.eq(r.wfloor)
         m.d.comb += [vec.mvu_valid.eq(mvu.out_valid), vec.mvu_acc.eq(mvu.acc)]
 
         # Pooling and elementwise chains sweep every beat once per lane group too (the

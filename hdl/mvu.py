@@ -67,7 +67,10 @@ class MVU(wiring.Component):
                 "act": In(data.ArrayLayout(signed(mb), n)),
                 "act_shift": In(unsigned(SHIFT_BITS)),
                 "w": In(data.ArrayLayout(data.ArrayLayout(signed(mb), n), lanes)),
-                "w_shift": In(data.ArrayLayout(unsigned(SHIFT_BITS), lanes)),
+                # The weight rows' exponents as the tile buffer holds them, and the grid's
+                # weight floor: a row's shift is their difference.
+                "w_exp": In(data.ArrayLayout(signed(8), lanes)),
+                "wfloor": In(signed(16)),
                 "out_valid": Out(1),
                 "acc": Out(data.ArrayLayout(signed(cfg.accumulator_bits), n)),
             }
@@ -88,20 +91,21 @@ class MVU(wiring.Component):
         )
         for i in range(1, depth):
             m.d.sync += ctrl[i].eq(ctrl[i - 1])
-        # The activation block's shift waits for its weight rows' shifts, which are
-        # registered before the add (they come from the tile buffer's data out through a
-        # subtract).
+        # The activation block's shift waits for its weight rows' shifts: each row's
+        # exponent is registered as it leaves the tile buffer's block RAM (the register
+        # takes nothing else), then its difference from the floor, then the sum.
         lag = OPERAND_STAGES - WEIGHT_STAGES
         act_shift = self.act_shift
-        for i in range(lag + 1):
+        for i in range(lag + 2):
             held = Signal.like(act_shift, name=f"act_shift{i}")
             m.d.sync += held.eq(act_shift)
             act_shift = held
         shifts = []
         for lane in range(lanes):
-            w_shift = Signal.like(self.w_shift[lane], name=f"w_shift{lane}")
-            m.d.sync += w_shift.eq(self.w_shift[lane])
-            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 2 - lag)]
+            w_exp = Signal(signed(8), name=f"w_exp{lane}", reset_less=True)
+            w_shift = Signal(unsigned(SHIFT_BITS), name=f"w_shift{lane}")
+            m.d.sync += [w_exp.eq(self.w_exp[lane]), w_shift.eq(w_exp - self.wfloor)]
+            sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 3 - lag)]
             m.d.sync += sh[0].eq(act_shift + w_shift)
             for i in range(1, len(sh)):
                 m.d.sync += sh[i].eq(sh[i - 1])

@@ -9,6 +9,9 @@ from tessera.hdl.mvu import MVU, OPERAND_STAGES, WEIGHT_STAGES, latency
 
 pytestmark = pytest.mark.rtl
 
+#: The weight grid's floor: the tile buffer holds each row's exponent, the MVU its shift.
+WFLOOR = -5
+
 
 @pytest.mark.parametrize("n,lanes", [(8, 2), (4, 4)])
 def test_mvu_matches_exact_grid_sum(n, lanes):
@@ -39,6 +42,7 @@ def test_mvu_matches_exact_grid_sum(n, lanes):
     lag = OPERAND_STAGES - WEIGHT_STAGES
 
     async def drive(ctx):
+        ctx.set(dut.wfloor, WFLOOR)
         for t in range(len(beats) + lag):
             ctx.set(dut.valid, t < len(beats))
             if t < len(beats):
@@ -52,7 +56,7 @@ def test_mvu_matches_exact_grid_sum(n, lanes):
             if t >= lag:
                 _, _, g, _, _, rows, shifts = beats[t - lag]
                 for lane in range(lanes):
-                    ctx.set(dut.w_shift[lane], int(shifts[g * lanes + lane]))
+                    ctx.set(dut.w_exp[lane], int(shifts[g * lanes + lane]) + WFLOOR)
                     for c in range(n):
                         ctx.set(dut.w[lane][c], int(rows[lane][c]))
             await ctx.tick()
