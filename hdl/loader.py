@@ -167,8 +167,11 @@ class Loader(wiring.Component):
         # of a word, then along its exponent lanes (``in_exp``), into the next word at
         # each end. So the arbiter's ``rvalid`` only gates them, and stepping them takes a
         # compare of ``off`` with a constant, not a subtract and a 136-way decode.
+        # Whether ``off`` is at the tile's last beat or at its mantissas' last are kept
+        # with it as flags (stepped with it on a tile load; a load starts at 0, where
+        # neither holds), so the beat's decisions read flip-flops.
         tile_wrap = Signal()  # this beat is the tile's last
-        m.d.comb += tile_wrap.eq(off == tbytes - 2)
+        mant_end = Signal()  # this beat is the tile's last mantissa beat
         beat_word = Signal(range(max(2, groups)))
         beat_lanes = Signal.like(tw.en)
         in_exp = Signal()
@@ -180,6 +183,7 @@ class Loader(wiring.Component):
 
         with m.If(self.start):
             m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11), in_exp.eq(0)]
+            m.d.sync += [tile_wrap.eq(tbytes == 2), mant_end.eq(mant_bytes == 2)]
         m.d.sync += [
             tw.addr.eq(item * groups + beat_word),
             tw.pair.eq(beat),
@@ -196,10 +200,15 @@ class Loader(wiring.Component):
             with m.Switch(kind):
                 with m.Case(LoadKind.TILES):
                     m.d.sync += [tw.en.eq(beat_lanes), off.eq(off + 2)]
+                    m.d.sync += [
+                        tile_wrap.eq(off == tbytes - 4),
+                        mant_end.eq(off == mant_bytes - 4),
+                    ]
                     with m.If(tile_wrap):
                         m.d.sync += [off.eq(0), item.eq(item + 1), beat_word.eq(0)]
                         m.d.sync += [beat_lanes.eq(0b11), in_exp.eq(0)]
-                    with m.Elif(off == mant_bytes - 2):
+                        m.d.sync += [tile_wrap.eq(tbytes == 2), mant_end.eq(mant_bytes == 2)]
+                    with m.Elif(mant_end):
                         m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11 << row_bytes)]
                         m.d.sync += in_exp.eq(1)
                     with m.Elif(in_exp):
