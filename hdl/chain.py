@@ -146,9 +146,12 @@ class ChainEngine(wiring.Component):
             "too_tall": 1,
             "dh": 8, "dw": 8, "is_mvu": 1, "is_pool": 1,
             "in_ereg": 4, "out_ereg": 4, "out_mask": 16, "halves": 4,
-            # the sweep's loop bounds less one, so its "last" tests compare registers
+            # the sweep's loop bounds less one, so its "last" tests compare registers, and
+            # less two, so a step's "last" is a compare of the counter (not of its sum)
             "kh_m1": signed(9), "kw_m1": signed(9), "cbn_m1": signed(17),
             "ocnt_m1": signed(17), "ow_m1": signed(17), "oh_m1": signed(17),
+            "kh_m2": signed(9), "kw_m2": signed(9), "cbn_m2": signed(17),
+            "ocnt_m2": signed(17), "ow_m2": signed(17),
             # the activation loader's segments of an input row
             "seg_blocks": 32, "segs_per_row": 16, "seg_mstep": 32, "seg_estep": 32,
         }  # fmt: skip
@@ -161,7 +164,6 @@ class ChainEngine(wiring.Component):
         pt_rb, dw_c, sw_c, pl_c = act_s["pt_rb"], act_s["dw_c"], act_s["sw_c"], act_s["pl_c"]
         span, ring_rows, ring = act_s["span"], act_s["ring_rows"], act_s["ring"]
         dh, dw, is_mvu, is_pool = act_s["dh"], act_s["dw"], act_s["is_mvu"], act_s["is_pool"]
-        kh_m1, kw_m1, cbn_m1 = act_s["kh_m1"], act_s["kw_m1"], act_s["cbn_m1"]
         m.d.comb += [
             self.done_ereg.eq(act_s["out_ereg"]),
             self.emax_idx.eq(stg["in_ereg"]),
@@ -248,13 +250,12 @@ class ChainEngine(wiring.Component):
         # through the cascade of them into the output column's registers).
         cb_last, kx_last, ky_last = Signal(), Signal(), Signal()
         ob_last, ox_last, at_first = Signal(), Signal(), Signal()
-        ocnt_m1, ow_m1 = act_s["ocnt_m1"], act_s["ow_m1"]
 
-        def restart(counter: Signal, at_last: Signal, last: Value) -> list:
-            return [counter.eq(0), at_last.eq(last == 0)]
+        def restart(counter: Signal, at_last: Signal, bound: str) -> list:
+            return [counter.eq(0), at_last.eq(act_s[f"{bound}_m1"] == 0)]
 
-        def step(counter: Signal, at_last: Signal, last: Value) -> list:
-            return [counter.eq(counter + 1), at_last.eq(counter + 1 == last)]
+        def step(counter: Signal, at_last: Signal, bound: str) -> list:
+            return [counter.eq(counter + 1), at_last.eq(counter == act_s[f"{bound}_m2"])]
 
         m.d.comb += [
             first.eq(at_first),
@@ -530,6 +531,11 @@ class ChainEngine(wiring.Component):
                         ]
                     if i >= MUL_LATENCY:
                         m.d.sync += stg[setup[i - MUL_LATENCY][2]].eq(prod)
+                    if i == 0:
+                        m.d.sync += [
+                            stg[f"{k}_m2"].eq(stg[f"{k}_m1"] - 1)
+                            for k in ("kh", "kw", "cbn", "ocnt", "ow")
+                        ]
                     if i + 1 < steps:
                         m.next = f"P{i + 1}"
                     else:
@@ -646,11 +652,11 @@ class ChainEngine(wiring.Component):
                         row_addr.eq(row_addr_first),
                         g.eq(0),
                         tile.eq(ops.tile),
-                        *restart(cb, cb_last, cbn_m1),
-                        *restart(kx, kx_last, kw_m1),
-                        *restart(ky, ky_last, kh_m1),
-                        *restart(ob, ob_last, ocnt_m1),
-                        *restart(ox, ox_last, ow_m1),
+                        *restart(cb, cb_last, "cbn"),
+                        *restart(kx, kx_last, "kw"),
+                        *restart(ky, ky_last, "kh"),
+                        *restart(ob, ob_last, "ocnt"),
+                        *restart(ox, ox_last, "ow"),
                         at_first.eq(1),
                     ]
                     m.next = "RUN"
@@ -670,32 +676,32 @@ class ChainEngine(wiring.Component):
                         m.d.sync += tile.eq(Mux(g == groups - 1, tile + 1, tile))
                     m.d.sync += g.eq(g + 1)
                     with m.If(g == groups - 1):
-                        m.d.sync += [g.eq(0), *step(cb, cb_last, cbn_m1)]
+                        m.d.sync += [g.eq(0), *step(cb, cb_last, "cbn")]
                         m.d.sync += at_first.eq(cb_last & kx_last & ky_last)
                         with m.If(cb_last):
-                            m.d.sync += restart(cb, cb_last, cbn_m1) + step(kx, kx_last, kw_m1)
+                            m.d.sync += restart(cb, cb_last, "cbn") + step(kx, kx_last, "kw")
                             m.d.sync += [ix.eq(ix + dw), col_addr.eq(col_addr + dw_c)]
                             with m.If(kx_last):
-                                m.d.sync += [*restart(kx, kx_last, kw_m1), ix.eq(col_first)]
+                                m.d.sync += [*restart(kx, kx_last, "kw"), ix.eq(col_first)]
                                 m.d.sync += col_addr.eq(col_addr_first)
-                                m.d.sync += step(ky, ky_last, kh_m1)
+                                m.d.sync += step(ky, ky_last, "kh")
                                 m.d.sync += iy.eq(iy + dh)
                                 nra = row_addr + dh_rb
                                 m.d.sync += row_addr.eq(Mux(nra >= ring, nra - ring, nra))
                                 with m.If(ky_last):
                                     m.d.sync += [
-                                        *restart(ky, ky_last, kh_m1),
+                                        *restart(ky, ky_last, "kh"),
                                         iy.eq(row_first),
                                         row_addr.eq(row_addr_first),
-                                        *step(ob, ob_last, ocnt_m1),
+                                        *step(ob, ob_last, "ocnt"),
                                     ]
                                     with m.If(ob_last):
-                                        m.d.sync += restart(ob, ob_last, ocnt_m1)
+                                        m.d.sync += restart(ob, ob_last, "ocnt")
                                         m.d.sync += tile.eq(ops.tile)
                                         nxt_c = col_first + r.sw
                                         nxt_ca = col_addr_first + sw_c
                                         m.d.sync += [
-                                            *step(ox, ox_last, ow_m1),
+                                            *step(ox, ox_last, "ow"),
                                             col_first.eq(nxt_c),
                                             col_addr_first.eq(nxt_ca),
                                             ix.eq(nxt_c),
