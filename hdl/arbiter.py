@@ -8,7 +8,7 @@ belong to the oldest outstanding burst; the port that owns it sees ``rvalid`` / 
 and, on its last beat, ``done``.
 """
 
-from amaranth import Cat, Module, Signal
+from amaranth import Module, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import Out
 
@@ -51,28 +51,30 @@ class Arbiter(wiring.Component):
         for p in ports:
             m.d.comb += p.rdata.eq(mem.rdata)
 
-        # Data phase of the oldest burst. Who owns it and whether this beat is its last
-        # are flags worked out as the queue moves, so a port's ``rvalid`` and ``done`` are
-        # the memory's ``rvalid`` through one gate (the loaders' address and budget
-        # registers hang off ``done``).
-        reads = [Signal(name=f"reads{i}") for i in range(self.n_ports)]
-        writes = [Signal(name=f"writes{i}") for i in range(self.n_ports)]
-        at_last = Signal()  # ``left`` is 1
+        # Data phase of the oldest burst.
+        head = q[0]
         beat = Signal()
         for i, p in enumerate(ports):
-            with m.If(writes[i]):
-                m.d.comb += [
-                    mem.wvalid.eq(1),
-                    mem.wdata.eq(p.wdata),
-                    mem.wstrb.eq(p.wstrb),
-                    p.wtake.eq(mem.wready),
-                ]
-            m.d.comb += p.rvalid.eq(mem.rvalid & reads[i])
-        m.d.comb += beat.eq((mem.rvalid & Cat(*reads).any()) | (mem.wready & Cat(*writes).any()))
+            with m.If(head.valid & (head.sel == i)):
+                with m.If(head.write):
+                    m.d.comb += [
+                        mem.wvalid.eq(1),
+                        mem.wdata.eq(p.wdata),
+                        mem.wstrb.eq(p.wstrb),
+                        p.wtake.eq(mem.wready),
+                    ]
+                with m.Else():
+                    m.d.comb += p.rvalid.eq(mem.rvalid)
+        with m.If(head.valid):
+            with m.If(head.write):
+                m.d.comb += beat.eq(mem.wready)
+            with m.Else():
+                m.d.comb += beat.eq(mem.rvalid)
         last = Signal()
-        m.d.comb += last.eq(beat & at_last)
+        m.d.comb += last.eq(beat & (left == 1))
         for i, p in enumerate(ports):
-            m.d.comb += p.done.eq(((mem.rvalid & reads[i]) | (mem.wready & writes[i])) & at_last)
+            with m.If(last & (head.sel == i)):
+                m.d.comb += p.done.eq(1)
 
         # Command phase: the highest-priority requester, if a queue slot is free.
         # Only registered state decides whether a command is offered: the memory samples
@@ -106,31 +108,23 @@ class Arbiter(wiring.Component):
         ]
 
         # Queue update: pop on the last beat, push on issue.
-        q0_next, q1_next = Signal(entry), Signal(entry)
-        left_next = Signal.like(left)
-        m.d.comb += [q0_next.eq(q[0]), q1_next.eq(q[1]), left_next.eq(left)]
         with m.If(beat & ~last):
-            m.d.comb += left_next.eq(left - 1)
+            m.d.sync += left.eq(left - 1)
         with m.If(last):
             # q[1] (or the new command) becomes the head
             with m.If(q[1].valid):
-                m.d.comb += [q0_next.eq(q[1]), left_next.eq(q[1].len)]
+                m.d.sync += [q[0].eq(q[1]), left.eq(q[1].len)]
                 with m.If(issued):
-                    m.d.comb += q1_next.eq(new)
+                    m.d.sync += q[1].eq(new)
                 with m.Else():
-                    m.d.comb += q1_next.valid.eq(0)
+                    m.d.sync += q[1].valid.eq(0)
             with m.Elif(issued):
-                m.d.comb += [q0_next.eq(new), left_next.eq(new.len), q1_next.valid.eq(0)]
+                m.d.sync += [q[0].eq(new), left.eq(new.len), q[1].valid.eq(0)]
             with m.Else():
-                m.d.comb += q0_next.valid.eq(0)
+                m.d.sync += q[0].valid.eq(0)
         with m.Elif(issued):
             with m.If(~q[0].valid):
-                m.d.comb += [q0_next.eq(new), left_next.eq(new.len)]
+                m.d.sync += [q[0].eq(new), left.eq(new.len)]
             with m.Else():
-                m.d.comb += q1_next.eq(new)
-        m.d.sync += [q[0].eq(q0_next), q[1].eq(q1_next), left.eq(left_next)]
-        m.d.sync += at_last.eq(left_next == 1)
-        for i in range(self.n_ports):
-            owns = q0_next.valid & (q0_next.sel == i)
-            m.d.sync += [reads[i].eq(owns & ~q0_next.write), writes[i].eq(owns & q0_next.write)]
+                m.d.sync += q[1].eq(new)
         return m

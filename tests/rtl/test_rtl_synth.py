@@ -37,6 +37,14 @@ def test_smallest_preset_synthesizes_and_reports(tmp_path, capsys):
     assert len(mvu_dsps) == cfg.native_dim * cfg.lanes
     a_nets = {c["connections"][f"A{i}"][0] for c in mvu_dsps for i in range(cfg.mantissa_bits)}
     assert len(a_nets) == len(mvu_dsps) * cfg.mantissa_bits
+    # the flip-flop behind each memory read became the block RAM's output register
+    # (hdl/outreg.py), except in the tile buffer, whose depth mux sits behind its block RAMs
+    folded, reading = rep["bram_output_registers"]
+    assert 0 < folded <= reading
+    for name, cell in netlist["cells"].items():
+        if cell["type"] == "DP16KD" and not name.startswith("tiles."):
+            modes = {cell["parameters"].get(f"REGMODE_{side}") for side in "AB"}
+            assert "OUTREG" in modes, name
     assert set(rep["seconds"]) >= {"elaborate", "yosys"}
     # the delay estimate of yosys' netlist, written before nextpnr runs
     est = rep["logic_estimate"]
