@@ -34,6 +34,7 @@ from tessera import numerics
 from tessera.config import NPUConfig
 from tessera.hdl import bfp
 from tessera.hdl.loader import vrf_word_bits
+from tessera.hdl.multiplier import Multiplier
 from tessera.hdl.params import MFU_SLOTS, VRF_PORTS, ChainOps, MfuOp, Reducer
 from tessera.hdl.pipereg import DistributionRegister
 
@@ -476,7 +477,7 @@ class VectorPipe(wiring.Component):
         to_move = [Signal(signed(big), name=f"tm{k}_{i}") for i in range(lanes)]
         limit = [Signal(range(big + 2), name=f"lm{k}_{i}") for i in range(lanes)]
         kept_d = [Signal(signed(big), name=f"kd{k}_{i}") for i in range(lanes)]
-        yq_d = [Signal(signed(big), name=f"yd{k}_{i}") for i in range(lanes)]
+        yq_d = [Signal(signed(big), name=f"yd{k}_{i}") for i in range(lanes)]  # vv_mul's
         emax_d = Signal(signed(bfp.EXP_BITS), name=f"emd{k}")
         ye_d = Signal(signed(bfp.EXP_BITS), name=f"yed{k}")
         m.d.sync += [x.eq(y) for x, y in zip(d.side(), o.side(), strict=True)]
@@ -507,7 +508,6 @@ class VectorPipe(wiring.Component):
         kept = [Signal(signed(big), name=f"kp{k}_{i}") for i in range(lanes)]
         moved = [Signal(signed(big + 1), name=f"mv{k}_{i}") for i in range(lanes)]
         moved_st = [Signal(name=f"mvs{k}_{i}") for i in range(lanes)]
-        yq_r = [Signal(signed(big), name=f"yr{k}_{i}") for i in range(lanes)]
         emax = Signal(signed(bfp.EXP_BITS), name=f"em{k}")
         ye_r = Signal(signed(bfp.EXP_BITS), name=f"yer{k}")
         m.d.sync += [emax.eq(emax_d), ye_r.eq(ye_d)]
@@ -517,29 +517,34 @@ class VectorPipe(wiring.Component):
                 kept[i].eq(kept_d[i]),
                 moved[i].eq(r),
                 moved_st[i].eq(st),
-                yq_r[i].eq(yq_d[i]),
             ]
 
         # The op. Only slot 0 multiplies; the others' results are one bit above their
-        # operands.
+        # operands. Slot 0's multipliers are registered MULT18X18D: their input registers
+        # take what stage AL's do and their output register is stage B's, so the product
+        # comes from a flip-flop and only the op's select follows it.
         wide = 2 * big + 1 if k == 0 else big + 2
         b = _Stream(cfg, f"b{k}", wide)
         m.d.sync += [x.eq(y) for x, y in zip(b.side(), al.side(), strict=True)]
         for i in range(lanes):
             aligned = bfp.rne_round(m, moved[i], moved_st[i], f"ar{k}_{i}")
             x = al.q[i]
+            result = b.q[i]
+            if k == 0:
+                mul = Multiplier(big, big, ecp5=self.ecp5)
+                m.submodules[f"mfu_mul{i}"] = mul
+                m.d.comb += [mul.a.eq(d.q[i]), mul.b.eq(yq_d[i])]
+                result = Signal(signed(wide), name=f"br{k}_{i}")
+                m.d.comb += b.q[i].eq(Mux(slot.op == MfuOp.MUL, mul.p, result))
             with m.Switch(slot.op):
                 with m.Case(MfuOp.ADD):
-                    m.d.sync += b.q[i].eq(kept[i] + aligned)
+                    m.d.sync += result.eq(kept[i] + aligned)
                 with m.Case(MfuOp.MAX):
-                    m.d.sync += b.q[i].eq(Mux(kept[i] > aligned, kept[i], aligned))
+                    m.d.sync += result.eq(Mux(kept[i] > aligned, kept[i], aligned))
                 with m.Case(MfuOp.RELU):
-                    m.d.sync += b.q[i].eq(Mux(x > 0, x, 0))
-                if k == 0:
-                    with m.Case(MfuOp.MUL):
-                        m.d.sync += b.q[i].eq(x * yq_r[i])
+                    m.d.sync += result.eq(Mux(x > 0, x, 0))
                 with m.Default():
-                    m.d.sync += b.q[i].eq(x)
+                    m.d.sync += result.eq(x)
         with m.Switch(slot.op):
             with m.Case(MfuOp.ADD, MfuOp.MAX):
                 m.d.sync += b.e.eq(emax)
