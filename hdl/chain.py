@@ -304,17 +304,15 @@ class ChainEngine(wiring.Component):
         # Both memories' words wait as they are (the wait is the block RAMs' output
         # register on ECP5) and the odd or even one is picked after.
         beat = [d_issue, d_first, d_last, d_g, d_inwin, d_odd]
-        beat += [self.act_exp_rd0.data, self.act_exp_rd1.data]
+        exps = [self.act_exp_rd0.data, self.act_exp_rd1.data]
         for stage in range(actbuffer.READ_STAGES):
-            # (the words' registers have no reset, as a block RAM's output register)
-            held = [
-                Signal(v.shape(), name=f"a{stage}_{i}", reset_less=i >= 6)
-                for i, v in enumerate(beat)
-            ]
-            m.d.sync += [h.eq(v) for h, v in zip(held, beat, strict=True)]
-            beat = held
-        a_issue, a_first, a_last, a_g, a_inwin, a_odd, a_e0, a_e1 = beat
-        a_e = Mux(a_odd, a_e1, a_e0).as_signed()
+            held = [Signal(v.shape(), name=f"a{stage}_{i}") for i, v in enumerate(beat)]
+            # (no reset on the words' registers, as on a block RAM's output register)
+            held_exps = [Signal(8, name=f"a{stage}_e{j}", reset_less=True) for j in range(2)]
+            m.d.sync += [h.eq(v) for h, v in zip(held + held_exps, beat + exps, strict=True)]
+            beat, exps = held, held_exps
+        a_issue, a_first, a_last, a_g, a_inwin, a_odd = beat
+        a_e = Mux(a_odd, exps[1], exps[0]).as_signed()
         # Beat stage B: the block's words, registered, with the beat's control.
         b_issue, b_first, b_last, b_g = Signal(), Signal(), Signal(), Signal.like(g)
         raw_q = Signal(n * 8)

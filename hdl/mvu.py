@@ -92,8 +92,9 @@ class MVU(wiring.Component):
         for i in range(1, depth):
             m.d.sync += ctrl[i].eq(ctrl[i - 1])
         # The activation block's shift waits for its weight rows' shifts: each row's
-        # exponent is registered as it leaves the tile buffer's block RAM (the register
-        # takes nothing else), then its difference from the floor, then the sum.
+        # exponent is registered as it comes from the tile buffer (whose block RAMs answer
+        # 5.8 ns into the cycle: no room for the subtract there), then its difference from
+        # the floor, then the sum.
         lag = OPERAND_STAGES - WEIGHT_STAGES
         act_shift = self.act_shift
         for i in range(lag + 2):
