@@ -112,7 +112,20 @@ class ActLoader(wiring.Component):
                 *budget.take(),
             ]
 
-        mw = self.mant_wr
+        # The buffers' writes leave through a register: the buffers' block RAMs sit across
+        # the die, and nothing else stands between this logic (the exponents' entry and
+        # range arithmetic, the bus's data) and their write pins (blockram.BlockRam has no
+        # read-during-write emulation, which used to delay writes by a cycle). A word lands
+        # a cycle later, before the chain may read it: ``rows_loaded`` and ``busy`` move
+        # after a segment's last beat, a cycle or more later still.
+        ports = [self.mant_wr, self.exp_wr0, self.exp_wr1]
+        mw, *wr = [p.signature.flip().create(path=(f"staged{i}",)) for i, p in enumerate(ports)]
+        for staged, port in zip([mw, *wr], ports, strict=True):
+            m.d.sync += [
+                port.addr.eq(staged.addr),
+                port.data.eq(staged.data),
+                port.en.eq(staged.en),
+            ]
         m.d.comb += [
             mw.addr.eq(entry),
             mw.data.eq(bus.rdata << (k * 16) if gran > 1 else bus.rdata),
@@ -128,7 +141,6 @@ class ActLoader(wiring.Component):
             ok0.eq((rel >= 0) & (rel < self.seg_blocks)),
             ok1.eq((rel + 1 >= 0) & (rel + 1 < self.seg_blocks)),
         ]
-        wr = [self.exp_wr0, self.exp_wr1]
         for byte in range(2):
             ent = Signal(eb + 2, name=f"ent{byte}")
             m.d.comb += ent.eq(e0 + byte)
