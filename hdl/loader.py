@@ -172,6 +172,7 @@ class Loader(wiring.Component):
         # neither holds), so the beat's decisions read flip-flops.
         tile_wrap = Signal()  # this beat is the tile's last
         mant_end = Signal()  # this beat is the tile's last mantissa beat
+        at_tile_start = [tile_wrap.eq(tbytes == 2), mant_end.eq(mant_bytes == 2)]
         beat_word = Signal(range(max(2, groups)))
         beat_lanes = Signal.like(tw.en)
         in_exp = Signal()
@@ -183,7 +184,7 @@ class Loader(wiring.Component):
 
         with m.If(self.start):
             m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11), in_exp.eq(0)]
-            m.d.sync += [tile_wrap.eq(tbytes == 2), mant_end.eq(mant_bytes == 2)]
+            m.d.sync += at_tile_start
         m.d.sync += [
             tw.addr.eq(item * groups + beat_word),
             tw.pair.eq(beat),
@@ -207,7 +208,7 @@ class Loader(wiring.Component):
                     with m.If(tile_wrap):
                         m.d.sync += [off.eq(0), item.eq(item + 1), beat_word.eq(0)]
                         m.d.sync += [beat_lanes.eq(0b11), in_exp.eq(0)]
-                        m.d.sync += [tile_wrap.eq(tbytes == 2), mant_end.eq(mant_bytes == 2)]
+                        m.d.sync += at_tile_start
                     with m.Elif(mant_end):
                         m.d.sync += [beat_word.eq(0), beat_lanes.eq(0b11 << row_bytes)]
                         m.d.sync += in_exp.eq(1)

@@ -449,7 +449,10 @@ class VectorPipe(wiring.Component):
         oe = Signal(signed(bfp.EXP_BITS), name=f"oe{k}")
         m.d.sync += [x.eq(y) for x, y in zip(o.side(), a.side(), strict=True)]
         m.d.sync += [x.eq(y) for x, y in zip(o.q, a.q, strict=True)] + [o.e.eq(a.e)]
-        x_found = [bfp.sticky_limit_parts(m, a.q[i], f"xl{k}_{i}", parts=1) for i in range(lanes)]
+        x_limit = [Signal(range(big + 2), name=f"xl{k}_{i}") for i in range(lanes)]
+        m.d.sync += [
+            lim.eq(bfp.sticky_limit(m, a.q[i], f"xlw{k}_{i}")) for i, lim in enumerate(x_limit)
+        ]
         a_oe = Signal(signed(bfp.EXP_BITS), name=f"aoe{k}")
         m.d.comb += a_oe.eq(Mux(slot.aux, a.xe, word.word_select(n, 16).as_signed()))
         y_big = Signal(name=f"yb{k}")
@@ -495,7 +498,7 @@ class VectorPipe(wiring.Component):
                 limit[i].eq(
                     Mux(
                         y_big,
-                        bfp.sticky_limit_join(x_found[i], big),
+                        x_limit[i],
                         bfp.sticky_limit(m, oq[i], f"yl{k}_{i}"),
                     )
                 ),
