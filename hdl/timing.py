@@ -32,6 +32,11 @@ CLOCK_TO_OUT_PS = {"TRELLIS_FF": 400, "DP16KD": 5800, "MULT18X18D": 1000, "TRELL
 DP16KD_OUTREG_PS = 960
 #: ... and their set-up time.
 SETUP_PS = {"TRELLIS_FF": 100, "DP16KD": 200, "MULT18X18D": 200, "TRELLIS_DPR16X4": 200}
+#: A MULT18X18D with none of its registers (what yosys infers for a multiply in logic)
+#: passes A / B to P combinationally: a rough figure for the array, of the order of the
+#: registered one's clock-to-output plus a few LUT levels.
+MULT_COMB_PS = 4000
+_MULT_REGS = ("REG_INPUTA_CLK", "REG_INPUTB_CLK", "REG_PIPELINE_CLK", "REG_OUTPUT_CLK")
 _CARRY_IN = "CIN"
 #: Clock pins of the sequential cells (not data inputs of a path).
 CLOCK_PORTS = ("CLK", "CLKA", "CLKB", "CLK0", "CLK1", "CLK2", "CLK3", "WCK")
@@ -44,8 +49,21 @@ def _registered_port(cell: dict, port: str) -> bool:
     return cell["parameters"].get(f"REGMODE_{port[2]}", "NOREG").strip() == "OUTREG"
 
 
-def _arcs(cell_type: str) -> list[tuple[str, str, int]]:
+def _combinational_mult(cell: dict) -> bool:
+    """A MULT18X18D without any register: a combinational cell, not a path's start or end."""
+    if cell["type"] != "MULT18X18D":
+        return False
+    return all(cell["parameters"].get(p, "NONE").strip() == "NONE" for p in _MULT_REGS)
+
+
+def _arcs(cell: dict) -> list[tuple[str, str, int]]:
     """(input port, output port, delay ps) of a combinational cell."""
+    cell_type = cell["type"]
+    if _combinational_mult(cell):
+        ports = cell["connections"]
+        ins = [p for p in ports if p[0] in "AB" and p[1:].isdigit()]
+        outs = [p for p in ports if p[0] == "P" and p[1:].isdigit()]
+        return [(i, o, MULT_COMB_PS) for i in ins for o in outs]
     if cell_type in COMB_CELLS:
         ins, outs, delay = COMB_CELLS[cell_type]
         return [(i, o, delay) for i in ins for o in outs]
@@ -136,7 +154,7 @@ def estimate(
     came_from: dict[int, tuple[int, str]] = {}
     for cell in cells.values():
         t = cell["type"]
-        if t not in CLOCK_TO_OUT_PS:
+        if t not in CLOCK_TO_OUT_PS or _combinational_mult(cell):
             continue
         for port, bits in cell["connections"].items():
             # a distributed RAM's read data is combinational from its read address
@@ -151,7 +169,7 @@ def estimate(
 
     # Cells in topological order: a cell is ready once every combinational driver of its
     # timed inputs is done (Kahn's algorithm).
-    arcs = {c: _arcs(cell["type"]) for c, cell in cells.items()}
+    arcs = {c: _arcs(cell) for c, cell in cells.items()}
     arcs = {c: a for c, a in arcs.items() if a}
     timed_inputs = {
         c: {b for i, _, _ in a for b in cells[c]["connections"].get(i, []) if isinstance(b, int)}
@@ -191,7 +209,7 @@ def estimate(
     ends: list[tuple[float, str, int]] = []
     for cname, cell in cells.items():
         t = cell["type"]
-        if t not in SETUP_PS:
+        if t not in SETUP_PS or _combinational_mult(cell):
             continue
         for port, bits in cell["connections"].items():
             if cell["port_directions"].get(port) != "input" or port in CLOCK_PORTS:

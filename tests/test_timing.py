@@ -51,3 +51,35 @@ def test_connections_can_be_priced_per_driver_and_reader():
     assert est.worst_ns == (400 + 100 + 150 + 100 + 300 + 250 + 5000 + 100) / 1000
     text = timing.format_estimate(est, routes="test prices")
     assert text.startswith("estimated delay (unit cell delays, test prices): worst 6.4 ns")
+
+
+def _mult_netlist(**params: str) -> dict:
+    """ff0 -> MULT18X18D (A0 -> P0) -> ff1, the multiplier with ``params``."""
+    i, o = "input", "output"
+    mult = cell("MULT18X18D", A0=(i, [2]), B0=(i, ["0"]), CLK0=(i, [1]), P0=(o, [3]))
+    mult["parameters"] = params
+    cells = {
+        "ff0": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, ["0"]), Q=(o, [2])),
+        "mul": mult,
+        "ff1": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [3]), Q=(o, [4])),
+    }
+    names = {"clk": [1], "a": [2], "p": [3], "q": [4]}
+    netnames = {k: {"bits": v, "hide_name": 0} for k, v in names.items()}
+    return {"modules": {"npu": {"cells": cells, "netnames": netnames}}}
+
+
+def test_a_multiplier_without_registers_is_logic_on_the_path():
+    est = timing.estimate(_mult_netlist(), period_ns=3.0)
+    # clk->Q 400, hop 700 + the array, hop 700 + set-up 100; the multiplier is no endpoint
+    assert est.worst_ns == (400 + 700 + timing.MULT_COMB_PS + 700 + 100) / 1000
+    assert est.endpoints == 1
+    (group,) = est.groups
+    assert [c for c, _, _ in group.path] == ["TRELLIS_FF", "MULT18X18D"]
+
+
+def test_a_registered_multiplier_starts_and_ends_paths():
+    regs = {"REG_INPUTA_CLK": "CLK0", "REG_OUTPUT_CLK": "CLK0"}
+    est = timing.estimate(_mult_netlist(**regs), period_ns=3.0)
+    # ff0 -> the multiplier's A register; its P (clock-to-output 1 ns) -> ff1
+    assert est.endpoints == 2
+    assert est.worst_ns == (1000 + 700 + 100) / 1000
