@@ -38,15 +38,19 @@ from tessera.hdl.writer import DEPTH as WRITER_DEPTH
 from tessera.hdl.writer import Writer
 
 GRID_BITS = 40
-#: Registered stages between the block RAMs' answer and the reducers: the words, then the
-#: clamp's shift and mask.
-BEAT_STAGES = 2
+#: Registers between the sweep's counters and the activation buffer's address pins.
+ADDRESS_STAGES = 1
+#: Registered stages between the block RAMs' answer and the reducers: the words, the
+#: clamp's decision, the clamp's shifted lanes.
+BEAT_STAGES = 3
 
 
 #: Cycles from a chain's ``done`` to the earliest launch of the next: the sequencer
 #: registers the completion before it updates E[OUT_EREG], which the next chain may read
 #: at its launch (state ``SETTLE``).
 DONE_TO_LAUNCH = 2
+#: Products the set-up stage computes on its multiplier, one a cycle (states P0, P1, ...).
+SETUP_PRODUCTS = 14
 
 
 class ChainError:
@@ -263,7 +267,19 @@ class ChainEngine(wiring.Component):
             entry.eq(row_addr + col_addr + Mux(is_mvu, cb, ob)),
             inwin.eq((iy >= 0) & (iy < r.ih) & (ix >= 0) & (ix < r.iw)),
         ]
-        ent = entry.as_unsigned()[:eb]
+        # Address stage: the entry and the beat's control are registered, so the
+        # three-operand add does not reach the block RAMs' address pins in its cycle.
+        ent = Signal(eb, name="act_entry")
+        q_issue, q_first, q_last, q_inwin = Signal(), Signal(), Signal(), Signal()
+        q_g = Signal.like(g)
+        m.d.sync += [
+            ent.eq(entry.as_unsigned()[:eb]),
+            q_issue.eq(issue),
+            q_first.eq(first),
+            q_last.eq(last),
+            q_g.eq(g),
+            q_inwin.eq(inwin),
+        ]
         m.d.comb += [
             self.act_mant_rd.addr.eq(ent),
             self.act_exp_rd0.addr.eq(ent[1:]),
@@ -279,7 +295,7 @@ class ChainEngine(wiring.Component):
         weight_lag = MVU_OPERAND_STAGES - MVU_WEIGHT_STAGES
         tile_addr = [
             Signal.like(self.tile_rd.addr, name=f"tile_a{i}")
-            for i in range(BEAT_STAGES + actbuffer.READ_STAGES + weight_lag - 1)
+            for i in range(ADDRESS_STAGES + BEAT_STAGES + actbuffer.READ_STAGES + weight_lag - 1)
         ]
         m.d.sync += tile_addr[0].eq((tile << lg(groups)) | g if groups > 1 else tile)
         m.d.sync += [a.eq(b) for a, b in zip(tile_addr[1:], tile_addr, strict=False)]
@@ -292,11 +308,11 @@ class ChainEngine(wiring.Component):
         d_inwin = Signal()
         d_odd = Signal()
         m.d.sync += [
-            d_issue.eq(issue),
-            d_first.eq(first),
-            d_last.eq(last),
-            d_g.eq(g),
-            d_inwin.eq(inwin),
+            d_issue.eq(q_issue),
+            d_first.eq(q_first),
+            d_last.eq(q_last),
+            d_g.eq(q_g),
+            d_inwin.eq(q_inwin),
             d_odd.eq(ent[0]),
         ]
         # The exponent memories answer now; the mantissa banks register their words first
@@ -325,39 +341,60 @@ class ChainEngine(wiring.Component):
             raw_q.eq(Mux(a_inwin, self.act_mant_rd.data, 0)),
             raw_e.eq(Mux(a_inwin, a_e, numerics.E_ZERO)),
         ]
-        # Beat stage C: the clamp to the tensor grid (blocks below floor are shifted and
+        # Beat stage K: the clamp to the tensor grid (blocks below floor are shifted and
         # rounded onto it) worked out from the exponent, registered before the lanes move.
-        c_issue, c_first, c_last, c_g = Signal(), Signal(), Signal(), Signal.like(g)
-        c_q = Signal(n * 8)
-        c_e = Signal(signed(8))
+        k_issue, k_first, k_last, k_g = Signal(), Signal(), Signal(), Signal.like(g)
+        k_q = Signal(n * 8)
+        k_e = Signal(signed(8))
         # A shift down by 8 or more rounds every int8 lane to 0, as 8 does: saturated in
         # the register, the lanes' shifters see 4 bits. A block on or above the grid
         # shifts by 0, which leaves its lanes as they are (no round bit).
         down = Signal(range(9))
-        shift = Signal(SHIFT_BITS)
+        k_shift = Signal(SHIFT_BITS)
         upsh = Signal(unsigned(16))
         m.d.comb += upsh.eq(raw_e - floor)
         m.d.sync += [
-            c_issue.eq(b_issue),
-            c_first.eq(b_first),
-            c_last.eq(b_last),
-            c_g.eq(b_g),
-            c_q.eq(raw_q),
-            c_e.eq(raw_e),
+            k_issue.eq(b_issue),
+            k_first.eq(b_first),
+            k_last.eq(b_last),
+            k_g.eq(b_g),
+            k_q.eq(raw_q),
+            k_e.eq(raw_e),
             down.eq(Mux(raw_e < floor, bfp.saturated_shift(m, floor - raw_e, 8, "clamp_down"), 0)),
-            shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
+            k_shift.eq(Mux(raw_e < floor, 0, Mux(upsh > 63, 63, upsh))),
         ]
-        # Each lane's sticky limit is found as its word is registered into stage C, so the
+        # Each lane's sticky limit is found as its word is registered into stage K, so the
         # clamp's sticky bit is a compare with the shift instead of a mask and an OR.
         limits = [Signal(range(10), name=f"clamp_lim{i}") for i in range(n)]
         m.d.sync += [
             lim.eq(bfp.sticky_limit(m, raw_q.word_select(i, 8), f"clamp_lw{i}"))
             for i, lim in enumerate(limits)
         ]
+        # Beat stage C: the lanes shifted (quotient, round and sticky bits) and registered,
+        # then rounded on their way to the reducers: the shifter and the rounding's carry
+        # chain in one cycle ran into the MVU's port register (routed: 94 endpoints at
+        # 12.6 ns).
+        c_issue, c_first, c_last, c_g = Signal(), Signal(), Signal(), Signal.like(g)
+        c_q = Signal(n * 8)
+        c_e = Signal(signed(8))
+        shift = Signal(SHIFT_BITS)
+        m.d.sync += [
+            c_issue.eq(k_issue),
+            c_first.eq(k_first),
+            c_last.eq(k_last),
+            c_g.eq(k_g),
+            c_q.eq(k_q),
+            c_e.eq(k_e),
+            shift.eq(k_shift),
+        ]
         cq = []
         for i in range(n):
-            qi = c_q.word_select(i, 8).as_signed()
-            cq.append(bfp.rne_shift(m, qi, down, f"clamp{i}", limit=limits[i], clamped=True))
+            qi = k_q.word_select(i, 8).as_signed()
+            quot, sticky = bfp.rne_split(m, qi, down, f"clamp{i}", limit=limits[i], clamped=True)
+            r_c = Signal.like(quot, name=f"clamp{i}_rq")
+            sticky_c = Signal(name=f"clamp{i}_stq")
+            m.d.sync += [r_c.eq(quot), sticky_c.eq(sticky)]
+            cq.append(bfp.rne_round(m, r_c, sticky_c, f"clamp{i}"))
         tw = self.tile_rd.data
         m.d.comb += [
             mvu.valid.eq(c_issue & is_mvu),
@@ -454,7 +491,11 @@ class ChainEngine(wiring.Component):
             ("dh", "rowblocks", "dh_rb"),
             (nr.sh, "rowblocks", "sh_rb"),
             (nr.pt, "rowblocks", "pt_rb"),
+            # the rows a window spans less one (a v_pool's dh is 1, a chain without a
+            # window's kh_m1 0); inferred, this product was a combinational MULT18X18D
+            ("kh_m1", "dh", "span"),
         ]
+        assert len(setup) == SETUP_PRODUCTS
         made_at = {dst: i for i, (_, _, dst) in enumerate(setup)}
         for j, (a, b, _) in enumerate(setup):
             for operand in (a, b):
@@ -500,20 +541,18 @@ class ChainEngine(wiring.Component):
                 with m.If(red == Reducer.MVU):
                     m.d.sync += [
                         stg["dh"].eq(nr.dh), stg["dw"].eq(nr.dw),
-                        stg["span"].eq((nr.kh - 1) * nr.dh),
                         stg["kh_m1"].eq(nr.kh - 1), stg["kw_m1"].eq(nr.kw - 1),
                         stg["cbn_m1"].eq(nr.icnt - 1),
                     ]  # fmt: skip
                 with m.Elif(red == Reducer.POOL):
                     m.d.sync += [
                         stg["dh"].eq(1), stg["dw"].eq(1),
-                        stg["span"].eq(nr.kh - 1),
                         stg["kh_m1"].eq(nr.kh - 1), stg["kw_m1"].eq(nr.kw - 1),
                         stg["cbn_m1"].eq(0),
                     ]  # fmt: skip
                 with m.Else():
                     m.d.sync += [
-                        stg["dh"].eq(1), stg["dw"].eq(1), stg["span"].eq(0),
+                        stg["dh"].eq(1), stg["dw"].eq(1),
                         stg["kh_m1"].eq(0), stg["kw_m1"].eq(0), stg["cbn_m1"].eq(0),
                     ]  # fmt: skip
                 m.next = "P0"

@@ -11,7 +11,7 @@ the engine (running or staged) that read the buffer half it targets. ``end_chain
 for the load unit to be idle (the chain's tiles and constants have landed) and for the
 chain engine's set-up stage to be free, i.e. for the previous chain to have launched.
 
-**Set-up stage** (``hdl/chain.py``): latch, reducer decode, 13 products through one
+**Set-up stage** (``hdl/chain.py``): latch, reducer decode, 14 products through one
 registered multiplier, the ring division (one bit per cycle), the ring product:
 ``SETUP_FIXED + 2 * MUL_LATENCY + bits`` cycles. It overlaps the previous chain; the chain
 launches when it is staged and the engine is idle (``DONE_TO_LAUNCH`` cycles after the
@@ -69,10 +69,12 @@ from tessera import isa, layout
 from tessera.config import NPUConfig
 from tessera.isa import Reg
 
+#: Products the set-up stage computes, one a cycle (``hdl/chain.py`` SETUP_PRODUCTS).
+SETUP_PRODUCTS = 14
 #: Set-up stage cycles besides the ring division and the set-up multiplier's latency:
-#: latch, reducer decode, 13 products, ring product, the staged state (``hdl/chain.py``,
-#: states IDLE, S0, P0..P12, RING, READY; P13.. and RING1.. drain the multiplier).
-SETUP_FIXED = 17
+#: latch, reducer decode, the products, ring product, the staged state (``hdl/chain.py``,
+#: states IDLE, S0, P0..P13, RING, READY; P14.. and RING1.. drain the multiplier).
+SETUP_FIXED = 4 + SETUP_PRODUCTS
 #: Cycles from a chain's launch to its first ``ROW_WRAP`` (IDLE -> LAUNCH -> ROW_WRAP) and
 #: to the activation loader's first ``ROW`` state (its start is seen one cycle later).
 LAUNCH_TO_SWEEP = 2
@@ -82,9 +84,12 @@ ROW_STATES = 2
 #: command cycle, NEXT) and per row (ROW).
 SEGMENT_STATES = 4
 ROW_LOAD_STATES = 1
+#: Registers between the sweep's counters and the activation buffer's read address
+#: (``hdl/chain.py`` ADDRESS_STAGES).
+ADDRESS_STAGES = 1
 #: Registered beat stages between the activation buffer's answer and every reducer (the
-#: words, then the clamp's shift and mask: ``hdl/chain.py`` BEAT_STAGES).
-BEAT_STAGES = 2
+#: words, the clamp's decision, the clamp's shifted lanes: ``hdl/chain.py`` BEAT_STAGES).
+BEAT_STAGES = 3
 #: The activation buffer's register at each of its banks (``hdl/actbuffer.py``).
 ACT_READ_STAGES = 1
 #: Pooling reducer cycles from a beat to its block (``hdl/chain.py``: the clamped
@@ -548,7 +553,7 @@ class CycleModel:
         # v_rd .. end_chain issue one per cycle; end_chain waits for set-up and loads
         accept = max(self.t_issue + len(ops) - 1, self.setup_free, self.loader_free)
         launch = max(accept + HANDOVER_STAGES + self.setup, self.engine_done + DONE_TO_LAUNCH)
-        beat = ACT_READ_STAGES + BEAT_STAGES
+        beat = ADDRESS_STAGES + ACT_READ_STAGES + BEAT_STAGES
         if "mv_mul" in ops:
             latency = beat + mvu_latency(self.cfg)
         elif "v_pool" in ops:

@@ -37,8 +37,10 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.MVU_OPERAND_STAGES == mvu.OPERAND_STAGES
     assert cycles.MVU_OUTPUT_STAGES == mvu.OUTPUT_STAGES
     assert cycles.BEAT_STAGES == chain.BEAT_STAGES
+    assert cycles.ADDRESS_STAGES == chain.ADDRESS_STAGES
     assert cycles.ACT_READ_STAGES == actbuffer.READ_STAGES
     assert cycles.DONE_TO_LAUNCH == chain.DONE_TO_LAUNCH
+    assert cycles.SETUP_PRODUCTS == chain.SETUP_PRODUCTS
     assert cycles.LOAD_COMMAND_STAGES == npu.LOAD_COMMAND_STAGES
     assert cycles.LOAD_BUSY_LAG == npu.LOAD_BUSY_LAG
     assert cycles.TILE_WRITE_STAGES == tilebuffer.WRITE_STAGES
