@@ -56,6 +56,38 @@ READY_LAG = 1
 RUNNING_LAG = 1
 
 
+#: The retire decision's classes of opcode, one flag each in a fetch queue entry (set as
+#: the word is decoded, so the decision tests flags instead of decoding the opcode).
+RetireKind = data.StructLayout(
+    {
+        "free_exec": 1,  # retires in EXEC whenever the sequencer runs: nop, v_rd
+        "free_chain": 1,  # retires inside a chain: its body, v_rd .. end_chain exclusive
+        "s_wr": 1,
+        "s_ld": 1,
+        "load": 1,  # m_rd, c_rd
+        "m_rd": 1,
+        "end": 1,  # end_chain
+    }
+)
+CHAIN_BODY = (
+    Opcode.MV_MUL,
+    Opcode.V_POOL,
+    Opcode.VV_ADD,
+    Opcode.VV_MUL,
+    Opcode.VV_MAX,
+    Opcode.V_RELU,
+    Opcode.V_WR,
+)
+
+
+def _any_of(opcode, *codes) -> object:
+    """``opcode`` is one of ``codes``."""
+    out = opcode == codes[0]
+    for c in codes[1:]:
+        out = out | (opcode == c)
+    return out
+
+
 def _registered_into(
     m: Module, unit: wiring.Component, prefix: str, ports: tuple[str, ...]
 ) -> SimpleNamespace:
@@ -217,16 +249,32 @@ class NPU(wiring.Component):
         # chain engine's half masks); ``beats``: an m_rd / c_rd's, for the load unit.
         tiles_half = cfg.tile_buffer_tiles
         vrf_half = cfg.vrf_depth // 2
+        # ``kind``: the opcode's class as the retire decision tests it (one flag each).
         entry = data.StructLayout(
-            {"dec": Decoded, "ereg": isa.EXP_REG_COUNT, "ctrl": 1, "half": 2, "beats": 32}
+            {
+                "dec": Decoded,
+                "kind": RetireKind,
+                "ereg": isa.EXP_REG_COUNT,
+                "ctrl": 1,
+                "half": 2,
+                "beats": 32,
+            }
         )
         m.d.comb += dec_in.word.eq(word)
         dec = dec_in.out
         upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
         incoming = Signal(entry)
+        op_in = dec.opcode
         m.d.comb += [
             incoming.dec.eq(dec),
             incoming.dec.valid.eq(word_ok),
+            incoming.kind.free_exec.eq(_any_of(op_in, Opcode.NOP, Opcode.V_RD)),
+            incoming.kind.free_chain.eq(_any_of(op_in, *CHAIN_BODY)),
+            incoming.kind.s_wr.eq(op_in == Opcode.S_WR),
+            incoming.kind.s_ld.eq(op_in == Opcode.S_LD),
+            incoming.kind.load.eq(_any_of(op_in, Opcode.M_RD, Opcode.C_RD)),
+            incoming.kind.m_rd.eq(op_in == Opcode.M_RD),
+            incoming.kind.end.eq(op_in == Opcode.END_CHAIN),
             incoming.ereg.eq(Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)),
             incoming.ctrl.eq(dec.reg < CTRL_REGS),
             incoming.half.eq(Mux(upper, 2, 1)),
@@ -247,15 +295,18 @@ class NPU(wiring.Component):
             direct.eq(arriving & ((count == 0) | (advance & (count == 1)))),
             take.eq(advance & (count > 1)),
         ]
+        ring_head = Signal(entry)  # the ring's oldest word, the head after this one
+        m.d.comb += ring_head.eq(Array(ring)[rd])
         with m.If(direct):
             m.d.sync += head.eq(incoming)
         with m.Elif(take):
-            m.d.sync += head.eq(Array(ring)[rd])
+            m.d.sync += head.eq(ring_head)
         for i in range(FETCH_QUEUE):
             with m.If(arriving & (wr == i)):
                 m.d.sync += ring[i].eq(incoming)
         m.d.sync += [rd.eq(rd + take), wr.eq(wr + (arriving & ~direct))]
-        d, d_ereg, d_ctrl, d_half, d_beats = head.dec, head.ereg, head.ctrl, head.half, head.beats
+        d, d_ereg, d_ctrl, d_beats = head.dec, head.ereg, head.ctrl, head.beats
+        kind = head.kind
 
         # s_wr and s_ld write their register a cycle after they retire, from a write stage
         # (value, register, one-hot E mask, control flag): the retire decision then enables
@@ -283,14 +334,11 @@ class NPU(wiring.Component):
         ch = _registered_into(
             m, chain, "ch", ("start", "in_ereg", "out_ereg", "halves", "regs", "ops")
         )
-        # ``handing``: a chain was handed over in the last HANDOVER_STAGES + READY_LAG
-        # cycles; ``engine_ready``: the engine was ready last cycle and no chain is being
-        # handed. One flip-flop each, as the retire decision reads them.
+        # ``engine_ready``: the engine was ready last cycle and no chain is being handed
+        # (one flip-flop, as the retire decision reads it).
         handed = Signal(HANDOVER_STAGES + READY_LAG - 1)  # the earlier hand-overs
-        handing = Signal()
         engine_ready = Signal()
         m.d.sync += [
-            handing.eq(ch.start | handed.any()),
             engine_ready.eq(chain.ready & ~ch.start & ~handed.any()),
             handed.eq(Cat(ch.start, handed[:-1])),
         ]
@@ -301,25 +349,12 @@ class NPU(wiring.Component):
                 handed_eregs.eq((1 << ch.in_ereg) | (1 << ch.out_ereg)),
                 handed_halves.eq(ch.halves),
             ]
-        # The engine's in-use mask is a register there; a copy here, a cycle later, keeps
-        # the route from the engine out of the S_WR decision that enables every E register
-        # (routed: 247 endpoints up to 13.9 ns). ``handing`` already covers the cycle the
-        # copy lags: it shows a chain one and two cycles after the sequencer hands it over,
-        # the engine's mask from two cycles after, the copy from three. An E register is
-        # freed a cycle later.
-        engine_eregs = Signal(isa.EXP_REG_COUNT)
-        m.d.sync += engine_eregs.eq(chain.eregs_in_use)
-        eregs_in_use = Signal(isa.EXP_REG_COUNT)
-        m.d.comb += eregs_in_use.eq(engine_eregs | Mux(handing, handed_eregs, 0))
-        halves_in_use = Signal(4)
-        m.d.comb += halves_in_use.eq(chain.halves_in_use | Mux(handing, handed_halves, 0))
-        # buffer halves the chains in the engine read (tile buffer, VRF)
-        run_tile_half = Signal(2)
-        run_vrf_half = Signal(2)
-        m.d.comb += [
-            run_tile_half.eq(halves_in_use[:2]),
-            run_vrf_half.eq(halves_in_use[2:]),
-        ]
+        # The head's hazards, as flip-flops the retire decision reads: ``e_busy``, it
+        # writes an E register an in-flight chain still reads or updates; ``clash``, it
+        # loads a buffer half a chain in the engine reads. Each is worked out a cycle
+        # ahead for whichever entry becomes the head (see the flags' update below).
+        e_busy = Signal()
+        clash = Signal()
 
         # chain completion: max-update E[OUT_EREG], from registers: the chain engine's
         # completion logic and the E registers sit apart (the placed critical path ran from
@@ -400,7 +435,7 @@ class NPU(wiring.Component):
             ch.out_ereg.eq(creg(R.OUT_EREG)[:4]),
             ch.halves.eq(Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])),
         ]
-        is_m = d.opcode == Opcode.M_RD
+        is_m = kind.m_rd
         m.d.comb += [
             ld.kind.eq(
                 Mux(
@@ -461,33 +496,23 @@ class NPU(wiring.Component):
                 with m.Else():
                     with m.Switch(d.opcode):
                         with m.Case(Opcode.NOP):
-                            m.d.comb += advance.eq(1)
+                            pass  # retires (``advance`` below)
                         with m.Case(Opcode.HALT):
                             m.next = "DRAIN"
                         with m.Case(Opcode.S_WR):
                             # An E register an in-flight chain still reads or updates is
                             # written only after that chain (program order).
-                            e_busy = (eregs_in_use & d_ereg).any()
-                            with m.If(~e_busy):
-                                m.d.comb += advance.eq(1)
                             m.d.sync += sw_ctrl.eq(d_ctrl)
                             with m.If(~e_busy):
                                 m.d.sync += sw_ereg.eq(d_ereg)
                         with m.Case(Opcode.S_LD):
-                            e_busy = (eregs_in_use & d_ereg).any()
                             with m.If(~ld_busy & ~e_busy):
                                 m.d.comb += ld.start.eq(1)
                                 m.next = "SCALAR"
                         with m.Case(Opcode.M_RD, Opcode.C_RD):
-                            clash = running & Mux(
-                                is_m,
-                                (run_tile_half & d_half) != 0,
-                                (run_vrf_half & d_half) != 0,
-                            )
                             with m.If(~ld_busy & ~clash):
-                                m.d.comb += [advance.eq(1), ld.start.eq(1)]
+                                m.d.comb += ld.start.eq(1)
                         with m.Case(Opcode.V_RD):
-                            m.d.comb += advance.eq(1)
                             m.d.sync += [ops.eq(0), slot.eq(0), vrf_ops.eq(0)]
                             m.next = "CHAIN"
                         with m.Default():
@@ -496,7 +521,6 @@ class NPU(wiring.Component):
             with m.State("SCALAR"):
                 with m.If(loader.scalar_valid):
                     m.d.sync += [sw_ctrl.eq(d_ctrl), sw_ereg.eq(d_ereg)]
-                    m.d.comb += advance.eq(1)
                     m.next = "EXEC"
             with m.State("CHAIN"):
                 s = ops.slots[slot[:2]]
@@ -508,13 +532,10 @@ class NPU(wiring.Component):
                 with m.Else():
                     with m.Switch(d.opcode):
                         with m.Case(Opcode.MV_MUL):
-                            m.d.comb += advance.eq(1)
                             m.d.sync += [ops.reducer.eq(Reducer.MVU), ops.tile.eq(d.tile)]
                         with m.Case(Opcode.V_POOL):
-                            m.d.comb += advance.eq(1)
                             m.d.sync += [ops.reducer.eq(Reducer.POOL), ops.pool_sum.eq(d.op)]
                         with m.Case(Opcode.VV_ADD, Opcode.VV_MUL, Opcode.VV_MAX, Opcode.V_RELU):
-                            m.d.comb += advance.eq(1)
                             op = Signal(MfuOp)
                             with m.Switch(d.opcode):
                                 with m.Case(Opcode.VV_ADD):
@@ -550,13 +571,13 @@ class NPU(wiring.Component):
                             with m.If(uses_vrf):
                                 m.d.sync += vrf_ops.eq(vrf_ops + 1)
                         with m.Case(Opcode.V_WR):
-                            m.d.comb += advance.eq(1)
+                            pass  # retires (``advance`` below)
                         with m.Case(Opcode.END_CHAIN):
                             with m.If(~chain_eregs_ok):
                                 m.d.sync += fail(Error.BAD_EXP_REG)
                                 m.next = "STOP"
                             with m.Elif(engine_ready & ~ld_busy):
-                                m.d.comb += [advance.eq(1), ch.start.eq(1)]
+                                m.d.comb += ch.start.eq(1)
                                 m.next = "EXEC"
                         with m.Default():
                             m.d.sync += fail(Error.OUTSIDE_CHAIN)
@@ -569,6 +590,48 @@ class NPU(wiring.Component):
                 with m.If(~running & ~ld_busy):
                     m.d.sync += [self.busy.eq(0), self.done.eq(1), fetching.eq(0)]
                     m.next = "IDLE"
+
+        # The retire decision: the head's class against flip-flops only (the FSM above
+        # has the same cases, for what each does besides retiring).
+        in_chain = seq_fsm.ongoing("CHAIN")
+        present = (count != 0) & d.valid
+        exec_go = kind.free_exec | (kind.s_wr & ~e_busy) | (kind.load & ~ld_busy & ~clash)
+        chain_go = kind.free_chain | (kind.end & chain_eregs_ok & engine_ready & ~ld_busy)
+        m.d.comb += advance.eq(
+            (seq_fsm.ongoing("EXEC") & present & ~pc_at_end & (self.error == 0) & exec_go)
+            | (in_chain & present & chain_go)
+            | (seq_fsm.ongoing("SCALAR") & loader.scalar_valid)
+        )
+
+        # The hazard flags for next cycle's head. What is in use next cycle, from this
+        # cycle's registers: the engine's masks (the sequencer has always seen them a
+        # cycle late), the chain handed over last cycle, and the chain this cycle may hand
+        # over. That last is only possible in CHAIN, where no s_wr or load retires, so the
+        # flags are exact wherever they are read (a buffer half frees a cycle later).
+        offered_eregs = (1 << ch.in_ereg) | (1 << ch.out_ereg)
+        eregs_next = (
+            chain.eregs_in_use
+            | Mux(handed.any(), handed_eregs, 0)
+            | Mux(in_chain, offered_eregs, 0)
+        )
+        halves_next = (
+            chain.halves_in_use | Mux(handed.any(), handed_halves, 0) | Mux(in_chain, ch.halves, 0)
+        )
+        running_next = chain.busy | in_chain | handed.any()
+
+        def hazards(e) -> tuple:
+            """(e_busy, clash) of queue entry ``e`` as the head next cycle."""
+            half = Mux(e.kind.m_rd, halves_next[:2], halves_next[2:])
+            return (eregs_next & e.ereg).any(), running_next & (half & e.half).any()
+
+        with m.If(direct):
+            # A word straight from the decoder waits a cycle if it writes an E register
+            # or loads (its hazards would follow the decode in this cycle).
+            m.d.sync += [e_busy.eq(incoming.ereg.any()), clash.eq(1)]
+        with m.Elif(take):
+            m.d.sync += [e_busy.eq(hazards(ring_head)[0]), clash.eq(hazards(ring_head)[1])]
+        with m.Else():
+            m.d.sync += [e_busy.eq(hazards(head)[0]), clash.eq(hazards(head)[1])]
 
         # The write stage lands (after a chain's completion update of this cycle: the
         # s_wr / s_ld comes later in program order).
