@@ -37,9 +37,9 @@ from tessera.isa import Reg
 #: Instruction memory words (the host loads the program here before ``start``).
 IMEM_DEPTH = 4096
 CTRL_REGS = 32
-#: Fetched instruction words queued ahead of the sequencer (four keep it at one per cycle:
-#: the one retiring, the one in the memory's output register, the one the memory is
-#: reading, the one asked for).
+#: Fetched instruction words queued behind the one retiring. With it, five keep the
+#: sequencer at one per cycle: the one retiring, the one decoded into a register, the one
+#: in the memory's output register, the one the memory is reading, the one asked for.
 FETCH_QUEUE = 4
 #: The load unit sits away from the sequencer: a load's command reaches it through a
 #: register, and its ``busy`` comes back through one, so neither crossing has the logic of
@@ -218,14 +218,20 @@ class NPU(wiring.Component):
         fpc = Signal(range(self.imem_depth + 1))
         fetching = Signal()
         inflight = Signal()  # the memory answers a read of the last cycle
-        count = Signal(range(FETCH_QUEUE + 1), name="iq_count")
+        count = Signal(range(FETCH_QUEUE + 2), name="iq_count")
         m.d.comb += [ir.addr.eq(fpc), ir.en.eq(1), ok_r.addr.eq(fpc), ok_r.en.eq(1), self.pc.eq(pc)]
         fetch = Signal()
-        arriving = Signal()  # ``word`` holds the answer to the read before last
+        landed = Signal()  # ``word`` holds the answer to the read before last
+        arriving = Signal()  # ``staged`` holds that word decoded, a cycle later
         # (no reset: on ECP5 these are the block RAMs' output registers)
         word = Signal(isa.WORD_BITS, name="fetched", reset_less=True)
-        m.d.comb += fetch.eq(fetching & (count + inflight + arriving < FETCH_QUEUE))
-        m.d.sync += [inflight.eq(fetch), arriving.eq(inflight), fpc.eq(fpc + fetch)]
+        m.d.comb += fetch.eq(fetching & (count + inflight + landed + arriving < FETCH_QUEUE + 1))
+        m.d.sync += [
+            inflight.eq(fetch),
+            landed.eq(inflight),
+            arriving.eq(landed),
+            fpc.eq(fpc + fetch),
+        ]
         word_ok = Signal(name="fetched_ok", reset_less=True)
         m.d.sync += [word.eq(ir.data), word_ok.eq(ok_r.data)]
         pc_next = Signal.like(pc)
@@ -240,9 +246,10 @@ class NPU(wiring.Component):
         def ereg_ok(v):
             return (v >= isa.EXP_REG_BASE) & (v < isa.EXP_REG_BASE + isa.EXP_REG_COUNT)
 
-        # Words are decoded as they enter the queue, so the queue holds what the retire
-        # decision reads: the decoded fields, and flags worked out from them (the decision
-        # then only selects, and the decoder is not between it and the next word).
+        # Words are decoded into a register before they enter the queue, so the queue holds
+        # what the retire decision reads: the decoded fields, and flags worked out from
+        # them (the decision then only selects, and the decoder is not between it, or the
+        # queue's registers, and the next word).
         # ``ereg``: E register ``reg`` as a one-hot mask (0 if ``reg`` is not one), so the
         # hazard check against the chains' E registers is an AND; ``ctrl``: ``reg`` is a
         # control register; ``half``: the buffer half an m_rd / c_rd loads (1 or 2, as the
@@ -280,6 +287,8 @@ class NPU(wiring.Component):
             incoming.half.eq(Mux(upper, 2, 1)),
             incoming.beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
         ]
+        staged = Signal(entry, reset_less=True)
+        m.d.sync += staged.eq(incoming)
         # The queue is its head (the instruction retiring when ``advance``) and a ring of
         # the words behind it, which never moves: an arriving word is written at ``wr``
         # every time (only the pointers say whether it was kept), so ``advance`` reaches
@@ -298,12 +307,12 @@ class NPU(wiring.Component):
         ring_head = Signal(entry)  # the ring's oldest word, the head after this one
         m.d.comb += ring_head.eq(Array(ring)[rd])
         with m.If(direct):
-            m.d.sync += head.eq(incoming)
+            m.d.sync += head.eq(staged)
         with m.Elif(take):
             m.d.sync += head.eq(ring_head)
         for i in range(FETCH_QUEUE):
             with m.If(arriving & (wr == i)):
-                m.d.sync += ring[i].eq(incoming)
+                m.d.sync += ring[i].eq(staged)
         m.d.sync += [rd.eq(rd + take), wr.eq(wr + (arriving & ~direct))]
         d, d_ereg, d_ctrl, d_beats = head.dec, head.ereg, head.ctrl, head.beats
         kind = head.kind
@@ -468,6 +477,7 @@ class NPU(wiring.Component):
                         rd.eq(0),
                         wr.eq(0),
                         inflight.eq(0),
+                        landed.eq(0),
                         arriving.eq(0),
                         fetching.eq(1),
                         self.busy.eq(1),
@@ -624,14 +634,9 @@ class NPU(wiring.Component):
             half = Mux(e.kind.m_rd, halves_next[:2], halves_next[2:])
             return (eregs_next & e.ereg).any(), running_next & (half & e.half).any()
 
-        with m.If(direct):
-            # A word straight from the decoder waits a cycle if it writes an E register
-            # or loads (its hazards would follow the decode in this cycle).
-            m.d.sync += [e_busy.eq(incoming.ereg.any()), clash.eq(1)]
-        with m.Elif(take):
-            m.d.sync += [e_busy.eq(hazards(ring_head)[0]), clash.eq(hazards(ring_head)[1])]
-        with m.Else():
-            m.d.sync += [e_busy.eq(hazards(head)[0]), clash.eq(hazards(head)[1])]
+        for entry_next, when in ((staged, direct), (ring_head, take), (head, ~direct & ~take)):
+            with m.If(when):
+                m.d.sync += Cat(e_busy, clash).eq(Cat(*hazards(entry_next)))
 
         # The write stage lands (after a chain's completion update of this cycle: the
         # s_wr / s_ld comes later in program order).

@@ -127,8 +127,9 @@ AUX_BLOCK_STATES = 1 + BUS_LATENCY
 #: Blocks the AUX reader runs ahead of the sweep (its FIFO's depth minus one).
 AUX_FIFO = 7
 #: Cycles the sequencer waits after ``start`` for its fetch queue's first word
-#: (``hdl/npu.py`` FETCH state: the read, the word's register, then the queue register).
-FETCH_WAIT = 2
+#: (``hdl/npu.py`` FETCH state: the read, the word's register, the decoded word's
+#: register, then the queue register).
+FETCH_WAIT = 3
 #: Cycles from a chain's done to the next chain's earliest launch: the sequencer registers
 #: the completion before it updates E[OUT_EREG] (``hdl/chain.py`` SETTLE).
 DONE_TO_LAUNCH = 2
