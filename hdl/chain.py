@@ -191,7 +191,14 @@ class ChainEngine(wiring.Component):
         # residency of the input slice (mv_mul / v_pool chains only, as the cycle model)
         last_key = Signal(32 + 16 * 4)
         last_valid = Signal()
-        key = Cat(r.in_addr, r.ioff, r.icnt, r.ih, r.iw)
+
+        def input_key(regs) -> Value:
+            return Cat(regs.in_addr, regs.ioff, regs.icnt, regs.ih, regs.iw)
+
+        # The chain about to launch reads the slice the last one left: compared as the
+        # chain is taken from the set-up stage (a 96-bit compare; the activation loader's
+        # start, which it steers, had it in the same cycle).
+        resident = Signal()
 
         # ---------------------------------------------------------------- sweep state
         oy = Signal(16)
@@ -212,6 +219,10 @@ class ChainEngine(wiring.Component):
         tile = Signal(16)
         issued = Signal(32)  # blocks started
         need = Signal(signed(18))  # the input row a row of output waits for
+        # The rows it needs are loaded: a flag worked out a cycle ahead, so that the
+        # compare of the loader's count and the start of a row (every sweep counter's
+        # restart) are in different cycles (routed: the sweep's counters up to 13.2 ns).
+        rows_ok = Signal()
 
         m.d.comb += [
             act.mant_addr.eq(r.in_addr + (r.ioff << lg(n))),
@@ -620,12 +631,20 @@ class ChainEngine(wiring.Component):
                     m.next = "IDLE"
 
         setup_ready = setup_fsm.ongoing("READY")
+
+        def rows_loaded_for(row: Value) -> Value:
+            """The activation loader has loaded input row ``row`` (or the whole input)."""
+            return (act.rows_loaded.as_signed() > row) | (act.rows_loaded == r.ih)
+
         m.d.comb += self.done.eq(0)
         with m.FSM(name="run") as run_fsm:
             with m.State("IDLE"):
                 m.d.comb += launch.eq(setup_ready)
                 with m.If(setup_ready):
                     m.d.sync += [r.eq(nr), ops.eq(nops)]
+                    staged_reduces = stg["is_mvu"] | stg["is_pool"]
+                    same = last_valid & (last_key == input_key(nr))
+                    m.d.sync += resident.eq(same & staged_reduces)
                     m.d.sync += [act_s[k].eq(stg[k]) for k in shapes]
                     m.d.sync += [
                         floor.eq(self.emax_val - cfg.act_exp_window),
@@ -634,8 +653,6 @@ class ChainEngine(wiring.Component):
                     m.next = "LAUNCH"
             with m.State("LAUNCH"):
                 m.d.comb += self.busy.eq(1)
-                resident = Signal()
-                m.d.comb += resident.eq(last_valid & (last_key == key) & (is_mvu | is_pool))
                 with m.If(act_s["too_tall"]):
                     m.d.sync += self.error.eq(ChainError.WINDOW_TOO_TALL)
                     m.next = "DRAIN"
@@ -648,7 +665,7 @@ class ChainEngine(wiring.Component):
                         vec.start.eq(1),
                     ]
                     m.d.sync += [
-                        last_key.eq(key),
+                        last_key.eq(input_key(r)),
                         last_valid.eq((is_mvu | is_pool) & (ring_rows >= r.ih)),
                         oy.eq(0),
                         ox.eq(0),
@@ -672,14 +689,18 @@ class ChainEngine(wiring.Component):
                     # rather than summed then compared, so that ROW_WAIT starts from a
                     # register (the sum, compare and clamp there were a routed critical path).
                     beyond = row_first >= act_s["last_row_first"]
+                    need_next = Mux(beyond, r.ih - 1, row_first + span)
                     m.d.sync += [
-                        need.eq(Mux(beyond, r.ih - 1, row_first + span)),
+                        need.eq(need_next),
+                        rows_ok.eq(rows_loaded_for(need_next)),
                         act.need_lo.eq(Mux(row_first < 0, 0, row_first)),
                     ]
                     m.next = "ROW_WAIT"
             with m.State("ROW_WAIT"):
                 m.d.sync += self.stall_rows.eq(self.stall_rows + 1)
-                with m.If((act.rows_loaded.as_signed() > need) | (act.rows_loaded == r.ih)):
+                # the loader's count seen a cycle late: it only grows during a chain
+                m.d.sync += rows_ok.eq(rows_loaded_for(need))
+                with m.If(rows_ok):
                     m.d.sync += [
                         col_first.eq(-r.pl),
                         col_addr_first.eq(-pl_c),

@@ -61,8 +61,9 @@ class LoadKind(enum.Enum, shape=2):
 
 def load_beats(cfg: NPUConfig, tiles: Value, count: Value) -> Value:
     """DRAM beats of an ``m_rd`` (``tiles``) or ``c_rd`` of ``count`` items, as shifts and
-    adds of ``count``: the sequencer works it out when it decodes the instruction, so the
-    cycle that starts the load only registers it. (Written as a product by a constant,
+    adds of ``count``: the sequencer works it out from its queue's head into the load
+    command's register, so the cycle that starts the load only registers it (and the
+    queue's words do not carry it). (Written as a product by a constant,
     yosys made it a combinational MULT18X18D in that cycle, which was the routed design's
     critical path.)"""
 

@@ -253,7 +253,7 @@ class NPU(wiring.Component):
         # ``ereg``: E register ``reg`` as a one-hot mask (0 if ``reg`` is not one), so the
         # hazard check against the chains' E registers is an AND; ``ctrl``: ``reg`` is a
         # control register; ``half``: the buffer half an m_rd / c_rd loads (1 or 2, as the
-        # chain engine's half masks); ``beats``: an m_rd / c_rd's, for the load unit.
+        # chain engine's half masks).
         tiles_half = cfg.tile_buffer_tiles
         vrf_half = cfg.vrf_depth // 2
         # ``kind``: the opcode's class as the retire decision tests it (one flag each).
@@ -264,7 +264,6 @@ class NPU(wiring.Component):
                 "ereg": isa.EXP_REG_COUNT,
                 "ctrl": 1,
                 "half": 2,
-                "beats": 32,
             }
         )
         m.d.comb += dec_in.word.eq(word)
@@ -285,7 +284,6 @@ class NPU(wiring.Component):
             incoming.ereg.eq(Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)),
             incoming.ctrl.eq(dec.reg < CTRL_REGS),
             incoming.half.eq(Mux(upper, 2, 1)),
-            incoming.beats.eq(load_beats(cfg, dec.opcode == Opcode.M_RD, dec.count)),
         ]
         staged = Signal(entry, reset_less=True)
         m.d.sync += staged.eq(incoming)
@@ -314,7 +312,7 @@ class NPU(wiring.Component):
             with m.If(arriving & (wr == i)):
                 m.d.sync += ring[i].eq(staged)
         m.d.sync += [rd.eq(rd + take), wr.eq(wr + (arriving & ~direct))]
-        d, d_ereg, d_ctrl, d_beats = head.dec, head.ereg, head.ctrl, head.beats
+        d, d_ereg, d_ctrl = head.dec, head.ereg, head.ctrl
         kind = head.kind
 
         # s_wr and s_ld write their register a cycle after they retire, from a write stage
@@ -380,9 +378,12 @@ class NPU(wiring.Component):
             done_error_r.eq(chain.error),
         ]
         m.d.comb += chain.emax_val.eq(eregs[chain.emax_idx])
+        # A chain failed since ``start`` (the sequencer's own errors stop it at once, so in
+        # EXEC this is ``error != 0``, as one flip-flop for the retire decision).
+        chain_failed = Signal()
         with m.If(done_r):
             with m.If(done_error_r != 0):
-                m.d.sync += self.error.eq(done_error_r)
+                m.d.sync += [self.error.eq(done_error_r), chain_failed.eq(1)]
             # each E register compares itself with the chain's maximum: no 16-way read of
             # E[done_ereg] in front of the compare and the write back
             for i in range(isa.EXP_REG_COUNT):
@@ -454,7 +455,7 @@ class NPU(wiring.Component):
                 )
             ),
             ld.index.eq(Mux(is_m, d.tile, d.vrf)),
-            ld.beats.eq(d_beats),
+            ld.beats.eq(load_beats(cfg, kind.m_rd, d.count)),
             ld.addr.eq(d.addr),
         ]
 
@@ -483,6 +484,7 @@ class NPU(wiring.Component):
                         self.busy.eq(1),
                         self.done.eq(0),
                         self.error.eq(0),
+                        chain_failed.eq(0),
                         self.cycles.eq(0),
                     ]
                     m.d.sync += [eregs[i].eq(-128) for i in range(isa.EXP_REG_COUNT)]
@@ -493,7 +495,7 @@ class NPU(wiring.Component):
                 with m.If(arriving):  # the first word is in the queue next cycle
                     m.next = "EXEC"
             with m.State("EXEC"):
-                with m.If(self.error != 0):
+                with m.If(chain_failed):
                     m.next = "STOP"
                 with m.Elif(count == 0):
                     pass  # the next word is still on its way
@@ -608,7 +610,7 @@ class NPU(wiring.Component):
         exec_go = kind.free_exec | (kind.s_wr & ~e_busy) | (kind.load & ~ld_busy & ~clash)
         chain_go = kind.free_chain | (kind.end & chain_eregs_ok & engine_ready & ~ld_busy)
         m.d.comb += advance.eq(
-            (seq_fsm.ongoing("EXEC") & present & ~pc_at_end & (self.error == 0) & exec_go)
+            (seq_fsm.ongoing("EXEC") & present & ~pc_at_end & ~chain_failed & exec_go)
             | (in_chain & present & chain_go)
             | (seq_fsm.ongoing("SCALAR") & loader.scalar_valid)
         )
