@@ -7,10 +7,10 @@ two-chain programs. Each run's whole DRAM must equal the simulator's DRAM afterw
 
 import numpy as np
 import pytest
-from progs import RTL_TEST_CFG, random_program
+from progs import RTL_TEST_CFG, Builder, random_program
 
-from tessera import isa
-from tessera.isa import Operand, PoolOp
+from tessera import isa, layout
+from tessera.isa import Operand, PoolOp, Reg
 from tessera.sim.executor import Simulator
 
 pytestmark = pytest.mark.rtl
@@ -135,3 +135,42 @@ def test_a_bad_word_stops_the_npu_with_bad_instruction():
     jobs.append((words, image))
     results = run_jobs(RTL_TEST_CFG, jobs, max_cycles=100_000)
     assert [r.error for r in results] == [Error.BAD_INSTRUCTION] * (len(jobs) - 1) + [0]
+
+
+def _too_tall_program() -> tuple[np.ndarray, np.ndarray]:
+    """A 3-row max pool over rows too wide for two of them to fit the activation buffer,
+    then NOPs, then a word no instruction has: the chain fails at its launch, long
+    before the sequencer reaches the bad word."""
+    b = Builder(RTL_TEST_CFG, np.random.default_rng(5))
+    ih, iw, icb = 4, 40, 3
+    in_addr, _ = b.tensor(ih, iw, icb)
+    n, m = RTL_TEST_CFG.native_dim, RTL_TEST_CFG.mantissa_bits
+    out_addr = b.alloc(layout.tensor_bytes(ih - 2, iw, icb, n, m))
+    regs = {
+        Reg.IN_ADDR: in_addr, Reg.IN_H: ih, Reg.IN_W: iw, Reg.IN_CB: icb, Reg.IN_CB_OFF: 0,
+        Reg.IN_CB_CNT: icb, Reg.IN_EREG: isa.EXP_REG_BASE, Reg.K_H: 3, Reg.K_W: 1,
+        Reg.STRIDE_H: 1, Reg.STRIDE_W: 1, Reg.PAD_T: 0, Reg.PAD_L: 0, Reg.DIL_H: 1,
+        Reg.DIL_W: 1, Reg.OUT_ADDR: out_addr, Reg.OUT_H: ih - 2, Reg.OUT_W: iw,
+        Reg.OUT_CB: icb, Reg.OUT_CB_OFF: 0, Reg.OUT_CB_CNT: icb,
+        Reg.OUT_EREG: isa.EXP_REG_BASE + 1,
+    }  # fmt: skip
+    for reg, value in regs.items():
+        b.s(reg, value)
+    for name, args in (("v_rd", {}), ("v_pool", {"op": int(PoolOp.MAX)}), ("v_wr", {})):
+        b.op(name, **args)
+    b.op("end_chain")
+    for _ in range(200):
+        b.op("nop")
+    b.words.append(_bad_words()[0])
+    b.op("halt")
+    return np.array(b.words, dtype=np.uint64), b.image
+
+
+def test_a_failed_chain_stops_the_sequencer():
+    """A chain's error (here its window does not fit the buffer) reaches the error
+    register and stops the sequencer where it is: it never retires the bad word after."""
+    from tessera.hdl.chain import ChainError
+    from tessera.hdl.rtlrun import run_jobs
+
+    (result,) = run_jobs(RTL_TEST_CFG, [_too_tall_program()], max_cycles=100_000)
+    assert result.error == ChainError.WINDOW_TOO_TALL
