@@ -453,16 +453,24 @@ class VectorPipe(wiring.Component):
         m.d.sync += [
             lim.eq(bfp.sticky_limit(m, a.q[i], f"xlw{k}_{i}")) for i, lim in enumerate(x_limit)
         ]
-        a_oe = Signal(signed(bfp.EXP_BITS), name=f"aoe{k}")
-        m.d.comb += a_oe.eq(Mux(slot.aux, a.xe, word.word_select(n, 16).as_signed()))
+        # The operand's exponent comes from the AUX stream or either VRF port: each is
+        # compared as it is, and the slot's choice picks among the results (the choice
+        # in front of the compares put two selects before the carry chains).
+        candidates = [a.xe, words[0].word_select(n, 16).as_signed()]
+        candidates.append(words[1].word_select(n, 16).as_signed())
+
+        def chosen(of) -> Value:
+            vals = [of(c) for c in candidates]
+            return Mux(slot.aux, vals[0], Mux(slot.port, vals[2], vals[1]))
+
         y_big = Signal(name=f"yb{k}")
         y_far = Signal(name=f"yf{k}")
         x_far = Signal(name=f"xf{k}")
         m.d.sync += [
-            oe.eq(a_oe),
-            y_big.eq(a_oe > a.e),
-            y_far.eq(a_oe > e_hi),
-            x_far.eq(a_oe < e_lo),
+            oe.eq(chosen(lambda e: e)),
+            y_big.eq(chosen(lambda e: e > a.e)),
+            y_far.eq(chosen(lambda e: e > e_hi)),
+            x_far.eq(chosen(lambda e: e < e_lo)),
         ]
         with m.If(slot.aux):
             m.d.sync += [oq[i].eq(a.xq[i]) for i in range(lanes)]
