@@ -151,6 +151,13 @@ class ActLoader(wiring.Component):
                         wr[par].data.eq(bus.rdata[8 * byte : 8 * byte + 8]),
                     ]
         m.d.comb += self.busy.eq(0)
+        # Row y's slot is free (the rows before need_lo are read): a flag worked out a
+        # cycle ahead, so the add and compare and the state change, with the streaming
+        # flag that holds the weight loader's requests, are in different cycles. ROW reads
+        # it from its second cycle, when it is y's (need_lo only grows within a chain).
+        room = Signal()
+        room_fresh = Signal()
+        m.d.sync += room.eq(y < self.need_lo + self.ring_rows)
 
         with m.FSM():
             with m.State("IDLE"):
@@ -168,11 +175,13 @@ class ActLoader(wiring.Component):
                         m.next = "ROW"
             with m.State("ROW"):
                 m.d.comb += self.busy.eq(1)
+                m.d.sync += room_fresh.eq(1)
                 with m.If(y == self.ih):
+                    m.d.sync += room_fresh.eq(0)
                     m.next = "IDLE"
-                with m.Elif(y < self.need_lo + self.ring_rows):
+                with m.Elif(room & room_fresh):
                     m.d.comb += self.streaming.eq(1)
-                    m.d.sync += [seg.eq(0), ebase.eq(slot)]
+                    m.d.sync += [seg.eq(0), ebase.eq(slot), room_fresh.eq(0)]
                     m.next = "SEG"
             with m.State("SEG"):
                 m.d.comb += [self.busy.eq(1), self.streaming.eq(1)]
@@ -185,7 +194,7 @@ class ActLoader(wiring.Component):
                 m.next = "MANT"
             with m.State("MANT"):
                 m.d.comb += self.streaming.eq(1)
-                m.d.comb += [self.busy.eq(1), bus.req.eq((budget.chunk != 0) & (inflight < 2))]
+                m.d.comb += [self.busy.eq(1), bus.req.eq(budget.due & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.comb += mw.en.eq(1 << k if gran > 1 else 1)
                     if gran > 1:
@@ -194,7 +203,7 @@ class ActLoader(wiring.Component):
                             m.d.sync += [k.eq(0), entry.eq(entry + 1)]
                     else:
                         m.d.sync += entry.eq(entry + 1)
-                with m.If(bus.done & (inflight == 1) & (budget.chunk == 0)):
+                with m.If(bus.done & (inflight == 1) & ~budget.due):
                     m.d.sync += [
                         req_addr.eq(e_ptr & ~1),
                         b.eq(e_ptr & ~1),
@@ -203,7 +212,7 @@ class ActLoader(wiring.Component):
                     m.next = "EXP"
             with m.State("EXP"):
                 m.d.comb += self.streaming.eq(1)
-                m.d.comb += [self.busy.eq(1), bus.req.eq((budget.chunk != 0) & (inflight < 2))]
+                m.d.comb += [self.busy.eq(1), bus.req.eq(budget.due & (inflight < 2))]
                 with m.If(bus.rvalid):
                     m.d.sync += b.eq(b + 2)
                     for byte, ok in enumerate((ok0, ok1)):
@@ -211,7 +220,7 @@ class ActLoader(wiring.Component):
                         for par in range(2):
                             with m.If(ok & (ent[0] == par)):
                                 m.d.comb += wr[par].en.eq(1)
-                with m.If(bus.done & (inflight == 1) & (budget.chunk == 0)):
+                with m.If(bus.done & (inflight == 1) & ~budget.due):
                     m.d.sync += [
                         m_ptr.eq(m_ptr + self.seg_mstep),
                         e_ptr.eq(e_ptr + self.seg_estep),

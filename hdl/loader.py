@@ -28,15 +28,23 @@ CHUNK = 16
 class BurstBudget:
     """Beats still to request (``left``) and the next burst's length, ``min(left, CHUNK)``
     (``chunk``), both registers stepped together: whether a burst is due and how long it
-    is come from ``chunk``, not from 32-bit compares in the request cycle."""
+    is come from ``chunk``, not from 32-bit compares in the request cycle. ``due``
+    (``chunk != 0``) is a flip-flop of its own, stepped with them: the request a unit
+    raises from it reaches the arbiter, whose grant comes back into the same registers,
+    in one cycle."""
 
     def __init__(self, name: str):
         self.left = Signal(32, name=f"{name}_left")
         self.chunk = Signal(range(CHUNK + 1), name=f"{name}_chunk")
+        self.due = Signal(name=f"{name}_due")
 
     def load(self, beats: Value) -> list:
         """Statements that start a phase of ``beats`` beats."""
-        return [self.left.eq(beats), self.chunk.eq(Mux(beats > CHUNK, CHUNK, beats))]
+        return [
+            self.left.eq(beats),
+            self.chunk.eq(Mux(beats > CHUNK, CHUNK, beats)),
+            self.due.eq(beats != 0),
+        ]
 
     def take(self) -> list:
         """Statements for a granted burst of ``chunk`` beats."""
@@ -44,6 +52,7 @@ class BurstBudget:
         return [
             left.eq(left - self.chunk),
             self.chunk.eq(Mux(left >= 2 * CHUNK, CHUNK, Mux(left > CHUNK, left - CHUNK, 0))),
+            self.due.eq(left > CHUNK),
         ]
 
 
@@ -136,10 +145,10 @@ class Loader(wiring.Component):
         m.d.comb += [
             bus.write.eq(0),
             bus.addr.eq(addr),
-            self.busy.eq((budget.chunk != 0) | (inflight != 0) | writing.any()),
+            self.busy.eq(budget.due | (inflight != 0) | writing.any()),
         ]
         m.d.comb += bus.len.eq(budget.chunk)
-        m.d.comb += bus.req.eq((budget.chunk != 0) & (inflight < 2) & ~self.hold)
+        m.d.comb += bus.req.eq(budget.due & (inflight < 2) & ~self.hold)
         with m.If(bus.grant):
             m.d.sync += addr.eq(addr + BEAT_BYTES * budget.chunk)
             m.d.sync += budget.take()

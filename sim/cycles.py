@@ -81,9 +81,10 @@ LAUNCH_TO_SWEEP = 2
 #: ``ROW_NEXT`` and ``ROW_WAIT``: the sweep's cycles per output row besides ``ROW_WRAP``.
 ROW_STATES = 2
 #: Activation loader state cycles per segment (SEG, the mantissa and the exponent burst's
-#: command cycle, NEXT) and per row (ROW).
+#: command cycle, NEXT) and per row (ROW: two cycles, as it reads its slot's "free" flag
+#: from its second).
 SEGMENT_STATES = 4
-ROW_LOAD_STATES = 1
+ROW_LOAD_STATES = 2
 #: Registers between the sweep's counters and the activation buffer's read address
 #: (``hdl/chain.py`` ADDRESS_STAGES).
 ADDRESS_STAGES = 1
