@@ -105,7 +105,14 @@ class MVU(wiring.Component):
         for lane in range(lanes):
             w_exp = Signal(signed(8), name=f"w_exp{lane}", reset_less=True)
             w_shift = Signal(unsigned(SHIFT_BITS), name=f"w_shift{lane}")
-            m.d.sync += [w_exp.eq(self.w_exp[lane]), w_shift.eq(w_exp - self.wfloor)]
+            # The chain's weight floor, copied at the lane: it is the same all chain long,
+            # and comes from the chain engine's registers across the die (routed: 45
+            # endpoints at 11.4 ns). The copy lags a cycle behind a launch, long before
+            # the chain's first beat gets here.
+            wfloor = DistributionRegister(16, ecp5=self.ecp5)
+            m.submodules[f"wfloor{lane}"] = wfloor
+            m.d.comb += wfloor.d.eq(self.wfloor)
+            m.d.sync += [w_exp.eq(self.w_exp[lane]), w_shift.eq(w_exp - wfloor.q.as_signed())]
             sh = [Signal(SHIFT_BITS + 1, name=f"sh{lane}_{i}") for i in range(depth - 3 - lag)]
             m.d.sync += sh[0].eq(act_shift + w_shift)
             for i in range(1, len(sh)):
