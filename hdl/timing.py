@@ -5,7 +5,8 @@ nextpnr takes about an hour to place and route the 85F build on this machine, an
 names one critical path; pipelining work needs the *list* of slow paths after every change.
 This walks yosys' JSON netlist (``synth_ecp5 -json``) once: every cell output's arrival is
 the latest input arrival plus the cell's delay plus a constant per routed connection (carry
-chains are dedicated wires), starting at the registers' clock-to-output. The delays are
+chains and the wide-function muxes' data inputs are dedicated wires), starting at the
+registers' clock-to-output. The delays are
 rough unit figures, not the device's timing model; routing dominates on the 85F and is far
 from constant, so the figures rank paths and show which fixes helped, they are not an
 Fmax (nextpnr's placed estimate has been 1.6 - 1.8 times the worst path here).
@@ -38,6 +39,10 @@ SETUP_PS = {"TRELLIS_FF": 100, "DP16KD": 200, "MULT18X18D": 200, "TRELLIS_DPR16X
 MULT_COMB_PS = 4000
 _MULT_REGS = ("REG_INPUTA_CLK", "REG_INPUTB_CLK", "REG_PIPELINE_CLK", "REG_OUTPUT_CLK")
 _CARRY_IN = "CIN"
+#: Inputs fed by a dedicated wire inside the slice, like the carry chain: a wide function's
+#: muxes take the LUT4 outputs of their own slice (PFUMX) and the PFUMX outputs beside
+#: them (L6MUX21); only their selects are routed.
+_DEDICATED_INPUTS = {("PFUMX", "ALUT"), ("PFUMX", "BLUT"), ("L6MUX21", "D0"), ("L6MUX21", "D1")}
 #: Clock pins of the sequential cells (not data inputs of a path).
 CLOCK_PORTS = ("CLK", "CLKA", "CLKB", "CLK0", "CLK1", "CLK2", "CLK3", "WCK")
 
@@ -189,11 +194,11 @@ def estimate(
         cname = ready.popleft()
         conns = cells[cname]["connections"]
         for port_in, port_out, delay in arcs[cname]:
-            carry = port_in == _CARRY_IN
+            dedicated = port_in == _CARRY_IN or (cells[cname]["type"], port_in) in _DEDICATED_INPUTS
             for b_in in conns.get(port_in, []):
                 if not isinstance(b_in, int):
                     continue
-                hop = 0 if carry else hop_ps(driver.get(b_in), cname)
+                hop = 0 if dedicated else hop_ps(driver.get(b_in), cname)
                 t = arrival.get(b_in, 0.0) + hop + delay
                 for b_out in conns.get(port_out, []):
                     if isinstance(b_out, int) and t > arrival.get(b_out, -1.0):

@@ -83,3 +83,20 @@ def test_a_registered_multiplier_starts_and_ends_paths():
     # ff0 -> the multiplier's A register; its P (clock-to-output 1 ns) -> ff1
     assert est.endpoints == 2
     assert est.worst_ns == (1000 + 700 + 100) / 1000
+
+
+def test_a_wide_function_mux_takes_its_luts_over_dedicated_wires():
+    """LUT4 -> PFUMX (ALUT) -> L6MUX21 (D0) costs no routing hop; the PFUMX's select does."""
+    i, o = "input", "output"
+    cells = {
+        "ff0": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, ["0"]), Q=(o, [2])),
+        "lut": cell("LUT4", A=(i, [2]), B=(i, ["0"]), C=(i, ["0"]), D=(i, ["0"]), Z=(o, [3])),
+        "mux": cell("PFUMX", ALUT=(i, [3]), BLUT=(i, ["0"]), C0=(i, ["0"]), Z=(o, [4])),
+        "l6": cell("L6MUX21", D0=(i, [4]), D1=(i, ["0"]), SD=(i, ["0"]), Z=(o, [5])),
+        "ff1": cell("TRELLIS_FF", CLK=(i, [1]), DI=(i, [5]), Q=(o, [6])),
+    }
+    names = {"clk": [1], "a": [2], "l": [3], "m": [4], "w": [5], "q": [6]}
+    netnames = {k: {"bits": v, "hide_name": 0} for k, v in names.items()}
+    est = timing.estimate({"modules": {"npu": {"cells": cells, "netnames": netnames}}}, 3.0)
+    # clk->Q 400, hop 700 + LUT 150, PFUMX 150, L6MUX21 150 (no hops), hop 700 + set-up 100
+    assert est.worst_ns == (400 + 700 + 150 + 150 + 150 + 700 + 100) / 1000
