@@ -151,13 +151,15 @@ class ActLoader(wiring.Component):
                         wr[par].data.eq(bus.rdata[8 * byte : 8 * byte + 8]),
                     ]
         m.d.comb += self.busy.eq(0)
-        # Row y's slot is free (the rows before need_lo are read): a flag worked out a
-        # cycle ahead, so the add and compare and the state change, with the streaming
-        # flag that holds the weight loader's requests, are in different cycles. ROW reads
-        # it from its second cycle, when it is y's (need_lo only grows within a chain).
+        # Row y's slot is free (the rows before need_lo are read), and y is past the
+        # input: flags worked out a cycle ahead, so the add and the compares and the
+        # state change, with the streaming flag that holds the weight loader's requests,
+        # are in different cycles. ROW reads them from its second cycle, when they are
+        # y's (need_lo only grows within a chain).
         room = Signal()
+        done_rows = Signal()
         room_fresh = Signal()
-        m.d.sync += room.eq(y < self.need_lo + self.ring_rows)
+        m.d.sync += [room.eq(y < self.need_lo + self.ring_rows), done_rows.eq(y == self.ih)]
 
         with m.FSM():
             with m.State("IDLE"):
@@ -176,7 +178,7 @@ class ActLoader(wiring.Component):
             with m.State("ROW"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += room_fresh.eq(1)
-                with m.If(y == self.ih):
+                with m.If(done_rows & room_fresh):
                     m.d.sync += room_fresh.eq(0)
                     m.next = "IDLE"
                 with m.Elif(room & room_fresh):

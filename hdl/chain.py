@@ -205,6 +205,7 @@ class ChainEngine(wiring.Component):
         oy = Signal(16)
         ox = Signal(16)
         row_first = Signal(signed(18))
+        row_last = Signal(signed(18))  # row_first + span: the window's last input row
         col_first = Signal(signed(18))
         row_addr_first = Signal(signed(34))
         col_addr_first = Signal(signed(34))
@@ -676,6 +677,7 @@ class ChainEngine(wiring.Component):
                         oy.eq(0),
                         ox.eq(0),
                         row_first.eq(-r.pt),
+                        row_last.eq(span - r.pt),
                         col_first.eq(-r.pl),
                         row_addr_first.eq(ring - pt_rb),
                         col_addr_first.eq(-pl_c),
@@ -695,10 +697,11 @@ class ChainEngine(wiring.Component):
                     # rather than summed then compared, so that ROW_WAIT starts from a
                     # register (the sum, compare and clamp there were a routed critical path).
                     beyond = row_first >= act_s["last_row_first"]
-                    need_next = Mux(beyond, r.ih - 1, row_first + span)
+                    # rows_loaded_for(ih - 1) is rows_loaded >= ih: both compares side by
+                    # side, from registers, and the choice after them
                     m.d.sync += [
-                        need.eq(need_next),
-                        rows_ok.eq(rows_loaded_for(need_next)),
+                        need.eq(Mux(beyond, r.ih - 1, row_last)),
+                        rows_ok.eq(Mux(beyond, act.rows_loaded >= r.ih, rows_loaded_for(row_last))),
                         act.need_lo.eq(Mux(row_first < 0, 0, row_first)),
                     ]
                     m.next = "ROW_WAIT"
@@ -778,6 +781,7 @@ class ChainEngine(wiring.Component):
                 m.d.sync += [
                     oy.eq(oy + 1),
                     row_first.eq(row_first + r.sh),
+                    row_last.eq(row_last + r.sh),
                     row_addr_first.eq(row_addr_first + sh_rb),
                 ]
                 with m.If(oy == act_s["oh_m1"]):

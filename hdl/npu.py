@@ -356,10 +356,11 @@ class NPU(wiring.Component):
                 handed_eregs.eq((1 << ch.in_ereg) | (1 << ch.out_ereg)),
                 handed_halves.eq(ch.halves),
             ]
-        # The head's hazards, as flip-flops the retire decision reads: ``e_busy``, it
-        # writes an E register an in-flight chain still reads or updates; ``clash``, it
-        # loads a buffer half a chain in the engine reads. Each is worked out a cycle
-        # ahead for whichever entry becomes the head (see the flags' update below).
+        # The head's hazards, as the retire decision reads them: ``e_busy``, it writes an E
+        # register an in-flight chain still reads or updates; ``clash``, it loads a buffer
+        # half a chain in the engine reads. Each is worked out a cycle ahead for every
+        # word that may become the head, into flip-flops, and picked by how the head
+        # changed (see the flags' update below).
         e_busy = Signal()
         clash = Signal()
 
@@ -636,9 +637,16 @@ class NPU(wiring.Component):
             half = Mux(e.kind.m_rd, halves_next[:2], halves_next[2:])
             return (eregs_next & e.ereg).any(), running_next & (half & e.half).any()
 
-        for entry_next, when in ((staged, direct), (ring_head, take), (head, ~direct & ~take)):
-            with m.If(when):
-                m.d.sync += Cat(e_busy, clash).eq(Cat(*hazards(entry_next)))
+        # One pair of flip-flops per word that may be the head next cycle: the decoded word
+        # (taken straight to the head), the ring's oldest, the head itself; the retire
+        # decision is not in front of them (its select was in front of a 7-input
+        # function: the unit-delay estimate's deepest path).
+        candidates = (staged, ring_head, head)
+        flags = [Signal(2, name=f"hazards_{i}") for i in range(len(candidates))]
+        m.d.sync += [f.eq(Cat(*hazards(e))) for f, e in zip(flags, candidates, strict=True)]
+        became = Signal(2)  # how the head changed: 0 staged, 1 ring, 2 it stayed
+        m.d.sync += became.eq(Mux(direct, 0, Mux(take, 1, 2)))
+        m.d.comb += Cat(e_busy, clash).eq(Array(flags)[became])
 
         # The write stage lands (after a chain's completion update of this cycle: the
         # s_wr / s_ld comes later in program order).
