@@ -16,7 +16,7 @@ the largest exponent it wrote.
 
 from types import SimpleNamespace
 
-from amaranth import Array, Cat, Module, Mux, Signal, signed
+from amaranth import Array, Cat, Module, Mux, Signal, Value, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -80,7 +80,7 @@ CHAIN_BODY = (
 )
 
 
-def _any_of(opcode, *codes) -> object:
+def _any_of(opcode: Value, *codes: Opcode) -> Value:
     """``opcode`` is one of ``codes``."""
     out = opcode == codes[0]
     for c in codes[1:]:
