@@ -24,6 +24,8 @@ block for the writer. Only slot 0 multiplies (one MFU multiplier per lane), so `
 must be a chain's first MFU op.
 """
 
+from collections.abc import Callable
+
 from amaranth import Array, Cat, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import data, wiring
@@ -456,10 +458,9 @@ class VectorPipe(wiring.Component):
         # The operand's exponent comes from the AUX stream or either VRF port: each is
         # compared as it is, and the slot's choice picks among the results (the choice
         # in front of the compares put two selects before the carry chains).
-        candidates = [a.xe, words[0].word_select(n, 16).as_signed()]
-        candidates.append(words[1].word_select(n, 16).as_signed())
+        candidates = [a.xe, *[w.word_select(n, 16).as_signed() for w in words]]
 
-        def chosen(of) -> Value:
+        def chosen(of: Callable[[Value], Value]) -> Value:
             vals = [of(c) for c in candidates]
             return Mux(slot.aux, vals[0], Mux(slot.port, vals[2], vals[1]))
 
