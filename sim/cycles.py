@@ -142,8 +142,10 @@ HALT_TO_DONE = 2
 #: sequencer issues it, and the sequencer sees the unit free a cycle after it is.
 LOAD_COMMAND_STAGES = 1
 LOAD_BUSY_LAG = 1
-#: A loaded beat's bytes pass the load unit's port register, then the tile buffer's bank
+#: A loaded beat passes a register at the load unit's port (``hdl/loader.py``
+#: PORT_STAGES), its bytes the unit's write-port register, then the tile buffer's bank
 #: copies (``hdl/tilebuffer.py``); the unit is busy until they land.
+LOAD_PORT_STAGES = 1
 TILE_WRITE_STAGES = 1
 #: The same for a chain's hand-over to the chain engine and the engine's ``ready``.
 HANDOVER_STAGES = 1
@@ -152,10 +154,10 @@ READY_LAG = 1
 #: ``halt``, see the engine idle a cycle after it is.
 RUNNING_LAG = 1
 #: An ``s_ld`` holds the sequencer (state SCALAR) while the load unit fetches the word:
-#: these cycles besides the word's bus beats (measured on the RTL: 6 cycles in all for a
-#: 32-bit word in two 16-bit beats, 5 more than an ``s_wr``), the command register's among
-#: them.
-SCALAR_LOAD_STATES = 3 + LOAD_COMMAND_STAGES
+#: these cycles besides the word's bus beats (measured on the RTL: 7 cycles in all for a
+#: 32-bit word in two 16-bit beats, 6 more than an ``s_wr``), the command register's and
+#: the port register's among them.
+SCALAR_LOAD_STATES = 3 + LOAD_COMMAND_STAGES + LOAD_PORT_STAGES
 
 
 def act_entries(cfg: NPUConfig) -> int:
@@ -354,7 +356,7 @@ class CycleModel:
             )
             if stretched > run.end:
                 self._extend_running(stretched)
-        self.loader_free = end + 1 + TILE_WRITE_STAGES + LOAD_BUSY_LAG
+        self.loader_free = end + 1 + LOAD_PORT_STAGES + TILE_WRITE_STAGES + LOAD_BUSY_LAG
         self.t_issue = accept  # the caller's issue() counts the instruction's cycle
         self.pending_bytes += nbytes
         self.dram_bytes_total += nbytes

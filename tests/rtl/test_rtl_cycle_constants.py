@@ -44,6 +44,7 @@ def test_burst_and_buffer_constants_match_the_rtl():
     assert cycles.LOAD_COMMAND_STAGES == npu.LOAD_COMMAND_STAGES
     assert cycles.LOAD_BUSY_LAG == npu.LOAD_BUSY_LAG
     assert cycles.TILE_WRITE_STAGES == tilebuffer.WRITE_STAGES
+    assert cycles.LOAD_PORT_STAGES == loader.PORT_STAGES
     assert cycles.HANDOVER_STAGES == npu.HANDOVER_STAGES
     assert cycles.READY_LAG == npu.READY_LAG
     assert cycles.RUNNING_LAG == npu.RUNNING_LAG
