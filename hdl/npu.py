@@ -268,9 +268,10 @@ class NPU(wiring.Component):
         )
         m.d.comb += dec_in.word.eq(word)
         dec = dec_in.out
-        upper = Mux(dec.opcode == Opcode.M_RD, dec.tile >= tiles_half, dec.vrf >= vrf_half)
-        incoming = Signal(entry)
         op_in = dec.opcode
+        m_rd_in = op_in == Opcode.M_RD
+        upper = Mux(m_rd_in, dec.tile >= tiles_half, dec.vrf >= vrf_half)
+        incoming = Signal(entry)
         m.d.comb += [
             incoming.dec.eq(dec),
             incoming.dec.valid.eq(word_ok),
@@ -279,7 +280,7 @@ class NPU(wiring.Component):
             incoming.kind.s_wr.eq(op_in == Opcode.S_WR),
             incoming.kind.s_ld.eq(op_in == Opcode.S_LD),
             incoming.kind.load.eq(_any_of(op_in, Opcode.M_RD, Opcode.C_RD)),
-            incoming.kind.m_rd.eq(op_in == Opcode.M_RD),
+            incoming.kind.m_rd.eq(m_rd_in),
             incoming.kind.end.eq(op_in == Opcode.END_CHAIN),
             incoming.ereg.eq(Mux(ereg_ok(dec.reg), 1 << dec.reg[:4], 0)),
             incoming.ctrl.eq(dec.reg < CTRL_REGS),
@@ -446,16 +447,15 @@ class NPU(wiring.Component):
             ch.out_ereg.eq(creg(R.OUT_EREG)[:4]),
             ch.halves.eq(Cat(Mux(ops.reducer == Reducer.MVU, th, 0)[:2], vh[:2])),
         ]
-        is_m = kind.m_rd
         m.d.comb += [
             ld.kind.eq(
                 Mux(
                     d.opcode == Opcode.S_LD,
                     LoadKind.SCALAR,
-                    Mux(is_m, LoadKind.TILES, LoadKind.CONSTS),
+                    Mux(kind.m_rd, LoadKind.TILES, LoadKind.CONSTS),
                 )
             ),
-            ld.index.eq(Mux(is_m, d.tile, d.vrf)),
+            ld.index.eq(Mux(kind.m_rd, d.tile, d.vrf)),
             ld.beats.eq(load_beats(cfg, kind.m_rd, d.count)),
             ld.addr.eq(d.addr),
         ]
